@@ -1,0 +1,87 @@
+"""Gradient bucket planning: which gradients travel together in one fused allreduce.
+
+Buckets hold gradients of one dtype, up to ``cap_bytes`` each, in *reverse registration order*:
+backward produces the last layers' gradients first, so the first bucket fills (and its reduction
+starts) while earlier layers are still computing. A single gradient larger than the cap gets a
+bucket of its own. The plan is a pure function of (names, shapes, dtypes, cap): identical on every
+rank, which is what keeps the ranks' collectives matched.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "int32": 4, "int64": 8, "uint8": 1, "int8": 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """What the planner needs to know about one gradient."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # numpy-style name: "float32", "bfloat16", ...
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * itemsize(self.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Bucket:
+    """Indices into the registered tensors, and each one's offset inside the flat buffer."""
+
+    dtype: str
+    indices: tuple[int, ...]
+    offsets: tuple[int, ...]
+    numel: int
+
+
+def itemsize(dtype: str) -> int:
+    try:
+        return _ITEMSIZE[dtype]
+    except KeyError:
+        raise ValueError(f"unsupported gradient dtype {dtype!r}; allowed: {sorted(_ITEMSIZE)}") from None
+
+
+def plan_buckets(specs: Sequence[TensorSpec], cap_bytes: int) -> list[Bucket]:
+    """Group tensors into buckets (see module docstring). ``cap_bytes <= 0`` means one bucket per dtype."""
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"duplicate parameter names {dup}: every parameter needs a unique name")
+    open_: dict[str, list[int]] = {}
+    sizes: dict[str, int] = {}
+    done: list[list[int]] = []
+    for i in reversed(range(len(specs))):
+        s = specs[i]
+        cur = open_.setdefault(s.dtype, [])
+        if cur and cap_bytes > 0 and sizes[s.dtype] + s.nbytes > cap_bytes:
+            done.append(cur)
+            cur = open_[s.dtype] = []
+            sizes[s.dtype] = 0
+        cur.append(i)
+        sizes[s.dtype] = sizes.get(s.dtype, 0) + s.nbytes
+    done.extend(b for b in open_.values() if b)
+    buckets = []
+    for idx in done:
+        offsets, total = [], 0
+        for i in idx:
+            offsets.append(total)
+            total += specs[i].numel
+        buckets.append(Bucket(specs[idx[0]].dtype, tuple(idx), tuple(offsets), total))
+    # Order by the position of each bucket's first-ready tensor, so launch order is the same everywhere.
+    return sorted(buckets, key=lambda b: -b.indices[0])
+
+
+def clip_coefficient(total_norm: float, max_norm: float, eps: float = 1e-6) -> float:
+    """Scale factor for gradients whose global L2 norm is ``total_norm`` (as torch.nn.utils.clip_grad_norm_)."""
+    if max_norm <= 0:
+        raise ValueError(f"max_grad_norm={max_norm} must be > 0")
+    return min(1.0, max_norm / (total_norm + eps))

@@ -1,0 +1,200 @@
+"""The collective protocol every adapter implements, and its numpy implementation.
+
+Adapters speak in framework tensors; the mpi and local backends are written once here over numpy
+arrays (CPU tensors convert without copies), the horovod backend lives in each adapter because
+Horovod's ops are framework-specific.
+"""
+from __future__ import annotations
+
+import pickle
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+
+from hvdllm.core.ops import Average, ReduceOp, parse_op
+from hvdllm.core.process_sets import WORLD, ProcessSet
+from hvdllm.core.world import World
+
+
+class Handle(Protocol):
+    """An in-flight asynchronous collective; ``wait()`` blocks and returns the result."""
+
+    def wait(self) -> Any: ...
+
+
+class Collectives(Protocol):
+    """What an adapter's backend offers. ``T`` is the framework's tensor type."""
+
+    world: World
+
+    def allreduce(self, x: Any, op: ReduceOp = Average, process_set: ProcessSet = WORLD) -> Any: ...
+    def allreduce_async_(self, x: Any, op: ReduceOp = Average, process_set: ProcessSet = WORLD) -> Handle: ...
+    def broadcast(self, x: Any, root_rank: int, process_set: ProcessSet = WORLD) -> Any: ...
+    def allgather(self, x: Any, process_set: ProcessSet = WORLD) -> Any: ...
+    def barrier(self, process_set: ProcessSet = WORLD) -> None: ...
+    def broadcast_object(self, obj: Any, root_rank: int = 0, process_set: ProcessSet = WORLD) -> Any: ...
+
+
+class SelfComm:
+    """The subset of mpi4py's communicator API used below, for a world of one process."""
+
+    def Get_rank(self) -> int:
+        return 0
+
+    def Get_size(self) -> int:
+        return 1
+
+    def Allreduce(self, send: Any, recv: np.ndarray, op: Any = None) -> None:
+        if send is not _IN_PLACE:
+            recv[...] = send
+
+    def Iallreduce(self, send: Any, recv: np.ndarray, op: Any = None) -> "_Done":
+        self.Allreduce(send, recv, op)
+        return _Done()
+
+    def Bcast(self, buf: np.ndarray, root: int = 0) -> None:
+        return None
+
+    def Allgather(self, send: np.ndarray, recv: np.ndarray) -> None:
+        recv[...] = send.reshape(recv.shape)
+
+    def allgather(self, obj: Any) -> list:
+        return [obj]
+
+    def bcast(self, obj: Any, root: int = 0) -> Any:
+        return pickle.loads(pickle.dumps(obj))
+
+    def Barrier(self) -> None:
+        return None
+
+
+class _Done:
+    def Wait(self) -> None:
+        return None
+
+
+_IN_PLACE = object()
+
+
+class _Pending:
+    """Completes an in-place MPI reduction: wait for it, then apply the op's scale."""
+
+    def __init__(self, request: Any, buf: np.ndarray, scale: float) -> None:
+        self._request, self._buf, self._scale = request, buf, scale
+
+    def wait(self) -> np.ndarray:
+        if self._request is not None:
+            self._request.Wait()
+            self._request = None
+            if self._scale != 1.0:
+                self._buf *= self._buf.dtype.type(self._scale)
+        return self._buf
+
+
+class NumpyCollectives:
+    """Collectives over numpy arrays on an mpi4py communicator (or :class:`SelfComm`).
+
+    Sub-communicators for process sets are created collectively at construction, in the order
+    given, so every rank must pass the same list (as with ``horovod.init(process_sets=...)``).
+    """
+
+    def __init__(self, comm: Any, world: World, process_sets: Sequence[ProcessSet] = ()) -> None:
+        self.comm, self.world = comm, world
+        self._comms: dict[ProcessSet, Any] = {WORLD: comm}
+        for ps in process_sets:
+            self._comms[ps] = self._create(ps)
+
+    def _create(self, ps: ProcessSet) -> Any:
+        if isinstance(self.comm, SelfComm):
+            ps.members(1)
+            return self.comm
+        members = ps.members(self.world.size)
+        sub = self.comm.Create_group(self.comm.Get_group().Incl(list(members)))
+        return sub if self.world.rank in members else None
+
+    def add_process_set(self, ps: ProcessSet) -> None:
+        """Register a new set; a collective call over the whole world."""
+        if ps not in self._comms:
+            self._comms[ps] = self._create(ps)
+
+    def comm_for(self, process_set: ProcessSet) -> Any:
+        if process_set not in self._comms:
+            raise ValueError(f"process set {process_set.ranks} was not registered: pass it to "
+                             "init(process_sets=[...]) or add_process_set()")
+        comm = self._comms[process_set]
+        if comm is None:
+            raise ValueError(f"rank {self.world.rank} is not a member of process set {list(process_set.ranks)}")
+        return comm
+
+    def _sum_op(self) -> Any:
+        if isinstance(self.comm, SelfComm):
+            return None
+        from mpi4py import MPI
+
+        return MPI.SUM
+
+    def _in_place(self) -> Any:
+        if isinstance(self.comm, SelfComm):
+            return _IN_PLACE
+        from mpi4py import MPI
+
+        return MPI.IN_PLACE
+
+    def allreduce_async_(self, buf: np.ndarray, op: ReduceOp = Average, process_set: ProcessSet = WORLD) -> _Pending:
+        """Start an in-place reduction of a contiguous array; ``wait()`` finishes and scales it."""
+        comm = self.comm_for(process_set)
+        if not buf.flags.c_contiguous:
+            raise ValueError("allreduce_async_ needs a contiguous buffer")
+        request = comm.Iallreduce(self._in_place(), buf, op=self._sum_op())
+        return _Pending(request, buf, parse_op(op).postscale(comm.Get_size()))
+
+    def allreduce(self, x: np.ndarray, op: ReduceOp = Average, process_set: ProcessSet = WORLD) -> np.ndarray:
+        out = np.ascontiguousarray(x).copy()
+        return self.allreduce_async_(out, op, process_set).wait()
+
+    def broadcast(self, x: np.ndarray, root_rank: int, process_set: ProcessSet = WORLD) -> np.ndarray:
+        comm = self.comm_for(process_set)
+        root = process_set.rank_of(root_rank, self.world.size)
+        out = np.ascontiguousarray(x).copy()
+        comm.Bcast(out, root=root)
+        return out
+
+    def allgather(self, x: np.ndarray, process_set: ProcessSet = WORLD) -> np.ndarray:
+        """Concatenate every rank's array along the first dimension (first dims may differ)."""
+        comm = self.comm_for(process_set)
+        x = np.ascontiguousarray(x)
+        if x.ndim == 0:
+            x = x.reshape(1)
+        shapes = comm.allgather(x.shape)
+        if any(s[1:] != x.shape[1:] for s in shapes):
+            raise ValueError(f"allgather needs equal trailing dimensions, got shapes {shapes}")
+        if all(s == x.shape for s in shapes):
+            out = np.empty((len(shapes) * x.shape[0],) + x.shape[1:], dtype=x.dtype)
+            comm.Allgather(x, out)
+            return out
+        counts = [int(np.prod(s)) for s in shapes]
+        out = np.empty((sum(s[0] for s in shapes),) + x.shape[1:], dtype=x.dtype)
+        comm.Allgatherv(x, [out, counts])
+        return out
+
+    def barrier(self, process_set: ProcessSet = WORLD) -> None:
+        self.comm_for(process_set).Barrier()
+
+    def broadcast_object(self, obj: Any, root_rank: int = 0, process_set: ProcessSet = WORLD) -> Any:
+        comm = self.comm_for(process_set)
+        return comm.bcast(obj, root=process_set.rank_of(root_rank, self.world.size))
+
+
+def mpi_world() -> tuple[Any, World]:
+    """mpi4py's world communicator and this process's World (local ranks via a shared-memory split)."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    world = World(comm.Get_rank(), comm.Get_size(), local.Get_rank(), local.Get_size(), backend="mpi")
+    local.Free()
+    return comm, world
+
+
+def local_world() -> tuple[SelfComm, World]:
+    return SelfComm(), World(0, 1, 0, 1, backend="local")

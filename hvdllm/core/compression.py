@@ -1,0 +1,40 @@
+"""Gradient compression specs: the dtype a buffer travels in during an allreduce.
+
+Compression here is a cast: fp16 halves the bytes on the wire (range +-65504, ~3 decimal digits),
+bf16 halves them with fp32's range but ~2 decimal digits. The reduction sums in the wire dtype, then
+the result is cast back to the gradient's dtype and scaled (see ReduceOp.postscale).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressionSpec:
+    name: str
+    wire_dtype: str | None  # numpy-style dtype name; None keeps the gradient's dtype
+
+    def __repr__(self) -> str:
+        return f"Compression.{self.name}"
+
+
+class Compression:
+    """Horovod-compatible names: ``Compression.none``, ``Compression.fp16``, ``Compression.bf16``."""
+
+    none = CompressionSpec("none", None)
+    fp16 = CompressionSpec("fp16", "float16")
+    bf16 = CompressionSpec("bf16", "bfloat16")
+
+
+def parse_compression(value: object) -> CompressionSpec:
+    """Accept a spec, its name, or Horovod's compressor classes (matched by class name)."""
+    if isinstance(value, CompressionSpec):
+        return value
+    if value is None:
+        return Compression.none
+    name = value if isinstance(value, str) else getattr(value, "__name__", type(value).__name__)
+    key = str(name).lower().replace("compressor", "")
+    for spec in (Compression.none, Compression.fp16, Compression.bf16):
+        if key == spec.name:
+            return spec
+    raise ValueError(f"unknown compression {value!r}; allowed: Compression.none, Compression.fp16, Compression.bf16")

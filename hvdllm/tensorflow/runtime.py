@@ -1,0 +1,154 @@
+"""hvdllm.tensorflow's backends: Horovod's TF ops, or the core's numpy collectives (mpi, local).
+
+Horovod's TF ops work eagerly and inside ``tf.function``; the numpy backends enter graphs through
+``tf.numpy_function`` (every rank must run the same collectives in the same order, as with Horovod).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from hvdllm.core import backend as core_backend
+from hvdllm.core.collectives import NumpyCollectives, local_world, mpi_world
+from hvdllm.core.ops import Average, ReduceOp, parse_op
+from hvdllm.core.process_sets import WORLD, ProcessSet, normalize_process_sets
+from hvdllm.core.world import World
+
+
+def horovod_available() -> bool:
+    """Horovod is installed *and* built with TensorFlow support."""
+    try:
+        import horovod.tensorflow  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+class HorovodTF:
+    """Collectives on horovod.tensorflow's low-level ops (which work on TF 2.21; its Keras glue does not)."""
+
+    name = "horovod"
+
+    def __init__(self, process_sets: Sequence[ProcessSet]) -> None:
+        import horovod.tensorflow as hvd
+
+        self.hvd = hvd
+        self._sets = {ps: hvd.ProcessSet(list(ps.ranks)) for ps in process_sets}
+        hvd.init(process_sets=list(self._sets.values()) or None)
+        self._sets[WORLD] = hvd.global_process_set
+        self.world = World(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), backend="horovod")
+
+    def _ps(self, ps: ProcessSet) -> Any:
+        if ps not in self._sets:
+            raise ValueError(f"process set {ps.ranks} was not registered: pass it to init(process_sets=[...])")
+        return self._sets[ps]
+
+    def _op(self, op: ReduceOp) -> Any:
+        return self.hvd.Average if parse_op(op) is Average else self.hvd.Sum
+
+    def allreduce(self, x: tf.Tensor, op: ReduceOp = Average, process_set: ProcessSet = WORLD) -> tf.Tensor:
+        return self.hvd.allreduce(tf.convert_to_tensor(x), op=self._op(op), process_set=self._ps(process_set))
+
+    def grouped_allreduce(self, xs: Sequence[tf.Tensor], op: ReduceOp = Average,
+                          process_set: ProcessSet = WORLD) -> list[tf.Tensor]:
+        return list(self.hvd.grouped_allreduce([tf.convert_to_tensor(x) for x in xs], op=self._op(op),
+                                               process_set=self._ps(process_set)))
+
+    def broadcast(self, x: tf.Tensor, root_rank: int, process_set: ProcessSet = WORLD) -> tf.Tensor:
+        return self.hvd.broadcast(tf.convert_to_tensor(x), root_rank, process_set=self._ps(process_set))
+
+    def allgather(self, x: tf.Tensor, process_set: ProcessSet = WORLD) -> tf.Tensor:
+        x = tf.convert_to_tensor(x)
+        if x.shape.rank == 0:
+            x = tf.reshape(x, [1])
+        return self.hvd.allgather(x, process_set=self._ps(process_set))
+
+    def barrier(self, process_set: ProcessSet = WORLD) -> None:
+        self.hvd.barrier(process_set=self._ps(process_set))
+
+    def broadcast_object(self, obj: Any, root_rank: int = 0, process_set: ProcessSet = WORLD) -> Any:
+        return self.hvd.broadcast_object(obj, root_rank, process_set=self._ps(process_set))
+
+    def add_process_set(self, ps: ProcessSet) -> None:
+        if ps not in self._sets:
+            self._sets[ps] = self.hvd.add_process_set(list(ps.ranks))
+
+    def shutdown(self) -> None:
+        self.hvd.shutdown()
+
+
+def _np_dtype(dtype: tf.DType) -> Any:
+    return np.float32 if dtype == tf.bfloat16 else dtype.as_numpy_dtype
+
+
+class NumpyTF:
+    """Collectives for the mpi and local backends: TF tensors through the core's numpy code."""
+
+    def __init__(self, name: str, process_sets: Sequence[ProcessSet]) -> None:
+        self.name = name
+        comm, self.world = mpi_world() if name == "mpi" else local_world()
+        self.impl = NumpyCollectives(comm, self.world, process_sets)
+
+    def _call(self, fn: Any, x: tf.Tensor, out_shape: Any = None) -> tf.Tensor:
+        """Run ``fn`` (numpy -> numpy) eagerly, or as a numpy_function inside a graph."""
+        x = tf.convert_to_tensor(x)
+        dtype = x.dtype
+        wire = tf.cast(x, tf.float32) if dtype == tf.bfloat16 else x
+        if tf.executing_eagerly():
+            out = tf.convert_to_tensor(fn(wire.numpy()))
+        else:
+            out = tf.numpy_function(lambda a: np.asarray(fn(a), dtype=a.dtype), [wire], wire.dtype, stateful=True)
+            out.set_shape(x.shape if out_shape is None else out_shape)
+        return tf.cast(out, dtype) if dtype == tf.bfloat16 else out
+
+    def allreduce(self, x: tf.Tensor, op: ReduceOp = Average, process_set: ProcessSet = WORLD) -> tf.Tensor:
+        op = parse_op(op)
+        return self._call(lambda a: self.impl.allreduce(a, op, process_set), x)
+
+    def grouped_allreduce(self, xs: Sequence[tf.Tensor], op: ReduceOp = Average,
+                          process_set: ProcessSet = WORLD) -> list[tf.Tensor]:
+        """One reduction over the tensors packed into a flat buffer per dtype."""
+        xs = [tf.convert_to_tensor(x) for x in xs]
+        out: list[Any] = [None] * len(xs)
+        by_dtype: dict[Any, list[int]] = {}
+        for i, x in enumerate(xs):
+            by_dtype.setdefault(x.dtype, []).append(i)
+        for idx in by_dtype.values():
+            flat = tf.concat([tf.reshape(xs[i], [-1]) for i in idx], axis=0)
+            red = self.allreduce(flat, op, process_set)
+            sizes = [int(np.prod(xs[i].shape)) for i in idx]
+            for i, part in zip(idx, tf.split(red, sizes)):
+                out[i] = tf.reshape(part, tf.shape(xs[i]))
+        return out
+
+    def broadcast(self, x: tf.Tensor, root_rank: int, process_set: ProcessSet = WORLD) -> tf.Tensor:
+        return self._call(lambda a: self.impl.broadcast(a, root_rank, process_set), x)
+
+    def allgather(self, x: tf.Tensor, process_set: ProcessSet = WORLD) -> tf.Tensor:
+        x = tf.convert_to_tensor(x)
+        if x.shape.rank == 0:
+            x = tf.reshape(x, [1])
+        return self._call(lambda a: self.impl.allgather(a, process_set), x,
+                          out_shape=tf.TensorShape([None]).concatenate(x.shape[1:]))
+
+    def barrier(self, process_set: ProcessSet = WORLD) -> None:
+        self.impl.barrier(process_set)
+
+    def broadcast_object(self, obj: Any, root_rank: int = 0, process_set: ProcessSet = WORLD) -> Any:
+        return self.impl.broadcast_object(obj, root_rank, process_set)
+
+    def add_process_set(self, ps: ProcessSet) -> None:
+        self.impl.add_process_set(ps)
+
+    def shutdown(self) -> None:
+        return None
+
+
+def create(process_sets: Sequence[ProcessSet | Sequence[int]] | None = None) -> HorovodTF | NumpyTF:
+    sets = normalize_process_sets(process_sets)
+    name = core_backend.choose_backend(horovod_available, lambda: core_backend.module_available("mpi4py"))
+    if name == "horovod":
+        return HorovodTF(sets)
+    return NumpyTF(name, sets)

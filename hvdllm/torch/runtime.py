@@ -1,0 +1,149 @@
+"""hvdllm.torch's backends: Horovod's torch ops, or the core's numpy collectives (mpi, local)."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from hvdllm.core import backend as core_backend
+from hvdllm.core.collectives import NumpyCollectives, local_world, mpi_world
+from hvdllm.core.ops import Average, ReduceOp, parse_op
+from hvdllm.core.process_sets import WORLD, ProcessSet, normalize_process_sets
+from hvdllm.core.world import World
+
+
+def horovod_available() -> bool:
+    """Horovod is installed *and* built with PyTorch support."""
+    try:
+        import horovod.torch  # noqa: F401
+    except Exception:  # ImportError, or a missing/incompatible extension library
+        return False
+    return True
+
+
+class _Waited:
+    def __init__(self, fn: Any) -> None:
+        self._fn, self._result, self._done = fn, None, False
+
+    def wait(self) -> Any:
+        if not self._done:
+            self._result, self._done = self._fn(), True
+        return self._result
+
+
+class HorovodTorch:
+    """Collectives on horovod.torch (Gloo or MPI controller, whatever horovodrun chose)."""
+
+    name = "horovod"
+
+    def __init__(self, process_sets: Sequence[ProcessSet]) -> None:
+        import horovod.torch as hvd
+
+        self.hvd = hvd
+        self._sets = {ps: hvd.ProcessSet(list(ps.ranks)) for ps in process_sets}
+        hvd.init(process_sets=list(self._sets.values()) or None)
+        self._sets[WORLD] = hvd.global_process_set
+        self.world = World(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), backend="horovod")
+
+    def _ps(self, ps: ProcessSet) -> Any:
+        if ps not in self._sets:
+            raise ValueError(f"process set {ps.ranks} was not registered: pass it to init(process_sets=[...])")
+        return self._sets[ps]
+
+    def _op(self, op: ReduceOp) -> Any:
+        return self.hvd.Average if parse_op(op) is Average else self.hvd.Sum
+
+    def allreduce(self, x: torch.Tensor, op: ReduceOp = Average, process_set: ProcessSet = WORLD) -> torch.Tensor:
+        return self.hvd.allreduce(x, op=self._op(op), process_set=self._ps(process_set))
+
+    def allreduce_async_(self, x: torch.Tensor, op: ReduceOp = Average, process_set: ProcessSet = WORLD) -> _Waited:
+        handle = self.hvd.allreduce_async_(x, op=self._op(op), process_set=self._ps(process_set))
+        return _Waited(lambda: self.hvd.synchronize(handle))
+
+    def broadcast(self, x: torch.Tensor, root_rank: int, process_set: ProcessSet = WORLD) -> torch.Tensor:
+        return self.hvd.broadcast(x, root_rank, process_set=self._ps(process_set))
+
+    def allgather(self, x: torch.Tensor, process_set: ProcessSet = WORLD) -> torch.Tensor:
+        return self.hvd.allgather(x if x.dim() else x.reshape(1), process_set=self._ps(process_set))
+
+    def barrier(self, process_set: ProcessSet = WORLD) -> None:
+        self.hvd.barrier(process_set=self._ps(process_set))
+
+    def broadcast_object(self, obj: Any, root_rank: int = 0, process_set: ProcessSet = WORLD) -> Any:
+        return self.hvd.broadcast_object(obj, root_rank, process_set=self._ps(process_set))
+
+    def add_process_set(self, ps: ProcessSet) -> None:
+        if ps not in self._sets:
+            self._sets[ps] = self.hvd.add_process_set(list(ps.ranks))
+
+    def shutdown(self) -> None:
+        self.hvd.shutdown()
+
+
+def _as_numpy(x: torch.Tensor) -> tuple[Any, torch.dtype]:
+    """A contiguous CPU numpy view/copy; bf16 (which numpy lacks) travels as float32."""
+    t = x.detach()
+    dtype = t.dtype
+    if dtype == torch.bfloat16:
+        t = t.float()
+    return t.cpu().contiguous().numpy(), dtype
+
+
+class NumpyTorch:
+    """Collectives for the mpi and local backends: torch tensors through the core's numpy code."""
+
+    def __init__(self, name: str, process_sets: Sequence[ProcessSet]) -> None:
+        self.name = name
+        comm, self.world = mpi_world() if name == "mpi" else local_world()
+        self.impl = NumpyCollectives(comm, self.world, process_sets)
+
+    @staticmethod
+    def _back(a: Any, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return torch.from_numpy(a).to(device=like.device, dtype=dtype)
+
+    def allreduce(self, x: torch.Tensor, op: ReduceOp = Average, process_set: ProcessSet = WORLD) -> torch.Tensor:
+        a, dtype = _as_numpy(x)
+        return self._back(self.impl.allreduce(a, op, process_set), x, dtype)
+
+    def allreduce_async_(self, x: torch.Tensor, op: ReduceOp = Average, process_set: ProcessSet = WORLD) -> _Waited:
+        """In place on ``x``. A CPU contiguous fp32/fp16/fp64 tensor is reduced without a copy."""
+        zero_copy = x.device.type == "cpu" and x.is_contiguous() and x.dtype != torch.bfloat16
+        buf = x.detach().numpy() if zero_copy else _as_numpy(x)[0].copy()
+        pending = self.impl.allreduce_async_(buf, op, process_set)
+
+        def finish() -> torch.Tensor:
+            pending.wait()
+            if not zero_copy:
+                x.data.copy_(torch.from_numpy(buf).to(x.dtype))
+            return x
+
+        return _Waited(finish)
+
+    def broadcast(self, x: torch.Tensor, root_rank: int, process_set: ProcessSet = WORLD) -> torch.Tensor:
+        a, dtype = _as_numpy(x)
+        return self._back(self.impl.broadcast(a, root_rank, process_set), x, dtype)
+
+    def allgather(self, x: torch.Tensor, process_set: ProcessSet = WORLD) -> torch.Tensor:
+        a, dtype = _as_numpy(x)
+        return self._back(self.impl.allgather(a, process_set), x, dtype)
+
+    def barrier(self, process_set: ProcessSet = WORLD) -> None:
+        self.impl.barrier(process_set)
+
+    def broadcast_object(self, obj: Any, root_rank: int = 0, process_set: ProcessSet = WORLD) -> Any:
+        return self.impl.broadcast_object(obj, root_rank, process_set)
+
+    def add_process_set(self, ps: ProcessSet) -> None:
+        self.impl.add_process_set(ps)
+
+    def shutdown(self) -> None:
+        return None
+
+
+def create(process_sets: Sequence[ProcessSet | Sequence[int]] | None = None) -> HorovodTorch | NumpyTorch:
+    """Discover the backend (see hvdllm.core.backend) and initialise it."""
+    sets = normalize_process_sets(process_sets)
+    name = core_backend.choose_backend(horovod_available, lambda: core_backend.module_available("mpi4py"))
+    if name == "horovod":
+        return HorovodTorch(sets)
+    return NumpyTorch(name, sets)

@@ -1,0 +1,82 @@
+"""Launch real ranks for a test and collect what each rank reports.
+
+A worker script calls :func:`tests.workers.common.report` once; the harness reads one JSON file per
+rank. On any failure (non-zero exit, timeout, a missing report) the assertion message carries the
+launcher's whole output, where horovodrun/mpirun tag each line with its rank.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+LAUNCHERS = ("gloo", "horovod-mpi", "mpirun")
+
+
+class RankFailure(AssertionError):
+    pass
+
+
+def base_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "PYTHONPATH": os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]),
+        "OMPI_ALLOW_RUN_AS_ROOT": "1",
+        "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+        "OMPI_MCA_rmaps_base_oversubscribe": "1",
+        "OMP_NUM_THREADS": "1",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "TF_ENABLE_ONEDNN_OPTS": "0",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONHASHSEED": "0",
+    })
+    env.pop("HVDLLM_BACKEND", None)
+    env.update(extra or {})
+    return env
+
+
+def command(launcher: str, np: int, argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The launch command and the extra environment for ``launcher``."""
+    py = [sys.executable, *argv]
+    if launcher == "gloo":
+        return [str(BIN / "horovodrun"), "-np", str(np), "--gloo", *py], {}
+    if launcher == "horovod-mpi":
+        return [str(BIN / "horovodrun"), "-np", str(np), "--mpi", "--mpi-args=--oversubscribe", *py], {}
+    if launcher == "mpirun":
+        return ["mpirun", "-np", str(np), "--oversubscribe", "--bind-to", "none", *py], {"HVDLLM_BACKEND": "mpi"}
+    if launcher == "python":
+        if np != 1:
+            raise ValueError("plain python runs one rank")
+        return py, {}
+    raise ValueError(f"unknown launcher {launcher!r}; allowed: {LAUNCHERS + ('python',)}")
+
+
+def run_ranks(worker: str, np: int = 2, launcher: str = "gloo", args: list[str] | None = None,
+              timeout: float = 240, env: dict[str, str] | None = None) -> list[dict]:
+    """Run ``tests/workers/<worker>`` on ``np`` ranks; return each rank's report, ordered by rank."""
+    with tempfile.TemporaryDirectory(prefix="hvdllm-ranks-") as out:
+        script = str(ROOT / "tests" / "workers" / worker)
+        cmd, extra = command(launcher, np, [script, *(args or [])])
+        full_env = base_env({**extra, **(env or {}), "HVDLLM_TEST_OUT": out})
+        proc = subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True, cwd=str(ROOT))
+        try:
+            output, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            output, _ = proc.communicate()
+            raise RankFailure(f"{launcher} np={np} {worker} timed out after {timeout}s; output:\n{output}")
+        reports = {}
+        for path in Path(out).glob("rank*.json"):
+            reports[int(path.stem[4:])] = json.loads(path.read_text())
+        if proc.returncode != 0 or sorted(reports) != list(range(np)):
+            raise RankFailure(
+                f"{launcher} np={np} {worker} {' '.join(args or [])}: exit {proc.returncode}, "
+                f"reports from ranks {sorted(reports)} of {np}; output:\n{output}")
+        return [reports[r] for r in range(np)]

@@ -1,0 +1,109 @@
+"""Single-process tests of the core runtime: imports, backend choice, ops, process sets, local comm."""
+from __future__ import annotations
+
+import pkgutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import hvdllm.core
+from hvdllm.core import Average, ProcessSet, Sum, choose_backend, launched_by, parse_op
+from hvdllm.core.collectives import NumpyCollectives, local_world
+from hvdllm.core.compression import Compression, parse_compression
+
+
+def test_core_imports_no_framework() -> None:
+    modules = [m.name for m in pkgutil.walk_packages(hvdllm.core.__path__, "hvdllm.core.")]
+    code = (
+        "import importlib, sys\n"
+        f"for m in {modules!r}: importlib.import_module(m)\n"
+        "print(','.join(m for m in ('torch', 'tensorflow', 'keras', 'horovod') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"hvdllm.core imported {out.stdout.strip()}"
+    assert len(modules) >= 6
+
+
+@pytest.mark.parametrize(
+    "env,hvd,mpi,want",
+    [
+        ({}, True, True, "local"),
+        ({"HOROVOD_RANK": "0", "HOROVOD_SIZE": "2"}, True, True, "horovod"),
+        ({"OMPI_COMM_WORLD_SIZE": "2"}, True, True, "horovod"),
+        ({"OMPI_COMM_WORLD_SIZE": "2"}, False, True, "mpi"),
+        ({"PMI_SIZE": "2"}, False, True, "mpi"),
+        ({"OMPI_COMM_WORLD_SIZE": "2", "HVDLLM_BACKEND": "mpi"}, True, True, "mpi"),
+        ({"HVDLLM_BACKEND": "LOCAL", "HOROVOD_RANK": "1"}, True, True, "local"),
+    ],
+)
+def test_choose_backend(env: dict, hvd: bool, mpi: bool, want: str) -> None:
+    assert choose_backend(lambda: hvd, lambda: mpi, env) == want
+
+
+def test_choose_backend_bad_value_is_one_line() -> None:
+    with pytest.raises(ValueError) as err:
+        choose_backend(lambda: True, lambda: True, {"HVDLLM_BACKEND": "nccl"})
+    msg = str(err.value)
+    assert "'nccl'" in msg and "horovod, mpi, local" in msg and "\n" not in msg
+
+
+def test_choose_backend_missing_pieces() -> None:
+    with pytest.raises(RuntimeError, match="Horovod"):
+        choose_backend(lambda: False, lambda: True, {"HVDLLM_BACKEND": "horovod"})
+    with pytest.raises(RuntimeError, match="mpi4py"):
+        choose_backend(lambda: True, lambda: False, {"HVDLLM_BACKEND": "mpi"})
+    with pytest.raises(RuntimeError, match="neither"):
+        choose_backend(lambda: False, lambda: False, {"OMPI_COMM_WORLD_SIZE": "2"})
+
+
+def test_launched_by() -> None:
+    assert launched_by({}) is None
+    assert launched_by({"HOROVOD_RANK": "0"}) == "horovodrun"
+    assert launched_by({"OMPI_COMM_WORLD_SIZE": "4"}) == "mpirun"
+    assert launched_by({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) is None
+
+
+def test_ops() -> None:
+    assert parse_op("average") is Average and parse_op("SUM") is Sum and parse_op(Sum) is Sum
+    assert Average.postscale(4) == 0.25 and Sum.postscale(4) == 1.0
+    with pytest.raises(ValueError, match="allowed: hvd.Average, hvd.Sum"):
+        parse_op("max")
+
+
+def test_compression_names() -> None:
+    assert parse_compression("fp16") is Compression.fp16
+    assert parse_compression(None) is Compression.none
+    assert Compression.bf16.wire_dtype == "bfloat16"
+    with pytest.raises(ValueError, match="unknown compression 'int8'"):
+        parse_compression("int8")
+
+
+def test_process_sets() -> None:
+    ps = ProcessSet([3, 1])
+    assert ps.members(4) == (1, 3) and ps.rank_of(3, 4) == 1 and ps.size(4) == 2
+    assert ProcessSet([1, 3]) == ps
+    assert ProcessSet().members(3) == (0, 1, 2)
+    with pytest.raises(ValueError, match="distinct"):
+        ProcessSet([1, 1])
+    with pytest.raises(ValueError, match="world size 2"):
+        ps.members(2)
+
+
+def test_local_numpy_collectives() -> None:
+    comm, world = local_world()
+    c = NumpyCollectives(comm, world)
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    np.testing.assert_array_equal(c.allreduce(x), x)
+    np.testing.assert_array_equal(c.allreduce(x, Sum), x)
+    np.testing.assert_array_equal(c.broadcast(x, 0), x)
+    np.testing.assert_array_equal(c.allgather(x), x)
+    assert c.allgather(np.float32(2.0)).shape == (1,)
+    assert c.broadcast_object({"a": [1]}) == {"a": [1]}
+    buf = x.copy()
+    assert c.allreduce_async_(buf.reshape(-1)).wait() is not None
+    np.testing.assert_array_equal(buf, x)
+    c.barrier()
+    with pytest.raises(ValueError, match="not registered"):
+        c.allreduce(x, process_set=ProcessSet([0]))

@@ -1,0 +1,17 @@
+"""Shared by worker scripts: report results to the harness, one JSON file per rank."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+
+def report(rank: int, data: dict[str, Any]) -> None:
+    out = os.environ.get("HVDLLM_TEST_OUT")
+    if not out:
+        print(json.dumps(data))
+        return
+    tmp = os.path.join(out, f".rank{rank}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, os.path.join(out, f"rank{rank}.json"))
