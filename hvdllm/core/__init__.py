@@ -8,8 +8,10 @@ from hvdllm.core.world import World
 from hvdllm.core.process_sets import ProcessSet
 from hvdllm.core.backend import BACKENDS, choose_backend, launched_by
 from hvdllm.core.collectives import Collectives, Handle
+from hvdllm.core.grid import GridCoord, Group, ProcessGrid
 
 __all__ = [
     "Average", "Sum", "ReduceOp", "parse_op", "World", "ProcessSet",
     "BACKENDS", "choose_backend", "launched_by", "Collectives", "Handle",
+    "ProcessGrid", "GridCoord", "Group",
 ]
