@@ -24,6 +24,10 @@ def grouped_allreduce(tensors: Sequence[Any], op: ReduceOp = Average, process_se
     return _front.runtime().grouped_allreduce(list(tensors), parse_op(op), process_set)
 
 
+from hvdllm.tensorflow import callbacks  # noqa: E402
+from hvdllm.tensorflow.distributed import DistributedGradientTape, DistributedOptimizer, broadcast_variables  # noqa: E402
+
 __all__ = sorted(_front.exports()) + [
     "grouped_allreduce", "Average", "Sum", "ReduceOp", "Compression", "ProcessSet",
+    "DistributedGradientTape", "DistributedOptimizer", "broadcast_variables", "callbacks",
 ]

@@ -1,0 +1,111 @@
+"""Data-parallel gradient reduction, defined once for every adapter (pure functions + a config).
+
+What every ``DistributedOptimizer`` / ``DistributedGradientTape`` does, in this order:
+
+1. *Accumulate*: with ``backward_passes_per_step=k`` the k local gradients are **summed** (Horovod's
+   semantic; scale the loss by 1/k, or pass ``average_aggregated_gradients=True``, for a mean).
+   The reduction happens on the pass where :func:`is_reduction_pass` is true.
+2. *Reduce*: gradients are grouped into buckets (:func:`hvdllm.core.buckets.plan_buckets`), cast to the
+   compression's wire dtype (:func:`wire_dtype`; only floating gradients are compressed), reduced with
+   ``op`` (Average = Sum then :meth:`ReduceOp.postscale`) and cast back. With one rank nothing travels
+   and nothing is cast.
+3. *Clip*: with ``max_grad_norm`` the global L2 norm is taken **after** the reduction, so every rank
+   computes the same coefficient (:func:`clip_coefficient_of`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+from hvdllm.core.compression import CompressionSpec, parse_compression
+from hvdllm.core.ops import Average, ReduceOp, parse_op
+from hvdllm.core.process_sets import WORLD, ProcessSet
+
+FLOATING = ("float16", "bfloat16", "float32", "float64")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReductionConfig:
+    """Validated options of a data-parallel gradient reduction (shared by the torch and TF wrappers)."""
+
+    op: ReduceOp = Average
+    compression: CompressionSpec = parse_compression(None)
+    backward_passes_per_step: int = 1
+    average_aggregated_gradients: bool = False
+    max_grad_norm: float | None = None
+    bucket_cap_mb: float = 25.0
+    process_set: ProcessSet = WORLD
+
+    @classmethod
+    def create(cls, op: object = Average, compression: object = None, backward_passes_per_step: object = 1,
+               average_aggregated_gradients: bool = False, max_grad_norm: object = None,
+               bucket_cap_mb: object = 25.0, process_set: ProcessSet | None = None) -> "ReductionConfig":
+        """Parse and validate user options; bad values raise ValueError naming the value and what is allowed."""
+        k = backward_passes_per_step
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"backward_passes_per_step={k!r} must be an integer >= 1")
+        if max_grad_norm is not None:
+            if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)) \
+                    or not math.isfinite(max_grad_norm) or max_grad_norm <= 0:
+                raise ValueError(f"max_grad_norm={max_grad_norm!r} must be a finite number > 0, or None")
+            max_grad_norm = float(max_grad_norm)
+        if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)) \
+                or not math.isfinite(bucket_cap_mb) or bucket_cap_mb < 0:
+            raise ValueError(f"bucket_cap_mb={bucket_cap_mb!r} must be a number >= 0 (0: one bucket per dtype)")
+        if process_set is not None and not isinstance(process_set, ProcessSet):
+            raise ValueError(f"process_set={process_set!r} must be an hvdllm ProcessSet")
+        return cls(parse_op(op), parse_compression(compression), k, bool(average_aggregated_gradients),
+                   max_grad_norm, float(bucket_cap_mb), process_set or WORLD)
+
+    @property
+    def bucket_cap_bytes(self) -> int:
+        """The bucket cap in bytes (0 means one bucket per dtype)."""
+        return int(self.bucket_cap_mb * 1024 * 1024)
+
+    @property
+    def local_scale(self) -> float:
+        """Factor applied to the sum of the k local gradients before the reduction (1 or 1/k)."""
+        return 1.0 / self.backward_passes_per_step if self.average_aggregated_gradients else 1.0
+
+
+def is_reduction_pass(passes_done: int, backward_passes_per_step: int) -> bool:
+    """True when the pass just counted (``passes_done`` >= 1, counted after it) closes an accumulation window."""
+    return passes_done % backward_passes_per_step == 0
+
+
+def wire_dtype(grad_dtype: str, compression: CompressionSpec) -> str:
+    """The dtype a gradient of ``grad_dtype`` travels in: compression applies to floating gradients only."""
+    if compression.wire_dtype is None or grad_dtype not in FLOATING:
+        return grad_dtype
+    return compression.wire_dtype
+
+
+def clip_coefficient_of(total_norm: Any, max_norm: float, maximum: Callable[[Any, Any], Any],
+                        eps: float = 1e-6) -> Any:
+    """Array form of :func:`hvdllm.core.buckets.clip_coefficient`, for values that stay on a device/graph.
+
+    ``max_norm / max(max_norm, total_norm + eps)`` equals ``min(1, max_norm / (total_norm + eps))``;
+    ``maximum`` is the framework's elementwise maximum (np.maximum, tf.maximum, torch.maximum).
+    """
+    if max_norm <= 0:
+        raise ValueError(f"max_grad_norm={max_norm} must be > 0")
+    return max_norm / maximum(total_norm + eps, max_norm)
+
+
+def gradual_warmup_lr(initial_lr: float, size: int, warmup_epochs: float, epoch: int, batch: int,
+                      steps_per_epoch: int) -> float:
+    """Learning rate of the gradual warmup for data parallelism (Goyal et al., 2017; Horovod's callback).
+
+    The rate grows linearly from ``initial_lr / size`` to ``initial_lr`` over ``warmup_epochs``, step by
+    step; it reaches ``initial_lr`` on the last batch of the warmup and stays there. ``initial_lr`` is the
+    already-scaled rate (single-process lr x size, the linear scaling rule).
+    """
+    if warmup_epochs <= 0:
+        raise ValueError(f"warmup_epochs={warmup_epochs} must be > 0")
+    if steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch={steps_per_epoch} must be >= 1")
+    progress = epoch + (batch + 1) / steps_per_epoch
+    if progress >= warmup_epochs:
+        return float(initial_lr)
+    return float(initial_lr) / size * (progress * (size - 1) / warmup_epochs + 1.0)

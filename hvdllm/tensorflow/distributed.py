@@ -1,0 +1,278 @@
+"""Data parallelism for TensorFlow 2 / Keras 3: a gradient tape, an optimizer wrapper, variable broadcast.
+
+Horovod 0.28's own TF/Keras glue is broken on Keras 3 (its tape and callback crash on Keras variables,
+its Keras optimizer silently skips the averaging); these use only its low-level collectives (or mpi4py,
+or nothing on one process) through :mod:`hvdllm.tensorflow.runtime`. The semantics (accumulation,
+compression, clipping after the reduction) are the core's: :mod:`hvdllm.core.gradients`.
+
+Graph mode: everything here works eagerly and inside ``tf.function`` (``model.fit``'s train step), but not
+under XLA (``jit_compile=True``): Horovod's ops and ``tf.numpy_function`` have no XLA kernels. On CPU
+Keras's ``jit_compile="auto"`` resolves to False; on GPUs pass ``jit_compile=False`` to ``model.compile``
+(``BroadcastGlobalVariablesCallback`` turns it off for you when the model's optimizer is distributed).
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import tensorflow as tf
+
+from hvdllm.core.buckets import TensorSpec, plan_buckets
+from hvdllm.core.gradients import ReductionConfig, clip_coefficient_of, is_reduction_pass, wire_dtype
+from hvdllm.core.ops import Average, ReduceOp
+from hvdllm.core.process_sets import WORLD, ProcessSet
+
+
+def _runtime() -> Any:
+    import hvdllm.tensorflow as hvd
+
+    return hvd.collectives()
+
+
+def _in_xla_context() -> bool:
+    try:
+        from tensorflow.python.ops import control_flow_util
+    except ImportError:  # private module moved: assume no XLA rather than fail
+        return False
+    if tf.executing_eagerly():
+        return False
+    return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
+
+
+def _dense(g: Any) -> tf.Tensor:
+    """IndexedSlices (embedding gradients) become dense tensors: one fused reduction for all gradients."""
+    return tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g
+
+
+def _set_size(rt: Any, process_set: ProcessSet) -> int:
+    return len(process_set.members(rt.world.size))
+
+
+def reduce_gradients(grads: Sequence[Any], config: ReductionConfig) -> list[Any]:
+    """Reduce a list of gradients (None entries pass through) over the ranks, then clip if configured.
+
+    Buckets follow the core's plan (dtype, size cap, reverse order); each bucket is one grouped
+    allreduce in the compression's wire dtype. Works eagerly and inside ``tf.function``.
+    """
+    rt = _runtime()
+    out: list[Any] = list(grads)
+    idx = [i for i, g in enumerate(out) if g is not None]
+    if _set_size(rt, config.process_set) > 1 and idx:
+        if _in_xla_context():
+            raise ValueError("hvdllm gradient reduction cannot run in an XLA-compiled function "
+                             "(jit_compile=True); allowed: jit_compile=False, e.g. model.compile(..., jit_compile=False)")
+        dense = [_dense(out[i]) for i in idx]
+        specs = [TensorSpec(str(j), tuple(int(d) for d in g.shape), g.dtype.name) for j, g in enumerate(dense)]
+        for bucket in plan_buckets(specs, config.bucket_cap_bytes):
+            members = [dense[j] for j in bucket.indices]
+            wire = tf.as_dtype(wire_dtype(bucket.dtype, config.compression))
+            sent = [tf.cast(g, wire) if g.dtype != wire else g for g in members]
+            reduced = rt.grouped_allreduce(sent, config.op, config.process_set)
+            for j, g, r in zip(bucket.indices, members, reduced):
+                out[idx[j]] = tf.cast(r, g.dtype) if r.dtype != g.dtype else r
+    if config.max_grad_norm is not None and idx:
+        out = clip_by_global_norm_after_reduction(out, config.max_grad_norm)
+    return out
+
+
+def clip_by_global_norm_after_reduction(grads: Sequence[Any], max_norm: float) -> list[Any]:
+    """Scale gradients by the core's clip coefficient of their global L2 norm (computed in float32)."""
+    present = [_dense(g) for g in grads if g is not None]
+    total = tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(tf.cast(g, tf.float32))) for g in present]))
+    coef = clip_coefficient_of(total, max_norm, tf.maximum)
+    return [None if g is None else _dense(g) * tf.cast(coef, g.dtype) for g in grads]
+
+
+class DistributedGradientTape:
+    """Wraps a ``tf.GradientTape``: ``gradient()`` returns gradients reduced over the ranks.
+
+        with tf.GradientTape() as tape:
+            loss = ...
+        tape = hvd.DistributedGradientTape(tape)
+        grads = tape.gradient(loss, model.trainable_variables)   # averaged over ranks
+
+    Also usable as ``with hvd.DistributedGradientTape(tf.GradientTape()) as tape:``. Every other method
+    (``watch``, ``stop_recording``, ``jacobian``, ...) is the wrapped tape's.
+    """
+
+    def __init__(self, gradtape: tf.GradientTape, compression: object = None, op: ReduceOp = Average,
+                 bucket_cap_mb: float = 25.0, process_set: ProcessSet = WORLD) -> None:
+        if not isinstance(gradtape, tf.GradientTape):
+            raise ValueError(f"DistributedGradientTape needs a tf.GradientTape, got {type(gradtape).__name__}")
+        self._tape = gradtape
+        self._config = ReductionConfig.create(op=op, compression=compression, bucket_cap_mb=bucket_cap_mb,
+                                              process_set=process_set)
+
+    def __enter__(self) -> "DistributedGradientTape":
+        self._tape.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> Any:
+        return self._tape.__exit__(*exc)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tape, name)
+
+    def gradient(self, target: Any, sources: Any, output_gradients: Any = None,
+                 unconnected_gradients: Any = tf.UnconnectedGradients.NONE) -> Any:
+        """The tape's gradients, reduced with ``op`` over the ranks (same nesting as ``sources``)."""
+        grads = self._tape.gradient(target, sources, output_gradients=output_gradients,
+                                    unconnected_gradients=unconnected_gradients)
+        flat = tf.nest.flatten(grads)
+        return tf.nest.pack_sequence_as(grads, reduce_gradients(flat, self._config))
+
+
+class _State:
+    """Per-optimizer data-parallel state, kept out of Keras's and TF's variable tracking on purpose:
+    saved optimizers stay loadable without hvdllm and ``optimizer.variables`` stays the inner one's."""
+
+    def __init__(self, config: ReductionConfig) -> None:
+        self.config = config
+        self.accumulators: list[tf.Variable] = []
+        self.passes: tf.Variable | None = None
+
+
+class _DistributedMixin:
+    """Overrides ``apply`` (which ``apply_gradients`` and ``model.fit`` call): accumulate, reduce, clip,
+    then the wrapped optimizer's own ``apply``."""
+
+    _hvdllm: _State
+
+    @property
+    def backward_passes_per_step(self) -> int:
+        return self._hvdllm.config.backward_passes_per_step
+
+    @property
+    def local_passes(self) -> tf.Variable | None:
+        """Backward passes counted so far (None without accumulation)."""
+        return self._hvdllm.passes
+
+    def build(self, variables: Sequence[Any]) -> None:
+        super().build(variables)
+        self._hvdllm_accumulators(list(variables))
+
+    def _hvdllm_accumulators(self, variables: list[Any]) -> None:
+        state = self._hvdllm
+        if state.config.backward_passes_per_step == 1 or state.accumulators:
+            return
+        with tf.init_scope():
+            state.accumulators = [tf.Variable(tf.zeros(tuple(v.shape), dtype=tf.as_dtype(v.dtype)),
+                                              trainable=False, name="hvdllm_accumulator") for v in variables]
+            state.passes = tf.Variable(tf.constant(0, tf.int64), trainable=False, name="hvdllm_passes")
+
+    def apply(self, grads: Sequence[Any], trainable_variables: Iterable[Any] | None = None) -> Any:
+        grads = list(grads)
+        if not grads:
+            return None
+        if trainable_variables is None:
+            if not self.built:
+                raise ValueError("pass trainable_variables on the first apply(), or build the optimizer first")
+            trainable_variables = self._trainable_variables
+        trainable_variables = list(trainable_variables)
+        if not self.built:
+            self.build(trainable_variables)
+            self.built = True
+        state = self._hvdllm
+        inner = super(_DistributedMixin, self).apply
+        if state.config.backward_passes_per_step == 1:
+            return inner(reduce_gradients(grads, state.config), trainable_variables)
+        self._hvdllm_accumulators(list(self._trainable_variables))
+        pairs = [(g, v) for g, v in zip(grads, trainable_variables) if g is not None]
+        accs = [state.accumulators[self._get_variable_index(v)] for _, v in pairs]
+        for acc, (g, _) in zip(accs, pairs):
+            acc.assign_add(tf.cast(_dense(g), acc.dtype))
+        passes = state.passes.assign_add(1)
+        variables = [v for _, v in pairs]
+        k = state.config.backward_passes_per_step
+
+        def step() -> tf.Tensor:
+            summed = [acc.read_value() for acc in accs]
+            if state.config.local_scale != 1.0:
+                summed = [s * tf.cast(state.config.local_scale, s.dtype) for s in summed]
+            inner(reduce_gradients(summed, state.config), variables)
+            for acc in accs:
+                acc.assign(tf.zeros_like(acc))
+            return tf.constant(True)
+
+        if tf.executing_eagerly():
+            if is_reduction_pass(int(passes.numpy()), k):
+                step()
+            return None
+        tf.cond(tf.equal(passes % k, 0), step, lambda: tf.constant(False))
+        return None
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def _distributed_class(cls: type) -> type:
+    """A subclass of the optimizer's class that carries its name and module, so a model saved with
+    a distributed optimizer records (and reloads) the plain one, as with Horovod."""
+    if cls not in _CLASSES:
+        sub = type(cls.__name__, (_DistributedMixin, cls), {"__module__": cls.__module__})
+        sub.__qualname__ = cls.__qualname__
+        _CLASSES[cls] = sub
+    return _CLASSES[cls]
+
+
+def is_distributed(optimizer: Any) -> bool:
+    """True for an optimizer returned by :func:`DistributedOptimizer`."""
+    return isinstance(optimizer, _DistributedMixin)
+
+
+def DistributedOptimizer(optimizer: Any, name: str | None = None, compression: object = None,
+                         backward_passes_per_step: int = 1, op: ReduceOp = Average,
+                         max_grad_norm: float | None = None, bucket_cap_mb: float = 25.0,
+                         average_aggregated_gradients: bool = False, process_set: ProcessSet = WORLD) -> Any:
+    """Make a Keras 3 optimizer data-parallel; use it in ``model.compile`` / ``model.fit`` or ``apply_gradients``.
+
+    Gradients are reduced with ``op`` (Average by default) over the ranks before the optimizer's own
+    update. ``backward_passes_per_step=k`` sums k local gradient sets and reduces + applies once every k
+    calls (``optimizer.iterations`` counts updates, not passes); ``average_aggregated_gradients=True``
+    divides the sum by k (the mean, as one k-times-larger batch). ``max_grad_norm`` clips by the global norm
+    after the reduction. The optimizer is converted in place (its class becomes a subclass of its own
+    class, its state is kept) and returned; ``get_config`` and saving record the plain optimizer.
+    Not usable under XLA: compile with ``jit_compile=False`` (the default on CPU).
+    """
+    import keras
+
+    if not isinstance(optimizer, keras.optimizers.Optimizer):
+        raise ValueError(f"DistributedOptimizer needs a keras.optimizers.Optimizer, got {type(optimizer).__name__}")
+    if is_distributed(optimizer):
+        raise ValueError(f"optimizer {optimizer.name!r} is already distributed; wrap it once")
+    if getattr(optimizer, "gradient_accumulation_steps", None):
+        raise ValueError(f"gradient_accumulation_steps={optimizer.gradient_accumulation_steps} on the inner "
+                         "optimizer; allowed: None, use backward_passes_per_step= instead")
+    config = ReductionConfig.create(op=op, compression=compression, backward_passes_per_step=backward_passes_per_step,
+                                    average_aggregated_gradients=average_aggregated_gradients,
+                                    max_grad_norm=max_grad_norm, bucket_cap_mb=bucket_cap_mb, process_set=process_set)
+    cls = _distributed_class(type(optimizer))
+    object.__setattr__(optimizer, "_hvdllm", _State(config))
+    optimizer.__class__ = cls
+    if name is not None:
+        optimizer.name = name
+    if optimizer.built:
+        optimizer._hvdllm_accumulators(list(optimizer._trainable_variables))
+    return optimizer
+
+
+def broadcast_variables(variables: Iterable[Any], root_rank: int = 0, process_set: ProcessSet = WORLD) -> None:
+    """Assign ``root_rank``'s values to ``variables`` (tf or Keras variables) on every rank.
+
+    Variables of one dtype travel packed in one flat buffer (one collective per dtype), in the given
+    order, which must be the same on every rank. Works eagerly and inside ``tf.function``.
+    """
+    rt = _runtime()
+    variables = list(variables)
+    if _set_size(rt, process_set) == 1 or not variables:
+        return None
+    by_dtype: dict[str, list[int]] = {}
+    values = [tf.convert_to_tensor(v) for v in variables]
+    for i, x in enumerate(values):
+        by_dtype.setdefault(x.dtype.name, []).append(i)
+    for idx in by_dtype.values():
+        flat = tf.concat([tf.reshape(values[i], [-1]) for i in idx], axis=0)
+        got = rt.broadcast(flat, root_rank, process_set)
+        sizes = [int(values[i].shape.num_elements()) for i in idx]
+        for i, part in zip(idx, tf.split(got, sizes)):
+            variables[i].assign(tf.reshape(part, values[i].shape))
+    return None
