@@ -1,0 +1,259 @@
+"""Pipeline parallelism for PyTorch: GPT stage modules and a runtime that runs the core's schedules.
+
+Each rank owns one stage (a contiguous run of transformer blocks, plus the embeddings on the first
+stage and the final norm, head and loss on the last). :class:`PipelineRuntime` executes the per-stage
+program of :func:`hvdllm.core.pipeline.build_schedule` (GPipe or 1F1B) over micro-batches:
+activations go forward and their gradients backward between adjacent stages as a broadcast inside the
+two-rank process set of that link (Horovod has no send/recv; the same call works on the mpi and local
+backends). Broadcasts are named per link and sequence number so Horovod matches them even when the
+stages issue different numbers of other collectives (their data-parallel reductions differ).
+
+With tied embeddings the first and last stages each hold a copy of the token embedding; after the
+backward their gradients are summed over the embedding group, so both copies take identical steps.
+"""
+from __future__ import annotations
+
+import inspect
+import weakref
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from hvdllm.core.grid import ProcessGrid
+from hvdllm.core.ops import Sum
+from hvdllm.core.pipeline import SCHEDULES, Schedule, build_schedule, partition_layers
+from hvdllm.core.process_sets import ProcessSet
+
+__all__ = ["GPTStage", "PipelineRuntime", "gpt_stage_bounds", "ActivationMeter"]
+
+
+def gpt_stage_bounds(model: nn.Module, num_stages: int) -> list[tuple[int, int]]:
+    """[start, end) block ranges per stage, balancing parameter counts (embeddings on the first stage,
+    final norm and an untied head on the last)."""
+    blocks = [sum(p.numel() for p in b.parameters()) for b in model.h]
+    first = sum(p.numel() for m in (model.wte, model.wpe) for p in m.parameters())
+    last = sum(p.numel() for p in model.ln_f.parameters())
+    if not model.config.tie_embeddings:
+        last += model.lm_head.weight.numel()
+    return partition_layers(blocks, num_stages, first_extra=first, last_extra=last)
+
+
+class GPTStage(nn.Module):
+    """Stage ``stage`` of ``num_stages`` of a GPT (plain or :class:`TensorParallelGPT`).
+
+    Parameter names are the model's (``h.3.mlp.c_fc.weight``...). The last stage of a tied model names
+    its copy of the token embedding ``lm_head.weight``. ``model`` is consumed: parts other stages own
+    are dropped from it.
+    """
+
+    def __init__(self, model: nn.Module, stage: int, num_stages: int,
+                 bounds: Sequence[tuple[int, int]] | None = None) -> None:
+        super().__init__()
+        bounds = list(bounds) if bounds is not None else gpt_stage_bounds(model, num_stages)
+        if len(bounds) != num_stages or not 0 <= stage < num_stages:
+            raise ValueError(f"stage {stage} of {num_stages} does not fit the partition {bounds}")
+        self.config = model.config
+        self.stage, self.num_stages = stage, num_stages
+        self.is_first, self.is_last = stage == 0, stage == num_stages - 1
+        self.start, self.end = bounds[stage]
+        self.h = nn.ModuleDict({str(i): model.h[i] for i in range(self.start, self.end)})
+        tied = model.config.tie_embeddings
+        if self.is_first:
+            self.wte, self.wpe, self.drop = model.wte, model.wpe, model.drop
+        if self.is_last:
+            self.ln_f, self.lm_head = model.ln_f, model.lm_head
+        # The tied weight whose gradient the first and last stages share (None without tying or pipeline).
+        self.tied_weight = (model.lm_head.weight if self.is_last else model.wte.weight) \
+            if tied and num_stages > 1 and (self.is_first or self.is_last) else None
+        # Keep the model's own embed/head/loss code without registering its (other stages') parameters.
+        self.__dict__["_model"] = model
+        model.h = nn.ModuleList()
+        if not self.is_first:
+            model.wpe = None
+            if not (self.is_last and tied):
+                model.wte = None
+        if not self.is_last:
+            model.ln_f = model.lm_head = None
+
+    def activation_shape(self, idx: torch.Tensor) -> tuple[int, ...]:
+        """Shape of the activation this stage receives or sends for a micro-batch of token ids."""
+        return (*idx.shape, self.config.n_embd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Token ids (first stage) or the previous stage's activation -> this stage's output."""
+        if self.is_first:
+            x = self._model.embed(x)
+        for block in self.h.values():
+            x = block(x)
+        return self._model.head(x) if self.is_last else x
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the last stage's logits (vocabulary-parallel for a TP model)."""
+        if hasattr(self._model, "loss"):
+            return self._model.loss(logits, targets)
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
+
+
+class ActivationMeter:
+    """Bytes of activations saved for backward that are alive right now, and the peak.
+
+    Counts each storage once (views share it) and skips parameters, through
+    ``torch.autograd.graph.saved_tensors_hooks``; a storage is released when the autograd graph that
+    saved it is freed (after its backward).
+    """
+
+    def __init__(self, exclude: Sequence[torch.Tensor] = ()) -> None:
+        self._exclude = {t.untyped_storage().data_ptr() for t in exclude}
+        self._count: dict[int, int] = {}
+        self._bytes: dict[int, int] = {}
+        self.live = 0
+        self.peak = 0
+
+    def _release(self, key: int) -> None:
+        self._count[key] -= 1
+        if not self._count[key]:
+            del self._count[key]
+            self.live -= self._bytes.pop(key)
+
+    def pack(self, t: torch.Tensor) -> Any:
+        key = t.untyped_storage().data_ptr()
+        if key in self._exclude or key == 0:
+            return t
+        if key not in self._count:
+            self._count[key] = 0
+            self._bytes[key] = t.untyped_storage().nbytes()
+            self.live += self._bytes[key]
+            self.peak = max(self.peak, self.live)
+        self._count[key] += 1
+        box = _Saved(t)
+        weakref.finalize(box, self._release, key)
+        return box
+
+    @staticmethod
+    def unpack(box: Any) -> torch.Tensor:
+        return box.t if isinstance(box, _Saved) else box
+
+    def hooks(self) -> Any:
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+
+class _Saved:
+    __slots__ = ("t", "__weakref__")
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.t = t
+
+
+def _named(rt: Any, op: str, *args: Any, name: str) -> Any:
+    """Call a runtime collective with a Horovod op name when the backend takes one."""
+    fn = getattr(rt, op)
+    if "name" in inspect.signature(fn).parameters:
+        return fn(*args, name=name)
+    if getattr(rt, "name", None) == "horovod":      # runtime without name pass-through: Horovod directly
+        *rest, ps = args
+        return getattr(rt.hvd, op)(*rest, name=name, process_set=rt._ps(ps))
+    return fn(*args)
+
+
+class PipelineRuntime:
+    """Runs one stage of a pipeline over micro-batches with a GPipe or 1F1B schedule.
+
+    ``step(inputs, targets)`` does the forwards and backwards of all micro-batches, leaving in each
+    parameter's ``.grad`` the gradient of the mean loss over the micro-batches (as the unsplit model's
+    backward of the mean over the whole batch), and returns that loss on every stage. Call the
+    optimizer (data-parallel inside ``grid.dp_group``) afterwards.
+    """
+
+    def __init__(self, stage_module: GPTStage, grid: ProcessGrid, rank: int, schedule: str = "1f1b",
+                 collectives: Any = None, track_memory: bool = False) -> None:
+        if schedule.lower() not in SCHEDULES:
+            raise ValueError(f"unknown pipeline schedule {schedule!r}; allowed: {', '.join(SCHEDULES)}")
+        c = grid.coords(rank)
+        if stage_module.stage != c.pp or stage_module.num_stages != grid.pp:
+            raise ValueError(f"stage module {stage_module.stage}/{stage_module.num_stages} does not match "
+                             f"{grid.describe(rank)}")
+        if collectives is None:
+            import hvdllm.torch as hvd
+
+            collectives = hvd.collectives()
+        self.rt, self.module, self.grid, self.rank = collectives, stage_module, grid, rank
+        self.kind, self.stage, self.num_stages = schedule.lower(), c.pp, grid.pp
+        self.prev_rank = grid.rank_of(c.dp, c.tp, c.pp - 1) if c.pp > 0 else None
+        self.next_rank = grid.rank_of(c.dp, c.tp, c.pp + 1) if c.pp < grid.pp - 1 else None
+        self.prev_set = grid.link_group(rank, c.pp - 1) if self.prev_rank is not None else None
+        self.next_set = grid.link_group(rank, c.pp + 1) if self.next_rank is not None else None
+        self.pp_set = grid.pp_group(rank)
+        self.last_rank = grid.rank_of(c.dp, c.tp, grid.pp - 1)
+        self.emb_set = grid.embedding_group(rank) if stage_module.tied_weight is not None else None
+        self._seq: dict[str, int] = {}
+        self._schedules: dict[int, Schedule] = {}
+        self.meter = ActivationMeter(list(stage_module.parameters())) if track_memory else None
+
+    def schedule(self, num_microbatches: int) -> Schedule:
+        if num_microbatches not in self._schedules:
+            self._schedules[num_microbatches] = build_schedule(self.kind, self.num_stages, num_microbatches)
+        return self._schedules[num_microbatches]
+
+    def _name(self, tag: str) -> str:
+        n = self._seq.get(tag, 0)
+        self._seq[tag] = n + 1
+        return f"hvdllm.pp.{tag}.{n}"
+
+    def _exchange(self, x: torch.Tensor, root: int, ps: ProcessSet, tag: str) -> torch.Tensor:
+        return _named(self.rt, "broadcast", x.contiguous(), root, ps, name=self._name(tag))
+
+    def step(self, inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> float:
+        """Forward and backward of every micro-batch (token ids and targets, one per micro-batch)."""
+        m = len(inputs)
+        if m < 1 or len(targets) != m:
+            raise ValueError(f"need one target per micro-batch and at least one micro-batch, got "
+                             f"{len(inputs)} inputs and {len(targets)} targets")
+        mod, dtype = self.module, next(self.module.parameters()).dtype
+        recv_in: dict[int, torch.Tensor] = {}
+        outputs: dict[int, torch.Tensor] = {}
+        out_grads: dict[int, torch.Tensor] = {}
+        in_grads: dict[int, torch.Tensor] = {}
+        total = torch.zeros((), dtype=torch.float64)
+        link_prev = f"{self.prev_rank}-{self.rank}"
+        link_next = f"{self.rank}-{self.next_rank}"
+        for a in self.schedule(m).actions[self.stage]:
+            mb = a.mb
+            if a.op == "recv_act":
+                buf = torch.zeros(mod.activation_shape(inputs[mb]), dtype=dtype)
+                recv_in[mb] = self._exchange(buf, self.prev_rank, self.prev_set, link_prev).requires_grad_()
+            elif a.op == "forward":
+                x = inputs[mb] if mod.is_first else recv_in[mb]
+                if self.meter is not None:
+                    with self.meter.hooks():
+                        out = mod(x)
+                        if mod.is_last:
+                            out = mod.loss(out, targets[mb]) / m
+                else:
+                    out = mod(x)
+                    if mod.is_last:
+                        out = mod.loss(out, targets[mb]) / m
+                if mod.is_last:
+                    total += out.detach().double()
+                outputs[mb] = out
+            elif a.op == "send_act":
+                self._exchange(outputs[mb].detach(), self.rank, self.next_set, link_next)
+            elif a.op == "recv_grad":
+                buf = torch.zeros_like(outputs[mb], dtype=dtype)
+                out_grads[mb] = self._exchange(buf, self.next_rank, self.next_set, link_next)
+            elif a.op == "backward":
+                out = outputs.pop(mb)
+                torch.autograd.backward(out, None if mod.is_last else out_grads.pop(mb))
+                if not mod.is_first:
+                    x = recv_in.pop(mb)
+                    in_grads[mb] = x.grad if x.grad is not None else torch.zeros_like(x)
+            elif a.op == "send_grad":
+                self._exchange(in_grads.pop(mb), self.rank, self.prev_set, link_prev)
+        if self.emb_set is not None:
+            w = self.module.tied_weight
+            g = w.grad if w.grad is not None else torch.zeros_like(w)
+            w.grad = _named(self.rt, "allreduce", g.contiguous(), Sum, self.emb_set, name=self._name("emb"))
+        if self.num_stages > 1:
+            total = _named(self.rt, "broadcast", total, self.last_rank, self.pp_set, name=self._name("loss"))
+        return float(total)
