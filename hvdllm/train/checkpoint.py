@@ -1,0 +1,209 @@
+"""Atomic checkpoints: a directory per step, written aside and renamed into place.
+
+Layout of ``<run>/checkpoints/step_00000100/``:
+    model.safetensors      weights (numpy arrays; names are the framework's parameter names)
+    optimizer.safetensors  optimizer tensors (flattened names, see the trainer)
+    rng.safetensors        RNG states (per rank where they differ)
+    tokenizer.json         how to decode samples
+    meta.json              step, data position, config, model shape, framework, optimizer scalars; written last
+
+Atomicity: everything is written into ``.tmp-step_...`` next to the final name, each file fsync'ed,
+then the directory is renamed (``os.replace`` for a leftover older directory of the same step) and the
+parent fsync'ed. A reader only ever sees complete checkpoints: a directory counts only when its name
+is ``step_<N>`` and it holds ``meta.json``. A process killed mid-write leaves a ``.tmp-*`` folder that
+the next writer removes, and the previous checkpoint untouched.
+
+Framework-free: arrays are numpy; the trainers convert.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+CHECKPOINTS = "checkpoints"
+META = "meta.json"
+_NAME = re.compile(r"^step_(\d{8,})$")
+# Test hook: seconds to sleep after each file of a checkpoint (lets a test kill a writer mid-save).
+_DELAY_ENV = "HVDLLM_CHECKPOINT_WRITE_DELAY"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _pause() -> None:
+    delay = float(os.environ.get(_DELAY_ENV, "0") or 0)
+    if delay > 0:
+        time.sleep(delay)
+
+
+def save_arrays(path: Path, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> None:
+    """Write a safetensors file (contiguous copies; bool/0-d arrays are fine) and fsync it."""
+    from safetensors.numpy import save
+
+    tensors = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+    _write_bytes(path, save(tensors, metadata=dict(metadata) if metadata else None))
+
+
+def load_arrays(path: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(path))
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def write_checkpoint(run_dir: str | Path, step: int, files: Mapping[str, Mapping[str, np.ndarray]],
+                     meta: Mapping[str, Any], extra_files: Mapping[str, bytes] | None = None,
+                     keep: int | None = None) -> Path:
+    """Write ``<run_dir>/checkpoints/step_<step>`` atomically and return its path.
+
+    ``files`` maps a file stem to its arrays (``{"model": {...}, "optimizer": {...}}`` ->
+    ``model.safetensors`` ...); ``extra_files`` are raw bytes (e.g. ``tokenizer.json``); ``meta`` is
+    JSON-able and written last. With ``keep``, older checkpoints beyond the newest ``keep`` are removed.
+    """
+    root = Path(run_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):          # a writer killed earlier
+        shutil.rmtree(stale, ignore_errors=True)
+    final = root / step_dir_name(step)
+    tmp = root / f".tmp-{step_dir_name(step)}-{os.getpid()}"
+    tmp.mkdir()
+    for stem, arrays in files.items():
+        save_arrays(tmp / f"{stem}.safetensors", arrays)
+        _pause()
+    for name, data in (extra_files or {}).items():
+        _write_bytes(tmp / name, data)
+    _write_bytes(tmp / META, json.dumps({**meta, "step": step}, indent=1, sort_keys=True).encode())
+    _pause()
+    _fsync_dir(tmp)
+    if final.exists():                          # same step written again: swap, then drop the old one
+        old = root / f".tmp-old-{step_dir_name(step)}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(root)
+    if keep:
+        prune(run_dir, keep)
+    return final
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints in ``run_dir`` (or a ``checkpoints`` folder), oldest first."""
+    root = Path(run_dir)
+    if (root / CHECKPOINTS).is_dir():
+        root = root / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    out = []
+    for d in root.iterdir():
+        m = _NAME.match(d.name)
+        if m and (d / META).is_file():
+            out.append((int(m.group(1)), d))
+    return sorted(out)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint in ``run_dir``, or None."""
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path | None:
+    """``path`` itself when it is a checkpoint directory, else the newest checkpoint under it."""
+    p = Path(path)
+    if (p / META).is_file():
+        return p
+    return latest_checkpoint(p)
+
+
+def prune(run_dir: str | Path, keep: int) -> None:
+    """Remove all but the newest ``keep`` checkpoints."""
+    for _, d in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def read_meta(ckpt: str | Path) -> dict[str, Any]:
+    return json.loads((Path(ckpt) / META).read_text(encoding="utf-8"))
+
+
+def read_checkpoint(ckpt: str | Path) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
+    """All safetensors files of a checkpoint (by stem) and its metadata."""
+    p = Path(ckpt)
+    files = {f.name[: -len(".safetensors")]: load_arrays(f) for f in sorted(p.glob("*.safetensors"))}
+    return files, read_meta(p)
+
+
+# -- nested state <-> flat arrays + JSON (for optimizer state dicts) -----------------------------------
+def flatten_state(tree: Any, prefix: str = "") -> tuple[dict[str, np.ndarray], Any]:
+    """Split a nested structure of dicts/lists/scalars/arrays into flat arrays and a JSON skeleton.
+
+    Arrays (numpy, or anything with ``__array__``) go to the returned dict under dotted names and are
+    replaced by ``{"__array__": name}`` in the skeleton; everything else stays in the skeleton.
+    """
+    arrays: dict[str, np.ndarray] = {}
+
+    def walk(x: Any, name: str) -> Any:
+        if isinstance(x, dict):
+            return {"__dict__": [[_key(k), walk(v, f"{name}.{k}" if name else str(k))] for k, v in x.items()]}
+        if isinstance(x, (list, tuple)):
+            return {"__list__": [walk(v, f"{name}.{i}" if name else str(i)) for i, v in enumerate(x)],
+                    "__tuple__": isinstance(x, tuple)}
+        if isinstance(x, (bool, int, float, str)) or x is None:
+            return x
+        a = np.asarray(x)
+        arrays[name] = a
+        return {"__array__": name}
+
+    return arrays, walk(tree, prefix)
+
+
+def _key(k: Any) -> Any:
+    if isinstance(k, (int, str)):
+        return k
+    raise TypeError(f"state keys must be int or str, got {type(k).__name__}")
+
+
+def unflatten_state(arrays: Mapping[str, np.ndarray], skeleton: Any, to_tensor: Any = None) -> Any:
+    """Inverse of :func:`flatten_state`; ``to_tensor`` converts each numpy array (e.g. ``torch.from_numpy``)."""
+    conv = to_tensor or (lambda a: a)
+
+    def walk(x: Any) -> Any:
+        if isinstance(x, dict):
+            if "__array__" in x:
+                return conv(arrays[x["__array__"]])
+            if "__dict__" in x:
+                return {k: walk(v) for k, v in x["__dict__"]}
+            if "__list__" in x:
+                items = [walk(v) for v in x["__list__"]]
+                return tuple(items) if x.get("__tuple__") else items
+        return x
+
+    return walk(skeleton)
