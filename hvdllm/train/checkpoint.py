@@ -64,7 +64,9 @@ def save_arrays(path: Path, arrays: Mapping[str, np.ndarray], metadata: Mapping[
     """Write a safetensors file (contiguous copies; bool/0-d arrays are fine) and fsync it."""
     from safetensors.numpy import save
 
-    tensors = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+    # (np.ascontiguousarray would turn 0-d arrays into 1-d ones)
+    tensors = {k: np.asarray(v) if np.asarray(v).flags.c_contiguous else np.asarray(v).copy(order="C")
+               for k, v in arrays.items()}
     _write_bytes(path, save(tensors, metadata=dict(metadata) if metadata else None))
 
 
