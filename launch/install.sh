@@ -52,7 +52,7 @@ have() { "$VPY" - "$@" <<'PY' 2>/dev/null
 import sys
 from importlib.metadata import version
 name, want = sys.argv[1], sys.argv[2]
-sys.exit(0 if version(name) == want else 1)
+sys.exit(0 if version(name).split("+")[0] == want else 1)
 PY
 }
 
@@ -125,5 +125,5 @@ step "hvdllm (editable)"
 "${PIP[@]}" --no-deps -e "$ROOT"
 
 step "check the Horovod build"
-"$VENV/bin/horovodrun" --check-build
+TF_CPP_MIN_LOG_LEVEL=2 "$VENV/bin/horovodrun" --check-build
 say "done: activate with 'source $VENV/bin/activate'"

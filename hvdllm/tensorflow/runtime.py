@@ -49,12 +49,18 @@ class HorovodTF:
         return self.hvd.Average if parse_op(op) is Average else self.hvd.Sum
 
     def allreduce(self, x: tf.Tensor, op: ReduceOp = Average, process_set: ProcessSet = WORLD) -> tf.Tensor:
-        return self.hvd.allreduce(tf.convert_to_tensor(x), op=self._op(op), process_set=self._ps(process_set))
+        return self.grouped_allreduce([x], op, process_set)[0]
 
     def grouped_allreduce(self, xs: Sequence[tf.Tensor], op: ReduceOp = Average,
                           process_set: ProcessSet = WORLD) -> list[tf.Tensor]:
-        return list(self.hvd.grouped_allreduce([tf.convert_to_tensor(x) for x in xs], op=self._op(op),
-                                               process_set=self._ps(process_set)))
+        """Horovod's TF ops have no bf16: such tensors travel as fp32."""
+        xs = [tf.convert_to_tensor(x) for x in xs]
+        wire = [tf.cast(x, tf.float32) if x.dtype == tf.bfloat16 else x for x in xs]
+        if len(wire) == 1:
+            out = [self.hvd.allreduce(wire[0], op=self._op(op), process_set=self._ps(process_set))]
+        else:
+            out = list(self.hvd.grouped_allreduce(wire, op=self._op(op), process_set=self._ps(process_set)))
+        return [tf.cast(o, x.dtype) if o.dtype != x.dtype else o for o, x in zip(out, xs)]
 
     def broadcast(self, x: tf.Tensor, root_rank: int, process_set: ProcessSet = WORLD) -> tf.Tensor:
         return self.hvd.broadcast(tf.convert_to_tensor(x), root_rank, process_set=self._ps(process_set))
@@ -66,7 +72,8 @@ class HorovodTF:
         return self.hvd.allgather(x, process_set=self._ps(process_set))
 
     def barrier(self, process_set: ProcessSet = WORLD) -> None:
-        self.hvd.barrier(process_set=self._ps(process_set))
+        """horovod.tensorflow has no barrier op: a tiny blocking allreduce synchronises the same way."""
+        self.hvd.allreduce(tf.zeros([1]), op=self.hvd.Sum, process_set=self._ps(process_set)).numpy()
 
     def broadcast_object(self, obj: Any, root_rank: int = 0, process_set: ProcessSet = WORLD) -> Any:
         return self.hvd.broadcast_object(obj, root_rank, process_set=self._ps(process_set))

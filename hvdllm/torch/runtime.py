@@ -54,11 +54,22 @@ class HorovodTorch:
         return self.hvd.Average if parse_op(op) is Average else self.hvd.Sum
 
     def allreduce(self, x: torch.Tensor, op: ReduceOp = Average, process_set: ProcessSet = WORLD) -> torch.Tensor:
+        if x.dtype == torch.bfloat16:  # Horovod's CPU ops have no bf16: reduce in fp32
+            return self.allreduce(x.float(), op, process_set).to(torch.bfloat16)
         return self.hvd.allreduce(x, op=self._op(op), process_set=self._ps(process_set))
 
     def allreduce_async_(self, x: torch.Tensor, op: ReduceOp = Average, process_set: ProcessSet = WORLD) -> _Waited:
-        handle = self.hvd.allreduce_async_(x, op=self._op(op), process_set=self._ps(process_set))
-        return _Waited(lambda: self.hvd.synchronize(handle))
+        """In place on ``x``; bf16 tensors travel as fp32 (a copy), others without one."""
+        buf = x.float() if x.dtype == torch.bfloat16 else x
+        handle = self.hvd.allreduce_async_(buf, op=self._op(op), process_set=self._ps(process_set))
+
+        def finish() -> torch.Tensor:
+            self.hvd.synchronize(handle)
+            if buf is not x:
+                x.data.copy_(buf)
+            return x
+
+        return _Waited(finish)
 
     def broadcast(self, x: torch.Tensor, root_rank: int, process_set: ProcessSet = WORLD) -> torch.Tensor:
         return self.hvd.broadcast(x, root_rank, process_set=self._ps(process_set))
