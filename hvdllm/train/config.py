@@ -68,7 +68,7 @@ class OptimSection:
 class ScheduleSection:
     """Learning rate per step: linear warmup then decay to min_lr_ratio * lr over run.max_steps."""
 
-    warmup_steps: int = 20
+    warmup_steps: int = 20               # linear warmup (cut to run.max_steps when longer)
     decay: str = "cosine"                # cosine | linear | constant
     min_lr_ratio: float = 0.1
 

@@ -1,0 +1,435 @@
+"""`hvdllm train --framework torch`: the GPT training loop on hvdllm.torch.
+
+One optimizer step: the learning rate of the step from the core's schedule; this rank's micro-batches
+of the step (its slice of the global batch, hvdllm.data) through ``runner.forward_backward`` (each
+micro-batch loss scaled by 1/accumulation); ``DistributedOptimizer.step()`` averages the gradients
+over the data-parallel ranks (summed over the ``accum`` backward passes), clips the global norm and
+applies AdamW. So the update is the gradient of the mean loss over the whole global batch, whatever
+the number of ranks.
+
+Model parallelism plugs in at :func:`build_runner`: a :class:`StepRunner` owns the module(s) this rank
+holds, the forward/backward over micro-batches and the evaluation forward.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import hvdllm.torch as hvd
+from hvdllm.data.tokenizer import TOKENIZER_FILE
+from hvdllm.models.gpt import GPT, GPTConfig
+from hvdllm.train import checkpoint as ckpt
+from hvdllm.train.common import (Progress, RunSetup, Throughput, create_run_dir, peak_flops, say, setup_run,
+                                 should_checkpoint, should_eval, should_log, write_sample)
+from hvdllm.train.config import ConfigError, TrainConfig
+from hvdllm.train.metrics import MetricsLogger, plot_loss
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+# -- precision --------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Precision:
+    """Autocast context and (fp16) loss scaler for one run."""
+
+    name: str
+    device: torch.device
+    scaler: Any = None
+
+    def autocast(self) -> Any:
+        if self.name == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.name == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return self.scaler.scale(loss) if self.scaler is not None else loss
+
+
+def make_precision(name: str, device: torch.device) -> Precision:
+    scaler = torch.amp.GradScaler(device.type) if name == "fp16" else None
+    return Precision(name, device, scaler)
+
+
+# -- the replaceable part: forward/backward over micro-batches ----------------------------------------
+@dataclasses.dataclass
+class StepRunner:
+    """What a parallelism layout provides to the loop.
+
+    ``model``: the module with this rank's parameters (checkpointed, broadcast and optimized);
+    ``forward_backward(micro_batches)``: backward of sum(loss_i) / len(micro_batches) (the loss already
+    scaled for fp16), returning the detached mean loss of this rank's micro-batches;
+    ``eval_loss_sum(x, y)``: sum over sequences of each sequence's mean loss, and the count;
+    ``generate(idx, n, ...)``: autoregressive sampling (rank 0 calls it at the end).
+    """
+
+    model: torch.nn.Module
+    forward_backward: Callable[[list[Batch]], torch.Tensor]
+    eval_loss_sum: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, int]]
+    generate: Callable[..., torch.Tensor]
+
+
+def data_parallel_runner(gpt: GPTConfig, precision: Precision, device: torch.device) -> StepRunner:
+    """The whole model on every rank (tp = pp = 1)."""
+    model = GPT(gpt).to(device)
+
+    def forward_backward(micro: list[Batch]) -> torch.Tensor:
+        total = torch.zeros((), device=device)
+        for x, y in micro:
+            with precision.autocast():
+                _, loss = model(x, y)
+            precision.scale(loss / len(micro)).backward()
+            total += loss.detach().float()
+        return total / len(micro)
+
+    @torch.no_grad()
+    def eval_loss_sum(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
+        with precision.autocast():
+            logits, _ = model(x)
+        per_tok = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
+        return per_tok.view(y.shape).mean(dim=1).sum(), int(y.shape[0])
+
+    return StepRunner(model=model, forward_backward=forward_backward, eval_loss_sum=eval_loss_sum,
+                      generate=model.generate)
+
+
+def build_runner(s: RunSetup, precision: Precision, device: torch.device) -> StepRunner:
+    """The StepRunner for ``s.cfg.parallel`` (tensor/pipeline parallel layouts hook in here)."""
+    tp, pp = s.cfg.parallel.tp, s.cfg.parallel.pp
+    if tp == 1 and pp == 1:
+        return data_parallel_runner(s.gpt, precision, device)
+    return model_parallel_runner(s, precision, device)
+
+
+def model_parallel_runner(s: RunSetup, precision: Precision, device: torch.device) -> StepRunner:
+    """Tensor/pipeline-parallel training: built on hvdllm.torch.parallel (issue 7)."""
+    raise ConfigError(f"--tp {s.cfg.parallel.tp} --pp {s.cfg.parallel.pp}: model parallelism in "
+                      "`hvdllm train` is not supported yet; use --tp 1 --pp 1")
+
+
+# -- optimizer ------------------------------------------------------------------------------------------
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, accum: int) -> Any:
+    """AdamW (the core's math) with weight decay on matrices only, wrapped for data parallelism."""
+    from hvdllm.torch.optim import AdamW
+
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    inner = AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
+                  weight_decay=cfg.optim.weight_decay, fused=cfg.optim.fused)
+    compression = {"none": hvd.Compression.none, "fp16": hvd.Compression.fp16,
+                   "bf16": hvd.Compression.bf16}[cfg.run.compression]
+    return hvd.DistributedOptimizer(inner, named_parameters=model.named_parameters(), compression=compression,
+                                    backward_passes_per_step=accum, op=hvd.Average,
+                                    bucket_cap_mb=cfg.run.bucket_cap_mb, max_grad_norm=cfg.optim.max_grad_norm)
+
+
+def make_schedule(cfg: TrainConfig) -> Callable[[int], float]:
+    """Learning rate of optimizer step ``i`` (0-based): the core's warmup + decay over run.max_steps
+    (a warmup longer than the run is cut to the run)."""
+    from hvdllm.core.schedules import LRSchedule
+
+    warmup = min(cfg.schedule.warmup_steps, cfg.run.max_steps)
+    return LRSchedule(cfg.optim.lr, warmup, cfg.run.max_steps, decay=cfg.schedule.decay,
+                      min_lr=cfg.optim.lr * cfg.schedule.min_lr_ratio)
+
+
+# -- checkpoint state <-> torch ----------------------------------------------------------------------------
+def _to_numpy_tree(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        t = x.detach().cpu()
+        return t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
+    if isinstance(x, dict):
+        return {k: _to_numpy_tree(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_numpy_tree(v) for v in x)
+    return x
+
+
+def model_arrays(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """Parameters (tied ones once) and buffers as numpy, keyed by their module names."""
+    out = {n: p.detach().cpu().numpy().copy() for n, p in model.named_parameters()}
+    out.update({n: b.detach().cpu().numpy().copy() for n, b in model.named_buffers()})
+    return out
+
+
+def load_model_arrays(model: torch.nn.Module, arrays: dict[str, np.ndarray], where: str) -> None:
+    named = dict(model.named_parameters())
+    named.update(dict(model.named_buffers()))
+    if set(named) != set(arrays):
+        missing, extra = sorted(set(named) - set(arrays)), sorted(set(arrays) - set(named))
+        raise ConfigError(f"{where}: weights do not match the model (missing {missing[:3]}, unexpected {extra[:3]})")
+    with torch.no_grad():
+        for n, t in named.items():
+            a = arrays[n]
+            if tuple(a.shape) != tuple(t.shape):
+                raise ConfigError(f"{where}: {n} has shape {list(a.shape)}, the model wants {list(t.shape)}")
+            t.copy_(torch.from_numpy(a))
+
+
+def save(s: RunSetup, runner: StepRunner, optimizer: Any, step: int, device: torch.device, precision: Precision,
+         losses: "LossLog") -> Path | None:
+    """Write a checkpoint of ``step`` (a collective: every rank contributes its RNG state; rank 0 writes)."""
+    pending = losses.pending()
+    rng = torch.get_rng_state()
+    all_rng = hvd.allgather(rng.unsqueeze(0)) if s.size > 1 else rng.unsqueeze(0)
+    cuda_rng = None
+    if device.type == "cuda":
+        c = torch.cuda.get_rng_state(device).unsqueeze(0)
+        cuda_rng = hvd.allgather(c) if s.size > 1 else c
+    if not s.is_root:
+        return None
+    opt_arrays, opt_skeleton = ckpt.flatten_state(_to_numpy_tree(optimizer.state_dict()))
+    rng_arrays = {"torch_cpu": all_rng.numpy()}
+    if cuda_rng is not None:
+        rng_arrays["torch_cuda"] = cuda_rng.cpu().numpy()
+    precision_state = {}
+    if precision.scaler is not None:
+        precision_state = {k: v for k, v in precision.scaler.state_dict().items() if isinstance(v, (int, float))}
+    meta = {
+        "framework": "torch",
+        "model": dataclasses.asdict(s.gpt),
+        "config": s.cfg.to_dict(),
+        "data_position": {"step": step, "samples": step * s.cfg.batch.global_batch,
+                          "epoch": s.windows.epoch_of(step, s.cfg.batch.global_batch),
+                          "n_tokens": s.windows.n_tokens},
+        "optimizer": opt_skeleton,
+        "scaler": precision_state,
+        "pending_losses": pending,
+        "world_size": s.size,
+    }
+    tok = (s.run_dir / TOKENIZER_FILE).read_bytes()
+    return ckpt.write_checkpoint(s.run_dir, step, {"model": model_arrays(runner.model), "optimizer": opt_arrays,
+                                                   "rng": rng_arrays}, meta, extra_files={TOKENIZER_FILE: tok},
+                                 keep=s.cfg.run.keep_checkpoints)
+
+
+def restore(s: RunSetup, runner: StepRunner, optimizer: Any, precision: Precision, device: torch.device,
+            losses: "LossLog") -> None:
+    """Load weights, optimizer state, RNG states, loss-scaler state and unlogged losses from ``s.resume_from``."""
+    files, meta = ckpt.read_checkpoint(s.resume_from)
+    losses.restore(meta.get("pending_losses", []))
+    load_model_arrays(runner.model, files["model"], str(s.resume_from))
+    state = ckpt.unflatten_state(files["optimizer"], meta["optimizer"], to_tensor=lambda a: torch.from_numpy(a.copy()))
+    optimizer.load_state_dict(state)
+    rng = files.get("rng", {})
+    if "torch_cpu" in rng:
+        states = rng["torch_cpu"]
+        torch.set_rng_state(torch.from_numpy(states[s.rank % len(states)].copy()))
+    if "torch_cuda" in rng and device.type == "cuda":
+        states = rng["torch_cuda"]
+        torch.cuda.set_rng_state(torch.from_numpy(states[s.rank % len(states)].copy()), device)
+    if precision.scaler is not None and meta.get("scaler"):
+        precision.scaler.load_state_dict({**precision.scaler.state_dict(), **meta["scaler"]})
+
+
+# -- the loop --------------------------------------------------------------------------------------------
+class LossLog:
+    """Per-step losses until the next metrics row: local values, averaged over the ranks in one
+    collective per row (or at a checkpoint, which stores them so a resumed run logs the same means)."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self._local, self._global = size, [], []
+
+    def add(self, local_mean: torch.Tensor) -> None:
+        self._local.append(float(local_mean))
+
+    def pending(self) -> list[float]:
+        """Average the local values over ranks (a collective) and return all unlogged global values."""
+        if self._local:
+            vec = torch.tensor(self._local, dtype=torch.float64)
+            if self.size > 1:
+                vec = hvd.allreduce(vec, op=hvd.Average)
+            self._global.extend(float(v) for v in vec.tolist())
+            self._local = []
+        return list(self._global)
+
+    def restore(self, values: list[float]) -> None:
+        self._local, self._global = [], [float(v) for v in values]
+
+    def mean(self) -> float:
+        """The mean of the unlogged steps' global-batch losses; clears them."""
+        values = self.pending()
+        self._global = []
+        return float(np.mean(values)) if values else float("nan")
+
+
+def pick_device(cfg: TrainConfig) -> torch.device:
+    if cfg.run.device == "cpu" or (cfg.run.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("run.device=cuda but torch sees no GPU; use run.device=cpu or auto")
+    return torch.device("cuda", hvd.local_rank() % torch.cuda.device_count())
+
+
+def evaluate(s: RunSetup, runner: StepRunner, device: torch.device) -> float:
+    """Mean validation loss over run.eval_sequences fixed windows, split over the data-parallel ranks."""
+    ids = s.windows.val_windows(s.cfg.run.eval_sequences)[s.dp_rank::s.plan.dp_size]
+    runner.model.eval()
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    mb = s.cfg.batch.micro_batch
+    for k in range(0, len(ids), mb):
+        x, y = s.windows.batch(ids[k: k + mb])
+        part, n = runner.eval_loss_sum(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
+        total += part.double().cpu()
+        count += n
+    runner.model.train()
+    both = torch.tensor([total.item(), float(count)], dtype=torch.float64)
+    if s.size > 1:          # (ranks holding the same data slice add the same sum and count: the ratio holds)
+        both = hvd.allreduce(both, op=hvd.Sum)
+    return float(both[0] / both[1])
+
+
+def sample_text(runner: StepRunner, tokenizer: Any, prompt: str, tokens: int, temperature: float, top_k: int,
+                seed: int, device: torch.device) -> str:
+    ids = [int(i) for i in tokenizer.encode(prompt)] or [0]
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    runner.model.eval()
+    out = runner.generate(idx, tokens, temperature=temperature, top_k=top_k or None, generator=gen)
+    runner.model.train()
+    return tokenizer.decode(out[0].tolist())
+
+
+def train(cfg: TrainConfig) -> int:
+    """Run (or resume) training as configured; returns the exit status (0). ConfigError -> the CLI's 2."""
+    hvd.init()
+    rank, size = hvd.rank(), hvd.size()
+    threads = cfg.run.threads or hvd.threads_per_rank()
+    torch.set_num_threads(threads)
+    device = pick_device(cfg)
+
+    s = setup_run(cfg, rank, size, hvd.broadcast_object)
+    cfg = s.cfg
+    precision = make_precision(cfg.run.precision, device)
+    torch.manual_seed(cfg.run.seed)                      # identical initial weights on every rank ...
+    runner = build_runner(s, precision, device)
+    optimizer = make_optimizer(runner.model, cfg, s.plan.accum)
+    if precision.scaler is not None and not (hasattr(optimizer, "synchronize") and hasattr(optimizer, "skip_synchronize")):
+        raise ConfigError("run.precision=fp16 needs DistributedOptimizer.synchronize/skip_synchronize; use bf16")
+    schedule = make_schedule(cfg)
+    losses = LossLog(size)
+
+    # Nothing has been written so far; from here on, the run directory exists.
+    create_run_dir(s)
+    if s.resume_from is not None:
+        restore(s, runner, optimizer, precision, device, losses)
+    else:
+        hvd.broadcast_parameters(runner.model.state_dict(), root_rank=0)   # ... and, to be sure, rank 0's
+        hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+        torch.manual_seed(cfg.run.seed + 1 + rank)       # dropout differs per rank, reproducibly
+    if size > 1:
+        hvd.barrier()
+
+    metrics = MetricsLogger(s.run_dir, enabled=s.is_root,
+                            resume_step=s.start_step if s.resume_from is not None else None,
+                            tensorboard=cfg.run.tensorboard)
+    peak, peak_src = peak_flops(cfg.run.peak_flops,
+                                torch.cuda.get_device_name(device) if device.type == "cuda" else None, threads)
+    tput = Throughput(s.gpt.flops_per_token(), peak, size)
+    progress = Progress(cfg.run.max_steps, s.start_step, enabled=s.is_root and cfg.run.progress)
+    progress.note(f"device {device}, {threads} thread(s) per rank, precision {cfg.run.precision}; "
+                  f"MFU against {peak / 1e12:.3g} TFLOP/s per rank ({peak_src})")
+    if s.resume_from is None and cfg.run.eval_interval > 0:
+        val0 = evaluate(s, runner, device)
+        metrics.log({"step": 0, "val_loss": val0})
+        progress.note(f"step 0: val loss {val0:.4f}")
+
+    g, seq = cfg.batch.global_batch, s.windows.seq_len
+    step = s.start_step
+    runner.model.train()
+    try:
+        while step < cfg.run.max_steps:
+            lr = float(schedule(step))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            micro = [(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
+                     for x, y in s.windows.micro_batches(step, g, s.dp_rank, s.plan.dp_size, cfg.batch.micro_batch)]
+            loss = runner.forward_backward(micro)
+            if precision.scaler is not None:
+                optimizer.synchronize()                  # averaged (still scaled) gradients, equal on every rank
+                precision.scaler.unscale_(optimizer)     # so every rank finds the same inf/nan and skips alike
+                with optimizer.skip_synchronize():
+                    precision.scaler.step(optimizer)
+                precision.scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            losses.add(loss)
+            tput.add(g * seq)
+            progress.step()
+
+            if should_log(step, cfg):
+                mean = losses.mean()
+                tps, mfu = tput.read()
+                gn = getattr(optimizer, "grad_norm", None)
+                gn = float(gn) if gn is not None else None
+                val = evaluate(s, runner, device) if should_eval(step, cfg) else None
+                metrics.log({"step": step, "loss": mean, "val_loss": val, "lr": lr, "grad_norm": gn,
+                             "tokens_per_s": tps, "mfu": mfu, "elapsed_s": tput.elapsed()})
+                progress.show(step, mean, tps, mfu, val, lr)
+                if not math.isfinite(mean):
+                    raise FloatingPointError(f"loss is {mean} at step {step}; lower optim.lr or use fp32")
+            elif should_eval(step, cfg):
+                val = evaluate(s, runner, device)
+                metrics.log({"step": step, "val_loss": val, "lr": lr})
+                progress.note(f"step {step}: val loss {val:.4f}")
+
+            if should_checkpoint(step, cfg):
+                path = save(s, runner, optimizer, step, device, precision, losses)
+                progress.note(f"checkpoint {path}")
+            if cfg.run.exit_at_step is not None and step == cfg.run.exit_at_step and step < cfg.run.max_steps:
+                progress.close()
+                if s.is_root:
+                    plot_loss(s.run_dir)
+                    say(f"exiting after step {step} (--exit-at-step); continue with --resume")
+                metrics.close()
+                return 0
+    finally:
+        progress.close()
+
+    metrics.close()
+    if s.is_root:
+        plot_loss(s.run_dir)
+        sp = cfg.sample
+        text = sample_text(runner, s.tokenizer, sp.prompt, sp.tokens, sp.temperature, sp.top_k, sp.seed, device)
+        write_sample(s.run_dir, sp.prompt, text)
+        say(f"done: {step} steps in {tput.elapsed():.0f} s; run directory {s.run_dir}")
+    if size > 1:
+        hvd.barrier()
+    return 0
+
+
+def sample_checkpoint(path: str, prompt: str | None, tokens: int | None, temperature: float | None = None,
+                      top_k: int | None = None, seed: int | None = None) -> str:
+    """Text generated by the model of a torch checkpoint (a checkpoint folder, or a run folder's newest)."""
+    from hvdllm.data.tokenizer import load_tokenizer
+    from hvdllm.train.config import from_dict
+
+    ck = ckpt.resolve_checkpoint(path)
+    if ck is None:
+        raise ConfigError(f"--checkpoint {path}: no checkpoint there")
+    files, meta = ckpt.read_checkpoint(ck)
+    cfg = from_dict(meta["config"])
+    gpt = GPTConfig(**meta["model"])
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    device = torch.device("cpu")
+    precision = make_precision("fp32", device)
+    runner = data_parallel_runner(gpt, precision, device)
+    load_model_arrays(runner.model, files["model"], str(ck))
+    tok = load_tokenizer(ck)
+    sp = cfg.sample
+    return sample_text(runner, tok, sp.prompt if prompt is None else prompt, sp.tokens if tokens is None else tokens,
+                       sp.temperature if temperature is None else temperature, sp.top_k if top_k is None else top_k,
+                       sp.seed if seed is None else seed, device)
