@@ -65,7 +65,8 @@ class GPTStage(nn.Module):
         if self.is_last:
             self.ln_f, self.lm_head = model.ln_f, model.lm_head
         # The tied weight whose gradient the first and last stages share (None without tying or pipeline).
-        self.tied_weight = (model.lm_head.weight if self.is_last else model.wte.weight) \
+        # (kept out of the module's parameter registry so that parameter names stay the model's)
+        self.__dict__["tied_weight"] = (model.lm_head.weight if self.is_last else model.wte.weight) \
             if tied and num_stages > 1 and (self.is_first or self.is_last) else None
         # Keep the model's own embed/head/loss code without registering its (other stages') parameters.
         self.__dict__["_model"] = model
@@ -152,8 +153,11 @@ def _named(rt: Any, op: str, *args: Any, name: str) -> Any:
     if "name" in inspect.signature(fn).parameters:
         return fn(*args, name=name)
     if getattr(rt, "name", None) == "horovod":      # runtime without name pass-through: Horovod directly
-        *rest, ps = args
-        return getattr(rt.hvd, op)(*rest, name=name, process_set=rt._ps(ps))
+        if op == "allreduce":
+            x, reduce_op, ps = args
+            return rt.hvd.allreduce(x, op=rt._op(reduce_op), name=name, process_set=rt._ps(ps))
+        x, root, ps = args
+        return rt.hvd.broadcast(x, root, name=name, process_set=rt._ps(ps))
     return fn(*args)
 
 
@@ -218,6 +222,9 @@ class PipelineRuntime:
         total = torch.zeros((), dtype=torch.float64)
         link_prev = f"{self.prev_rank}-{self.rank}"
         link_next = f"{self.rank}-{self.next_rank}"
+        tied = self.module.tied_weight if self.emb_set is not None else None
+        if tied is not None:    # only this step's contributions are summed over the two copies
+            stashed, tied.grad = tied.grad, None
         for a in self.schedule(m).actions[self.stage]:
             mb = a.mb
             if a.op == "recv_act":
@@ -250,10 +257,10 @@ class PipelineRuntime:
                     in_grads[mb] = x.grad if x.grad is not None else torch.zeros_like(x)
             elif a.op == "send_grad":
                 self._exchange(in_grads.pop(mb), self.rank, self.prev_set, link_prev)
-        if self.emb_set is not None:
-            w = self.module.tied_weight
-            g = w.grad if w.grad is not None else torch.zeros_like(w)
-            w.grad = _named(self.rt, "allreduce", g.contiguous(), Sum, self.emb_set, name=self._name("emb"))
+        if tied is not None:
+            g = tied.grad if tied.grad is not None else torch.zeros_like(tied)
+            g = _named(self.rt, "allreduce", g.contiguous(), Sum, self.emb_set, name=self._name("emb"))
+            tied.grad = g if stashed is None else stashed.add_(g)
         if self.num_stages > 1:
             total = _named(self.rt, "broadcast", total, self.last_rank, self.pp_set, name=self._name("loss"))
         return float(total)
