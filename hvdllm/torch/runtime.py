@@ -58,10 +58,13 @@ class HorovodTorch:
             return self.allreduce(x.float(), op, process_set).to(torch.bfloat16)
         return self.hvd.allreduce(x, op=self._op(op), process_set=self._ps(process_set))
 
-    def allreduce_async_(self, x: torch.Tensor, op: ReduceOp = Average, process_set: ProcessSet = WORLD) -> _Waited:
-        """In place on ``x``; bf16 tensors travel as fp32 (a copy), others without one."""
+    def allreduce_async_(self, x: torch.Tensor, op: ReduceOp = Average, process_set: ProcessSet = WORLD,
+                         name: str | None = None) -> _Waited:
+        """In place on ``x``; bf16 tensors travel as fp32 (a copy), others without one.
+
+        A fixed ``name`` per recurring tensor lets Horovod's response cache skip the negotiation."""
         buf = x.float() if x.dtype == torch.bfloat16 else x
-        handle = self.hvd.allreduce_async_(buf, op=self._op(op), process_set=self._ps(process_set))
+        handle = self.hvd.allreduce_async_(buf, name=name, op=self._op(op), process_set=self._ps(process_set))
 
         def finish() -> torch.Tensor:
             self.hvd.synchronize(handle)
@@ -116,8 +119,11 @@ class NumpyTorch:
         a, dtype = _as_numpy(x)
         return self._back(self.impl.allreduce(a, op, process_set), x, dtype)
 
-    def allreduce_async_(self, x: torch.Tensor, op: ReduceOp = Average, process_set: ProcessSet = WORLD) -> _Waited:
-        """In place on ``x``. A CPU contiguous fp32/fp16/fp64 tensor is reduced without a copy."""
+    def allreduce_async_(self, x: torch.Tensor, op: ReduceOp = Average, process_set: ProcessSet = WORLD,
+                         name: str | None = None) -> _Waited:
+        """In place on ``x``. A CPU contiguous fp32/fp16/fp64 tensor is reduced without a copy.
+
+        ``name`` is accepted for Horovod parity and unused: MPI matches collectives by call order."""
         zero_copy = x.device.type == "cpu" and x.is_contiguous() and x.dtype != torch.bfloat16
         buf = x.detach().numpy() if zero_copy else _as_numpy(x)[0].copy()
         pending = self.impl.allreduce_async_(buf, op, process_set)
