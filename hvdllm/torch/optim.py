@@ -1,0 +1,379 @@
+"""PyTorch optimizers whose math is :mod:`hvdllm.core.optim`'s, plus an optional fused flat-buffer mode.
+
+``SGD``, ``Adam``, ``AdamW`` and ``LAMB`` are ``torch.optim.Optimizer`` subclasses (param groups,
+``state_dict``/``load_state_dict``, closures). Their state uses ``torch.optim``'s names and layout
+(``step`` as a float32 0-d tensor, ``momentum_buffer``, ``exp_avg``, ``exp_avg_sq``), so a
+state_dict can move between these and ``torch.optim``'s SGD/Adam/AdamW. Conventions (momentum form,
+L2 vs decoupled weight decay, where Adam's epsilon sits) are the core's, which for these rules are
+PyTorch's own: see :mod:`hvdllm.core.optim`.
+
+``fused=True``: every param group keeps its parameters of one dtype/device, their gradients and the
+optimizer state in flat contiguous buffers. Parameters are re-pointed (``p.data``) at views of the
+flat parameter buffer and ``p.grad`` at views of the flat gradient buffer, so autograd accumulates
+straight into the flat buffer and a step is a few large ops over whole buffers, not thousands of
+small ones. The elementwise pass over each flat buffer runs torch's native fused multi-tensor
+kernel where that kernel computes exactly the core's formula (SGD with momentum/Nesterov and L2
+decay, Adam, AdamW; equality with the core rule is tested), and the core rule itself otherwise
+(LAMB, and anything else). Consequences of fusing, as in apex / DeepSpeed flat buffers:
+
+* ``zero_grad()`` zeroes the flat gradient buffer in place whatever ``set_to_none`` says, so a
+  parameter that received no gradient gets a zero gradient (like ``set_to_none=False``) instead of
+  being skipped. If some code sets a ``p.grad`` to ``None``, that step falls back to per-tensor
+  updates for the group (correct, slower); a ``p.grad`` replaced by another tensor is copied back in.
+* Create the optimizer *after* moving the model to its device/dtype; ``model.to(...)`` afterwards
+  would detach the parameters from the flat buffers.
+* Parameters with ``requires_grad=False`` at construction stay outside the flat buffers.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+from hvdllm.core import optim as core
+from hvdllm.core.schedules import LRSchedule
+
+_NATIVE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+@dataclass
+class _Flat:
+    """One group's parameters of one dtype/device, with their flat buffers."""
+
+    params: List[torch.nn.Parameter]
+    param: torch.Tensor
+    grad: torch.Tensor
+    state: Dict[str, torch.Tensor] = field(default_factory=dict)
+    step: Optional[torch.Tensor] = None  # shared by every param's state['step'] while uniform
+    uniform: bool = True  # False once some params were stepped without the others
+
+    def views(self, flat: torch.Tensor) -> List[torch.Tensor]:
+        out, offset = [], 0
+        for p in self.params:
+            n = p.numel()
+            out.append(flat[offset:offset + n].view_as(p))
+            offset += n
+        return out
+
+
+def _new_step(device: Optional[torch.device] = None) -> torch.Tensor:
+    """A step counter as ``torch.optim`` keeps it (float32 0-d; on the accelerator for fused kernels)."""
+    on = device if device is not None and device.type != "cpu" else None
+    return torch.tensor(0.0, dtype=torch.float32, device=on)
+
+
+class _CoreOptimizer(torch.optim.Optimizer):
+    """Shared machinery: per-tensor updates via the core rule, flat buffers when ``fused``."""
+
+    _state_keys: Tuple[str, ...] = ()
+
+    def __init__(self, params: Any, defaults: Dict[str, Any], fused: bool) -> None:
+        if not isinstance(fused, bool):
+            raise ValueError(f"fused={fused!r} is invalid; expected True or False")
+        self.fused = fused
+        self._flats: List[List[_Flat]] = []
+        super().__init__(params, defaults)
+
+    # ---------------------------------------------------------------- per-rule hooks
+    def _check_group(self, group: Dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _state_keys_for(self, group: Dict[str, Any]) -> Tuple[str, ...]:
+        return self._state_keys
+
+    def _tensor_update(self, group: Dict[str, Any], p: torch.Tensor, grad: torch.Tensor,
+                       state: Dict[str, Any], step: float) -> None:
+        raise NotImplementedError
+
+    def _flat_update(self, group: Dict[str, Any], flat: _Flat, step: float) -> None:
+        # Default: the core rule over the whole flat buffers (one call, a few big ops).
+        fake: Dict[str, Any] = dict(flat.state)
+        self._tensor_update(group, flat.param, flat.grad, fake, step)
+
+    # ---------------------------------------------------------------- param groups, flat buffers
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        self._check_group(group)
+        if self.fused:
+            self._flats.append(self._flatten(group))
+
+    def _flatten(self, group: Dict[str, Any]) -> List[_Flat]:
+        by_kind: Dict[Tuple[torch.dtype, torch.device], List[torch.nn.Parameter]] = {}
+        for p in group["params"]:
+            if p.requires_grad and not p.is_sparse:
+                by_kind.setdefault((p.dtype, p.device), []).append(p)
+        flats = []
+        with torch.no_grad():
+            for (dtype, device), ps in by_kind.items():
+                total = sum(p.numel() for p in ps)
+                flat = _Flat(ps, torch.empty(total, dtype=dtype, device=device),
+                             torch.zeros(total, dtype=dtype, device=device))
+                for p, pv, gv in zip(ps, flat.views(flat.param), flat.views(flat.grad)):
+                    pv.copy_(p.detach())
+                    if p.grad is not None:
+                        gv.copy_(p.grad)
+                    p.data = pv
+                    p.grad = gv
+                flats.append(flat)
+        return flats
+
+    def _init_flat_state(self, group: Dict[str, Any], flat: _Flat) -> None:
+        """Allocate the flat state buffers; each param's state entries become views into them."""
+        keys = self._state_keys_for(group)
+        flat.state = {k: torch.zeros_like(flat.param) for k in keys}
+        flat.step = _new_step(flat.param.device)
+        flat.uniform = True
+        views = {k: flat.views(v) for k, v in flat.state.items()}
+        for i, p in enumerate(flat.params):
+            self.state[p] = {"step": flat.step, **{k: views[k][i] for k in keys}}
+
+    def _sync_grads(self, flat: _Flat) -> bool:
+        """Make every ``p.grad`` a view of the flat grad buffer; False if some grad is None."""
+        for p, gv in zip(flat.params, flat.views(flat.grad)):
+            g = p.grad
+            if g is None:
+                return False
+            if g.data_ptr() != gv.data_ptr() or g.shape != gv.shape:
+                gv.copy_(g)
+                p.grad = gv
+        return True
+
+    # ---------------------------------------------------------------- the step
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        """One update of every parameter that has a gradient; ``closure`` re-evaluates the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for gi, group in enumerate(self.param_groups):
+            done = set()
+            if self.fused:
+                for flat in self._flats[gi]:
+                    if not flat.state:
+                        self._init_flat_state(group, flat)
+                    if flat.uniform and self._sync_grads(flat):
+                        flat.step.add_(1.0)
+                        self._flat_update(group, flat, float(flat.step.item()))
+                        done.update(id(p) for p in flat.params)
+                    elif any(p.grad is None for p in flat.params):
+                        flat.uniform = False
+            for p in group["params"]:
+                if id(p) in done or p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise ValueError(f"{type(self).__name__} got a sparse gradient; expected dense gradients")
+                state = self.state[p]
+                if not state:
+                    state["step"] = _new_step()
+                    for k in self._state_keys_for(group):
+                        state[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] = state["step"] + 1.0  # out of place: fused groups may share it
+                self._tensor_update(group, p, p.grad, state, float(state["step"].item()))
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Unfused: as ``torch.optim``. Fused: zero the flat gradient buffers in place (see module doc)."""
+        if not self.fused:
+            return super().zero_grad(set_to_none)
+        flat_ids = set()
+        for flats in self._flats:
+            for flat in flats:
+                flat.grad.zero_()
+                for p, gv in zip(flat.params, flat.views(flat.grad)):
+                    p.grad = gv
+                    flat_ids.add(id(p))
+        for group in self.param_groups:
+            for p in group["params"]:
+                if id(p) in flat_ids or p.grad is None:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.detach_()
+                    p.grad.requires_grad_(False)
+                    p.grad.zero_()
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """As ``torch.optim``; fused state is copied back into the flat buffers afterwards."""
+        super().load_state_dict(state_dict)
+        if not self.fused:
+            return
+        for group, flats in zip(self.param_groups, self._flats):
+            for flat in flats:
+                loaded = [self.state.get(p, {}) for p in flat.params]
+                if not any(loaded):
+                    flat.state = {}
+                    continue
+                self._init_flat_state(group, flat)
+                steps = set()
+                with torch.no_grad():
+                    for p, old in zip(flat.params, loaded):
+                        new = self.state[p]
+                        for k in self._state_keys_for(group):
+                            if k in old and old[k] is not None:
+                                new[k].copy_(old[k])
+                        steps.add(float(old["step"]) if "step" in old else 0.0)
+                if len(steps) == 1:
+                    flat.step.fill_(steps.pop())
+                else:  # params were stepped unevenly: keep per-param counts, per-tensor path
+                    flat.uniform = False
+                    for p, old in zip(flat.params, loaded):
+                        self.state[p]["step"] = torch.tensor(float(old.get("step", 0.0)), dtype=torch.float32)
+
+
+class SGD(_CoreOptimizer):
+    """SGD with L2 weight decay and heavy-ball or Nesterov momentum (:func:`core.sgd_step`).
+
+    ``buf <- mu*buf + (g + wd*p)``; ``p <- p - lr*buf`` (Nesterov: ``p <- p - lr*(g + wd*p + mu*buf)``);
+    matches ``torch.optim.SGD`` with ``dampening=0``.
+    """
+
+    def __init__(self, params: Any, lr: float, momentum: float = 0.0, nesterov: bool = False,
+                 weight_decay: float = 0.0, fused: bool = False) -> None:
+        core.check_sgd(lr, momentum, nesterov, weight_decay)
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov,
+                                      weight_decay=weight_decay), fused)
+
+    def _check_group(self, group: Dict[str, Any]) -> None:
+        core.check_sgd(group["lr"], group["momentum"], group["nesterov"], group["weight_decay"])
+
+    def _state_keys_for(self, group: Dict[str, Any]) -> Tuple[str, ...]:
+        return ("momentum_buffer",) if group["momentum"] else ()
+
+    def _tensor_update(self, group, p, grad, state, step):
+        buf = state.get("momentum_buffer") if group["momentum"] else None
+        new_p, new_buf = core.sgd_step(torch, p, grad, buf, lr=float(group["lr"]), momentum=group["momentum"],
+                                       nesterov=group["nesterov"], weight_decay=group["weight_decay"])
+        p.copy_(new_p)
+        if buf is not None:
+            buf.copy_(new_buf)
+
+    def _flat_update(self, group, flat, step):
+        if flat.param.dtype not in _NATIVE_DTYPES:
+            return super()._flat_update(group, flat, step)
+        bufs = [flat.state["momentum_buffer"]] if group["momentum"] else []
+        torch._fused_sgd_([flat.param], [flat.grad], bufs, weight_decay=float(group["weight_decay"]),
+                          momentum=float(group["momentum"]), lr=float(group["lr"]), dampening=0.0,
+                          nesterov=bool(group["nesterov"]), maximize=False, is_first_step=False)
+
+
+class Adam(_CoreOptimizer):
+    """Adam with L2 weight decay (:func:`core.adam_step`, ``decoupled=False``); matches ``torch.optim.Adam``.
+
+    ``m <- b1*m + (1-b1)*g``, ``v <- b2*v + (1-b2)*g^2``,
+    ``p <- p - lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)``, with ``g <- g + wd*p`` first.
+    """
+
+    _state_keys = ("exp_avg", "exp_avg_sq")
+    _decoupled = False
+
+    def __init__(self, params: Any, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, fused: bool = False) -> None:
+        core.check_adam(lr, betas, eps, weight_decay)
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay), fused)
+
+    def _check_group(self, group: Dict[str, Any]) -> None:
+        core.check_adam(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+
+    def _tensor_update(self, group, p, grad, state, step):
+        beta1, beta2 = group["betas"]
+        new_p, m, v = core.adam_step(torch, p, grad, state["exp_avg"], state["exp_avg_sq"], step=step,
+                                     lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+                                     weight_decay=group["weight_decay"], decoupled=self._decoupled)
+        p.copy_(new_p)
+        state["exp_avg"].copy_(m)
+        state["exp_avg_sq"].copy_(v)
+
+    def _flat_update(self, group, flat, step):
+        if flat.param.dtype not in _NATIVE_DTYPES:
+            return super()._flat_update(group, flat, step)
+        kernel = torch._fused_adamw_ if self._decoupled else torch._fused_adam_
+        beta1, beta2 = group["betas"]
+        kernel([flat.param], [flat.grad], [flat.state["exp_avg"]], [flat.state["exp_avg_sq"]], [],
+               [flat.step], lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2),
+               weight_decay=float(group["weight_decay"]), eps=float(group["eps"]), amsgrad=False,
+               maximize=False)
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay ``p <- p*(1 - lr*wd)`` (Loshchilov & Hutter); matches ``torch.optim.AdamW``."""
+
+    _decoupled = True
+
+    def __init__(self, params: Any, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.01, fused: bool = False) -> None:
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
+
+
+class LAMB(_CoreOptimizer):
+    """LAMB (You et al., 2019): Adam direction plus ``wd*p``, scaled per tensor by ``||p||/||u||``.
+
+    See :func:`core.lamb_step`. In fused mode the direction is one pass over the flat buffers and the
+    per-tensor norms are taken over views of them.
+    """
+
+    _state_keys = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, params: Any, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-6, weight_decay: float = 0.01, fused: bool = False) -> None:
+        core.check_adam(lr, betas, eps, weight_decay)
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay), fused)
+
+    def _check_group(self, group: Dict[str, Any]) -> None:
+        core.check_adam(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+
+    def _tensor_update(self, group, p, grad, state, step):
+        beta1, beta2 = group["betas"]
+        new_p, m, v = core.lamb_step(torch, p, grad, state["exp_avg"], state["exp_avg_sq"], step=step,
+                                     lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+                                     weight_decay=group["weight_decay"])
+        p.copy_(new_p)
+        state["exp_avg"].copy_(m)
+        state["exp_avg_sq"].copy_(v)
+
+    def _flat_update(self, group, flat, step):
+        beta1, beta2 = group["betas"]
+        update, m, v = core.lamb_direction(torch, flat.param, flat.grad, flat.state["exp_avg"],
+                                           flat.state["exp_avg_sq"], step=step, beta1=beta1, beta2=beta2,
+                                           eps=group["eps"], weight_decay=group["weight_decay"])
+        flat.state["exp_avg"].copy_(m)
+        flat.state["exp_avg_sq"].copy_(v)
+        param_norms = torch.stack(torch._foreach_norm(flat.views(flat.param)))
+        update_norms = torch.stack(torch._foreach_norm(flat.views(update)))
+        ratios = core.lamb_trust_ratio(torch, param_norms, update_norms)
+        counts = torch.tensor([p.numel() for p in flat.params], device=ratios.device)
+        scale = torch.repeat_interleave(ratios * float(group["lr"]), counts)
+        flat.param.sub_(scale * update)
+
+
+class _ScheduleLR(torch.optim.lr_scheduler.LRScheduler):
+    """Sets each group's lr to ``schedule(step) * initial_lr_g / initial_lr_0`` (group 0 follows the schedule)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, schedule: LRSchedule, last_epoch: int = -1) -> None:
+        if not isinstance(schedule, LRSchedule):
+            raise ValueError(f"schedule={schedule!r} is invalid; expected an hvdllm.core.schedules.LRSchedule")
+        self.schedule = schedule
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> List[float]:
+        lr = self.schedule(max(self.last_epoch, 0))
+        ref = float(self.optimizer.param_groups[0]["initial_lr"])
+        return [lr * (float(g["initial_lr"]) / ref if ref > 0 else 1.0) for g in self.optimizer.param_groups]
+
+
+def lr_scheduler(optimizer: torch.optim.Optimizer, schedule: LRSchedule) -> torch.optim.lr_scheduler.LRScheduler:
+    """A torch LR scheduler driven by a core :class:`LRSchedule`.
+
+    Right after construction the groups hold the lr of update 0; call ``scheduler.step()`` after each
+    ``optimizer.step()`` so update ``k`` uses ``schedule(k)``. With several param groups, group 0
+    gets exactly ``schedule(k)`` and group ``g`` gets ``schedule(k) * lr_g / lr_0`` (ratios of the
+    lrs the groups had when the scheduler was created), so per-group lr multipliers survive.
+    """
+    return _ScheduleLR(optimizer, schedule)
+
+
+__all__ = ["SGD", "Adam", "AdamW", "LAMB", "lr_scheduler"]
