@@ -85,3 +85,75 @@ def clip_coefficient(total_norm: float, max_norm: float, eps: float = 1e-6) -> f
     if max_norm <= 0:
         raise ValueError(f"max_grad_norm={max_norm} must be > 0")
     return min(1.0, max_norm / (total_norm + eps))
+
+
+class LaunchTracker:
+    """When each bucket's reduction may start, as gradients become ready during backward.
+
+    A tensor is *complete* once it has been accumulated ``passes`` times (backward_passes_per_step);
+    a bucket is *ready* once all its tensors are complete. With ``ordered=True`` (backends that match
+    collectives by call order, e.g. MPI) buckets launch strictly in plan order, so a ready bucket waits
+    for its predecessors; with ``ordered=False`` (Horovod matches by name) it launches at once.
+    :meth:`remaining` hands out, in plan order, the buckets still unlaunched at step time (tensors
+    without gradients on this rank travel as zeros), so every rank launches every bucket exactly once
+    per step, in an order that is identical where it must be: nothing can hang.
+    """
+
+    def __init__(self, buckets: Sequence[Bucket], num_tensors: int, passes: int = 1, ordered: bool = True) -> None:
+        if passes < 1:
+            raise ValueError(f"backward_passes_per_step={passes} must be >= 1")
+        self.passes, self.ordered = passes, ordered
+        self.bucket_of = [-1] * num_tensors
+        for b, bucket in enumerate(buckets):
+            for i in bucket.indices:
+                self.bucket_of[i] = b
+        self.sizes = [len(b.indices) for b in buckets]
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new step: no tensor counted, no bucket launched."""
+        self.counts = [0] * len(self.bucket_of)
+        self.ready = [0] * len(self.sizes)
+        self.launched = [False] * len(self.sizes)
+        self.next = 0  # first bucket not launched (ordered mode)
+        self.active = False
+
+    def mark(self, i: int) -> tuple[bool, list[int]]:
+        """Count one accumulation of tensor ``i``; return (tensor now complete, buckets to launch now)."""
+        self.active = True
+        c = self.counts[i] = self.counts[i] + 1
+        if c > self.passes:
+            raise RuntimeError(
+                f"a gradient was accumulated {c} times before step(), but backward_passes_per_step={self.passes}; "
+                "call step() (or synchronize()) after every backward_passes_per_step backward passes")
+        if c < self.passes:
+            return False, []
+        b = self.bucket_of[i]
+        self.ready[b] += 1
+        if self.ready[b] < self.sizes[b]:
+            return True, []
+        if not self.ordered:
+            self.launched[b] = True
+            return True, [b]
+        out = []
+        while self.next < len(self.sizes) and self.ready[self.next] == self.sizes[self.next]:
+            self.launched[self.next] = True
+            out.append(self.next)
+            self.next += 1
+        return True, out
+
+    def complete(self, i: int) -> bool:
+        return self.counts[i] >= self.passes
+
+    def remaining(self) -> list[int]:
+        """Buckets not launched yet, in plan order; they count as launched from now on."""
+        out = [b for b in range(len(self.sizes)) if not self.launched[b]]
+        for b in out:
+            self.launched[b] = True
+        self.next = len(self.sizes)
+        return out
+
+    @property
+    def pending(self) -> bool:
+        """Some gradient was counted (or a bucket launched) since the last reset."""
+        return self.active or any(self.launched)

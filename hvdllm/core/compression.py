@@ -38,3 +38,19 @@ def parse_compression(value: object) -> CompressionSpec:
         if key == spec.name:
             return spec
     raise ValueError(f"unknown compression {value!r}; allowed: Compression.none, Compression.fp16, Compression.bf16")
+
+
+def effective_wire_dtype(grad_dtype: str, spec: CompressionSpec, supported: frozenset[str] | set[str] | None
+                         ) -> tuple[str, bool]:
+    """The dtype a gradient of ``grad_dtype`` really travels in on a backend, and whether it fell back.
+
+    Only floating gradients are compressed. ``supported`` lists the 16-bit wire dtypes the backend can
+    reduce (None: all); an unsupported one falls back to the gradient's own dtype (no compression),
+    reported by the second value so the adapter can warn once.
+    """
+    if spec.wire_dtype is None or grad_dtype not in ("float16", "bfloat16", "float32", "float64") \
+            or spec.wire_dtype == grad_dtype:
+        return grad_dtype, False
+    if supported is not None and spec.wire_dtype not in supported:
+        return grad_dtype, True
+    return spec.wire_dtype, False
