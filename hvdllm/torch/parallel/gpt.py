@@ -105,9 +105,8 @@ class TensorParallelGPT(nn.Module):
             head_weight = shard.weight
         self.lm_head = VocabParallelHead(head_weight, group)
         self.vocab_start = self.wte.vocab_start
-        self.shard_specs: dict[str, tuple[int, int]] = {"wte.weight": (0, 1)}
-        if not cfg.tie_embeddings:
-            self.shard_specs["lm_head.weight"] = (0, 1)
+        # name -> (split dimension, segments); absent names are replicated
+        self.shard_specs: dict[str, tuple[int, int]] = {"wte.weight": (0, 1), "lm_head.weight": (0, 1)}
         for i in range(cfg.n_layer):
             p = f"h.{i}."
             self.shard_specs.update({
