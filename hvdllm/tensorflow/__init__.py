@@ -31,3 +31,7 @@ __all__ = sorted(_front.exports()) + [
     "grouped_allreduce", "Average", "Sum", "ReduceOp", "Compression", "ProcessSet",
     "DistributedGradientTape", "DistributedOptimizer", "broadcast_variables", "callbacks",
 ]
+
+from hvdllm.tensorflow import optim  # noqa: E402  (hvd.optim.SGD/Adam/AdamW/LAMB, Schedule)
+
+__all__ += ["optim"]

@@ -42,3 +42,7 @@ from hvdllm.torch.broadcast import broadcast_optimizer_state, broadcast_paramete
 from hvdllm.torch.distributed import DistributedOptimizer  # noqa: E402
 
 __all__ += ["DistributedOptimizer", "broadcast_parameters", "broadcast_optimizer_state"]
+
+from hvdllm.torch import optim  # noqa: E402  (hvd.optim.SGD/Adam/AdamW/LAMB, lr_scheduler)
+
+__all__ += ["optim"]
