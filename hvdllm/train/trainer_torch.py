@@ -74,6 +74,12 @@ class StepRunner:
     forward_backward: Callable[[list[Batch]], torch.Tensor]
     eval_loss_sum: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, int]]
     generate: Callable[..., torch.Tensor]
+    # Model-parallel layouts (hvdllm.torch.parallel.train): a collective returning the unsplit GPT
+    # (checkpoints, sampling), a hook adjusting the DistributedOptimizer (global-norm clipping), and the
+    # data-parallel process set the gradients are averaged over (None: the whole world).
+    full_model: Callable[[], torch.nn.Module] | None = None
+    prepare_optimizer: Callable[[Any], Any] | None = None
+    dp_group: Any = None
 
 
 def data_parallel_runner(gpt: GPTConfig, precision: Precision, device: torch.device) -> StepRunner:
@@ -110,12 +116,13 @@ def build_runner(s: RunSetup, precision: Precision, device: torch.device) -> Ste
 
 def model_parallel_runner(s: RunSetup, precision: Precision, device: torch.device) -> StepRunner:
     """Tensor/pipeline-parallel training: built on hvdllm.torch.parallel (issue 7)."""
-    raise ConfigError(f"--tp {s.cfg.parallel.tp} --pp {s.cfg.parallel.pp}: model parallelism in "
-                      "`hvdllm train` is not supported yet; use --tp 1 --pp 1")
+    from hvdllm.torch.parallel.train import model_parallel_runner as build
+
+    return build(s, precision, device)
 
 
 # -- optimizer ------------------------------------------------------------------------------------------
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, accum: int) -> Any:
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, accum: int, runner: StepRunner | None = None) -> Any:
     """AdamW (the core's math) with weight decay on matrices only, wrapped for data parallelism."""
     from hvdllm.torch.optim import AdamW
 
@@ -129,6 +136,12 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, accum: int) -> Any:
                   weight_decay=cfg.optim.weight_decay, fused=cfg.optim.fused)
     compression = {"none": hvd.Compression.none, "fp16": hvd.Compression.fp16,
                    "bf16": hvd.Compression.bf16}[cfg.run.compression]
+    if runner is not None and runner.prepare_optimizer is not None:   # model parallel: clipping by the runner
+        opt = hvd.DistributedOptimizer(inner, named_parameters=model.named_parameters(), compression=compression,
+                                       backward_passes_per_step=accum, op=hvd.Average,
+                                       bucket_cap_mb=cfg.run.bucket_cap_mb, max_grad_norm=None,
+                                       process_set=runner.dp_group if runner.dp_group is not None else hvd.WORLD)
+        return runner.prepare_optimizer(opt)
     return hvd.DistributedOptimizer(inner, named_parameters=model.named_parameters(), compression=compression,
                                     backward_passes_per_step=accum, op=hvd.Average,
                                     bucket_cap_mb=cfg.run.bucket_cap_mb, max_grad_norm=cfg.optim.max_grad_norm)
@@ -181,6 +194,7 @@ def save(s: RunSetup, runner: StepRunner, optimizer: Any, step: int, device: tor
          losses: "LossLog") -> Path | None:
     """Write a checkpoint of ``step`` (a collective: every rank contributes its RNG state; rank 0 writes)."""
     pending = losses.pending()
+    weights = model_arrays(runner.full_model()) if runner.full_model is not None else None   # (a collective)
     rng = torch.get_rng_state()
     all_rng = hvd.allgather(rng.unsqueeze(0)) if s.size > 1 else rng.unsqueeze(0)
     cuda_rng = None
@@ -209,7 +223,9 @@ def save(s: RunSetup, runner: StepRunner, optimizer: Any, step: int, device: tor
         "world_size": s.size,
     }
     tok = (s.run_dir / TOKENIZER_FILE).read_bytes()
-    return ckpt.write_checkpoint(s.run_dir, step, {"model": model_arrays(runner.model), "optimizer": opt_arrays,
+    if weights is None:
+        weights = model_arrays(runner.model)
+    return ckpt.write_checkpoint(s.run_dir, step, {"model": weights, "optimizer": opt_arrays,
                                                    "rng": rng_arrays}, meta, extra_files={TOKENIZER_FILE: tok},
                                  keep=s.cfg.run.keep_checkpoints)
 
@@ -303,7 +319,9 @@ def sample_text(runner: StepRunner, tokenizer: Any, prompt: str, tokens: int, te
 
 def train(cfg: TrainConfig) -> int:
     """Run (or resume) training as configured; returns the exit status (0). ConfigError -> the CLI's 2."""
-    hvd.init()
+    from hvdllm.torch.parallel.train import grid_process_sets
+
+    hvd.init(process_sets=grid_process_sets(cfg.parallel.tp, cfg.parallel.pp))
     rank, size = hvd.rank(), hvd.size()
     threads = cfg.run.threads or hvd.threads_per_rank()
     torch.set_num_threads(threads)
@@ -314,7 +332,7 @@ def train(cfg: TrainConfig) -> int:
     precision = make_precision(cfg.run.precision, device)
     torch.manual_seed(cfg.run.seed)                      # identical initial weights on every rank ...
     runner = build_runner(s, precision, device)
-    optimizer = make_optimizer(runner.model, cfg, s.plan.accum)
+    optimizer = make_optimizer(runner.model, cfg, s.plan.accum, runner)
     if precision.scaler is not None and not (hasattr(optimizer, "synchronize") and hasattr(optimizer, "skip_synchronize")):
         raise ConfigError("run.precision=fp16 needs DistributedOptimizer.synchronize/skip_synchronize; use bf16")
     schedule = make_schedule(cfg)
@@ -325,8 +343,13 @@ def train(cfg: TrainConfig) -> int:
     if s.resume_from is not None:
         restore(s, runner, optimizer, precision, device, losses)
     else:
-        hvd.broadcast_parameters(runner.model.state_dict(), root_rank=0)   # ... and, to be sure, rank 0's
-        hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+        if runner.dp_group is None:
+            hvd.broadcast_parameters(runner.model.state_dict(), root_rank=0)   # ... and, to be sure, rank 0's
+            hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+        elif len(runner.dp_group.members(size)) > 1:   # model parallel: each shard from its dp group's first rank
+            root = runner.dp_group.members(size)[0]
+            hvd.broadcast_parameters(runner.model.state_dict(), root_rank=root, process_set=runner.dp_group)
+            hvd.broadcast_optimizer_state(optimizer, root_rank=root, process_set=runner.dp_group)
         torch.manual_seed(cfg.run.seed + 1 + rank)       # dropout differs per rank, reproducibly
     if size > 1:
         hvd.barrier()
@@ -400,10 +423,14 @@ def train(cfg: TrainConfig) -> int:
         progress.close()
 
     metrics.close()
+    sampler = runner
+    if runner.full_model is not None:                    # model parallel: sample from the gathered model
+        full = runner.full_model()
+        sampler = dataclasses.replace(runner, model=full, generate=full.generate)
     if s.is_root:
         plot_loss(s.run_dir)
         sp = cfg.sample
-        text = sample_text(runner, s.tokenizer, sp.prompt, sp.tokens, sp.temperature, sp.top_k, sp.seed, device)
+        text = sample_text(sampler, s.tokenizer, sp.prompt, sp.tokens, sp.temperature, sp.top_k, sp.seed, device)
         write_sample(s.run_dir, sp.prompt, text)
         say(f"done: {step} steps in {tput.elapsed():.0f} s; run directory {s.run_dir}")
     if size > 1:

@@ -94,9 +94,11 @@ class TensorParallelGPT(nn.Module):
         super().__init__()
         cfg = model.config
         self.config, self.group = cfg, group
+        # registration order = GPT's (wte, wpe, drop, h, ln_f, lm_head), so parameter order matches too
         self.wte = VocabParallelEmbedding.from_embedding(model.wte, group)
-        self.wpe, self.drop, self.ln_f = model.wpe, model.drop, model.ln_f
+        self.wpe, self.drop = model.wpe, model.drop
         self.h = nn.ModuleList(TPBlock(b, group) for b in model.h)
+        self.ln_f = model.ln_f
         if cfg.tie_embeddings:
             head_weight = self.wte.weight
         else:

@@ -1,0 +1,139 @@
+"""`hvdllm train --tp N`: the tensor-parallel step runner the PyTorch trainer plugs in.
+
+The trainer stays data-parallel in shape: this module gives it (1) the process sets of the
+dp x tp grid to register at ``hvd.init``, (2) a :class:`StepRunner` whose model is this rank's
+tensor-parallel shard of the same seeded GPT the one-process run builds, (3) the data-parallel group
+for the DistributedOptimizer, and (4) gradient clipping on the *global* norm (sharded weights summed
+over the tensor-parallel group, replicated ones counted once), so the update equals the unsplit one.
+Checkpoints and the final sample use the gathered, unsplit model.
+"""
+from __future__ import annotations
+
+import math
+import os
+import types
+from typing import Any
+
+import torch
+
+import hvdllm.torch as hvd
+from hvdllm.core.buckets import clip_coefficient
+from hvdllm.core.grid import Group, ProcessGrid
+from hvdllm.core.ops import Sum
+from hvdllm.core.process_sets import ProcessSet
+from hvdllm.models.gpt import GPT
+from hvdllm.torch.parallel.gpt import TensorParallelGPT, parallelize_gpt
+from hvdllm.torch.parallel.tensor import vocab_parallel_cross_entropy
+
+_SIZE_VARS = ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
+
+
+def launched_world_size() -> int:
+    """The number of ranks the launcher started (1 for a plain ``python``), read before ``init``."""
+    for var in _SIZE_VARS:
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 1
+
+
+def grid_process_sets(tp: int, pp: int, world_size: int | None = None) -> list[ProcessSet]:
+    """The process sets ``hvd.init`` must register for a tp x pp job ([] when the grid does not fit;
+    the trainer's validation then reports that as bad input)."""
+    n = launched_world_size() if world_size is None else world_size
+    if tp < 1 or pp < 1 or n % (tp * pp) or (tp == 1 and pp == 1):
+        return []
+    grid = ProcessGrid.infer(n, tp=tp, pp=pp)
+    sets = grid.process_sets()
+    if grid.dp == 1:        # one-rank data-parallel groups: the DistributedOptimizer still gets a set
+        sets += [ProcessSet([r]) for r in range(n)]
+    return sets
+
+
+def global_grad_norm(model: TensorParallelGPT, group: Group) -> float:
+    """L2 norm of the unsplit model's gradient: shards' squares summed over the group, replicas once."""
+    sharded = torch.zeros((), dtype=torch.float64)
+    replicated = torch.zeros((), dtype=torch.float64)
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        sq = p.grad.detach().double().pow(2).sum().cpu()
+        if name in model.shard_specs:
+            sharded += sq
+        else:
+            replicated += sq
+    if group.size > 1:
+        sharded = hvd.collectives().allreduce(sharded, Sum, group.process_set)
+    return math.sqrt(float(sharded + replicated))
+
+
+def add_tensor_parallel_clipping(optimizer: Any, model: TensorParallelGPT, group: Group,
+                                 max_grad_norm: float | None) -> Any:
+    """Make ``optimizer.synchronize()`` (which ``step()`` calls) clip on the global norm after the
+    data-parallel average; ``optimizer.grad_norm`` then holds that norm. The DistributedOptimizer must
+    be built with ``max_grad_norm=None`` (its own norm would be this shard's)."""
+    reduce_and_average = optimizer.synchronize
+
+    def synchronize(self: Any) -> None:
+        reduce_and_average()
+        norm = global_grad_norm(model, group)
+        self.grad_norm = norm
+        if max_grad_norm is not None:
+            coef = clip_coefficient(norm, max_grad_norm)
+            if coef != 1.0:
+                for p in model.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(coef)
+
+    optimizer.synchronize = types.MethodType(synchronize, optimizer)
+    return optimizer
+
+
+def model_parallel_runner(s: Any, precision: Any, device: torch.device) -> Any:
+    """The StepRunner for ``--tp N`` (``--pp 1``): see the module docstring."""
+    from hvdllm.train.config import ConfigError
+    from hvdllm.train.trainer_torch import StepRunner
+
+    tp, pp = s.cfg.parallel.tp, s.cfg.parallel.pp
+    if pp > 1:
+        raise ConfigError(f"--pp {pp}: pipeline parallelism in `hvdllm train` is not supported yet "
+                          "(use hvdllm.torch.parallel.PipelineRuntime from Python); allowed: --pp 1")
+    if s.gpt.n_head % tp or s.gpt.vocab_size % tp:
+        raise ConfigError(f"--tp {tp}: model.n_head={s.gpt.n_head} and model.vocab_size={s.gpt.vocab_size} "
+                          f"must both be divisible by it")
+    if s.resume_from is not None:
+        raise ConfigError(f"--resume with --tp {tp}: resuming a tensor-parallel run is not supported yet")
+    grid = s.grid
+    group = grid.group("tp", s.rank)
+    model = parallelize_gpt(GPT(s.gpt), group).to(device)
+
+    def forward_backward(micro: list) -> torch.Tensor:
+        total = torch.zeros((), device=device)
+        for x, y in micro:
+            with precision.autocast():
+                _, loss = model(x, y, gather_logits=False)
+            precision.scale(loss / len(micro)).backward()
+            total += loss.detach().float()
+        return total / len(micro)
+
+    @torch.no_grad()
+    def eval_loss_sum(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
+        with precision.autocast():
+            local, _ = model(x, gather_logits=False)
+        per_tok = vocab_parallel_cross_entropy(local, y, group, model.vocab_start, reduction="none")
+        return per_tok.mean(dim=1).sum(), int(y.shape[0])
+
+    def full_model() -> GPT:
+        """The unsplit GPT with the current weights, on every rank (a collective over the group)."""
+        plain = GPT(s.gpt)
+        plain.load_state_dict(model.full_state_dict())
+        return plain.to(device)
+
+    def generate(*args: Any, **kwargs: Any) -> torch.Tensor:
+        raise RuntimeError("sample from runner.full_model(): the tensor-parallel model generates collectively")
+
+    def prepare_optimizer(optimizer: Any) -> Any:
+        return add_tensor_parallel_clipping(optimizer, model, group, s.cfg.optim.max_grad_norm)
+
+    return StepRunner(model=model, forward_backward=forward_backward, eval_loss_sum=eval_loss_sum,
+                      generate=generate, full_model=full_model, prepare_optimizer=prepare_optimizer,
+                      dp_group=grid.dp_group(s.rank))
