@@ -142,9 +142,11 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, accum: int, runner:
                                        bucket_cap_mb=cfg.run.bucket_cap_mb, max_grad_norm=None,
                                        process_set=runner.dp_group if runner.dp_group is not None else hvd.WORLD)
         return runner.prepare_optimizer(opt)
+    # fp16: the reduced gradients are still loss-scaled, so the loop clips after unscaling instead.
+    clip = None if cfg.run.precision == "fp16" else cfg.optim.max_grad_norm
     return hvd.DistributedOptimizer(inner, named_parameters=model.named_parameters(), compression=compression,
                                     backward_passes_per_step=accum, op=hvd.Average,
-                                    bucket_cap_mb=cfg.run.bucket_cap_mb, max_grad_norm=cfg.optim.max_grad_norm)
+                                    bucket_cap_mb=cfg.run.bucket_cap_mb, max_grad_norm=clip)
 
 
 def make_schedule(cfg: TrainConfig) -> Callable[[int], float]:
@@ -382,6 +384,9 @@ def train(cfg: TrainConfig) -> int:
             if precision.scaler is not None:
                 optimizer.synchronize()                  # averaged (still scaled) gradients, equal on every rank
                 precision.scaler.unscale_(optimizer)     # so every rank finds the same inf/nan and skips alike
+                if cfg.optim.max_grad_norm is not None:
+                    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+                    optimizer.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm))
                 with optimizer.skip_synchronize():
                     precision.scaler.step(optimizer)
                 precision.scaler.update()

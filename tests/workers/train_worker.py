@@ -1,0 +1,17 @@
+"""Run `hvdllm train ARGS...` on this rank (as `horovodrun ... hvdllm train` would) and report the exit status."""
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+from tests.workers.common import report  # noqa: E402
+
+from hvdllm.cli import main  # noqa: E402
+
+code = main(sys.argv[1:])
+import hvdllm.torch as hvd  # noqa: E402
+
+report(hvd.rank() if hvd.is_initialized() else 0,
+       {"code": code, "rank": hvd.rank(), "size": hvd.size(), "backend": hvd.backend()})
+sys.exit(code)
