@@ -38,6 +38,22 @@ def _in_xla_context() -> bool:
     return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
 
 
+_GRAPH_OPS = [0]
+
+
+def _op_name(kind: str) -> str | None:
+    """A rank-independent key for a collective built in a graph (None when eager, where order keys it).
+
+    Horovod keys graph ops by name; its default (the tensors' names) includes Keras's auto-numbered
+    model/optimizer scopes, which differ across ranks as soon as one rank builds an extra model. Ranks
+    build the same collectives in the same order, so a per-process counter names them identically.
+    """
+    if tf.executing_eagerly():
+        return None
+    _GRAPH_OPS[0] += 1
+    return f"hvdllm_{kind}_{_GRAPH_OPS[0]}"
+
+
 def _dense(g: Any) -> tf.Tensor:
     """IndexedSlices (embedding gradients) become dense tensors: one fused reduction for all gradients."""
     return tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g
@@ -66,7 +82,7 @@ def reduce_gradients(grads: Sequence[Any], config: ReductionConfig) -> list[Any]
             members = [dense[j] for j in bucket.indices]
             wire = tf.as_dtype(wire_dtype(bucket.dtype, config.compression))
             sent = [tf.cast(g, wire) if g.dtype != wire else g for g in members]
-            reduced = rt.grouped_allreduce(sent, config.op, config.process_set)
+            reduced = rt.grouped_allreduce(sent, config.op, config.process_set, name=_op_name("grads"))
             for j, g, r in zip(bucket.indices, members, reduced):
                 out[idx[j]] = tf.cast(r, g.dtype) if r.dtype != g.dtype else r
     if config.max_grad_norm is not None and idx:
@@ -271,7 +287,7 @@ def broadcast_variables(variables: Iterable[Any], root_rank: int = 0, process_se
         by_dtype.setdefault(x.dtype.name, []).append(i)
     for idx in by_dtype.values():
         flat = tf.concat([tf.reshape(values[i], [-1]) for i in idx], axis=0)
-        got = rt.broadcast(flat, root_rank, process_set)
+        got = rt.broadcast(flat, root_rank, process_set, name=_op_name("bcast"))
         sizes = [int(values[i].shape.num_elements()) for i in idx]
         for i, part in zip(idx, tf.split(got, sizes)):
             variables[i].assign(tf.reshape(part, values[i].shape))

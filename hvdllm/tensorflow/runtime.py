@@ -48,22 +48,32 @@ class HorovodTF:
     def _op(self, op: ReduceOp) -> Any:
         return self.hvd.Average if parse_op(op) is Average else self.hvd.Sum
 
-    def allreduce(self, x: tf.Tensor, op: ReduceOp = Average, process_set: ProcessSet = WORLD) -> tf.Tensor:
-        return self.grouped_allreduce([x], op, process_set)[0]
+    def allreduce(self, x: tf.Tensor, op: ReduceOp = Average, process_set: ProcessSet = WORLD,
+                  name: str | None = None) -> tf.Tensor:
+        return self.grouped_allreduce([x], op, process_set, name=name)[0]
 
     def grouped_allreduce(self, xs: Sequence[tf.Tensor], op: ReduceOp = Average,
-                          process_set: ProcessSet = WORLD) -> list[tf.Tensor]:
-        """Horovod's TF ops have no bf16: such tensors travel as fp32."""
+                          process_set: ProcessSet = WORLD, name: str | None = None) -> list[tf.Tensor]:
+        """Horovod's TF ops have no bf16: such tensors travel as fp32.
+
+        ``name`` (graph mode) keys the op across ranks regardless of name scopes; without it Horovod
+        derives the key from the tensors' names, which differ across ranks when, e.g., Keras numbered
+        the models or optimizers differently on each rank.
+        """
         xs = [tf.convert_to_tensor(x) for x in xs]
         wire = [tf.cast(x, tf.float32) if x.dtype == tf.bfloat16 else x for x in xs]
+        named = {"name": name, "ignore_name_scope": True} if name else {}
         if len(wire) == 1:
-            out = [self.hvd.allreduce(wire[0], op=self._op(op), process_set=self._ps(process_set))]
+            out = [self.hvd.allreduce(wire[0], op=self._op(op), process_set=self._ps(process_set), **named)]
         else:
-            out = list(self.hvd.grouped_allreduce(wire, op=self._op(op), process_set=self._ps(process_set)))
+            out = list(self.hvd.grouped_allreduce(wire, op=self._op(op), process_set=self._ps(process_set),
+                                                  **named))
         return [tf.cast(o, x.dtype) if o.dtype != x.dtype else o for o, x in zip(out, xs)]
 
-    def broadcast(self, x: tf.Tensor, root_rank: int, process_set: ProcessSet = WORLD) -> tf.Tensor:
-        return self.hvd.broadcast(tf.convert_to_tensor(x), root_rank, process_set=self._ps(process_set))
+    def broadcast(self, x: tf.Tensor, root_rank: int, process_set: ProcessSet = WORLD,
+                  name: str | None = None) -> tf.Tensor:
+        named = {"name": name, "ignore_name_scope": True} if name else {}
+        return self.hvd.broadcast(tf.convert_to_tensor(x), root_rank, process_set=self._ps(process_set), **named)
 
     def allgather(self, x: tf.Tensor, process_set: ProcessSet = WORLD) -> tf.Tensor:
         x = tf.convert_to_tensor(x)
@@ -110,12 +120,14 @@ class NumpyTF:
             out.set_shape(x.shape if out_shape is None else out_shape)
         return tf.cast(out, dtype) if dtype == tf.bfloat16 else out
 
-    def allreduce(self, x: tf.Tensor, op: ReduceOp = Average, process_set: ProcessSet = WORLD) -> tf.Tensor:
+    def allreduce(self, x: tf.Tensor, op: ReduceOp = Average, process_set: ProcessSet = WORLD,
+                  name: str | None = None) -> tf.Tensor:
+        """``name`` is accepted for API parity with Horovod; MPI matches collectives by order."""
         op = parse_op(op)
         return self._call(lambda a: self.impl.allreduce(a, op, process_set), x)
 
     def grouped_allreduce(self, xs: Sequence[tf.Tensor], op: ReduceOp = Average,
-                          process_set: ProcessSet = WORLD) -> list[tf.Tensor]:
+                          process_set: ProcessSet = WORLD, name: str | None = None) -> list[tf.Tensor]:
         """One reduction over the tensors packed into a flat buffer per dtype."""
         xs = [tf.convert_to_tensor(x) for x in xs]
         out: list[Any] = [None] * len(xs)
@@ -130,7 +142,8 @@ class NumpyTF:
                 out[i] = tf.reshape(part, tf.shape(xs[i]))
         return out
 
-    def broadcast(self, x: tf.Tensor, root_rank: int, process_set: ProcessSet = WORLD) -> tf.Tensor:
+    def broadcast(self, x: tf.Tensor, root_rank: int, process_set: ProcessSet = WORLD,
+                  name: str | None = None) -> tf.Tensor:
         return self._call(lambda a: self.impl.broadcast(a, root_rank, process_set), x)
 
     def allgather(self, x: tf.Tensor, process_set: ProcessSet = WORLD) -> tf.Tensor:
