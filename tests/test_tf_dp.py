@@ -1,0 +1,145 @@
+"""TF/Keras 3 data parallelism on real ranks (Gloo, Horovod-MPI, mpirun + mpi4py) and on one process.
+
+The worker (tests/workers/tf_dp_worker.py) runs every case in one launch: np=2 ``model.fit`` with
+different data per rank must end with bitwise-identical weights on the ranks, equal (about 1e-6) to a
+single-process ``model.fit`` on the concatenated batches, which rank 0 computes itself.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from hvdllm.core.buckets import clip_coefficient
+from hvdllm.core.compression import Compression
+from hvdllm.core.gradients import (ReductionConfig, clip_coefficient_of, gradual_warmup_lr, is_reduction_pass,
+                                   wire_dtype)
+from hvdllm.core.ops import Average, Sum
+from tests.multirank import run_ranks
+
+EXACT = ("fit_sgd", "fit_momentum", "fit_adam", "fit_accum_sum", "fit_accum_mean", "fit_hvdllm_adam",
+         "loop_tape_eager", "loop_tape_function", "loop_optimizer", "loop_optimizer_accum",
+         "broadcast_callback", "jit_callback")
+TOL = {"fit_clip": 1e-5, "fit_fp16": 2e-3, "fit_bf16": 2e-2}
+# Gloo runs every case. mpirun (mpi4py: collectives enter graphs as numpy_functions) runs the graph and
+# eager paths again; horovod-mpi has Gloo's ops with another controller, so a few cases suffice there.
+MPIRUN_CASES = ("fit_adam,fit_accum_sum,fit_clip,fit_fp16,loop_tape_eager,loop_tape_function,"
+                "loop_optimizer_accum,tape_sum,broadcast_callback,broadcast_variables,metric_average,jit")
+HOROVOD_MPI_CASES = "fit_adam,fit_accum_sum,loop_tape_eager,tape_sum,broadcast_variables,metric_average"
+LOCAL_CASES = "fit_adam,fit_accum_sum,fit_fp16,loop_tape_function,loop_optimizer_accum,warmup,jit,errors"
+
+
+def check_reports(reports: list[dict], n: int) -> None:
+    """Everything the worker reports, for ``n`` ranks."""
+    rank0 = reports[0]
+    for key in rank0:
+        if key.endswith("_w"):
+            for rep in reports[1:]:
+                assert rep[key] == rank0[key], f"{key}: ranks ended with different weights"
+    for case in EXACT:
+        if f"{case}_w" in rank0:
+            assert rank0[f"{case}_diff"] < 2e-6, (case, rank0[f"{case}_diff"])
+    for case, tol in TOL.items():
+        if f"{case}_w" in rank0:
+            assert rank0[f"{case}_diff"] < tol, (case, rank0[f"{case}_diff"])
+    if "fit_accum_sum_iterations" in rank0:
+        assert rank0["fit_accum_sum_iterations"] == 2  # 4 passes, k=2: the optimizer stepped twice
+    if "tape_sum" in rank0:
+        for rep in reports:
+            assert rep["tape_sum"] == {"a": [float(sum(2 * (1 + q) for q in range(n))), 4.0 * n], "b": 2.0 * n}
+    if "bcast_eager" in rank0:
+        for rep in reports:
+            assert rep["bcast_eager"] == [[float(n - 1)] * 3, [n - 1, n], [[10.0 + n - 1] * 2] * 2]
+        assert rank0["bcast_function_diff"] == 0.0
+    if "metric_avg" in rank0:
+        for rep in reports:
+            assert sorted(rep["metric_avg"]) == ["loss", "mae", "val_loss", "val_mae"]
+            for key, per_epoch in rep["metric_avg"].items():
+                for epoch, value in enumerate(per_epoch):
+                    raws = [other["metric_raw"][epoch][key] for other in reports]
+                    assert value == pytest.approx(float(np.mean(raws)), rel=1e-6), (key, epoch)
+        if n > 1:  # the ranks saw different data: averaging changed something
+            assert reports[0]["metric_raw"][0]["loss"] != reports[1]["metric_raw"][0]["loss"]
+    if "warmup_lrs" in rank0:
+        steps = rank0["warmup_steps"]
+        want = [0.2 / n * ((e + (b + 1) / steps) * (n - 1) / 2 + 1) if e < 2 else 0.2
+                for e in range(3) for b in range(steps)]
+        for rep in reports:
+            assert rep["warmup_lrs"] == pytest.approx(want, rel=1e-6)
+            assert rep["warmup_logged_lr"] == pytest.approx([want[steps - 1], want[2 * steps - 1], 0.2], rel=1e-6)
+            assert rep["warmup_lrs"][steps - 1] == pytest.approx(0.2 / n * ((n - 1) / 2 + 1), rel=1e-6)
+    if "jit_error" in rank0:
+        for rep in reports:
+            if n > 1:
+                assert rep["jit_error"] and "jit_compile=False" in rep["jit_error"], rep["jit_error"]
+            else:  # one process: nothing to reduce, XLA is fine
+                assert rep["jit_error"] is None
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("launcher,backend,cases", [
+    ("gloo", "horovod", ""),
+    ("horovod-mpi", "horovod", HOROVOD_MPI_CASES),
+    ("mpirun", "mpi", MPIRUN_CASES),
+])
+def test_keras_data_parallel_two_ranks(launcher: str, backend: str, cases: str) -> None:
+    reports = run_ranks("tf_dp_worker.py", np=2, launcher=launcher, args=[cases], timeout=560)
+    for r, rep in enumerate(reports):
+        assert (rep["rank"], rep["size"], rep["backend"]) == (r, 2, backend)
+    check_reports(reports, 2)
+    if not cases:
+        assert "fit_hvdllm_adam_w" in reports[0] or "fit_hvdllm_adam_missing" in reports[0]
+
+
+@pytest.mark.timeout(400)
+def test_keras_one_process_local_backend() -> None:
+    (rep,) = run_ranks("tf_dp_worker.py", np=1, launcher="python", args=[LOCAL_CASES], timeout=360)
+    assert (rep["rank"], rep["size"], rep["backend"]) == (0, 1, "local")
+    check_reports([rep], 1)
+    errors = rep["errors"]
+    assert all(isinstance(msg, str) and "\n" not in msg for msg in errors.values()), errors
+    assert "backward_passes_per_step=0" in errors["passes"]
+    assert "max_grad_norm=-1.0" in errors["clip"]
+    assert "int4" in errors["compression"] and "'max'" in errors["op"]
+    assert "already distributed" in errors["twice"]
+    assert "gradient_accumulation_steps=2" in errors["keras_accumulation"]
+    assert rep["wrapped"] == {"isinstance": True, "class": "Adam", "config_class": "Adam"}
+
+
+# --- the core's rules, without TensorFlow -----------------------------------------------------------
+
+def test_reduction_config_parses_and_validates() -> None:
+    cfg = ReductionConfig.create(op="sum", compression="fp16", backward_passes_per_step=4,
+                                 average_aggregated_gradients=True, max_grad_norm=1, bucket_cap_mb=1)
+    assert (cfg.op, cfg.compression, cfg.max_grad_norm, cfg.bucket_cap_bytes) == (Sum, Compression.fp16, 1.0, 2**20)
+    assert cfg.local_scale == 0.25
+    assert ReductionConfig.create().op is Average and ReductionConfig.create(backward_passes_per_step=4).local_scale == 1
+    for kwargs, text in [({"backward_passes_per_step": 0}, "backward_passes_per_step=0"),
+                         ({"backward_passes_per_step": 1.5}, "backward_passes_per_step=1.5"),
+                         ({"max_grad_norm": 0.0}, "max_grad_norm=0.0"),
+                         ({"max_grad_norm": math.inf}, "max_grad_norm=inf"),
+                         ({"bucket_cap_mb": -1}, "bucket_cap_mb=-1"),
+                         ({"op": "max"}, "'max'"), ({"compression": "zip"}, "'zip'")]:
+        with pytest.raises(ValueError, match=text.replace(".", r"\.")):
+            ReductionConfig.create(**kwargs)
+
+
+def test_accumulation_compression_clip_warmup_rules() -> None:
+    assert [is_reduction_pass(p, 3) for p in range(1, 7)] == [False, False, True, False, False, True]
+    assert wire_dtype("float32", Compression.fp16) == "float16"
+    assert wire_dtype("float32", Compression.bf16) == "bfloat16"
+    assert wire_dtype("int64", Compression.fp16) == "int64"
+    assert wire_dtype("float32", Compression.none) == "float32"
+    for norm in (0.0, 0.5, 1.0, 3.0, 1e6):
+        assert clip_coefficient_of(np.float64(norm), 1.0, np.maximum) == pytest.approx(clip_coefficient(norm, 1.0))
+    with pytest.raises(ValueError, match="max_grad_norm=0"):
+        clip_coefficient_of(1.0, 0, np.maximum)
+    # 2 ranks, 2 warmup epochs of 4 steps: lr/2 -> lr linearly, exactly lr at the end of the warmup
+    lrs = [gradual_warmup_lr(0.2, 2, 2, e, b, 4) for e in range(3) for b in range(4)]
+    assert lrs[0] == pytest.approx(0.1 * (1 + 0.25 / 2))
+    assert lrs[7] == pytest.approx(0.2) and lrs[8:] == [0.2] * 4
+    assert all(a < b for a, b in zip(lrs[:7], lrs[1:8]))
+    assert gradual_warmup_lr(0.2, 1, 2, 0, 0, 4) == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="warmup_epochs=0"):
+        gradual_warmup_lr(0.2, 2, 0, 0, 0, 4)
