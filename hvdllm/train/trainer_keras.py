@@ -1,0 +1,404 @@
+"""`hvdllm train --framework tensorflow`: the GPT training loop on Keras 3 (TensorFlow backend) + hvdllm.tensorflow.
+
+The same run as the torch trainer (hvdllm.train.trainer_torch), step for step: the learning rate of the
+step from the core's schedule; this rank's micro-batches of the step (its slice of the global batch,
+hvdllm.data); per micro-batch one compiled ``tf.function`` computes the loss and its gradients and hands
+them to ``hvd.DistributedOptimizer(AdamW, backward_passes_per_step=accum, average_aggregated_gradients=True,
+max_grad_norm=...)``, which sums the ``accum`` local gradient sets, averages them over the data-parallel
+ranks, clips the global norm and applies AdamW (hvdllm.tensorflow.optim: the core's math) once per step.
+So the update is the gradient of the mean loss over the whole global batch, whatever the number of ranks.
+
+Checkpoints use the shared format (hvdllm.train.checkpoint) with the weights under PyTorch's parameter
+names and layouts (hvdllm.models.gpt_keras.torch_state_dict), so a Keras checkpoint also loads into the
+PyTorch GPT. Precision: fp32, or bf16 through Keras's ``mixed_bfloat16`` policy (float32 variables);
+fp16 loss scaling is left to the torch trainer.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import tensorflow as tf
+
+import keras
+
+import hvdllm.tensorflow as hvd
+from hvdllm.data.tokenizer import TOKENIZER_FILE
+from hvdllm.models.gpt_keras import GPT, GPTConfig, cross_entropy, load_torch_state_dict, torch_state_dict
+from hvdllm.train import checkpoint as ckpt
+from hvdllm.train.common import (Progress, RunSetup, Throughput, create_run_dir, peak_flops, say, setup_run,
+                                 should_checkpoint, should_eval, should_log, write_sample)
+from hvdllm.train.config import ConfigError, TrainConfig
+from hvdllm.train.metrics import MetricsLogger, plot_loss
+
+POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16"}
+_SEED_STRIDE = 1_000_003      # per-rank offset of the dropout seed generators (rank 0 keeps the model's)
+
+
+# -- device, threads, precision --------------------------------------------------------------------------
+def configure_runtime(cfg: TrainConfig, threads: int) -> str | None:
+    """Threads per rank, the GPU of this rank (visible devices) and the precision policy.
+
+    Returns the GPU's name, or None on CPU. Call before TensorFlow runs its first op (thread settings
+    are fixed then; a later call keeps TF's settings).
+    """
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, threads)))
+    except RuntimeError:
+        pass
+    gpus = tf.config.list_physical_devices("GPU")
+    name = None
+    if cfg.run.device == "cuda" and not gpus:
+        raise ConfigError("run.device=cuda but TensorFlow sees no GPU; use run.device=cpu or auto")
+    if cfg.run.device == "cpu":
+        try:
+            tf.config.set_visible_devices([], "GPU")
+        except RuntimeError:
+            pass
+    elif gpus:
+        gpu = gpus[hvd.local_rank() % len(gpus)]
+        try:
+            tf.config.set_visible_devices(gpu, "GPU")
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:
+            pass
+        name = tf.config.experimental.get_device_details(gpu).get("device_name", "GPU")
+    if cfg.run.precision not in POLICIES:
+        raise ConfigError(f"run.precision={cfg.run.precision} is not supported with --framework tensorflow; "
+                          f"allowed: {', '.join(POLICIES)}")
+    keras.mixed_precision.set_global_policy(POLICIES[cfg.run.precision])
+    return name
+
+
+# -- optimizer ---------------------------------------------------------------------------------------------
+def make_optimizer(model: GPT, cfg: TrainConfig, accum: int) -> Any:
+    """AdamW (the core's math) with weight decay on matrices only, made data-parallel and built.
+
+    The distributed optimizer sums ``accum`` gradient sets, divides by ``accum`` (the mean over the
+    micro-batches), averages over the ranks, clips, then steps.
+    """
+    from hvdllm.tensorflow.optim import AdamW
+
+    opt = AdamW(learning_rate=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, beta_1=cfg.optim.beta1,
+                beta_2=cfg.optim.beta2, epsilon=cfg.optim.eps)
+    opt.exclude_from_weight_decay(var_list=[v for v in model.trainable_variables if len(v.shape) < 2])
+    compression = {"none": hvd.Compression.none, "fp16": hvd.Compression.fp16,
+                   "bf16": hvd.Compression.bf16}[cfg.run.compression]
+    dist = hvd.DistributedOptimizer(opt, compression=compression, backward_passes_per_step=accum,
+                                    average_aggregated_gradients=True, op=hvd.Average,
+                                    max_grad_norm=cfg.optim.max_grad_norm, bucket_cap_mb=cfg.run.bucket_cap_mb)
+    dist.build(model.trainable_variables)
+    return dist
+
+
+def make_schedule(cfg: TrainConfig) -> Callable[[int], float]:
+    """Learning rate of optimizer step ``i`` (0-based): the core's warmup + decay over run.max_steps."""
+    from hvdllm.core.schedules import LRSchedule
+
+    try:
+        return LRSchedule(cfg.optim.lr, cfg.schedule.warmup_steps, cfg.run.max_steps, decay=cfg.schedule.decay,
+                          min_lr=cfg.optim.lr * cfg.schedule.min_lr_ratio)
+    except ValueError as e:
+        raise ConfigError(f"schedule: {e} (schedule.warmup_steps must not exceed --max-steps)") from None
+
+
+# -- compiled steps ----------------------------------------------------------------------------------------
+_TOKENS = tf.TensorSpec([None, None], tf.int32)
+
+
+class Steps:
+    """The compiled functions of a run: one micro-batch (forward, backward, optimizer.apply) and evaluation.
+
+    Traced without autograph: the code has no Python control flow on tensors (the distributed
+    optimizer's accumulation uses ``tf.cond``), and converting Keras's optimizer code made tracing
+    about 3x slower here.
+    """
+
+    def __init__(self, model: GPT, optimizer: Any) -> None:
+        self.model, self.optimizer = model, optimizer
+        variables = model.trainable_variables
+
+        @tf.function(input_signature=[_TOKENS, _TOKENS], autograph=False)
+        def micro_step(x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+            with tf.GradientTape() as tape:
+                loss = cross_entropy(model(x, training=True), y)
+            grads = tape.gradient(loss, variables)
+            # Dense kernels' gradients lose their static shape with dynamic (batch, time) inputs; the
+            # reduction's bucket plan needs it, so restate it from the variables.
+            grads = [g if isinstance(g, tf.IndexedSlices) else tf.ensure_shape(g, v.shape)
+                     for g, v in zip(grads, variables)]
+            optimizer.apply(grads, variables)     # accumulates; reduces, clips and steps on the last micro-batch
+            return loss
+
+        @tf.function(input_signature=[_TOKENS, _TOKENS], autograph=False)
+        def eval_sum(x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+            logits = tf.cast(model(x, training=False), tf.float32)
+            per_tok = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+            return tf.reduce_sum(tf.reduce_mean(tf.cast(per_tok, tf.float64), axis=1))
+
+        self.micro_step, self.eval_sum = micro_step, eval_sum
+
+    def step(self, micro: list[tuple[np.ndarray, np.ndarray]]) -> float:
+        """One optimizer step over this rank's micro-batches; the mean of their losses."""
+        total = 0.0
+        for x, y in micro:
+            total += float(self.micro_step(tf.constant(x, tf.int32), tf.constant(y, tf.int32)))
+        return total / len(micro)
+
+
+# -- checkpoint state <-> Keras ------------------------------------------------------------------------------
+def seed_variables(model: GPT) -> list[Any]:
+    """The model's dropout seed-generator states (empty when dropout is 0)."""
+    return [v for v in model.non_trainable_variables if "seed_generator" in v.path]
+
+
+def decorrelate_dropout(model: GPT, rank: int) -> None:
+    """Different (reproducible) dropout masks on each rank, as the torch trainer's seed + 1 + rank."""
+    for v in seed_variables(model):
+        state = v.numpy()
+        state[0] += _SEED_STRIDE * rank
+        v.assign(state)
+
+
+def optimizer_arrays(optimizer: Any) -> dict[str, np.ndarray]:
+    """The optimizer's variables (iterations, learning rate, moments) by Keras's own index keys."""
+    store: dict[str, Any] = {}
+    optimizer.save_own_variables(store)
+    return {k: np.asarray(v) for k, v in store.items()}
+
+
+def save(s: RunSetup, model: GPT, optimizer: Any, step: int, losses: "LossLog") -> Path | None:
+    """Write a checkpoint of ``step`` (a collective: every rank contributes its dropout RNG; rank 0 writes)."""
+    pending = losses.pending()
+    seeds = seed_variables(model)
+    rng_arrays: dict[str, np.ndarray] = {}
+    if seeds:
+        mine = tf.stack([tf.convert_to_tensor(v) for v in seeds])[None]        # (1, n_generators, 2)
+        rng_arrays["keras_seed_generators"] = np.asarray(hvd.allgather(mine) if s.size > 1 else mine)
+    if not s.is_root:
+        return None
+    meta = {
+        "framework": "tensorflow",
+        "model": dataclasses.asdict(s.gpt),
+        "config": s.cfg.to_dict(),
+        "data_position": {"step": step, "samples": step * s.cfg.batch.global_batch,
+                          "epoch": s.windows.epoch_of(step, s.cfg.batch.global_batch),
+                          "n_tokens": s.windows.n_tokens},
+        "optimizer_variables": [v.path for v in optimizer.variables],
+        "weights_layout": "torch",
+        "pending_losses": pending,
+        "world_size": s.size,
+    }
+    files = {"model": torch_state_dict(model), "optimizer": optimizer_arrays(optimizer)}
+    if rng_arrays:
+        files["rng"] = rng_arrays
+    tok = (s.run_dir / TOKENIZER_FILE).read_bytes()
+    return ckpt.write_checkpoint(s.run_dir, step, files, meta, extra_files={TOKENIZER_FILE: tok},
+                                 keep=s.cfg.run.keep_checkpoints)
+
+
+def load_weights(model: GPT, arrays: dict[str, np.ndarray], where: str) -> None:
+    try:
+        load_torch_state_dict(model, arrays, strict=True)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def restore(s: RunSetup, model: GPT, optimizer: Any, losses: "LossLog") -> None:
+    """Load weights, optimizer state, dropout RNG states and unlogged losses from ``s.resume_from``."""
+    files, meta = ckpt.read_checkpoint(s.resume_from)
+    losses.restore(meta.get("pending_losses", []))
+    load_weights(model, files["model"], str(s.resume_from))
+    store = files.get("optimizer", {})
+    if len(store) != len(optimizer.variables):
+        raise ConfigError(f"--resume from {s.resume_from}: the optimizer state holds {len(store)} variables, "
+                          f"this run's optimizer {len(optimizer.variables)}")
+    for i, v in enumerate(optimizer.variables):
+        a = store[str(i)]
+        if tuple(a.shape) != tuple(v.shape):
+            raise ConfigError(f"--resume from {s.resume_from}: optimizer variable {i} ({v.path}) has shape "
+                              f"{list(a.shape)}, this run needs {list(v.shape)}")
+    optimizer.load_own_variables(store)
+    states = files.get("rng", {}).get("keras_seed_generators")
+    seeds = seed_variables(model)
+    if states is not None and seeds and states.shape[1] == len(seeds):
+        for v, st in zip(seeds, states[s.rank % len(states)]):
+            v.assign(st)
+
+
+# -- the loop ---------------------------------------------------------------------------------------------
+class LossLog:
+    """Per-step local losses until the next metrics row, averaged over the ranks in one collective per row
+    (or at a checkpoint, which stores them so that a resumed run logs the same means)."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self._local, self._global = size, [], []
+
+    def add(self, local_mean: float) -> None:
+        self._local.append(float(local_mean))
+
+    def pending(self) -> list[float]:
+        """Average the local values over ranks (a collective) and return all unlogged global values."""
+        if self._local:
+            vec = np.asarray(self._local, dtype=np.float64)
+            if self.size > 1:
+                vec = np.asarray(hvd.allreduce(tf.constant(vec), op=hvd.Average))
+            self._global.extend(float(v) for v in vec.tolist())
+            self._local = []
+        return list(self._global)
+
+    def restore(self, values: list[float]) -> None:
+        self._local, self._global = [], [float(v) for v in values]
+
+    def mean(self) -> float:
+        """The mean of the unlogged steps' global-batch losses; clears them."""
+        values = self.pending()
+        self._global = []
+        return float(np.mean(values)) if values else float("nan")
+
+
+def evaluate(s: RunSetup, steps: Steps) -> float:
+    """Mean validation loss over run.eval_sequences fixed windows, split over the data-parallel ranks."""
+    ids = s.windows.val_windows(s.cfg.run.eval_sequences)[s.dp_rank::s.plan.dp_size]
+    total, count = 0.0, 0
+    mb = s.cfg.batch.micro_batch
+    for k in range(0, len(ids), mb):
+        x, y = s.windows.batch(ids[k: k + mb])
+        total += float(steps.eval_sum(tf.constant(x, tf.int32), tf.constant(y, tf.int32)))
+        count += int(y.shape[0])
+    both = np.array([total, float(count)], dtype=np.float64)
+    if s.size > 1:
+        both = np.asarray(hvd.allreduce(tf.constant(both), op=hvd.Sum))
+    return float(both[0] / both[1])
+
+
+def sample_text(model: GPT, tokenizer: Any, prompt: str, tokens: int, temperature: float, top_k: int,
+                seed: int) -> str:
+    ids = [int(i) for i in tokenizer.encode(prompt)] or [0]
+    out = model.generate(np.array([ids], dtype=np.int64), tokens, temperature=temperature, top_k=top_k or None,
+                         seed=seed)
+    return tokenizer.decode(out[0].tolist())
+
+
+def train(cfg: TrainConfig) -> int:
+    """Run (or resume) training as configured; returns the exit status (0). ConfigError -> the CLI's 2."""
+    hvd.init()
+    rank, size = hvd.rank(), hvd.size()
+    threads = cfg.run.threads or hvd.threads_per_rank()
+    if cfg.run.precision == "fp16":
+        raise ConfigError("run.precision=fp16 is not supported with --framework tensorflow; allowed: fp32, bf16")
+    if cfg.parallel.tp != 1 or cfg.parallel.pp != 1:
+        raise ConfigError(f"--tp {cfg.parallel.tp} --pp {cfg.parallel.pp}: model parallelism is not available "
+                          "with --framework tensorflow; use --tp 1 --pp 1 (or --framework torch)")
+    gpu_name = configure_runtime(cfg, threads)
+
+    s = setup_run(cfg, rank, size, hvd.broadcast_object)
+    cfg = s.cfg
+    model = GPT(s.gpt, seed=cfg.run.seed)             # identical initial weights on every rank ...
+    optimizer = make_optimizer(model, cfg, s.plan.accum)
+    schedule = make_schedule(cfg)
+    steps = Steps(model, optimizer)
+    losses = LossLog(size)
+
+    # Nothing has been written so far; from here on, the run directory exists.
+    create_run_dir(s)
+    if s.resume_from is not None:
+        restore(s, model, optimizer, losses)
+    else:
+        hvd.broadcast_variables(model.trainable_variables, root_rank=0)   # ... and, to be sure, rank 0's
+        hvd.broadcast_variables(optimizer.variables, root_rank=0)
+        decorrelate_dropout(model, rank)
+    if size > 1:
+        hvd.barrier()
+
+    metrics = MetricsLogger(s.run_dir, enabled=s.is_root,
+                            resume_step=s.start_step if s.resume_from is not None else None,
+                            tensorboard=cfg.run.tensorboard)
+    peak, peak_src = peak_flops(cfg.run.peak_flops, gpu_name, threads)
+    tput = Throughput(s.gpt.flops_per_token(), peak, size)
+    progress = Progress(cfg.run.max_steps, s.start_step, enabled=s.is_root and cfg.run.progress)
+    progress.note(f"Keras {keras.__version__} on TensorFlow {tf.__version__}, {gpu_name or 'CPU'}, "
+                  f"{threads} thread(s) per rank, precision {cfg.run.precision}; "
+                  f"MFU against {peak / 1e12:.3g} TFLOP/s per rank ({peak_src})")
+    if s.resume_from is None and cfg.run.eval_interval > 0:
+        val0 = evaluate(s, steps)
+        metrics.log({"step": 0, "val_loss": val0})
+        progress.note(f"step 0: val loss {val0:.4f}")
+
+    g, seq = cfg.batch.global_batch, s.windows.seq_len
+    step = s.start_step
+    try:
+        while step < cfg.run.max_steps:
+            lr = float(schedule(step))
+            optimizer.learning_rate = lr
+            micro = s.windows.micro_batches(step, g, s.dp_rank, s.plan.dp_size, cfg.batch.micro_batch)
+            loss = steps.step(micro)
+            step += 1
+            losses.add(loss)
+            tput.add(g * seq)
+            progress.step()
+
+            if should_log(step, cfg):
+                mean = losses.mean()
+                tps, mfu = tput.read()
+                val = evaluate(s, steps) if should_eval(step, cfg) else None
+                metrics.log({"step": step, "loss": mean, "val_loss": val, "lr": lr, "grad_norm": None,
+                             "tokens_per_s": tps, "mfu": mfu, "elapsed_s": tput.elapsed()})
+                progress.show(step, mean, tps, mfu, val, lr)
+                if not math.isfinite(mean):
+                    raise FloatingPointError(f"loss is {mean} at step {step}; lower optim.lr or use fp32")
+            elif should_eval(step, cfg):
+                val = evaluate(s, steps)
+                metrics.log({"step": step, "val_loss": val, "lr": lr})
+                progress.note(f"step {step}: val loss {val:.4f}")
+
+            if should_checkpoint(step, cfg):
+                path = save(s, model, optimizer, step, losses)
+                progress.note(f"checkpoint {path}")
+            if cfg.run.exit_at_step is not None and step == cfg.run.exit_at_step and step < cfg.run.max_steps:
+                progress.close()
+                if s.is_root:
+                    plot_loss(s.run_dir)
+                    say(f"exiting after step {step} (--exit-at-step); continue with --resume")
+                metrics.close()
+                return 0
+    finally:
+        progress.close()
+
+    metrics.close()
+    if s.is_root:
+        plot_loss(s.run_dir)
+        sp = cfg.sample
+        text = sample_text(model, s.tokenizer, sp.prompt, sp.tokens, sp.temperature, sp.top_k, sp.seed)
+        write_sample(s.run_dir, sp.prompt, text)
+        say(f"done: {step} steps in {tput.elapsed():.0f} s; run directory {s.run_dir}")
+    if size > 1:
+        hvd.barrier()
+    return 0
+
+
+def sample_checkpoint(path: str, prompt: str | None, tokens: int | None, temperature: float | None = None,
+                      top_k: int | None = None, seed: int | None = None) -> str:
+    """Text generated by the Keras GPT from a checkpoint (a checkpoint folder, or a run folder's newest).
+
+    Any hvdllm checkpoint works: its weights are stored under PyTorch's names either way.
+    """
+    from hvdllm.data.tokenizer import load_tokenizer
+    from hvdllm.train.config import from_dict
+
+    ck = ckpt.resolve_checkpoint(path)
+    if ck is None:
+        raise ConfigError(f"--checkpoint {path}: no checkpoint there")
+    files, meta = ckpt.read_checkpoint(ck)
+    cfg = from_dict(meta["config"])
+    model = GPT(GPTConfig(**meta["model"]), seed=0)
+    load_weights(model, files["model"], str(ck))
+    tok = load_tokenizer(ck)
+    sp = cfg.sample
+    return sample_text(model, tok, sp.prompt if prompt is None else prompt, sp.tokens if tokens is None else tokens,
+                       sp.temperature if temperature is None else temperature, sp.top_k if top_k is None else top_k,
+                       sp.seed if seed is None else seed)
