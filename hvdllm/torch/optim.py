@@ -46,7 +46,7 @@ class _Flat:
     param: torch.Tensor
     grad: torch.Tensor
     state: Dict[str, torch.Tensor] = field(default_factory=dict)
-    step: Optional[torch.Tensor] = None  # shared by every param's state['step'] while uniform
+    step: Optional[torch.Tensor] = None  # the group's count; each param's state['step'] mirrors it
     uniform: bool = True  # False once some params were stepped without the others
 
     def views(self, flat: torch.Tensor) -> List[torch.Tensor]:
@@ -127,8 +127,8 @@ class _CoreOptimizer(torch.optim.Optimizer):
         flat.step = _new_step(flat.param.device)
         flat.uniform = True
         views = {k: flat.views(v) for k, v in flat.state.items()}
-        for i, p in enumerate(flat.params):
-            self.state[p] = {"step": flat.step, **{k: views[k][i] for k in keys}}
+        for i, p in enumerate(flat.params):  # own step tensors: no aliasing across params
+            self.state[p] = {"step": _new_step(flat.param.device), **{k: views[k][i] for k in keys}}
 
     def _sync_grads(self, flat: _Flat) -> bool:
         """Make every ``p.grad`` a view of the flat grad buffer; False if some grad is None."""
@@ -157,6 +157,7 @@ class _CoreOptimizer(torch.optim.Optimizer):
                         self._init_flat_state(group, flat)
                     if flat.uniform and self._sync_grads(flat):
                         flat.step.add_(1.0)
+                        torch._foreach_add_([self.state[p]["step"] for p in flat.params], 1.0)
                         self._flat_update(group, flat, float(flat.step.item()))
                         done.update(id(p) for p in flat.params)
                     elif any(p.grad is None for p in flat.params):
@@ -171,7 +172,7 @@ class _CoreOptimizer(torch.optim.Optimizer):
                     state["step"] = _new_step()
                     for k in self._state_keys_for(group):
                         state[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] = state["step"] + 1.0  # out of place: fused groups may share it
+                state["step"] += 1.0
                 self._tensor_update(group, p, p.grad, state, float(state["step"].item()))
         return loss
 
@@ -217,12 +218,12 @@ class _CoreOptimizer(torch.optim.Optimizer):
                             if k in old and old[k] is not None:
                                 new[k].copy_(old[k])
                         steps.add(float(old["step"]) if "step" in old else 0.0)
+                for p, old in zip(flat.params, loaded):
+                    self.state[p]["step"].fill_(float(old.get("step", 0.0)))
                 if len(steps) == 1:
                     flat.step.fill_(steps.pop())
                 else:  # params were stepped unevenly: keep per-param counts, per-tensor path
                     flat.uniform = False
-                    for p, old in zip(flat.params, loaded):
-                        self.state[p]["step"] = torch.tensor(float(old.get("step", 0.0)), dtype=torch.float32)
 
 
 class SGD(_CoreOptimizer):
