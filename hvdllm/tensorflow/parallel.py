@@ -1,0 +1,201 @@
+"""Tensor-parallel Dense layers for Keras 3 (TensorFlow backend) on hvdllm.tensorflow collectives.
+
+The math is Megatron's, as in ``hvdllm.torch.parallel.tensor`` (Keras kernels are (in, out), so
+Y = X K + b):
+
+- :class:`ColumnParallelDense`: K = [K_1, ..., K_n] split by output columns; rank i computes
+  Y_i = X K_i + b_i. X is needed whole on every rank, so dL/dX = sum_i dL/dY_i K_i^T is summed over
+  the group in the backward (``copy_to_group``: identity forward, all-reduce backward).
+  ``gather_output=True`` concatenates the Y_i (backward: keep this rank's slice).
+- :class:`RowParallelDense`: K = [K_1; ...; K_n] split by input rows; Y = sum_i X_i K_i + b with the
+  sum an all-reduce in the forward (``reduce_from_group``: identity backward); b is added once.
+
+A column layer followed by a row layer (an MLP, attention heads) costs one all-reduce forward and
+one backward. Each collective and its backward form one ``tf.custom_gradient``, so GradientTape,
+``model.fit`` and ``tf.function`` all see correct gradients. All ranks of the group must call the
+layers in the same order (as with any collective), and layer names must not depend on the rank:
+inside ``tf.function`` Horovod matches the ranks' operations by their graph names.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from hvdllm.core.grid import Group
+from hvdllm.core.ops import Sum
+
+__all__ = ["ColumnParallelDense", "RowParallelDense", "copy_to_group", "reduce_from_group",
+           "gather_from_group", "scatter_to_group", "Group"]
+
+
+def _rt() -> Any:
+    import hvdllm.tensorflow as hvd
+
+    return hvd.collectives()
+
+
+def _allreduce_sum(x: tf.Tensor, group: Group) -> tf.Tensor:
+    return _rt().allreduce(x, Sum, group.process_set)
+
+
+def _gather_last(x: tf.Tensor, group: Group) -> tf.Tensor:
+    stacked = _rt().allgather(tf.expand_dims(x, 0), group.process_set)
+    parts = [stacked[i] for i in range(group.size)]
+    return tf.concat(parts, axis=-1)
+
+
+def _slice_last(x: tf.Tensor, group: Group) -> tf.Tensor:
+    return tf.split(x, group.size, axis=-1)[group.index]
+
+
+def copy_to_group(x: tf.Tensor, group: Group) -> tf.Tensor:
+    """Identity forward; the gradient is summed over the group."""
+    if group.size == 1:
+        return x
+
+    @tf.custom_gradient
+    def f(t: tf.Tensor) -> Any:
+        return tf.identity(t), lambda dy: _allreduce_sum(dy, group)
+
+    return f(x)
+
+
+def reduce_from_group(x: tf.Tensor, group: Group) -> tf.Tensor:
+    """Sum over the group forward; identity backward."""
+    if group.size == 1:
+        return x
+
+    @tf.custom_gradient
+    def f(t: tf.Tensor) -> Any:
+        return _allreduce_sum(t, group), lambda dy: tf.identity(dy)
+
+    return f(x)
+
+
+def gather_from_group(x: tf.Tensor, group: Group) -> tf.Tensor:
+    """Concatenate the ranks' tensors along the last axis; backward keeps this rank's slice."""
+    if group.size == 1:
+        return x
+
+    @tf.custom_gradient
+    def f(t: tf.Tensor) -> Any:
+        return _gather_last(t, group), lambda dy: _slice_last(dy, group)
+
+    return f(x)
+
+
+def scatter_to_group(x: tf.Tensor, group: Group) -> tf.Tensor:
+    """This rank's slice of the last axis; backward gathers the slices' gradients."""
+    if group.size == 1:
+        return x
+
+    @tf.custom_gradient
+    def f(t: tf.Tensor) -> Any:
+        return _slice_last(t, group), lambda dy: _gather_last(dy, group)
+
+    return f(x)
+
+
+def _check(what: str, n: int, group: Group) -> None:
+    if n % group.size:
+        raise ValueError(f"{what}={n} is not divisible by the tensor-parallel size {group.size}; "
+                         f"allowed: multiples of {group.size}")
+
+
+class ColumnParallelDense(keras.layers.Layer):
+    """Dense with the output units split over ``group`` (this rank holds units/size of them)."""
+
+    def __init__(self, units: int, group: Group, activation: Any = None, use_bias: bool = True,
+                 gather_output: bool = False, kernel_initializer: Any = "glorot_uniform",
+                 bias_initializer: Any = "zeros", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        _check("units", units, group)
+        self.units, self.group, self.use_bias, self.gather_output = units, group, use_bias, gather_output
+        self.local_units = units // group.size
+        self.activation = keras.activations.get(activation)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+
+    def build(self, input_shape: Any) -> None:
+        self.kernel = self.add_weight(name="kernel", shape=(int(input_shape[-1]), self.local_units),
+                                      initializer=self.kernel_initializer)
+        self.bias = self.add_weight(name="bias", shape=(self.local_units,), initializer=self.bias_initializer) \
+            if self.use_bias else None
+
+    def call(self, x: Any) -> Any:
+        y = tf.matmul(copy_to_group(tf.convert_to_tensor(x), self.group), self.kernel)
+        if self.bias is not None:
+            y = y + self.bias
+        y = self.activation(y)
+        return gather_from_group(y, self.group) if self.gather_output else y
+
+    def compute_output_shape(self, input_shape: Any) -> tuple:
+        return (*input_shape[:-1], self.units if self.gather_output else self.local_units)
+
+    @classmethod
+    def from_dense(cls, dense: keras.layers.Dense, group: Group, gather_output: bool = False) -> "ColumnParallelDense":
+        """This rank's shard of a built ``keras.layers.Dense`` (its activation is kept: elementwise)."""
+        if not dense.built:
+            raise ValueError(f"Dense layer {dense.name!r} is not built; call it on an input first")
+        kernel = np.asarray(dense.kernel)
+        layer = cls(dense.units, group, activation=dense.activation, use_bias=dense.use_bias,
+                    gather_output=gather_output, name=f"{dense.name}_col")
+        layer.build(kernel.shape[:1])
+        weights = [np.split(kernel, group.size, axis=1)[group.index]]
+        if dense.use_bias:
+            weights.append(np.split(np.asarray(dense.bias), group.size)[group.index])
+        layer.set_weights(weights)
+        return layer
+
+
+class RowParallelDense(keras.layers.Layer):
+    """Dense with the input features split over ``group``; the partial products are summed."""
+
+    def __init__(self, units: int, group: Group, activation: Any = None, use_bias: bool = True,
+                 input_is_parallel: bool = True, kernel_initializer: Any = "glorot_uniform",
+                 bias_initializer: Any = "zeros", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.units, self.group, self.use_bias, self.input_is_parallel = units, group, use_bias, input_is_parallel
+        self.activation = keras.activations.get(activation)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+
+    def build(self, input_shape: Any) -> None:
+        n_in = int(input_shape[-1])
+        if not self.input_is_parallel:
+            _check("input features", n_in, self.group)
+            n_in //= self.group.size
+        self.kernel = self.add_weight(name="kernel", shape=(n_in, self.units), initializer=self.kernel_initializer)
+        self.bias = self.add_weight(name="bias", shape=(self.units,), initializer=self.bias_initializer) \
+            if self.use_bias else None
+
+    def call(self, x: Any) -> Any:
+        x = tf.convert_to_tensor(x)
+        if not self.input_is_parallel:
+            x = scatter_to_group(x, self.group)
+        y = reduce_from_group(tf.matmul(x, self.kernel), self.group)
+        if self.bias is not None:
+            y = y + self.bias
+        return self.activation(y)
+
+    def compute_output_shape(self, input_shape: Any) -> tuple:
+        return (*input_shape[:-1], self.units)
+
+    @classmethod
+    def from_dense(cls, dense: keras.layers.Dense, group: Group, input_is_parallel: bool = True) -> "RowParallelDense":
+        """This rank's shard of a built ``keras.layers.Dense`` (kernel rows split, bias whole)."""
+        if not dense.built:
+            raise ValueError(f"Dense layer {dense.name!r} is not built; call it on an input first")
+        kernel = np.asarray(dense.kernel)
+        _check("input features", kernel.shape[0], group)
+        layer = cls(dense.units, group, activation=dense.activation, use_bias=dense.use_bias,
+                    input_is_parallel=input_is_parallel, name=f"{dense.name}_row")
+        layer.build((kernel.shape[0] if not input_is_parallel else kernel.shape[0] // group.size,))
+        weights = [np.split(kernel, group.size, axis=0)[group.index]]
+        if dense.use_bias:
+            weights.append(np.asarray(dense.bias))
+        layer.set_weights(weights)
+        return layer
