@@ -23,6 +23,8 @@ def test_pp2_gpipe_and_1f1b_equal_unsplit(launcher: str, backend: str) -> None:
     # Stage 0 owns the embeddings, the last stage the final norm and the head (a copy of wte when tied).
     names0, names1 = first["tied_l2_m4_1f1b_names"], last["tied_l2_m4_1f1b_names"]
     assert "wte.weight" in names0 and "wpe.weight" in names0 and not any(n.startswith("ln_f") for n in names0)
-    assert "lm_head.weight" in names1 and "ln_f.weight" in names1 and "wpe.weight" not in names1
+    # tied: the last stage's head is a copy refreshed from stage 0, not a parameter of its own
+    assert "lm_head.weight" not in names1 and "ln_f.weight" in names1 and "wpe.weight" not in names1
+    assert "lm_head.weight" in last["untied_l3_m3_1f1b_names"]
     assert first["tied_l2_m4_1f1b_blocks"] == [0, 1] and last["tied_l2_m4_1f1b_blocks"] == [1, 2]
     assert first["untied_l3_m3_gpipe_blocks"][0] == 0 and last["untied_l3_m3_gpipe_blocks"][1] == 3

@@ -3,7 +3,9 @@ same global batch, computed here on every rank.
 
 Layouts (run in this order in one launch; the process sets of all of them are registered at init):
   dp2 x tp2 (10 AdamW steps), tp2 x pp2 (1F1B, 2 steps), dp2 x pp2 (GPipe, 2 steps).
-Data-parallel gradients are averaged inside each dp group only.
+Data-parallel gradients are averaged inside each dp group only, by hvdllm's DistributedOptimizer with
+process_set=the dp group (for pipelines with backward_passes_per_step = micro-batches: every micro-batch's
+backward is one pass; the tied embedding's gradient is complete inside the last one).
 """
 from __future__ import annotations
 
@@ -41,6 +43,14 @@ def make_optimizer(params: list) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=LR, weight_decay=0.1)
 
 
+def distributed(module: torch.nn.Module, group, passes: int) -> torch.optim.Optimizer:
+    opt = make_optimizer(list(module.parameters()))
+    if group.size == 1:
+        return opt
+    return hvd.DistributedOptimizer(opt, named_parameters=module.named_parameters(), process_set=group.process_set,
+                                    backward_passes_per_step=passes)
+
+
 def reference(steps: int, data: list) -> tuple[list[float], dict[str, torch.Tensor]]:
     torch.manual_seed(0)
     model = GPT(CFG)
@@ -53,12 +63,6 @@ def reference(steps: int, data: list) -> tuple[list[float], dict[str, torch.Tens
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
     return losses, {n: p.detach() for n, p in model.named_parameters()}
-
-
-def dp_average(params: list, group) -> None:
-    if group.size > 1:
-        for p in params:
-            p.grad = hvd.allreduce(p.grad, op=hvd.Average, process_set=group.process_set)
 
 
 torch.manual_seed(123)
@@ -75,11 +79,10 @@ for label, grid, steps, schedule, m in LAYOUTS:
     losses = []
     if schedule is None:
         module = tp_model
-        opt = make_optimizer(list(module.parameters()))
+        opt = distributed(module, dp, 1)
         for idx, tgt in DATA[:steps]:
             _, loss = module(idx[c.dp * per:(c.dp + 1) * per], tgt[c.dp * per:(c.dp + 1) * per], gather_logits=False)
             loss.backward()
-            dp_average(list(module.parameters()), dp)
             opt.step()
             opt.zero_grad(set_to_none=True)
             mean = hvd.allreduce(loss.detach(), op=hvd.Average, process_set=dp.process_set) if dp.size > 1 else loss
@@ -88,11 +91,10 @@ for label, grid, steps, schedule, m in LAYOUTS:
     else:
         module = GPTStage(tp_model, c.pp, grid.pp)
         runtime = PipelineRuntime(module, grid, rank, schedule=schedule)
-        opt = make_optimizer(list(module.parameters()))
+        opt = distributed(module, dp, m)
         for idx, tgt in DATA[:steps]:
             x, y = idx[c.dp * per:(c.dp + 1) * per], tgt[c.dp * per:(c.dp + 1) * per]
             loss = runtime.step(list(x.chunk(m)), list(y.chunk(m)))
-            dp_average(list(module.parameters()), dp)
             opt.step()
             opt.zero_grad(set_to_none=True)
             t = torch.tensor([loss], dtype=torch.float64)

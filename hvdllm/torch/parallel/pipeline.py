@@ -8,8 +8,12 @@ two-rank process set of that link (Horovod has no send/recv; the same call works
 backends). Broadcasts are named per link and sequence number so Horovod matches them even when the
 stages issue different numbers of other collectives (their data-parallel reductions differ).
 
-With tied embeddings the first and last stages each hold a copy of the token embedding; after the
-backward their gradients are summed over the embedding group, so both copies take identical steps.
+Tied embeddings: the first stage owns the token embedding (a parameter); the last stage's LM head
+holds a plain tensor copy, refreshed from the first stage at the start of every step (a broadcast in
+the embedding group). After its last backward the last stage sends the head's gradient back, and the
+first stage adds it to the embedding's gradient *inside* its own last backward (a tensor hook), so the
+parameter's gradient is complete when autograd delivers it: hook-based data-parallel reducers (the
+DistributedOptimizer, with ``backward_passes_per_step`` = micro-batches) see the final value.
 """
 from __future__ import annotations
 
@@ -22,7 +26,6 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from hvdllm.core.grid import ProcessGrid
-from hvdllm.core.ops import Sum
 from hvdllm.core.pipeline import SCHEDULES, Schedule, build_schedule, partition_layers
 from hvdllm.core.process_sets import ProcessSet
 
@@ -43,9 +46,9 @@ def gpt_stage_bounds(model: nn.Module, num_stages: int) -> list[tuple[int, int]]
 class GPTStage(nn.Module):
     """Stage ``stage`` of ``num_stages`` of a GPT (plain or :class:`TensorParallelGPT`).
 
-    Parameter names are the model's (``h.3.mlp.c_fc.weight``...). The last stage of a tied model names
-    its copy of the token embedding ``lm_head.weight``. ``model`` is consumed: parts other stages own
-    are dropped from it.
+    Parameter names are the model's (``h.3.mlp.c_fc.weight``...). With tied embeddings the last stage's
+    ``lm_head.weight`` is a plain tensor (not a parameter) that the runtime refreshes from the first
+    stage. ``model`` is consumed: parts other stages own are dropped from it.
     """
 
     def __init__(self, model: nn.Module, stage: int, num_stages: int,
@@ -64,17 +67,19 @@ class GPTStage(nn.Module):
             self.wte, self.wpe, self.drop = model.wte, model.wpe, model.drop
         if self.is_last:
             self.ln_f, self.lm_head = model.ln_f, model.lm_head
-        # The tied weight whose gradient the first and last stages share (None without tying or pipeline).
-        # (kept out of the module's parameter registry so that parameter names stay the model's)
-        self.__dict__["tied_weight"] = (model.lm_head.weight if self.is_last else model.wte.weight) \
-            if tied and num_stages > 1 and (self.is_first or self.is_last) else None
+        # Tied embedding across stages: the first stage's parameter, the last stage's head holder.
+        shared = tied and num_stages > 1
+        self.__dict__["tied_weight"] = model.wte.weight if shared and self.is_first else None
+        self.__dict__["tied_head"] = model.lm_head if shared and self.is_last else None
+        if self.tied_head is not None:
+            copy = self.tied_head.weight.detach().clone()
+            del self.tied_head.weight              # a parameter no more: the first stage owns it
+            self.tied_head.weight = copy
         # Keep the model's own embed/head/loss code without registering its (other stages') parameters.
         self.__dict__["_model"] = model
         model.h = nn.ModuleList()
         if not self.is_first:
-            model.wpe = None
-            if not (self.is_last and tied):
-                model.wte = None
+            model.wpe = model.wte = None
         if not self.is_last:
             model.ln_f = model.lm_head = None
 
@@ -190,7 +195,9 @@ class PipelineRuntime:
         self.next_set = grid.link_group(rank, c.pp + 1) if self.next_rank is not None else None
         self.pp_set = grid.pp_group(rank)
         self.last_rank = grid.rank_of(c.dp, c.tp, grid.pp - 1)
-        self.emb_set = grid.embedding_group(rank) if stage_module.tied_weight is not None else None
+        shares = stage_module.tied_weight is not None or getattr(stage_module, "tied_head", None) is not None
+        self.emb_set = grid.embedding_group(rank) if shares else None
+        self.first_rank = grid.rank_of(c.dp, c.tp, 0)
         self._seq: dict[str, int] = {}
         self._schedules: dict[int, Schedule] = {}
         self.meter = ActivationMeter(list(stage_module.parameters())) if track_memory else None
@@ -222,10 +229,15 @@ class PipelineRuntime:
         total = torch.zeros((), dtype=torch.float64)
         link_prev = f"{self.prev_rank}-{self.rank}"
         link_next = f"{self.rank}-{self.next_rank}"
-        tied = self.module.tied_weight if self.emb_set is not None else None
-        if tied is not None:    # only this step's contributions are summed over the two copies
-            stashed, tied.grad = tied.grad, None
-        for a in self.schedule(m).actions[self.stage]:
+        owner, head = (mod.tied_weight, getattr(mod, "tied_head", None)) if self.emb_set is not None else (None, None)
+        if owner is not None:                       # the first stage sends the current embedding ...
+            self._exchange(owner.detach(), self.first_rank, self.emb_set, "emb")
+        if head is not None:                        # ... into the last stage's head
+            w = self._exchange(torch.empty_like(head.weight), self.first_rank, self.emb_set, "emb")
+            head.weight = w.requires_grad_()
+        actions = self.schedule(m).actions[self.stage]
+        last_backward = max(i for i, a in enumerate(actions) if a.op == "backward")
+        for i, a in enumerate(actions):
             mb = a.mb
             if a.op == "recv_act":
                 buf = torch.zeros(mod.activation_shape(inputs[mb]), dtype=dtype)
@@ -251,16 +263,21 @@ class PipelineRuntime:
                 out_grads[mb] = self._exchange(buf, self.next_rank, self.next_set, link_next)
             elif a.op == "backward":
                 out = outputs.pop(mb)
+                hook = None
+                if owner is not None and i == last_backward:   # the head's gradient joins the last backward
+                    head_grad = self._exchange(torch.zeros_like(owner), self.last_rank, self.emb_set, "emb")
+                    hook = owner.register_hook(lambda g: g + head_grad)
                 torch.autograd.backward(out, None if mod.is_last else out_grads.pop(mb))
+                if hook is not None:
+                    hook.remove()
                 if not mod.is_first:
                     x = recv_in.pop(mb)
                     in_grads[mb] = x.grad if x.grad is not None else torch.zeros_like(x)
             elif a.op == "send_grad":
                 self._exchange(in_grads.pop(mb), self.rank, self.prev_set, link_prev)
-        if tied is not None:
-            g = tied.grad if tied.grad is not None else torch.zeros_like(tied)
-            g = _named(self.rt, "allreduce", g.contiguous(), Sum, self.emb_set, name=self._name("emb"))
-            tied.grad = g if stashed is None else stashed.add_(g)
+        if head is not None:
+            g = head.weight.grad if head.weight.grad is not None else torch.zeros_like(head.weight)
+            self._exchange(g, self.rank, self.emb_set, "emb")
         if self.num_stages > 1:
             total = _named(self.rt, "broadcast", total, self.last_rank, self.pp_set, name=self._name("loss"))
         return float(total)
