@@ -97,7 +97,7 @@ def setup_run(cfg: TrainConfig, rank: int, size: int,
             import json
             tok: Tokenizer = tokenizer_from_dict(json.loads((resume_from / TOKENIZER_FILE).read_text()))
         elif cfg.data.tokenizer == "bpe" and not cfg.data.tokenizer_file and broadcast_object is not None and size > 1:
-            blob = make_tokenizer(cfg.data).to_dict() if rank == 0 else None
+            blob = make_tokenizer(cfg.data).to_dict() if rank == 0 else {}   # (same type on every rank)
             tok = tokenizer_from_dict(broadcast_object(blob, 0))
         else:
             tok = make_tokenizer(cfg.data)
@@ -278,6 +278,42 @@ def should_eval(step: int, cfg: TrainConfig) -> bool:
 def should_checkpoint(step: int, cfg: TrainConfig) -> bool:
     return ((cfg.run.checkpoint_interval > 0 and step % cfg.run.checkpoint_interval == 0)
             or step == cfg.run.max_steps or step == cfg.run.exit_at_step)
+
+
+class LossLog:
+    """Per-step losses until the next metrics row: local values, averaged over the ranks in one
+    collective per row (or at a checkpoint, which stores them so a resumed run logs the same means).
+
+    ``average(vec)`` is the trainer's allreduce-mean of a float64 numpy vector over the ranks
+    (called only when ``size`` > 1), so this bookkeeping is written once for torch and Keras.
+    """
+
+    def __init__(self, size: int, average: Callable[[Any], Any]) -> None:
+        self.size, self._average, self._local, self._global = size, average, [], []
+
+    def add(self, local_mean: Any) -> None:
+        self._local.append(float(local_mean))
+
+    def pending(self) -> list[float]:
+        """Average the local values over ranks (a collective) and return all unlogged global values."""
+        if self._local:
+            import numpy as np
+
+            vec = np.asarray(self._local, dtype=np.float64)
+            if self.size > 1:
+                vec = np.asarray(self._average(vec), dtype=np.float64)
+            self._global.extend(float(v) for v in vec.tolist())
+            self._local = []
+        return list(self._global)
+
+    def restore(self, values: list[float]) -> None:
+        self._local, self._global = [], [float(v) for v in values]
+
+    def mean(self) -> float:
+        """The mean of the unlogged steps' global-batch losses; clears them."""
+        values = self.pending()
+        self._global = []
+        return sum(values) / len(values) if values else float("nan")
 
 
 SAMPLE_FILE = "sample.txt"
