@@ -1,0 +1,204 @@
+"""DistributedOptimizer and the broadcast helpers in one process (local backend), plus their core pieces."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import hvdllm.torch as hvd
+from hvdllm.core.buckets import Bucket, LaunchTracker
+from hvdllm.core.compression import Compression, effective_wire_dtype
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _init() -> None:
+    hvd.init()
+    assert hvd.backend() == "local"
+
+
+def net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(step)
+    return torch.randn(6, 5, generator=g), torch.randn(6, 3, generator=g)
+
+
+def loss_of(model: nn.Module, step: int) -> torch.Tensor:
+    x, y = data(step)
+    return ((model(x) - y) ** 2).mean()
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+    lambda p: torch.optim.Adam(p, lr=0.01),
+    lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1),
+], ids=["sgd", "adam", "adamw"])
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_local_matches_plain_torch(make, clip) -> None:
+    model = net()
+    ref = copy.deepcopy(model)
+    opt = hvd.DistributedOptimizer(make(model.parameters()), named_parameters=model.named_parameters(),
+                                   max_grad_norm=clip, bucket_cap_mb=0.0002)
+    ref_opt = make(ref.parameters())
+    assert len(opt._buckets) > 1
+    for step in range(10):
+        opt.zero_grad()
+        loss_of(model, step).backward()
+        opt.step()
+        ref_opt.zero_grad()
+        loss_of(ref, step).backward()
+        norm = float(torch.nn.utils.clip_grad_norm_(ref.parameters(), clip if clip else float("inf")))
+        ref_opt.step()
+        assert opt.grad_norm == pytest.approx(norm, rel=1e-6)
+        for a, b in zip(model.parameters(), ref.parameters()):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_accumulation_sums_passes_and_set_to_none_false() -> None:
+    model, ref = net(), net()
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), backward_passes_per_step=2)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for step in range(4):
+        opt.zero_grad(set_to_none=False)
+        ref_opt.zero_grad(set_to_none=False)
+        for j in range(2):
+            loss_of(model, 10 * step + j).backward()
+            loss_of(ref, 10 * step + j).backward()
+        opt.step()
+        ref_opt.step()
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    # grads live in the bucket buffers after the first reduction: no copies on later steps
+    assert all(p.grad is not None and p.grad.untyped_storage().data_ptr() in
+               {b.buffer.untyped_storage().data_ptr() for b in opt._buckets} for p in model.parameters())
+
+
+def test_wrapper_behaves_as_the_inner_optimizer() -> None:
+    model = net()
+    inner = torch.optim.Adam(model.parameters(), lr=0.01)
+    opt = hvd.DistributedOptimizer(inner, named_parameters=model.named_parameters())
+    assert isinstance(opt, torch.optim.Adam) and isinstance(opt, torch.optim.Optimizer)
+    assert opt.param_groups is inner.param_groups and opt.defaults is inner.defaults
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    calls = []
+
+    def closure() -> torch.Tensor:
+        calls.append(1)
+        opt.zero_grad()
+        loss = loss_of(model, 0)
+        loss.backward()
+        return loss
+
+    out = opt.step(closure)
+    assert torch.is_tensor(out) and calls == [1]
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.005) and inner.param_groups[0]["lr"] == pytest.approx(0.005)
+    sd = opt.state_dict()
+    assert len(sd["state"]) == 4
+    fresh = hvd.DistributedOptimizer(torch.optim.Adam(net().parameters(), lr=1.0))
+    fresh.load_state_dict(sd)
+    assert fresh.param_groups[0]["lr"] == pytest.approx(0.005) and len(fresh.state) == 4
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    # Parameters no one gave a gradient keep grad=None and are not stepped.
+    frozen = torch.nn.Parameter(torch.ones(3))
+    opt2 = hvd.DistributedOptimizer(torch.optim.AdamW([*model.parameters(), frozen], lr=0.1))
+    loss_of(model, 1).backward()
+    opt2.step()
+    assert frozen.grad is None and torch.equal(frozen.data, torch.ones(3))
+
+
+def test_skip_synchronize_and_manual_clip() -> None:
+    model = net()
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    loss_of(model, 0).backward()
+    opt.synchronize()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01)
+    before = [p.detach().clone() for p in model.parameters()]
+    with opt.skip_synchronize():
+        opt.step()
+    step = torch.sqrt(sum(((a - p.detach()) ** 2).sum() for a, p in zip(before, model.parameters())))
+    assert float(step) == pytest.approx(0.1 * 0.01, rel=1e-3)
+
+
+def test_errors() -> None:
+    model = net()
+    params = list(model.named_parameters())
+    with pytest.raises(ValueError, match="duplicate parameter name '0.weight'"):
+        hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), named_parameters=params + params[:1])
+    with pytest.raises(ValueError, match="missing from named_parameters"):
+        hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), named_parameters=params[:2])
+    with pytest.raises(ValueError, match="named_parameters must yield"):
+        hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), named_parameters=[p for _, p in params])
+    for kwargs, word in [({"backward_passes_per_step": 0}, "backward_passes_per_step=0"),
+                         ({"max_grad_norm": -1.0}, "max_grad_norm=-1.0"),
+                         ({"bucket_cap_mb": -5}, "bucket_cap_mb=-5"),
+                         ({"op": "max"}, "unsupported reduce op"),
+                         ({"compression": "int8"}, "unknown compression")]:
+        with pytest.raises(ValueError, match=word):
+            hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), **kwargs)
+    with pytest.raises(ValueError, match="torch.optim.Optimizer"):
+        hvd.DistributedOptimizer(object())
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="already a DistributedOptimizer"):
+        hvd.DistributedOptimizer(opt)
+    loss_of(model, 0).backward()
+    with pytest.raises(RuntimeError, match="before step"):
+        opt.zero_grad()
+    with pytest.raises(RuntimeError, match="backward_passes_per_step=1"):
+        loss_of(model, 1).backward()
+    opt.step()  # recovers: the next step is clean
+    opt.zero_grad()
+    with pytest.raises(ValueError, match="root_rank=3"):
+        hvd.broadcast_parameters(model.state_dict(), root_rank=3)
+    with pytest.raises(ValueError, match="not a tensor"):
+        hvd.broadcast_parameters({"a": 1.0})
+
+
+def test_broadcast_helpers_one_process() -> None:
+    model = net()
+    before = copy.deepcopy(model.state_dict())
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    hvd.broadcast_parameters(model.named_parameters(), root_rank=0)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    hvd.broadcast_optimizer_state(opt, root_rank=0)  # empty state: stays empty, params untouched
+    assert len(opt.state) == 0
+    loss_of(model, 0).backward()
+    opt.step()
+    want = copy.deepcopy(opt.state_dict())
+    hvd.broadcast_optimizer_state(opt, root_rank=0)
+    got = opt.state_dict()
+    for i, st in want["state"].items():
+        for key, value in st.items():
+            assert torch.equal(got["state"][i][key], value)
+
+
+def test_launch_tracker_orders_buckets() -> None:
+    buckets = [Bucket("float32", (3, 2), (0, 1), 2), Bucket("float32", (1,), (0,), 1), Bucket("float32", (0,), (0,), 1)]
+    t = LaunchTracker(buckets, 4, passes=1, ordered=True)
+    assert t.mark(1) == (True, [])           # bucket 1 ready, waits for bucket 0
+    assert t.mark(3) == (True, [])
+    assert t.mark(2) == (True, [0, 1])       # bucket 0 completes: 0 and 1 launch, in order
+    assert t.remaining() == [2] and t.pending
+    with pytest.raises(RuntimeError, match="backward_passes_per_step=1"):
+        t.mark(3)
+    t.reset()
+    assert not t.pending
+    u = LaunchTracker(buckets, 4, passes=2, ordered=False)
+    assert u.mark(0) == (False, []) and u.mark(0) == (True, [2])
+    assert u.remaining() == [0, 1]
+
+
+def test_effective_wire_dtype() -> None:
+    assert effective_wire_dtype("float32", Compression.fp16, frozenset({"float16"})) == ("float16", False)
+    assert effective_wire_dtype("float32", Compression.bf16, frozenset({"float16"})) == ("float32", True)
+    assert effective_wire_dtype("float32", Compression.none, frozenset()) == ("float32", False)
+    assert effective_wire_dtype("int64", Compression.fp16, None) == ("int64", False)
+    assert effective_wire_dtype("float16", Compression.fp16, frozenset()) == ("float16", False)

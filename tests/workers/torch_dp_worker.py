@@ -1,0 +1,196 @@
+"""hvd.DistributedOptimizer on real ranks against a one-process reference on the concatenated batch.
+
+Every rank trains its own slice of each global batch with the DistributedOptimizer and, in the same
+process, a plain copy of the model with the plain optimizer on the whole global batch (what np=1
+would do). It reports, per case, the largest parameter difference to that reference and a hash of its
+parameters after every step (the test checks the hashes are equal on all ranks).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import warnings
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+from tests.workers.common import report  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+import hvdllm.torch as hvd  # noqa: E402
+
+hvd.init()
+torch.set_num_threads(hvd.threads_per_rank())
+R, N = hvd.rank(), hvd.size()
+B = 4  # per-rank batch
+
+
+class Net(nn.Module):
+    """An MLP with an optional branch (used on some ranks only) and a branch no rank ever uses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 16)
+        self.fc2 = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 3)
+        self.branch = nn.Linear(16, 3)
+        self.dead = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor, use_branch: bool = True) -> torch.Tensor:
+        h = torch.tanh(self.fc2(torch.tanh(self.fc1(x))))
+        out = self.head(h)
+        return out + self.branch(h) if use_branch else out
+
+
+def make_opt(kind: str, params) -> torch.optim.Optimizer:
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=0.05, momentum=0.9)
+    if kind == "sgd_nesterov":
+        return torch.optim.SGD(params, lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01)
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=0.01)
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=0.01, weight_decay=0.1)
+    raise ValueError(kind)
+
+
+def batch(step: int, micro: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * step + 10 * micro + rank)
+    return torch.randn(B, 6, generator=g), torch.randn(B, 3, generator=g)
+
+
+def uses_branch(case: dict, rank: int) -> bool:
+    return rank not in case.get("branch_off", ())
+
+
+def digest(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def run_case(case: dict) -> dict:
+    torch.manual_seed(7)
+    model, ref = Net(), Net()
+    ref.load_state_dict(model.state_dict())
+    k = case.get("k", 1)
+    op = case.get("op", hvd.Average)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt = hvd.DistributedOptimizer(make_opt(case["opt"], model.parameters()),
+                                       named_parameters=model.named_parameters(),
+                                       compression=case.get("compression", hvd.Compression.none),
+                                       backward_passes_per_step=k, op=op,
+                                       bucket_cap_mb=case.get("cap", 0.0005),
+                                       max_grad_norm=case.get("clip"))
+    ref_opt = make_opt(case["opt"], ref.parameters())
+    hashes, diffs, norms = [], [], []
+    for step in range(case.get("steps", 8)):
+        # --- distributed: this rank's slice of each micro-batch, k local backward passes.
+        opt.zero_grad(set_to_none=case.get("set_to_none", True))
+        for j in range(k):
+            x, y = batch(step, j, R)
+            loss = ((model(x, uses_branch(case, R)) - y) ** 2).mean() / k
+            loss.backward()
+        if case.get("manual_sync"):
+            opt.synchronize()
+            with opt.skip_synchronize():
+                opt.step()
+        else:
+            opt.step()
+        # --- reference: one process, the whole global batch of every micro-batch.
+        ref_opt.zero_grad()
+        for j in range(k):
+            parts = []
+            for r in range(N):
+                x, y = batch(step, j, r)
+                parts.append(((ref(x, uses_branch(case, r)) - y) ** 2).sum())
+            ref_loss = sum(parts) / (N * B * 3) / k
+            if op == hvd.Sum:
+                ref_loss = ref_loss * N
+            ref_loss.backward()
+        ref_norm = None
+        if case.get("clip"):
+            ref_norm = float(torch.nn.utils.clip_grad_norm_(ref.parameters(), case["clip"]))
+        ref_opt.step()
+        hashes.append(digest(model))
+        diffs.append(max((a - b).abs().max().item() for a, b in zip(model.parameters(), ref.parameters())))
+        if ref_norm is not None:
+            norms.append([opt.grad_norm, ref_norm])
+    dead_untouched = bool(torch.equal(model.dead.weight, ref.dead.weight)) and model.dead.weight.grad is None
+    return {"hashes": hashes, "max_diff": max(diffs), "norms": norms, "dead_untouched": dead_untouched,
+            "warnings": [str(w.message) for w in caught], "buckets": len(opt._buckets)}
+
+
+CASES = {
+    "sgd_momentum": {"opt": "sgd", "set_to_none": False, "steps": 20},
+    "sgd_nesterov_one_bucket": {"opt": "sgd_nesterov", "cap": 25},
+    "adam": {"opt": "adam", "steps": 20},
+    "adamw": {"opt": "adamw", "steps": 20},
+    "adamw_accum_clip": {"opt": "adamw", "k": 3, "clip": 0.05},
+    "sgd_accum_clip_manual_sync": {"opt": "sgd", "k": 2, "clip": 0.02, "manual_sync": True},
+    "adam_branch_unused_on_rank1": {"opt": "adam", "branch_off": (1,)},
+    "sgd_sum": {"opt": "sgd", "op": hvd.Sum},
+    "sgd_fp16": {"opt": "sgd", "compression": hvd.Compression.fp16},
+    "adamw_bf16": {"opt": "adamw", "compression": hvd.Compression.bf16},
+}
+
+out: dict = {"rank": R, "size": N, "backend": hvd.backend(), "cases": {}}
+only = sys.argv[1:]
+for name, case in CASES.items():
+    if not only or name in only:
+        out["cases"][name] = run_case(case)
+        print(f"rank {R}: {name} done", file=sys.stderr, flush=True)
+
+print(f"rank {R}: at '# --- broadcast_para'", file=sys.stderr, flush=True)
+# --- broadcast_parameters: ranks start different, end as root (the last rank).
+torch.manual_seed(100 + R)
+model = Net()
+model.fc1.weight.data += R
+root = N - 1
+hvd.broadcast_parameters(model.state_dict(), root_rank=root)
+out["bcast_params"] = digest(model)
+torch.manual_seed(100 + root)
+want = Net()
+want.fc1.weight.data += root
+out["bcast_params_want"] = digest(want)
+
+print(f"rank {R}: at '# --- broadcast_opti'", file=sys.stderr, flush=True)
+# --- broadcast_optimizer_state: different Adam states (and lr) become rank 0's.
+torch.manual_seed(5)
+model = Net()
+opt = torch.optim.Adam(model.parameters(), lr=0.01 * (R + 1))
+for step in range(R + 1):  # different step counts and moments on each rank
+    opt.zero_grad()
+    x, y = batch(step, 0, R)
+    ((model(x) - y) ** 2).mean().backward()
+    opt.step()
+hvd.broadcast_optimizer_state(opt, root_rank=0)
+sd = opt.state_dict()
+h = hashlib.sha256()
+for i in sorted(sd["state"]):
+    for key in sorted(sd["state"][i]):
+        h.update(key.encode() + sd["state"][i][key].detach().float().numpy().tobytes())
+out["bcast_state"] = [h.hexdigest()[:16], sd["param_groups"][0]["lr"], len(sd["state"])]
+
+print(f"rank {R}: at '# Before the first s'", file=sys.stderr, flush=True)
+# Before the first step: rank 0's empty state wins, parameters are untouched, training then matches.
+torch.manual_seed(5)
+model = Net()
+before = digest(model)
+dopt = hvd.DistributedOptimizer(torch.optim.AdamW(model.parameters(), lr=0.01), named_parameters=model.named_parameters())
+if R != 0:  # give the other ranks some state that must disappear
+    other = Net()
+    other_opt = torch.optim.AdamW(other.parameters(), lr=0.5)
+    x, y = batch(0, 0, R)
+    ((other(x) - y) ** 2).mean().backward()
+    other_opt.step()
+    dopt.load_state_dict(other_opt.state_dict())
+hvd.broadcast_optimizer_state(dopt, root_rank=0)
+out["bcast_empty_state"] = [len(dopt.state_dict()["state"]), dopt.param_groups[0]["lr"], digest(model) == before]
+
+print(f"rank {R}: at 'hvd.barrier()\nreport'", file=sys.stderr, flush=True)
+hvd.barrier()
+report(R, out)
