@@ -26,6 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from hvdllm.core.pipeline import build_schedule  # noqa: E402
+
 MICROBATCHES = (4, 8, 16)
 SCHEDULES = ("gpipe", "1f1b")
 
@@ -37,7 +39,9 @@ def worker(args: argparse.Namespace) -> None:
     import hvdllm.torch as hvd
     from hvdllm.core.grid import ProcessGrid
     from hvdllm.models.gpt import GPT, GPTConfig
+    from hvdllm.core.process_sets import WORLD
     from hvdllm.torch.parallel import GPTStage, PipelineRuntime
+    from hvdllm.torch.parallel.pipeline import _named
 
     size = int(os.environ["HOROVOD_SIZE"])
     grid = ProcessGrid(1, 1, size, world_size=size)
@@ -122,8 +126,10 @@ def worker(args: argparse.Namespace) -> None:
         for i in range(25):
             if i == 5:
                 t0 = time.perf_counter()
-            buf = rt.broadcast(buf, grid.rank_of(0, 0, i % 2), ps)
+            buf = _named(rt, "broadcast", buf, grid.rank_of(0, 0, i % 2), ps, name=f"bench.latency.{i}")
         results["exchange_ms"] = (time.perf_counter() - t0) / 20 * 1000
+    # every rank stays until the others are done (Horovod shuts down when the first rank exits)
+    _named(hvd.collectives(), "allreduce", torch.ones(1), hvd.Sum, WORLD, name="bench.end")
     out = Path(args.out) / f"rank{rank}.json"
     out.write_text(json.dumps(results))
 
@@ -136,7 +142,8 @@ def launch(p: int, args: argparse.Namespace) -> list[dict]:
         env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TF_CPP_MIN_LOG_LEVEL="2")
         r = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if r.returncode:
-            sys.exit(f"horovodrun -np {p} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+            err = "\n".join(l for l in (r.stdout + r.stderr).splitlines() if "rror" in l or "line" in l)
+            sys.exit(f"horovodrun -np {p} failed:\n{err[-6000:]}")
         return [json.loads((Path(d) / f"rank{i}.json").read_text()) for i in range(p)]
 
 
@@ -156,17 +163,21 @@ def main() -> None:
         return
     print(f"forward {args.t_fwd:g} ms, backward {2 * args.t_fwd:g} ms per micro-batch per stage; "
           f"activations {args.micro}x{args.seq}x{args.hidden} fp32; median of {args.reps} steps; gloo")
-    print("\nBubble (idle fraction per stage, mean over stages)")
-    print(f"{'p':>2} {'m':>3} {'ideal (p-1)/(m+p-1)':>20} {'GPipe':>8} {'1F1B':>8}")
+    print("\nBubble (idle fraction per stage, mean over stages). 'model': the core's schedule simulation with the"
+          "\nmeasured exchange latency (a blocking broadcast occupies both stages), GPipe/1F1B")
+    print(f"{'p':>2} {'m':>3} {'ideal (p-1)/(m+p-1)':>20} {'GPipe':>8} {'1F1B':>8} {'model G/1':>13}")
     mem_rows = []
     for p in args.stages:
         reps = launch(p, args)
+        lat = reps[0]["exchange_ms"]
         for m in MICROBATCHES:
             ideal = (p - 1) / (m + p - 1)
             meas = {k: statistics.mean(r["bubble"][f"{k}/{m}"] for r in reps) for k in SCHEDULES}
-            print(f"{p:>2} {m:>3} {ideal:>20.3f} {meas['gpipe']:>8.3f} {meas['1f1b']:>8.3f}")
+            model = {k: build_schedule(k, p, m, args.t_fwd, 2 * args.t_fwd, lat).simulated_bubble() for k in SCHEDULES}
+            print(f"{p:>2} {m:>3} {ideal:>20.3f} {meas['gpipe']:>8.3f} {meas['1f1b']:>8.3f} "
+                  f"{model['gpipe']:>6.3f}/{model['1f1b']:.3f}")
         mem_rows.append((p, reps))
-        print(f"   (p={p}: one activation exchange between two stages takes {reps[0]['exchange_ms']:.1f} ms)")
+        print(f"   (p={p}: one activation exchange between two stages takes {lat:.1f} ms)")
     print("\nPeak saved-activation memory per stage (MiB) and peak micro-batches in flight, GPipe vs 1F1B "
           f"(GPT n_layer=2p, n_embd={args.hidden}, micro-batch {args.micro}x{args.seq})")
     print(f"{'p':>2} {'m':>3} {'stage':>5} {'GPipe MiB':>10} {'1F1B MiB':>10} {'ratio':>6} {'in flight G/1':>14}")

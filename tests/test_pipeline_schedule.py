@@ -74,3 +74,14 @@ def test_more_stages_than_layers_is_one_line_error() -> None:
     with pytest.raises(ValueError, match=r"cannot split 2 layers into 3 pipeline stages; allowed: at most 2") as e:
         partition_layers([1, 1], 3)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("kind", SCHEDULES)
+@pytest.mark.parametrize("p,m", [(2, 4), (3, 5), (4, 16)])
+def test_schedule_with_transport_latency_stays_consistent(kind: str, p: int, m: int) -> None:
+    s = build_schedule(kind, p, m, forward_time=50, backward_time=100, comm_time=9)
+    for st in range(p - 1):
+        assert _link_ops(s, st, st + 1) == _link_ops(s, st + 1, st)
+    assert s.simulated_bubble() > s.bubble_fraction
+    with pytest.raises(ValueError, match="comm_time=-1"):
+        build_schedule(kind, p, m, comm_time=-1)

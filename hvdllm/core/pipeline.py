@@ -115,13 +115,18 @@ def compute_order(kind: str, num_stages: int, num_microbatches: int, stage: int)
 
 
 def build_schedule(kind: str, num_stages: int, num_microbatches: int,
-                   forward_time: float = 1.0, backward_time: float = 2.0) -> Schedule:
+                   forward_time: float = 1.0, backward_time: float = 2.0, comm_time: float = 0.0) -> Schedule:
     """Per-stage programs with communications placed for a blocking rendezvous transport.
 
     Event simulation: every stage runs its compute order; an input it lacks makes it wait; a stage at an
     action boundary (finished, or waiting) first hands buffered outputs to neighbours that wait for them.
-    Raises RuntimeError if the programs would deadlock (never for GPipe/1F1B).
+    A rendezvous occupies both ends for ``comm_time`` (0: instantaneous), which prices the transport's
+    latency into :meth:`Schedule.simulated_bubble`. Raises RuntimeError if the programs would deadlock
+    (never for GPipe/1F1B).
     """
+    if comm_time < 0 or forward_time <= 0 or backward_time <= 0:
+        raise ValueError(f"times must be positive (comm_time >= 0), got forward_time={forward_time}, "
+                         f"backward_time={backward_time}, comm_time={comm_time}")
     p, m = num_stages, num_microbatches
     orders = [compute_order(kind, p, m, s) for s in range(p)]
     programs: list[list[Action]] = [[] for _ in range(p)]
@@ -170,6 +175,13 @@ def build_schedule(kind: str, num_stages: int, num_microbatches: int,
                             programs[s].append(Action("send_" + kind_, want[1]))
                             programs[peer].append(Action("recv_" + kind_, want[1]))
                             changed = True
+                            if comm_time > 0:
+                                running[s] = Action("send_" + kind_, want[1])
+                                running[peer] = Action("recv_" + kind_, want[1])
+                                busy_until[s] = busy_until[peer] = now + comm_time
+                                break
+                if running[s] is not None:
+                    continue
                 if pc[s] < len(orders[s]) and needs(s) is None:
                     a = orders[s][pc[s]]
                     pc[s] += 1
