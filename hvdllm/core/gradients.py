@@ -6,7 +6,8 @@ What every ``DistributedOptimizer`` / ``DistributedGradientTape`` does, in this 
    semantic; scale the loss by 1/k, or pass ``average_aggregated_gradients=True``, for a mean).
    The reduction happens on the pass where :func:`is_reduction_pass` is true.
 2. *Reduce*: gradients are grouped into buckets (:func:`hvdllm.core.buckets.plan_buckets`), cast to the
-   compression's wire dtype (:func:`wire_dtype`; only floating gradients are compressed), reduced with
+   compression's wire dtype (:func:`wire_dtype`; only floating gradients are compressed; a backend that
+   cannot sum that 16-bit type reduces uncompressed, :func:`backend_wire_dtype`), reduced with
    ``op`` (Average = Sum then :meth:`ReduceOp.postscale`) and cast back. With one rank nothing travels
    and nothing is cast.
 3. *Clip*: with ``max_grad_norm`` the global L2 norm is taken **after** the reduction, so every rank
@@ -79,6 +80,27 @@ def wire_dtype(grad_dtype: str, compression: CompressionSpec) -> str:
     if compression.wire_dtype is None or grad_dtype not in FLOATING:
         return grad_dtype
     return compression.wire_dtype
+
+
+# The 16-bit wire dtypes each backend can sum: Horovod's CPU ops lack bf16, MPI has no fp16/bf16 sum.
+REDUCIBLE_16BIT: dict[str, frozenset[str]] = {
+    "horovod": frozenset({"float16"}),
+    "mpi": frozenset(),
+    "local": frozenset({"float16", "bfloat16"}),
+}
+
+
+def backend_wire_dtype(grad_dtype: str, compression: CompressionSpec, backend: str) -> tuple[str, str | None]:
+    """The wire dtype on ``backend``, and a warning when compression falls back to the gradient's dtype.
+
+    A backend that cannot sum the compressed 16-bit type reduces the gradient in its own dtype (exact,
+    no bandwidth saving) rather than in a wider type after rounding, so the fallback never loses accuracy.
+    """
+    want = wire_dtype(grad_dtype, compression)
+    if want == grad_dtype or want in REDUCIBLE_16BIT.get(backend, frozenset(FLOATING)):
+        return want, None
+    return grad_dtype, (f"{compression!r}: the {backend} backend cannot reduce {want}; "
+                        f"{grad_dtype} gradients are reduced uncompressed")
 
 
 def clip_coefficient_of(total_norm: Any, max_norm: float, maximum: Callable[[Any, Any], Any],

@@ -12,12 +12,13 @@ Keras's ``jit_compile="auto"`` resolves to False; on GPUs pass ``jit_compile=Fal
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Iterable, Sequence
 
 import tensorflow as tf
 
 from hvdllm.core.buckets import TensorSpec, plan_buckets
-from hvdllm.core.gradients import ReductionConfig, clip_coefficient_of, is_reduction_pass, wire_dtype
+from hvdllm.core.gradients import ReductionConfig, backend_wire_dtype, clip_coefficient_of, is_reduction_pass
 from hvdllm.core.ops import Average, ReduceOp
 from hvdllm.core.process_sets import WORLD, ProcessSet
 
@@ -59,6 +60,18 @@ def _dense(g: Any) -> tf.Tensor:
     return tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g
 
 
+_WARNED: set[tuple[str, str]] = set()
+
+
+def _wire(dtype: str, config: ReductionConfig, backend: str) -> str:
+    """The core's wire dtype for this backend; warns once per (backend, dtype) when compression falls back."""
+    wire, warning = backend_wire_dtype(dtype, config.compression, backend)
+    if warning and (backend, wire) not in _WARNED:
+        _WARNED.add((backend, wire))
+        warnings.warn(warning, stacklevel=3)
+    return wire
+
+
 def _set_size(rt: Any, process_set: ProcessSet) -> int:
     return len(process_set.members(rt.world.size))
 
@@ -80,7 +93,7 @@ def reduce_gradients(grads: Sequence[Any], config: ReductionConfig) -> list[Any]
         specs = [TensorSpec(str(j), tuple(int(d) for d in g.shape), g.dtype.name) for j, g in enumerate(dense)]
         for bucket in plan_buckets(specs, config.bucket_cap_bytes):
             members = [dense[j] for j in bucket.indices]
-            wire = tf.as_dtype(wire_dtype(bucket.dtype, config.compression))
+            wire = tf.as_dtype(_wire(bucket.dtype, config, rt.name))
             sent = [tf.cast(g, wire) if g.dtype != wire else g for g in members]
             reduced = rt.grouped_allreduce(sent, config.op, config.process_set, name=_op_name("grads"))
             for j, g, r in zip(bucket.indices, members, reduced):
@@ -126,6 +139,8 @@ class DistributedGradientTape:
         return self._tape.__exit__(*exc)
 
     def __getattr__(self, name: str) -> Any:
+        if name == "_tape":
+            raise AttributeError(name)
         return getattr(self._tape, name)
 
     def gradient(self, target: Any, sources: Any, output_gradients: Any = None,
