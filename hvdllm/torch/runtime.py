@@ -53,10 +53,13 @@ class HorovodTorch:
     def _op(self, op: ReduceOp) -> Any:
         return self.hvd.Average if parse_op(op) is Average else self.hvd.Sum
 
-    def allreduce(self, x: torch.Tensor, op: ReduceOp = Average, process_set: ProcessSet = WORLD) -> torch.Tensor:
+    def allreduce(self, x: torch.Tensor, op: ReduceOp = Average, process_set: ProcessSet = WORLD,
+                  name: str | None = None) -> torch.Tensor:
+        # ``name``: Horovod matches ops across ranks by name; unnamed ones are numbered per process, so
+        # ranks that issue different numbers of ops (pipeline stages) must name the ops they share.
         if x.dtype == torch.bfloat16:  # Horovod's CPU ops have no bf16: reduce in fp32
-            return self.allreduce(x.float(), op, process_set).to(torch.bfloat16)
-        return self.hvd.allreduce(x, op=self._op(op), process_set=self._ps(process_set))
+            return self.allreduce(x.float(), op, process_set, name).to(torch.bfloat16)
+        return self.hvd.allreduce(x, op=self._op(op), process_set=self._ps(process_set), name=name)
 
     def allreduce_async_(self, x: torch.Tensor, op: ReduceOp = Average, process_set: ProcessSet = WORLD,
                          name: str | None = None) -> _Waited:
@@ -74,8 +77,9 @@ class HorovodTorch:
 
         return _Waited(finish)
 
-    def broadcast(self, x: torch.Tensor, root_rank: int, process_set: ProcessSet = WORLD) -> torch.Tensor:
-        return self.hvd.broadcast(x, root_rank, process_set=self._ps(process_set))
+    def broadcast(self, x: torch.Tensor, root_rank: int, process_set: ProcessSet = WORLD,
+                  name: str | None = None) -> torch.Tensor:
+        return self.hvd.broadcast(x, root_rank, process_set=self._ps(process_set), name=name)
 
     def allgather(self, x: torch.Tensor, process_set: ProcessSet = WORLD) -> torch.Tensor:
         return self.hvd.allgather(x if x.dim() else x.reshape(1), process_set=self._ps(process_set))
@@ -118,7 +122,8 @@ class NumpyTorch:
     def _back(a: Any, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return torch.from_numpy(a).to(device=like.device, dtype=dtype)
 
-    def allreduce(self, x: torch.Tensor, op: ReduceOp = Average, process_set: ProcessSet = WORLD) -> torch.Tensor:
+    def allreduce(self, x: torch.Tensor, op: ReduceOp = Average, process_set: ProcessSet = WORLD,
+                  name: str | None = None) -> torch.Tensor:
         a, dtype = _as_numpy(x)
         return self._back(self.impl.allreduce(a, op, process_set), x, dtype)
 
@@ -139,7 +144,8 @@ class NumpyTorch:
 
         return _Waited(finish)
 
-    def broadcast(self, x: torch.Tensor, root_rank: int, process_set: ProcessSet = WORLD) -> torch.Tensor:
+    def broadcast(self, x: torch.Tensor, root_rank: int, process_set: ProcessSet = WORLD,
+                  name: str | None = None) -> torch.Tensor:
         a, dtype = _as_numpy(x)
         return self._back(self.impl.broadcast(a, root_rank, process_set), x, dtype)
 

@@ -153,16 +153,11 @@ class _Saved:
 
 
 def _named(rt: Any, op: str, *args: Any, name: str) -> Any:
-    """Call a runtime collective with a Horovod op name when the backend takes one."""
+    """Call a runtime collective ("allreduce", "broadcast") with a Horovod op name where it takes one
+    (the mpi/local backends match by call order per communicator and ignore names)."""
     fn = getattr(rt, op)
     if "name" in inspect.signature(fn).parameters:
         return fn(*args, name=name)
-    if getattr(rt, "name", None) == "horovod":      # runtime without name pass-through: Horovod directly
-        if op == "allreduce":
-            x, reduce_op, ps = args
-            return rt.hvd.allreduce(x, op=rt._op(reduce_op), name=name, process_set=rt._ps(ps))
-        x, root, ps = args
-        return rt.hvd.broadcast(x, root, name=name, process_set=rt._ps(ps))
     return fn(*args)
 
 
