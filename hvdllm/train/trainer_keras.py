@@ -29,8 +29,8 @@ import hvdllm.tensorflow as hvd
 from hvdllm.data.tokenizer import TOKENIZER_FILE
 from hvdllm.models.gpt_keras import GPT, GPTConfig, cross_entropy, load_torch_state_dict, torch_state_dict
 from hvdllm.train import checkpoint as ckpt
-from hvdllm.train.common import (Progress, RunSetup, Throughput, create_run_dir, peak_flops, say, setup_run,
-                                 should_checkpoint, should_eval, should_log, write_sample)
+from hvdllm.train.common import (LossLog, Progress, RunSetup, Throughput, create_run_dir, peak_flops, say,
+                                 setup_run, should_checkpoint, should_eval, should_log, write_sample)
 from hvdllm.train.config import ConfigError, TrainConfig
 from hvdllm.train.metrics import MetricsLogger, plot_loss
 
@@ -171,7 +171,7 @@ def optimizer_arrays(optimizer: Any) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in store.items()}
 
 
-def save(s: RunSetup, model: GPT, optimizer: Any, step: int, losses: "LossLog") -> Path | None:
+def save(s: RunSetup, model: GPT, optimizer: Any, step: int, losses: LossLog) -> Path | None:
     """Write a checkpoint of ``step`` (a collective: every rank contributes its dropout RNG; rank 0 writes)."""
     pending = losses.pending()
     seeds = seed_variables(model)
@@ -208,7 +208,7 @@ def load_weights(model: GPT, arrays: dict[str, np.ndarray], where: str) -> None:
         raise ConfigError(f"{where}: {e}") from None
 
 
-def restore(s: RunSetup, model: GPT, optimizer: Any, losses: "LossLog") -> None:
+def restore(s: RunSetup, model: GPT, optimizer: Any, losses: LossLog) -> None:
     """Load weights, optimizer state, dropout RNG states and unlogged losses from ``s.resume_from``."""
     files, meta = ckpt.read_checkpoint(s.resume_from)
     losses.restore(meta.get("pending_losses", []))
@@ -231,36 +231,6 @@ def restore(s: RunSetup, model: GPT, optimizer: Any, losses: "LossLog") -> None:
 
 
 # -- the loop ---------------------------------------------------------------------------------------------
-class LossLog:
-    """Per-step local losses until the next metrics row, averaged over the ranks in one collective per row
-    (or at a checkpoint, which stores them so that a resumed run logs the same means)."""
-
-    def __init__(self, size: int) -> None:
-        self.size, self._local, self._global = size, [], []
-
-    def add(self, local_mean: float) -> None:
-        self._local.append(float(local_mean))
-
-    def pending(self) -> list[float]:
-        """Average the local values over ranks (a collective) and return all unlogged global values."""
-        if self._local:
-            vec = np.asarray(self._local, dtype=np.float64)
-            if self.size > 1:
-                vec = np.asarray(hvd.allreduce(tf.constant(vec), op=hvd.Average))
-            self._global.extend(float(v) for v in vec.tolist())
-            self._local = []
-        return list(self._global)
-
-    def restore(self, values: list[float]) -> None:
-        self._local, self._global = [], [float(v) for v in values]
-
-    def mean(self) -> float:
-        """The mean of the unlogged steps' global-batch losses; clears them."""
-        values = self.pending()
-        self._global = []
-        return float(np.mean(values)) if values else float("nan")
-
-
 def evaluate(s: RunSetup, steps: Steps) -> float:
     """Mean validation loss over run.eval_sequences fixed windows, split over the data-parallel ranks."""
     ids = s.windows.val_windows(s.cfg.run.eval_sequences)[s.dp_rank::s.plan.dp_size]
@@ -302,7 +272,7 @@ def train(cfg: TrainConfig) -> int:
     optimizer = make_optimizer(model, cfg, s.plan.accum)
     schedule = make_schedule(cfg)
     steps = Steps(model, optimizer)
-    losses = LossLog(size)
+    losses = LossLog(size, lambda vec: hvd.allreduce(tf.constant(vec), op=hvd.Average).numpy())
 
     # Nothing has been written so far; from here on, the run directory exists.
     create_run_dir(s)

@@ -26,8 +26,8 @@ import hvdllm.torch as hvd
 from hvdllm.data.tokenizer import TOKENIZER_FILE
 from hvdllm.models.gpt import GPT, GPTConfig
 from hvdllm.train import checkpoint as ckpt
-from hvdllm.train.common import (Progress, RunSetup, Throughput, create_run_dir, peak_flops, say, setup_run,
-                                 should_checkpoint, should_eval, should_log, write_sample)
+from hvdllm.train.common import (LossLog, Progress, RunSetup, Throughput, create_run_dir, peak_flops, say,
+                                 setup_run, should_checkpoint, should_eval, should_log, write_sample)
 from hvdllm.train.config import ConfigError, TrainConfig
 from hvdllm.train.metrics import MetricsLogger, plot_loss
 
@@ -193,7 +193,7 @@ def load_model_arrays(model: torch.nn.Module, arrays: dict[str, np.ndarray], whe
 
 
 def save(s: RunSetup, runner: StepRunner, optimizer: Any, step: int, device: torch.device, precision: Precision,
-         losses: "LossLog") -> Path | None:
+         losses: LossLog) -> Path | None:
     """Write a checkpoint of ``step`` (a collective: every rank contributes its RNG state; rank 0 writes)."""
     pending = losses.pending()
     weights = model_arrays(runner.full_model()) if runner.full_model is not None else None   # (a collective)
@@ -233,7 +233,7 @@ def save(s: RunSetup, runner: StepRunner, optimizer: Any, step: int, device: tor
 
 
 def restore(s: RunSetup, runner: StepRunner, optimizer: Any, precision: Precision, device: torch.device,
-            losses: "LossLog") -> None:
+            losses: LossLog) -> None:
     """Load weights, optimizer state, RNG states, loss-scaler state and unlogged losses from ``s.resume_from``."""
     files, meta = ckpt.read_checkpoint(s.resume_from)
     losses.restore(meta.get("pending_losses", []))
@@ -252,36 +252,6 @@ def restore(s: RunSetup, runner: StepRunner, optimizer: Any, precision: Precisio
 
 
 # -- the loop --------------------------------------------------------------------------------------------
-class LossLog:
-    """Per-step losses until the next metrics row: local values, averaged over the ranks in one
-    collective per row (or at a checkpoint, which stores them so a resumed run logs the same means)."""
-
-    def __init__(self, size: int) -> None:
-        self.size, self._local, self._global = size, [], []
-
-    def add(self, local_mean: torch.Tensor) -> None:
-        self._local.append(float(local_mean))
-
-    def pending(self) -> list[float]:
-        """Average the local values over ranks (a collective) and return all unlogged global values."""
-        if self._local:
-            vec = torch.tensor(self._local, dtype=torch.float64)
-            if self.size > 1:
-                vec = hvd.allreduce(vec, op=hvd.Average)
-            self._global.extend(float(v) for v in vec.tolist())
-            self._local = []
-        return list(self._global)
-
-    def restore(self, values: list[float]) -> None:
-        self._local, self._global = [], [float(v) for v in values]
-
-    def mean(self) -> float:
-        """The mean of the unlogged steps' global-batch losses; clears them."""
-        values = self.pending()
-        self._global = []
-        return float(np.mean(values)) if values else float("nan")
-
-
 def pick_device(cfg: TrainConfig) -> torch.device:
     if cfg.run.device == "cpu" or (cfg.run.device == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
@@ -338,7 +308,7 @@ def train(cfg: TrainConfig) -> int:
     if precision.scaler is not None and not (hasattr(optimizer, "synchronize") and hasattr(optimizer, "skip_synchronize")):
         raise ConfigError("run.precision=fp16 needs DistributedOptimizer.synchronize/skip_synchronize; use bf16")
     schedule = make_schedule(cfg)
-    losses = LossLog(size)
+    losses = LossLog(size, lambda vec: hvd.allreduce(torch.from_numpy(vec), op=hvd.Average).numpy())
 
     # Nothing has been written so far; from here on, the run directory exists.
     create_run_dir(s)
