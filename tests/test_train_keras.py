@@ -22,7 +22,9 @@ from hvdllm.train import checkpoint as ckpt  # noqa: E402
 from hvdllm.train.metrics import read_metrics  # noqa: E402
 from tests.multirank import run_ranks  # noqa: E402
 
-ARGS = ["--preset", "tiny", "--max-steps", "50", "--global-batch", "16", "--micro-batch", "8",
+# A fixed small shape (not the preset's, which may grow): 2 layers, width 64, context 64.
+ARGS = ["--preset", "tiny", "--set", "model.n_layer=2", "--set", "model.n_embd=64", "--set", "model.block_size=64",
+        "--max-steps", "50", "--global-batch", "16", "--micro-batch", "8",
         "--set", "run.log_interval=5", "--set", "run.eval_interval=25", "--set", "run.eval_sequences=32",
         "--set", "run.checkpoint_interval=0", "--set", "sample.tokens=40", "--set", "run.tensorboard=false"]
 SAME = ("step", "loss", "val_loss", "lr")       # the columns that do not depend on the clock

@@ -12,11 +12,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("keras")
 
-from hvdllm.models import PRESETS, GPTConfig  # noqa: E402
+from hvdllm.models import GPTConfig  # noqa: E402
 from hvdllm.models.gpt import GPT as TorchGPT  # noqa: E402
 from hvdllm.models.gpt_keras import GPT, load_torch_state_dict, torch_names, torch_state_dict  # noqa: E402
 
-TINY = dataclasses.replace(PRESETS["tiny"], block_size=32)
+TINY = GPTConfig(vocab_size=256, block_size=32, n_layer=2, n_head=4, n_embd=64)
 UNTIED = dataclasses.replace(TINY, n_layer=3, bias=False, tie_embeddings=False)
 
 
@@ -67,7 +67,7 @@ def test_same_gradients_as_torch() -> None:
 
 
 def test_init_scheme_matches_torch_statistics() -> None:
-    cfg = dataclasses.replace(PRESETS["small"], n_layer=3)
+    cfg = dataclasses.replace(TINY, n_layer=3, n_embd=128)
     km = GPT(cfg, seed=0)
     w = {n: np.asarray(v) for n, v, _ in torch_names(km)}
     assert len(km.trainable_variables) == len(w) and sum(a.size for a in w.values()) == cfg.num_params()
