@@ -47,6 +47,7 @@ class _Flat:
     grad: torch.Tensor
     state: Dict[str, torch.Tensor] = field(default_factory=dict)
     step: Optional[torch.Tensor] = None  # the group's count; each param's state['step'] mirrors it
+    count: float = 0.0  # the same count as a python float (no device sync to read it)
     uniform: bool = True  # False once some params were stepped without the others
 
     def views(self, flat: torch.Tensor) -> List[torch.Tensor]:
@@ -125,6 +126,7 @@ class _CoreOptimizer(torch.optim.Optimizer):
         keys = self._state_keys_for(group)
         flat.state = {k: torch.zeros_like(flat.param) for k in keys}
         flat.step = _new_step(flat.param.device)
+        flat.count = 0.0
         flat.uniform = True
         views = {k: flat.views(v) for k, v in flat.state.items()}
         for i, p in enumerate(flat.params):  # own step tensors: no aliasing across params
@@ -157,8 +159,9 @@ class _CoreOptimizer(torch.optim.Optimizer):
                         self._init_flat_state(group, flat)
                     if flat.uniform and self._sync_grads(flat):
                         flat.step.add_(1.0)
+                        flat.count += 1.0
                         torch._foreach_add_([self.state[p]["step"] for p in flat.params], 1.0)
-                        self._flat_update(group, flat, float(flat.step.item()))
+                        self._flat_update(group, flat, flat.count)
                         done.update(id(p) for p in flat.params)
                     elif any(p.grad is None for p in flat.params):
                         flat.uniform = False
@@ -221,7 +224,8 @@ class _CoreOptimizer(torch.optim.Optimizer):
                 for p, old in zip(flat.params, loaded):
                     self.state[p]["step"].fill_(float(old.get("step", 0.0)))
                 if len(steps) == 1:
-                    flat.step.fill_(steps.pop())
+                    flat.count = steps.pop()
+                    flat.step.fill_(flat.count)
                 else:  # params were stepped unevenly: keep per-param counts, per-tensor path
                     flat.uniform = False
 
