@@ -23,9 +23,9 @@ import hvdllm.torch as hvd
 def make_data(n: int = 2048, seed: int = 0) -> TensorDataset:
     """Two interleaved spirals: a small task a 2-layer MLP learns in a few epochs."""
     g = torch.Generator().manual_seed(seed)
-    t = torch.rand(n, generator=g) * 3 * torch.pi
+    t = torch.rand(n, generator=g) * 2 * torch.pi
     label = torch.randint(0, 2, (n,), generator=g)
-    r = t / (3 * torch.pi)
+    r = 0.2 + t / (2 * torch.pi)
     angle = t + label * torch.pi
     x = torch.stack([r * torch.cos(angle), r * torch.sin(angle)], 1) + 0.02 * torch.randn(n, 2, generator=g)
     return TensorDataset(x, label)
@@ -33,9 +33,9 @@ def make_data(n: int = 2048, seed: int = 0) -> TensorDataset:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--batch", type=int, default=64, help="global batch (all ranks together)")
-    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--lr", type=float, default=0.02)
     args = ap.parse_args()
 
     hvd.init()                                                                   # hvd

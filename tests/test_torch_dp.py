@@ -6,9 +6,11 @@ branch unused on one rank must not hang the job.
 """
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
-from tests.multirank import run_ranks
+from tests.multirank import ROOT, base_env, command, run_ranks
 
 EXACT = 2e-6   # fp32 rounding: the average of two half-batch means vs one mean over the whole batch
 FP16 = 2e-3    # fp16 wire: ~3 decimal digits per reduced gradient, over 20 SGD steps
@@ -47,3 +49,17 @@ def test_two_ranks_match_one_process(launcher: str, backend: str) -> None:
         assert rep["bcast_state"] == reports[0]["bcast_state"]
         assert rep["bcast_state"][1:] == [0.01, 8]
         assert rep["bcast_empty_state"] == [0, 0.01, True]
+
+
+@pytest.mark.timeout(420)
+def test_example_script_same_result_at_np1_and_np2() -> None:
+    """examples/torch_train.py: `python` and `horovodrun -np 2` train the same model (same global batch)."""
+    checksums = {}
+    for launcher, np in (("python", 1), ("gloo", 2)):
+        cmd, extra = command(launcher, np, [str(ROOT / "examples" / "torch_train.py"), "--epochs", "2"])
+        proc = subprocess.run(cmd, env=base_env(extra), capture_output=True, text=True, timeout=400, cwd=str(ROOT))
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        done = [line for line in proc.stdout.splitlines() if "done size" in line]
+        assert done and f"size {np}" in done[-1], proc.stdout[-3000:]
+        checksums[np] = float(done[-1].split("checksum")[1])
+    assert checksums[1] == pytest.approx(checksums[2], rel=1e-5, abs=1e-4)

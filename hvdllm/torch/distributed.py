@@ -212,8 +212,9 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             wire = None
             if support is not None:
                 wire_name, fell_back = effective_wire_dtype(bk.dtype, self._config.compression, support)
-                if fell_back and (self._rt.name, bk.dtype) not in _warned:
-                    _warned.add((self._rt.name, bk.dtype))
+                key = (self._rt.name, f"{self._config.compression.wire_dtype}<-{bk.dtype}")
+                if fell_back and key not in _warned:  # once per process and kind of fallback
+                    _warned.add(key)
                     warnings.warn(f"hvdllm: the {self._rt.name} backend cannot reduce "
                                   f"{self._config.compression.wire_dtype}; {bk.dtype} gradients travel "
                                   f"uncompressed as {bk.dtype}", RuntimeWarning, stacklevel=3)
