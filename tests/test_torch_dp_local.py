@@ -202,3 +202,26 @@ def test_effective_wire_dtype() -> None:
     assert effective_wire_dtype("float32", Compression.none, frozenset()) == ("float32", False)
     assert effective_wire_dtype("int64", Compression.fp16, None) == ("int64", False)
     assert effective_wire_dtype("float16", Compression.fp16, frozenset()) == ("float16", False)
+
+
+@pytest.mark.parametrize("name,fused", [("AdamW", False), ("AdamW", True), ("LAMB", False), ("SGD", True)])
+def test_wraps_hvdllm_optimizers(name: str, fused: bool) -> None:
+    """hvdllm.torch.optim's optimizers (including their fused flat-buffer mode) behave the same wrapped."""
+    from hvdllm.torch import optim as hopt
+
+    kwargs = {"lr": 0.05, "momentum": 0.9} if name == "SGD" else {"lr": 0.01}
+    model = net()
+    ref = copy.deepcopy(model)
+    opt = hvd.DistributedOptimizer(getattr(hopt, name)(model.parameters(), fused=fused, **kwargs),
+                                   named_parameters=model.named_parameters(), max_grad_norm=0.1)
+    ref_opt = getattr(hopt, name)(ref.parameters(), fused=fused, **kwargs)
+    for step in range(6):
+        opt.zero_grad()
+        loss_of(model, step).backward()
+        opt.step()
+        ref_opt.zero_grad()
+        loss_of(ref, step).backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.1)
+        ref_opt.step()
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
