@@ -48,7 +48,7 @@ def test_layers_and_preset_defaults(tmp_path: Path) -> None:
     ([{"nosuch.x": 1}], "nosuch.x"),
     ([{"optim.lr": "fast"}], "optim.lr='fast'"),
     ([{"batch.global_batch": 10, "batch.micro_batch": 4}], "--global-batch 10"),
-    ([{"data.seq_len": 100}], "longer than the model's context"),
+    ([{"data.seq_len": 1000}], "longer than the model's context"),
     ([{"run.exit_at_step": 9, "run.max_steps": 5}], "--exit-at-step 9"),
     ([{"run.precision": "fp8"}], "run.precision='fp8'"),
 ])
