@@ -272,3 +272,16 @@ def test_fused_kernel_equals_core_rule_in_float64(cls, kw):
             opt.step()
         out.append(torch.cat([p.detach().reshape(-1) for p in ps]))
     assert _rel(out[1], out[0]) < 1e-13
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_step_counts_and_stateless_sgd(fused):
+    ps = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2, 2))]
+    opt = hopt.SGD(ps, lr=0.5, fused=fused)
+    for _ in range(3):
+        for p in ps:
+            p.grad = torch.ones_like(p)
+        opt.step()
+    assert all(torch.allclose(p, torch.full_like(p, -0.5)) for p in ps)
+    if fused:
+        assert [float(opt.state[p]["step"]) for p in ps] == [3.0, 3.0]

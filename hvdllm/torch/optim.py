@@ -26,9 +26,8 @@ decay, Adam, AdamW; equality with the core rule is tested), and the core rule it
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -155,7 +154,7 @@ class _CoreOptimizer(torch.optim.Optimizer):
             done = set()
             if self.fused:
                 for flat in self._flats[gi]:
-                    if not flat.state:
+                    if flat.step is None:
                         self._init_flat_state(group, flat)
                     if flat.uniform and self._sync_grads(flat):
                         flat.step.add_(1.0)
@@ -210,7 +209,7 @@ class _CoreOptimizer(torch.optim.Optimizer):
             for flat in flats:
                 loaded = [self.state.get(p, {}) for p in flat.params]
                 if not any(loaded):
-                    flat.state = {}
+                    flat.state, flat.step = {}, None
                     continue
                 self._init_flat_state(group, flat)
                 steps = set()
