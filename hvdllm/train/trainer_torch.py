@@ -425,7 +425,7 @@ def sample_checkpoint(path: str, prompt: str | None, tokens: int | None, tempera
     files, meta = ckpt.read_checkpoint(ck)
     cfg = from_dict(meta["config"])
     gpt = GPTConfig(**meta["model"])
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(1)           # one sequence, token by token: more threads only add overhead
     device = torch.device("cpu")
     precision = make_precision("fp32", device)
     runner = data_parallel_runner(gpt, precision, device)
