@@ -193,3 +193,12 @@ def test_bad_hyperparameters_raise_value_error(make, fragment):
     with pytest.raises(ValueError) as info:
         make()
     assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_optimizers_serialize_round_trip():
+    opt = kopt.AdamW(kopt.Schedule(ADAM_SCHEDULE), weight_decay=0.1, epsilon=1e-8, epsilon_hat=True)
+    again = keras.optimizers.deserialize(keras.optimizers.serialize(opt))
+    assert isinstance(again, kopt.AdamW) and again.weight_decay == 0.1 and again.epsilon_hat
+    assert again._learning_rate.schedule == ADAM_SCHEDULE
+    sgd = keras.optimizers.deserialize(keras.optimizers.serialize(kopt.SGD(0.1, momentum=0.9, nesterov=True)))
+    assert isinstance(sgd, kopt.SGD) and sgd.momentum == 0.9 and sgd.nesterov

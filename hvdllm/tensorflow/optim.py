@@ -66,6 +66,7 @@ class _CoreKerasOptimizer(keras.optimizers.Optimizer):
         return step, lr, cast
 
 
+@keras.saving.register_keras_serializable(package="hvdllm")
 class SGD(_CoreKerasOptimizer):
     """SGD with L2 weight decay, heavy-ball or Nesterov momentum (:func:`hvdllm.core.optim.sgd_step`)."""
 
@@ -101,6 +102,7 @@ class SGD(_CoreKerasOptimizer):
         return config
 
 
+@keras.saving.register_keras_serializable(package="hvdllm")
 class Adam(_CoreKerasOptimizer):
     """Adam with L2 weight decay (:func:`hvdllm.core.optim.adam_step`)."""
 
@@ -142,6 +144,7 @@ class Adam(_CoreKerasOptimizer):
         return config
 
 
+@keras.saving.register_keras_serializable(package="hvdllm")
 class AdamW(Adam):
     """Adam with decoupled weight decay ``p *= 1 - lr*wd`` (as ``keras.optimizers.AdamW``)."""
 
@@ -156,6 +159,7 @@ class AdamW(Adam):
                          weight_decay=weight_decay, epsilon_hat=epsilon_hat, name=name, **kwargs)
 
 
+@keras.saving.register_keras_serializable(package="hvdllm")
 class LAMB(_CoreKerasOptimizer):
     """LAMB (You et al., 2019): per-variable trust ratio over the Adam direction plus ``wd*p``."""
 
@@ -192,6 +196,7 @@ class LAMB(_CoreKerasOptimizer):
         return config
 
 
+@keras.saving.register_keras_serializable(package="hvdllm")
 class Schedule(keras.optimizers.schedules.LearningRateSchedule):
     """A Keras ``LearningRateSchedule`` evaluating a core :class:`LRSchedule` (float64 math, float32 out).
 
