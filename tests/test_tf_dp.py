@@ -47,6 +47,9 @@ def check_reports(reports: list[dict], n: int) -> None:
     for case, tol in TOL.items():
         if f"{case}_w" in rank0:
             assert rank0[f"{case}_diff"] < tol, (case, rank0[f"{case}_diff"])
+    if "fit_clip_grad_norm" in rank0:  # reported by the optimizer, the same on every rank, above the cap
+        assert all(rep["fit_clip_grad_norm"] == rank0["fit_clip_grad_norm"] for rep in reports)
+        assert rank0["fit_clip_grad_norm"] > 0.05
     if "fit_accum_sum_iterations" in rank0:
         assert rank0["fit_accum_sum_iterations"] == 2  # 4 passes, k=2: the optimizer stepped twice
     if "tape_sum" in rank0:

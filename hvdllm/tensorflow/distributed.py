@@ -76,8 +76,10 @@ def _set_size(rt: Any, process_set: ProcessSet) -> int:
     return len(process_set.members(rt.world.size))
 
 
-def reduce_gradients(grads: Sequence[Any], config: ReductionConfig) -> list[Any]:
+def reduce_gradients(grads: Sequence[Any], config: ReductionConfig, norm_out: Any = None) -> list[Any]:
     """Reduce a list of gradients (None entries pass through) over the ranks, then clip if configured.
+
+    With clipping, ``norm_out`` (a float32 ``tf.Variable``, optional) receives the global norm before clipping.
 
     Buckets follow the core's plan (dtype, size cap, reverse order); each bucket is one grouped
     allreduce in the compression's wire dtype. Works eagerly and inside ``tf.function``.
@@ -99,14 +101,17 @@ def reduce_gradients(grads: Sequence[Any], config: ReductionConfig) -> list[Any]
             for j, g, r in zip(bucket.indices, members, reduced):
                 out[idx[j]] = tf.cast(r, g.dtype) if r.dtype != g.dtype else r
     if config.max_grad_norm is not None and idx:
-        out = clip_by_global_norm_after_reduction(out, config.max_grad_norm)
+        out = clip_by_global_norm_after_reduction(out, config.max_grad_norm, norm_out)
     return out
 
 
-def clip_by_global_norm_after_reduction(grads: Sequence[Any], max_norm: float) -> list[Any]:
-    """Scale gradients by the core's clip coefficient of their global L2 norm (computed in float32)."""
+def clip_by_global_norm_after_reduction(grads: Sequence[Any], max_norm: float, norm_out: Any = None) -> list[Any]:
+    """Scale gradients by the core's clip coefficient of their global L2 norm (computed in float32);
+    ``norm_out`` (a float32 ``tf.Variable``, optional) receives that norm."""
     present = [_dense(g) for g in grads if g is not None]
     total = tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(tf.cast(g, tf.float32))) for g in present]))
+    if norm_out is not None:
+        norm_out.assign(total)
     coef = clip_coefficient_of(total, max_norm, tf.maximum)
     return [None if g is None else _dense(g) * tf.cast(coef, g.dtype) for g in grads]
 
@@ -160,6 +165,7 @@ class _State:
         self.config = config
         self.accumulators: list[tf.Variable] = []
         self.passes: tf.Variable | None = None
+        self.grad_norm: tf.Variable | None = None
 
 
 class _DistributedMixin:
@@ -177,12 +183,21 @@ class _DistributedMixin:
         """Backward passes counted so far (None without accumulation)."""
         return self._hvdllm.passes
 
+    @property
+    def grad_norm(self) -> tf.Variable | None:
+        """With ``max_grad_norm``: the global gradient norm of the last update (after the reduction,
+        before clipping), as the torch DistributedOptimizer's ``grad_norm``; else None."""
+        return self._hvdllm.grad_norm
+
     def build(self, variables: Sequence[Any]) -> None:
         super().build(variables)
         self._hvdllm_accumulators(list(variables))
 
     def _hvdllm_accumulators(self, variables: list[Any]) -> None:
         state = self._hvdllm
+        if state.config.max_grad_norm is not None and state.grad_norm is None:
+            with tf.init_scope():
+                state.grad_norm = tf.Variable(tf.constant(0.0, tf.float32), trainable=False, name="hvdllm_grad_norm")
         if state.config.backward_passes_per_step == 1 or state.accumulators:
             return
         with tf.init_scope():
@@ -205,7 +220,8 @@ class _DistributedMixin:
         state = self._hvdllm
         inner = super(_DistributedMixin, self).apply
         if state.config.backward_passes_per_step == 1:
-            return inner(reduce_gradients(grads, state.config), trainable_variables)
+            self._hvdllm_accumulators(list(self._trainable_variables))
+            return inner(reduce_gradients(grads, state.config, state.grad_norm), trainable_variables)
         self._hvdllm_accumulators(list(self._trainable_variables))
         pairs = [(g, v) for g, v in zip(grads, trainable_variables) if g is not None]
         accs = [state.accumulators[self._get_variable_index(v)] for _, v in pairs]
@@ -219,7 +235,7 @@ class _DistributedMixin:
             summed = [acc.read_value() for acc in accs]
             if state.config.local_scale != 1.0:
                 summed = [s * tf.cast(state.config.local_scale, s.dtype) for s in summed]
-            inner(reduce_gradients(summed, state.config), variables)
+            inner(reduce_gradients(summed, state.config, state.grad_norm), variables)
             for acc in accs:
                 acc.assign(tf.zeros_like(acc))
             return tf.constant(True)

@@ -141,6 +141,7 @@ if want("fit_clip"):
     m.compile(optimizer=hvd.DistributedOptimizer(make_opt("sgd"), max_grad_norm=0.05), loss="mse")
     m.fit(x, y, batch_size=B, epochs=1, shuffle=False, verbose=0)
     record("fit_clip", m, reference_fit("sgd", global_clipnorm=0.05))
+    out["fit_clip_grad_norm"] = float(m.optimizer.grad_norm.numpy())  # last update's norm, before clipping
 
 # --- fp16 / bf16 compression: close to the reference, identical on every rank -------------------------
 for comp in ("fp16", "bf16"):
