@@ -27,7 +27,7 @@ ARGS = ["--preset", "tiny", "--set", "model.n_layer=2", "--set", "model.n_embd=6
         "--max-steps", "50", "--global-batch", "16", "--micro-batch", "8",
         "--set", "run.log_interval=5", "--set", "run.eval_interval=25", "--set", "run.eval_sequences=32",
         "--set", "run.checkpoint_interval=0", "--set", "sample.tokens=40", "--set", "run.tensorboard=false"]
-SAME = ("step", "loss", "val_loss", "lr")       # the columns that do not depend on the clock
+SAME = ("step", "loss", "val_loss", "lr", "grad_norm")       # the columns that do not depend on the clock
 
 
 def train(out: Path, *extra: str) -> int:
@@ -120,6 +120,9 @@ def test_two_ranks_gloo_log_the_one_rank_losses(reference: Path, tmp_path: Path)
             if w[k]:
                 assert abs(float(g[k]) - float(w[k])) < 1e-5, (g["step"], k, g[k], w[k])
         assert g["lr"] == w["lr"]
+        if w["loss"]:
+            gn, want_gn = float(g["grad_norm"]), float(w["grad_norm"])
+            assert want_gn > 0 and abs(gn - want_gn) < 1e-4 * want_gn, (g["step"], gn, want_gn)
 
 
 @pytest.mark.timeout(120)

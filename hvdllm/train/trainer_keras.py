@@ -316,7 +316,9 @@ def train(cfg: TrainConfig) -> int:
                 mean = losses.mean()
                 tps, mfu = tput.read()
                 val = evaluate(s, steps) if should_eval(step, cfg) else None
-                metrics.log({"step": step, "loss": mean, "val_loss": val, "lr": lr, "grad_norm": None,
+                gn = getattr(optimizer, "grad_norm", None)      # after averaging, before clipping
+                gn = float(gn.numpy()) if gn is not None else None
+                metrics.log({"step": step, "loss": mean, "val_loss": val, "lr": lr, "grad_norm": gn,
                              "tokens_per_s": tps, "mfu": mfu, "elapsed_s": tput.elapsed()})
                 progress.show(step, mean, tps, mfu, val, lr)
                 if not math.isfinite(mean):
