@@ -144,7 +144,7 @@ for name, case in CASES.items():
         out["cases"][name] = run_case(case)
         print(f"rank {R}: {name} done", file=sys.stderr, flush=True)
 
-print(f"rank {R}: at '# --- broadcast_para'", file=sys.stderr, flush=True)
+print(f"rank {R}: broadcast_parameters", file=sys.stderr, flush=True)
 # --- broadcast_parameters: ranks start different, end as root (the last rank).
 torch.manual_seed(100 + R)
 model = Net()
@@ -157,7 +157,7 @@ want = Net()
 want.fc1.weight.data += root
 out["bcast_params_want"] = digest(want)
 
-print(f"rank {R}: at '# --- broadcast_opti'", file=sys.stderr, flush=True)
+print(f"rank {R}: broadcast_optimizer_state", file=sys.stderr, flush=True)
 # --- broadcast_optimizer_state: different Adam states (and lr) become rank 0's.
 torch.manual_seed(5)
 model = Net()
@@ -175,7 +175,7 @@ for i in sorted(sd["state"]):
         h.update(key.encode() + sd["state"][i][key].detach().float().numpy().tobytes())
 out["bcast_state"] = [h.hexdigest()[:16], sd["param_groups"][0]["lr"], len(sd["state"])]
 
-print(f"rank {R}: at '# Before the first s'", file=sys.stderr, flush=True)
+print(f"rank {R}: broadcast_optimizer_state before the first step", file=sys.stderr, flush=True)
 # Before the first step: rank 0's empty state wins, parameters are untouched, training then matches.
 torch.manual_seed(5)
 model = Net()
@@ -191,6 +191,6 @@ if R != 0:  # give the other ranks some state that must disappear
 hvd.broadcast_optimizer_state(dopt, root_rank=0)
 out["bcast_empty_state"] = [len(dopt.state_dict()["state"]), dopt.param_groups[0]["lr"], digest(model) == before]
 
-print(f"rank {R}: at 'hvd.barrier()\nreport'", file=sys.stderr, flush=True)
+print(f"rank {R}: report", file=sys.stderr, flush=True)
 hvd.barrier()
 report(R, out)
