@@ -38,7 +38,7 @@ __all__ = sorted(_front.exports()) + [
     "allreduce_async_", "broadcast_", "Average", "Sum", "ReduceOp", "Compression", "ProcessSet",
 ]
 
-from hvdllm.torch.broadcast import broadcast_optimizer_state, broadcast_parameters  # noqa: E402
+from hvdllm.torch.sync import broadcast_optimizer_state, broadcast_parameters  # noqa: E402
 from hvdllm.torch.distributed import DistributedOptimizer  # noqa: E402
 
 __all__ += ["DistributedOptimizer", "broadcast_parameters", "broadcast_optimizer_state"]
