@@ -66,55 +66,32 @@ def _split_last(x: torch.Tensor, group: Group) -> torch.Tensor:
     return x.chunk(group.size, dim=-1)[group.index].contiguous()
 
 
-class _CopyToGroup(torch.autograd.Function):
-    """f: y = x forward; dL/dx = sum over the group of dL/dy backward."""
+def _gather_last(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return torch.cat(_allgather_stack(x, group).unbind(0), dim=-1)
 
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: Group) -> torch.Tensor:
+
+def _conjugate(name: str, doc: str, forward: Any, backward: Any) -> type:
+    """An autograd Function computing ``forward(x, group)`` with gradient ``backward(dL/dy, group)``."""
+
+    def fwd(ctx: Any, x: torch.Tensor, group: Group) -> torch.Tensor:
         ctx.group = group
-        return x.view_as(x)
+        return forward(x, group)
 
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> tuple:
-        return _allreduce_sum(g, ctx.group), None
+    def bwd(ctx: Any, g: torch.Tensor) -> tuple:
+        return backward(g, ctx.group), None
 
-
-class _ReduceFromGroup(torch.autograd.Function):
-    """g: y = sum over the group of x forward; dL/dx = dL/dy backward."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: Group) -> torch.Tensor:
-        return _allreduce_sum(x, group)
-
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> tuple:
-        return g, None
+    return type(name, (torch.autograd.Function,),
+                {"__doc__": doc, "forward": staticmethod(fwd), "backward": staticmethod(bwd)})
 
 
-class _GatherFromGroup(torch.autograd.Function):
-    """y = [x_1, ..., x_n] along the last dimension; backward keeps this rank's slice of dL/dy."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: Group) -> torch.Tensor:
-        ctx.group = group
-        return torch.cat(_allgather_stack(x, group).unbind(0), dim=-1)
-
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> tuple:
-        return _split_last(g, ctx.group), None
-
-
-class _ScatterToGroup(torch.autograd.Function):
-    """y = this rank's slice of x along the last dimension; backward gathers the slices' gradients."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: Group) -> torch.Tensor:
-        ctx.group = group
-        return _split_last(x, group)
-
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> tuple:
-        return torch.cat(_allgather_stack(g, ctx.group).unbind(0), dim=-1), None
+_CopyToGroup = _conjugate("_CopyToGroup", "f: y = x forward; dL/dx = sum over the group of dL/dy backward.",
+                          lambda x, group: x.view_as(x), _allreduce_sum)
+_ReduceFromGroup = _conjugate("_ReduceFromGroup", "g: y = sum over the group of x forward; dL/dx = dL/dy backward.",
+                              _allreduce_sum, lambda g, group: g)
+_GatherFromGroup = _conjugate("_GatherFromGroup", "y = [x_1, ..., x_n] along the last dimension; backward keeps "
+                              "this rank's slice of dL/dy.", _gather_last, _split_last)
+_ScatterToGroup = _conjugate("_ScatterToGroup", "y = this rank's slice of x along the last dimension; backward "
+                             "gathers the slices' gradients.", _split_last, _gather_last)
 
 
 def copy_to_group(x: torch.Tensor, group: Group) -> torch.Tensor:
