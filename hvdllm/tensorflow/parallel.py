@@ -51,52 +51,40 @@ def _slice_last(x: tf.Tensor, group: Group) -> tf.Tensor:
     return tf.split(x, group.size, axis=-1)[group.index]
 
 
-def copy_to_group(x: tf.Tensor, group: Group) -> tf.Tensor:
-    """Identity forward; the gradient is summed over the group."""
+def _conjugate(x: tf.Tensor, group: Group, forward: Any, backward: Any) -> tf.Tensor:
+    """``forward(x, group)`` with gradient ``backward(dy, group)``; the identity on a group of one."""
     if group.size == 1:
         return x
 
     @tf.custom_gradient
     def f(t: tf.Tensor) -> Any:
-        return tf.identity(t), lambda dy: _allreduce_sum(dy, group)
+        return forward(t, group), lambda dy: backward(dy, group)
 
     return f(x)
+
+
+def _identity(t: tf.Tensor, group: Group) -> tf.Tensor:
+    return tf.identity(t)
+
+
+def copy_to_group(x: tf.Tensor, group: Group) -> tf.Tensor:
+    """Identity forward; the gradient is summed over the group."""
+    return _conjugate(x, group, _identity, _allreduce_sum)
 
 
 def reduce_from_group(x: tf.Tensor, group: Group) -> tf.Tensor:
     """Sum over the group forward; identity backward."""
-    if group.size == 1:
-        return x
-
-    @tf.custom_gradient
-    def f(t: tf.Tensor) -> Any:
-        return _allreduce_sum(t, group), lambda dy: tf.identity(dy)
-
-    return f(x)
+    return _conjugate(x, group, _allreduce_sum, _identity)
 
 
 def gather_from_group(x: tf.Tensor, group: Group) -> tf.Tensor:
     """Concatenate the ranks' tensors along the last axis; backward keeps this rank's slice."""
-    if group.size == 1:
-        return x
-
-    @tf.custom_gradient
-    def f(t: tf.Tensor) -> Any:
-        return _gather_last(t, group), lambda dy: _slice_last(dy, group)
-
-    return f(x)
+    return _conjugate(x, group, _gather_last, _slice_last)
 
 
 def scatter_to_group(x: tf.Tensor, group: Group) -> tf.Tensor:
     """This rank's slice of the last axis; backward gathers the slices' gradients."""
-    if group.size == 1:
-        return x
-
-    @tf.custom_gradient
-    def f(t: tf.Tensor) -> Any:
-        return _slice_last(t, group), lambda dy: _gather_last(dy, group)
-
-    return f(x)
+    return _conjugate(x, group, _slice_last, _gather_last)
 
 
 def _check(what: str, n: int, group: Group) -> None:
