@@ -44,12 +44,16 @@ def _adam_textbook(p, g, m, v, t, lr, b1, b2, eps, wd, decoupled):
     return p - lr * m_hat / (np.sqrt(v_hat) + eps), m, v
 
 
+def _two_copies_from_zero_moments(seed: int):
+    """(p, m, v) with zero moments, an independent copy for the reference, and a gradient rng."""
+    p, _, _, _ = _arrays()
+    m, v = np.zeros_like(p), np.zeros_like(p)
+    return p, m, v, p.copy(), m.copy(), v.copy(), np.random.default_rng(seed)
+
+
 @pytest.mark.parametrize("decoupled", [False, True])
 def test_adam_matches_algorithm_1(decoupled):
-    p, g, _, _ = _arrays()
-    m, v = np.zeros_like(p), np.zeros_like(p)
-    q, mq, vq = p.copy(), m.copy(), v.copy()
-    rng = np.random.default_rng(3)
+    p, m, v, q, mq, vq, rng = _two_copies_from_zero_moments(3)
     for t in range(1, 8):
         g = rng.standard_normal(p.shape)
         p, m, v = core.adam_step(np, p, g, m, v, step=t, lr=0.01, beta1=0.8, beta2=0.99, eps=1e-8,
@@ -98,10 +102,7 @@ def _lamb_paper(x, g, m, v, t, lr, b1, b2, eps, lam):
 
 
 def test_lamb_matches_paper():
-    x, _, _, _ = _arrays()
-    m, v = np.zeros_like(x), np.zeros_like(x)
-    y, my, vy = x.copy(), m.copy(), v.copy()
-    rng = np.random.default_rng(5)
+    x, m, v, y, my, vy, rng = _two_copies_from_zero_moments(5)
     for t in range(1, 6):
         g = rng.standard_normal(x.shape)
         x, m, v = core.lamb_step(np, x, g, m, v, step=t, lr=0.05, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01)
