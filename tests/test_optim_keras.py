@@ -14,6 +14,7 @@ import torch  # noqa: E402
 from hvdllm.core.schedules import LRSchedule  # noqa: E402
 from hvdllm.tensorflow import optim as kopt  # noqa: E402
 from hvdllm.torch import optim as topt  # noqa: E402
+from tests.threads import one_torch_thread  # noqa: F401  (autouse fixture)
 
 STEPS = 200
 TOL = 2e-6
@@ -75,14 +76,6 @@ def _torch_run(make, steps=STEPS, schedule=None):
 
 def _rel(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("name, ref, ours, tol", [

@@ -9,17 +9,11 @@ import torch
 
 import hvdllm.torch as hvd
 from hvdllm.torch import optim as hopt
+from tests.threads import one_torch_thread  # noqa: F401  (autouse fixture)
 
 STEPS = 200
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors on a shared 2-core machine: one intra-op thread is fastest and deterministic."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 TOL = 2e-6  # ||x - ref|| / ||ref|| in float32; torch's own fused vs foreach AdamW differ by ~5e-7 here
 
 

@@ -102,20 +102,15 @@ class SGD(_CoreKerasOptimizer):
         return config
 
 
-@keras.saving.register_keras_serializable(package="hvdllm")
-class Adam(_CoreKerasOptimizer):
-    """Adam with L2 weight decay (:func:`hvdllm.core.optim.adam_step`)."""
+class _AdamFamily(_CoreKerasOptimizer):
+    """Shared by Adam and LAMB: their checks, the two moment slots and the call into the core's step."""
 
-    _decoupled = False
-
-    def __init__(self, learning_rate: Any = 0.001, beta_1: float = 0.9, beta_2: float = 0.999,
-                 epsilon: float = 1e-7, weight_decay: Optional[float] = None, epsilon_hat: bool = False,
-                 name: str = "Adam", **kwargs: Any) -> None:
+    def __init__(self, learning_rate: Any, beta_1: float, beta_2: float, epsilon: float,
+                 weight_decay: Optional[float], name: str, **kwargs: Any) -> None:
         _check_lr(learning_rate)
         core.check_adam(0.0, (beta_1, beta_2), epsilon, weight_decay or 0.0)
         super().__init__(learning_rate=learning_rate, weight_decay=weight_decay, name=name, **kwargs)
         self.beta_1, self.beta_2, self.epsilon = float(beta_1), float(beta_2), float(epsilon)
-        self.epsilon_hat = bool(epsilon_hat)
 
     def build(self, variables: Any) -> None:
         if self.built:
@@ -124,23 +119,45 @@ class Adam(_CoreKerasOptimizer):
         self._momentums = self.add_optimizer_variables(variables, "momentum")
         self._velocities = self.add_optimizer_variables(variables, "velocity")
 
-    def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
+    def _moments_step(self, step_fn: Any, gradient: Any, variable: Any, learning_rate: Any,
+                      **extra: Any) -> None:
+        """``step_fn`` (core.adam_step or core.lamb_step) on this variable's slots; assigns the results."""
         step, lr, cast = self._scalars(variable, learning_rate)
         i = self._get_variable_index(variable)
         m, v = self._momentums[i], self._velocities[i]
-        new_p, new_m, new_v = core.adam_step(
+        new_p, new_m, new_v = step_fn(
             tf_namespace, tf.convert_to_tensor(variable), tf.cast(gradient, variable.dtype),
             tf.convert_to_tensor(m), tf.convert_to_tensor(v), step=step, lr=lr, beta1=self.beta_1,
-            beta2=self.beta_2, eps=self.epsilon, weight_decay=self._decay(variable),
-            decoupled=self._decoupled, eps_hat=self.epsilon_hat, cast=cast)
+            beta2=self.beta_2, eps=self.epsilon, weight_decay=self._decay(variable), cast=cast, **extra)
         self.assign(m, new_m)
         self.assign(v, new_v)
         self.assign(variable, new_p)
 
     def get_config(self) -> Dict[str, Any]:
         config = super().get_config()
-        config.update(beta_1=self.beta_1, beta_2=self.beta_2, epsilon=self.epsilon,
-                      epsilon_hat=self.epsilon_hat)
+        config.update(beta_1=self.beta_1, beta_2=self.beta_2, epsilon=self.epsilon)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="hvdllm")
+class Adam(_AdamFamily):
+    """Adam with L2 weight decay (:func:`hvdllm.core.optim.adam_step`)."""
+
+    _decoupled = False
+
+    def __init__(self, learning_rate: Any = 0.001, beta_1: float = 0.9, beta_2: float = 0.999,
+                 epsilon: float = 1e-7, weight_decay: Optional[float] = None, epsilon_hat: bool = False,
+                 name: str = "Adam", **kwargs: Any) -> None:
+        super().__init__(learning_rate, beta_1, beta_2, epsilon, weight_decay, name, **kwargs)
+        self.epsilon_hat = bool(epsilon_hat)
+
+    def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
+        self._moments_step(core.adam_step, gradient, variable, learning_rate, decoupled=self._decoupled,
+                           eps_hat=self.epsilon_hat)
+
+    def get_config(self) -> Dict[str, Any]:
+        config = super().get_config()
+        config.update(epsilon_hat=self.epsilon_hat)
         return config
 
 
@@ -160,40 +177,16 @@ class AdamW(Adam):
 
 
 @keras.saving.register_keras_serializable(package="hvdllm")
-class LAMB(_CoreKerasOptimizer):
+class LAMB(_AdamFamily):
     """LAMB (You et al., 2019): per-variable trust ratio over the Adam direction plus ``wd*p``."""
 
     def __init__(self, learning_rate: Any = 0.001, beta_1: float = 0.9, beta_2: float = 0.999,
                  epsilon: float = 1e-6, weight_decay: Optional[float] = 0.01, name: str = "LAMB",
                  **kwargs: Any) -> None:
-        _check_lr(learning_rate)
-        core.check_adam(0.0, (beta_1, beta_2), epsilon, weight_decay or 0.0)
-        super().__init__(learning_rate=learning_rate, weight_decay=weight_decay, name=name, **kwargs)
-        self.beta_1, self.beta_2, self.epsilon = float(beta_1), float(beta_2), float(epsilon)
-
-    def build(self, variables: Any) -> None:
-        if self.built:
-            return
-        super().build(variables)
-        self._momentums = self.add_optimizer_variables(variables, "momentum")
-        self._velocities = self.add_optimizer_variables(variables, "velocity")
+        super().__init__(learning_rate, beta_1, beta_2, epsilon, weight_decay, name, **kwargs)
 
     def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
-        step, lr, cast = self._scalars(variable, learning_rate)
-        i = self._get_variable_index(variable)
-        m, v = self._momentums[i], self._velocities[i]
-        new_p, new_m, new_v = core.lamb_step(
-            tf_namespace, tf.convert_to_tensor(variable), tf.cast(gradient, variable.dtype),
-            tf.convert_to_tensor(m), tf.convert_to_tensor(v), step=step, lr=lr, beta1=self.beta_1,
-            beta2=self.beta_2, eps=self.epsilon, weight_decay=self._decay(variable), cast=cast)
-        self.assign(m, new_m)
-        self.assign(v, new_v)
-        self.assign(variable, new_p)
-
-    def get_config(self) -> Dict[str, Any]:
-        config = super().get_config()
-        config.update(beta_1=self.beta_1, beta_2=self.beta_2, epsilon=self.epsilon)
-        return config
+        self._moments_step(core.lamb_step, gradient, variable, learning_rate)
 
 
 @keras.saving.register_keras_serializable(package="hvdllm")

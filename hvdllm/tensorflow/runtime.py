@@ -10,11 +10,9 @@ from typing import Any, Sequence
 import numpy as np
 import tensorflow as tf
 
-from hvdllm.core import backend as core_backend
-from hvdllm.core.collectives import NumpyCollectives, local_world, mpi_world
 from hvdllm.core.ops import Average, ReduceOp, parse_op
-from hvdllm.core.process_sets import WORLD, ProcessSet, normalize_process_sets
-from hvdllm.core.world import World
+from hvdllm.core.process_sets import WORLD, ProcessSet
+from hvdllm.core.runtime_base import HorovodBase, NumpyBase, create_runtime
 
 
 def horovod_available() -> bool:
@@ -26,27 +24,13 @@ def horovod_available() -> bool:
     return True
 
 
-class HorovodTF:
+class HorovodTF(HorovodBase):
     """Collectives on horovod.tensorflow's low-level ops (which work on TF 2.21; its Keras glue does not)."""
-
-    name = "horovod"
 
     def __init__(self, process_sets: Sequence[ProcessSet]) -> None:
         import horovod.tensorflow as hvd
 
-        self.hvd = hvd
-        self._sets = {ps: hvd.ProcessSet(list(ps.ranks)) for ps in process_sets}
-        hvd.init(process_sets=list(self._sets.values()) or None)
-        self._sets[WORLD] = hvd.global_process_set
-        self.world = World(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), backend="horovod")
-
-    def _ps(self, ps: ProcessSet) -> Any:
-        if ps not in self._sets:
-            raise ValueError(f"process set {ps.ranks} was not registered: pass it to init(process_sets=[...])")
-        return self._sets[ps]
-
-    def _op(self, op: ReduceOp) -> Any:
-        return self.hvd.Average if parse_op(op) is Average else self.hvd.Sum
+        super().__init__(hvd, process_sets)
 
     def allreduce(self, x: tf.Tensor, op: ReduceOp = Average, process_set: ProcessSet = WORLD,
                   name: str | None = None) -> tf.Tensor:
@@ -88,25 +72,13 @@ class HorovodTF:
     def broadcast_object(self, obj: Any, root_rank: int = 0, process_set: ProcessSet = WORLD) -> Any:
         return self.hvd.broadcast_object(obj, root_rank, process_set=self._ps(process_set))
 
-    def add_process_set(self, ps: ProcessSet) -> None:
-        if ps not in self._sets:
-            self._sets[ps] = self.hvd.add_process_set(list(ps.ranks))
-
-    def shutdown(self) -> None:
-        self.hvd.shutdown()
-
 
 def _np_dtype(dtype: tf.DType) -> Any:
     return np.float32 if dtype == tf.bfloat16 else dtype.as_numpy_dtype
 
 
-class NumpyTF:
+class NumpyTF(NumpyBase):
     """Collectives for the mpi and local backends: TF tensors through the core's numpy code."""
-
-    def __init__(self, name: str, process_sets: Sequence[ProcessSet]) -> None:
-        self.name = name
-        comm, self.world = mpi_world() if name == "mpi" else local_world()
-        self.impl = NumpyCollectives(comm, self.world, process_sets)
 
     def _call(self, fn: Any, x: tf.Tensor, out_shape: Any = None) -> tf.Tensor:
         """Run ``fn`` (numpy -> numpy) eagerly, or as a numpy_function inside a graph."""
@@ -153,22 +125,7 @@ class NumpyTF:
         return self._call(lambda a: self.impl.allgather(a, process_set), x,
                           out_shape=tf.TensorShape([None]).concatenate(x.shape[1:]))
 
-    def barrier(self, process_set: ProcessSet = WORLD) -> None:
-        self.impl.barrier(process_set)
-
-    def broadcast_object(self, obj: Any, root_rank: int = 0, process_set: ProcessSet = WORLD) -> Any:
-        return self.impl.broadcast_object(obj, root_rank, process_set)
-
-    def add_process_set(self, ps: ProcessSet) -> None:
-        self.impl.add_process_set(ps)
-
-    def shutdown(self) -> None:
-        return None
-
 
 def create(process_sets: Sequence[ProcessSet | Sequence[int]] | None = None) -> HorovodTF | NumpyTF:
-    sets = normalize_process_sets(process_sets)
-    name = core_backend.choose_backend(horovod_available, lambda: core_backend.module_available("mpi4py"))
-    if name == "horovod":
-        return HorovodTF(sets)
-    return NumpyTF(name, sets)
+    """Discover the backend (see hvdllm.core.backend) and initialise it."""
+    return create_runtime(process_sets, horovod_available, HorovodTF, NumpyTF)

@@ -265,32 +265,46 @@ class SGD(_CoreOptimizer):
                           nesterov=bool(group["nesterov"]), maximize=False, is_first_step=False)
 
 
-class Adam(_CoreOptimizer):
-    """Adam with L2 weight decay (:func:`core.adam_step`, ``decoupled=False``); matches ``torch.optim.Adam``.
-
-    ``m <- b1*m + (1-b1)*g``, ``v <- b2*v + (1-b2)*g^2``,
-    ``p <- p - lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)``, with ``g <- g + wd*p`` first.
-    """
+class _AdamFamily(_CoreOptimizer):
+    """Shared by Adam and LAMB: their checks, the two moment buffers and the call into the core's step."""
 
     _state_keys = ("exp_avg", "exp_avg_sq")
-    _decoupled = False
 
-    def __init__(self, params: Any, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, fused: bool = False) -> None:
+    def __init__(self, params: Any, lr: float, betas: Tuple[float, float], eps: float, weight_decay: float,
+                 fused: bool) -> None:
         core.check_adam(lr, betas, eps, weight_decay)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay), fused)
 
     def _check_group(self, group: Dict[str, Any]) -> None:
         core.check_adam(group["lr"], group["betas"], group["eps"], group["weight_decay"])
 
-    def _tensor_update(self, group, p, grad, state, step):
+    def _moments_update(self, step_fn: Any, group: Dict[str, Any], p: Any, grad: Any, state: Dict[str, Any],
+                        step: int, **extra: Any) -> None:
+        """``step_fn`` (core.adam_step or core.lamb_step) on one tensor; copies the results in place."""
         beta1, beta2 = group["betas"]
-        new_p, m, v = core.adam_step(torch, p, grad, state["exp_avg"], state["exp_avg_sq"], step=step,
-                                     lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
-                                     weight_decay=group["weight_decay"], decoupled=self._decoupled)
+        new_p, m, v = step_fn(torch, p, grad, state["exp_avg"], state["exp_avg_sq"], step=step,
+                              lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+                              weight_decay=group["weight_decay"], **extra)
         p.copy_(new_p)
         state["exp_avg"].copy_(m)
         state["exp_avg_sq"].copy_(v)
+
+
+class Adam(_AdamFamily):
+    """Adam with L2 weight decay (:func:`core.adam_step`, ``decoupled=False``); matches ``torch.optim.Adam``.
+
+    ``m <- b1*m + (1-b1)*g``, ``v <- b2*v + (1-b2)*g^2``,
+    ``p <- p - lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)``, with ``g <- g + wd*p`` first.
+    """
+
+    _decoupled = False
+
+    def __init__(self, params: Any, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, fused: bool = False) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, fused)
+
+    def _tensor_update(self, group, p, grad, state, step):
+        self._moments_update(core.adam_step, group, p, grad, state, step, decoupled=self._decoupled)
 
     def _flat_update(self, group, flat, step):
         if flat.param.dtype not in _NATIVE_DTYPES:
@@ -313,31 +327,19 @@ class AdamW(Adam):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
 
 
-class LAMB(_CoreOptimizer):
+class LAMB(_AdamFamily):
     """LAMB (You et al., 2019): Adam direction plus ``wd*p``, scaled per tensor by ``||p||/||u||``.
 
     See :func:`core.lamb_step`. In fused mode the direction is one pass over the flat buffers and the
     per-tensor norms are taken over views of them.
     """
 
-    _state_keys = ("exp_avg", "exp_avg_sq")
-
     def __init__(self, params: Any, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.01, fused: bool = False) -> None:
-        core.check_adam(lr, betas, eps, weight_decay)
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay), fused)
-
-    def _check_group(self, group: Dict[str, Any]) -> None:
-        core.check_adam(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+        super().__init__(params, lr, betas, eps, weight_decay, fused)
 
     def _tensor_update(self, group, p, grad, state, step):
-        beta1, beta2 = group["betas"]
-        new_p, m, v = core.lamb_step(torch, p, grad, state["exp_avg"], state["exp_avg_sq"], step=step,
-                                     lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
-                                     weight_decay=group["weight_decay"])
-        p.copy_(new_p)
-        state["exp_avg"].copy_(m)
-        state["exp_avg_sq"].copy_(v)
+        self._moments_update(core.lamb_step, group, p, grad, state, step)
 
     def _flat_update(self, group, flat, step):
         beta1, beta2 = group["betas"]

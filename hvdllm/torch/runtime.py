@@ -5,11 +5,9 @@ from typing import Any, Sequence
 
 import torch
 
-from hvdllm.core import backend as core_backend
-from hvdllm.core.collectives import NumpyCollectives, local_world, mpi_world
-from hvdllm.core.ops import Average, ReduceOp, parse_op
-from hvdllm.core.process_sets import WORLD, ProcessSet, normalize_process_sets
-from hvdllm.core.world import World
+from hvdllm.core.ops import Average, ReduceOp
+from hvdllm.core.process_sets import WORLD, ProcessSet
+from hvdllm.core.runtime_base import HorovodBase, NumpyBase, create_runtime
 
 
 def horovod_available() -> bool:
@@ -31,27 +29,13 @@ class _Waited:
         return self._result
 
 
-class HorovodTorch:
+class HorovodTorch(HorovodBase):
     """Collectives on horovod.torch (Gloo or MPI controller, whatever horovodrun chose)."""
-
-    name = "horovod"
 
     def __init__(self, process_sets: Sequence[ProcessSet]) -> None:
         import horovod.torch as hvd
 
-        self.hvd = hvd
-        self._sets = {ps: hvd.ProcessSet(list(ps.ranks)) for ps in process_sets}
-        hvd.init(process_sets=list(self._sets.values()) or None)
-        self._sets[WORLD] = hvd.global_process_set
-        self.world = World(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), backend="horovod")
-
-    def _ps(self, ps: ProcessSet) -> Any:
-        if ps not in self._sets:
-            raise ValueError(f"process set {ps.ranks} was not registered: pass it to init(process_sets=[...])")
-        return self._sets[ps]
-
-    def _op(self, op: ReduceOp) -> Any:
-        return self.hvd.Average if parse_op(op) is Average else self.hvd.Sum
+        super().__init__(hvd, process_sets)
 
     def allreduce(self, x: torch.Tensor, op: ReduceOp = Average, process_set: ProcessSet = WORLD,
                   name: str | None = None) -> torch.Tensor:
@@ -93,13 +77,6 @@ class HorovodTorch:
         return self.hvd.broadcast_object(obj, root_rank, name="hvdllm.broadcast_object",
                                          process_set=self._ps(process_set))
 
-    def add_process_set(self, ps: ProcessSet) -> None:
-        if ps not in self._sets:
-            self._sets[ps] = self.hvd.add_process_set(list(ps.ranks))
-
-    def shutdown(self) -> None:
-        self.hvd.shutdown()
-
 
 def _as_numpy(x: torch.Tensor) -> tuple[Any, torch.dtype]:
     """A contiguous CPU numpy view/copy; bf16 (which numpy lacks) travels as float32."""
@@ -110,13 +87,8 @@ def _as_numpy(x: torch.Tensor) -> tuple[Any, torch.dtype]:
     return t.cpu().contiguous().numpy(), dtype
 
 
-class NumpyTorch:
+class NumpyTorch(NumpyBase):
     """Collectives for the mpi and local backends: torch tensors through the core's numpy code."""
-
-    def __init__(self, name: str, process_sets: Sequence[ProcessSet]) -> None:
-        self.name = name
-        comm, self.world = mpi_world() if name == "mpi" else local_world()
-        self.impl = NumpyCollectives(comm, self.world, process_sets)
 
     @staticmethod
     def _back(a: Any, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -153,23 +125,7 @@ class NumpyTorch:
         a, dtype = _as_numpy(x)
         return self._back(self.impl.allgather(a, process_set), x, dtype)
 
-    def barrier(self, process_set: ProcessSet = WORLD) -> None:
-        self.impl.barrier(process_set)
-
-    def broadcast_object(self, obj: Any, root_rank: int = 0, process_set: ProcessSet = WORLD) -> Any:
-        return self.impl.broadcast_object(obj, root_rank, process_set)
-
-    def add_process_set(self, ps: ProcessSet) -> None:
-        self.impl.add_process_set(ps)
-
-    def shutdown(self) -> None:
-        return None
-
 
 def create(process_sets: Sequence[ProcessSet | Sequence[int]] | None = None) -> HorovodTorch | NumpyTorch:
     """Discover the backend (see hvdllm.core.backend) and initialise it."""
-    sets = normalize_process_sets(process_sets)
-    name = core_backend.choose_backend(horovod_available, lambda: core_backend.module_available("mpi4py"))
-    if name == "horovod":
-        return HorovodTorch(sets)
-    return NumpyTorch(name, sets)
+    return create_runtime(process_sets, horovod_available, HorovodTorch, NumpyTorch)

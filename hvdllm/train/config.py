@@ -87,6 +87,7 @@ class ParallelSection:
 
     tp: int = 1
     pp: int = 1
+    schedule: str = "1f1b"               # pipeline schedule over the micro-batches (--pp > 1): 1f1b | gpipe
 
 
 @dataclasses.dataclass
@@ -183,6 +184,7 @@ FRAMEWORKS = ("torch", "tensorflow")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 DECAYS = ("cosine", "linear", "constant")
+PIPELINE_SCHEDULES = ("1f1b", "gpipe")
 COMPRESSIONS = ("none", "fp16", "bf16")
 
 
@@ -334,6 +336,7 @@ def validate(cfg: TrainConfig) -> None:
     _choice("run.device", r.device, DEVICES)
     _choice("run.compression", r.compression, COMPRESSIONS)
     _choice("schedule.decay", s.decay, DECAYS)
+    _choice("parallel.schedule", p.schedule, PIPELINE_SCHEDULES)
     _choice("data.tokenizer", d.tokenizer, ("byte", "bpe"))
     gpt = cfg.gpt_config()
     for key, v in (("batch.global_batch", b.global_batch), ("batch.micro_batch", b.micro_batch),
@@ -365,6 +368,8 @@ def validate(cfg: TrainConfig) -> None:
         _need(1 <= r.exit_at_step <= r.max_steps,
               f"--exit-at-step {r.exit_at_step} must be in [1, --max-steps {r.max_steps}]")
     _need(bool(r.out), "run.out must name a directory")
+    _need(p.pp <= gpt.n_layer, f"--pp {p.pp} is more pipeline stages than model.n_layer={gpt.n_layer} layers; "
+                               f"allowed: 1..{gpt.n_layer}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -78,20 +78,32 @@ class StepRunner:
     full_model: Callable[[], torch.nn.Module] | None = None
     prepare_optimizer: Callable[[Any], Any] | None = None
     dp_group: Any = None
+    # Pipeline parallel: a fresh deterministic op name per call, for every collective the loop issues
+    # (stages issue different numbers of collectives, and Horovod numbers unnamed ones per process).
+    collective_name: Callable[[str], str] | None = None
 
 
-def data_parallel_runner(gpt: GPTConfig, precision: Precision, device: torch.device) -> StepRunner:
-    """The whole model on every rank (tp = pp = 1)."""
-    model = GPT(gpt).to(device)
+def accumulate_forward_backward(loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                                precision: Precision, device: torch.device) -> Callable[[list[Batch]], torch.Tensor]:
+    """``forward_backward`` for a model run whole on this rank: backward of each micro-batch's loss
+    (``loss_of(x, y)``) / len(micro), returning the detached mean loss (shared by the dp and tp runners)."""
 
     def forward_backward(micro: list[Batch]) -> torch.Tensor:
         total = torch.zeros((), device=device)
         for x, y in micro:
             with precision.autocast():
-                _, loss = model(x, y)
+                loss = loss_of(x, y)
             precision.scale(loss / len(micro)).backward()
             total += loss.detach().float()
         return total / len(micro)
+
+    return forward_backward
+
+
+def data_parallel_runner(gpt: GPTConfig, precision: Precision, device: torch.device) -> StepRunner:
+    """The whole model on every rank (tp = pp = 1)."""
+    model = GPT(gpt).to(device)
+    forward_backward = accumulate_forward_backward(lambda x, y: model(x, y)[1], precision, device)
 
     @torch.no_grad()
     def eval_loss_sum(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -180,17 +192,28 @@ def load_model_arrays(model: torch.nn.Module, arrays: dict[str, np.ndarray], whe
             t.copy_(torch.from_numpy(a))
 
 
+def gather_rows(t: torch.Tensor, s: RunSetup, runner: StepRunner) -> torch.Tensor:
+    """Every rank's 1-d ``t`` stacked by rank (an allgather; a named Sum-allreduce where the runner
+    names its collectives, since Horovod's allgather takes no name here)."""
+    if s.size == 1:
+        return t.unsqueeze(0)
+    if runner.collective_name is None:
+        return hvd.allgather(t.unsqueeze(0))
+    rows = torch.zeros((s.size, t.numel()), dtype=torch.int64)
+    rows[s.rank] = t.cpu().to(torch.int64)
+    return allreduce(runner, rows, hvd.Sum, "gather").to(t.dtype)
+
+
 def save(s: RunSetup, runner: StepRunner, optimizer: Any, step: int, device: torch.device, precision: Precision,
          losses: LossLog) -> Path | None:
     """Write a checkpoint of ``step`` (a collective: every rank contributes its RNG state; rank 0 writes)."""
     pending = losses.pending()
     weights = model_arrays(runner.full_model()) if runner.full_model is not None else None   # (a collective)
     rng = torch.get_rng_state()
-    all_rng = hvd.allgather(rng.unsqueeze(0)) if s.size > 1 else rng.unsqueeze(0)
+    all_rng = gather_rows(rng, s, runner)
     cuda_rng = None
     if device.type == "cuda":
-        c = torch.cuda.get_rng_state(device).unsqueeze(0)
-        cuda_rng = hvd.allgather(c) if s.size > 1 else c
+        cuda_rng = gather_rows(torch.cuda.get_rng_state(device), s, runner)
     if not s.is_root:
         return None
     opt_arrays, opt_skeleton = ckpt.flatten_state(_to_numpy_tree(optimizer.state_dict()))
@@ -262,8 +285,15 @@ def evaluate(s: RunSetup, runner: StepRunner, device: torch.device) -> float:
     runner.model.train()
     both = torch.tensor([total.item(), float(count)], dtype=torch.float64)
     if s.size > 1:          # (ranks holding the same data slice add the same sum and count: the ratio holds)
-        both = hvd.allreduce(both, op=hvd.Sum)
+        both = allreduce(runner, both, hvd.Sum, "eval")
     return float(both[0] / both[1])
+
+
+def allreduce(runner: StepRunner, x: torch.Tensor, op: Any, tag: str) -> torch.Tensor:
+    """A world allreduce the loop issues, named by the runner where it names its collectives."""
+    if runner.collective_name is None:
+        return hvd.allreduce(x, op=op)
+    return hvd.collectives().allreduce(x, op, hvd.WORLD, name=runner.collective_name(tag))
 
 
 def sample_text(runner: StepRunner, tokenizer: Any, prompt: str, tokens: int, temperature: float, top_k: int,
@@ -295,7 +325,7 @@ def train(cfg: TrainConfig) -> int:
     optimizer = make_optimizer(runner.model, cfg, s.plan.accum, runner)
     if precision.scaler is not None and not (hasattr(optimizer, "synchronize") and hasattr(optimizer, "skip_synchronize")):
         raise ConfigError("run.precision=fp16 needs DistributedOptimizer.synchronize/skip_synchronize; use bf16")
-    losses = LossLog(size, lambda vec: hvd.allreduce(torch.from_numpy(vec), op=hvd.Average).numpy())
+    losses = LossLog(size, lambda vec: allreduce(runner, torch.from_numpy(vec), hvd.Average, "loss").numpy())
 
     # Nothing has been written so far; from here on, the run directory exists.
     create_run_dir(s)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 import types
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -66,8 +66,9 @@ def global_grad_norm(model: TensorParallelGPT, group: Group) -> float:
     return math.sqrt(float(sharded + replicated))
 
 
-def add_tensor_parallel_clipping(optimizer: Any, model: TensorParallelGPT, group: Group,
-                                 max_grad_norm: float | None) -> Any:
+def add_tensor_parallel_clipping(optimizer: Any, model: torch.nn.Module, group: Group,
+                                 max_grad_norm: float | None,
+                                 norm_fn: Callable[[], float] | None = None) -> Any:
     """Make ``optimizer.synchronize()`` (which ``step()`` calls) clip on the global norm after the
     data-parallel average; ``optimizer.grad_norm`` then holds that norm. The DistributedOptimizer must
     be built with ``max_grad_norm=None`` (its own norm would be this shard's)."""
@@ -75,7 +76,7 @@ def add_tensor_parallel_clipping(optimizer: Any, model: TensorParallelGPT, group
 
     def synchronize(self: Any) -> None:
         reduce_and_average()
-        norm = global_grad_norm(model, group)
+        norm = norm_fn() if norm_fn is not None else global_grad_norm(model, group)
         self.grad_norm = norm
         if max_grad_norm is not None:
             coef = clip_coefficient(norm, max_grad_norm)
@@ -91,12 +92,13 @@ def add_tensor_parallel_clipping(optimizer: Any, model: TensorParallelGPT, group
 def model_parallel_runner(s: Any, precision: Any, device: torch.device) -> Any:
     """The StepRunner for ``--tp N`` (``--pp 1``): see the module docstring."""
     from hvdllm.train.config import ConfigError
-    from hvdllm.train.trainer_torch import StepRunner
+    from hvdllm.train.trainer_torch import StepRunner, accumulate_forward_backward
 
     tp, pp = s.cfg.parallel.tp, s.cfg.parallel.pp
     if pp > 1:
-        raise ConfigError(f"--pp {pp}: pipeline parallelism in `hvdllm train` is not supported yet "
-                          "(use hvdllm.torch.parallel.PipelineRuntime from Python); allowed: --pp 1")
+        from hvdllm.torch.parallel.pipeline_train import pipeline_runner
+
+        return pipeline_runner(s, precision, device)
     if s.gpt.n_head % tp or s.gpt.vocab_size % tp:
         raise ConfigError(f"--tp {tp}: model.n_head={s.gpt.n_head} and model.vocab_size={s.gpt.vocab_size} "
                           f"must both be divisible by it")
@@ -106,14 +108,8 @@ def model_parallel_runner(s: Any, precision: Any, device: torch.device) -> Any:
     group = grid.group("tp", s.rank)
     model = parallelize_gpt(GPT(s.gpt), group).to(device)
 
-    def forward_backward(micro: list) -> torch.Tensor:
-        total = torch.zeros((), device=device)
-        for x, y in micro:
-            with precision.autocast():
-                _, loss = model(x, y, gather_logits=False)
-            precision.scale(loss / len(micro)).backward()
-            total += loss.detach().float()
-        return total / len(micro)
+    forward_backward = accumulate_forward_backward(
+        lambda x, y: model(x, y, gather_logits=False)[1], precision, device)
 
     @torch.no_grad()
     def eval_loss_sum(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:

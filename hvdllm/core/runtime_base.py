@@ -1,0 +1,75 @@
+"""Framework-free halves of the adapters' runtimes: process-set bookkeeping and backend choice.
+
+The torch and TF adapters subclass these and add only their tensor conversions, so the rules (which
+process sets exist, how ops map onto Horovod's, which backend a job gets) are written once here.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+from hvdllm.core import backend as core_backend
+from hvdllm.core.collectives import NumpyCollectives, local_world, mpi_world
+from hvdllm.core.ops import Average, ReduceOp, parse_op
+from hvdllm.core.process_sets import WORLD, ProcessSet, normalize_process_sets
+from hvdllm.core.world import World
+
+
+class HorovodBase:
+    """Horovod initialised with the registered process sets; ``hvd`` is horovod.torch or horovod.tensorflow."""
+
+    name = "horovod"
+
+    def __init__(self, hvd: Any, process_sets: Sequence[ProcessSet]) -> None:
+        self.hvd = hvd
+        self._sets = {ps: hvd.ProcessSet(list(ps.ranks)) for ps in process_sets}
+        hvd.init(process_sets=list(self._sets.values()) or None)
+        self._sets[WORLD] = hvd.global_process_set
+        self.world = World(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), backend="horovod")
+
+    def _ps(self, ps: ProcessSet) -> Any:
+        if ps not in self._sets:
+            raise ValueError(f"process set {ps.ranks} was not registered: pass it to init(process_sets=[...])")
+        return self._sets[ps]
+
+    def _op(self, op: ReduceOp) -> Any:
+        return self.hvd.Average if parse_op(op) is Average else self.hvd.Sum
+
+    def add_process_set(self, ps: ProcessSet) -> None:
+        if ps not in self._sets:
+            self._sets[ps] = self.hvd.add_process_set(list(ps.ranks))
+
+    def shutdown(self) -> None:
+        self.hvd.shutdown()
+
+
+class NumpyBase:
+    """The mpi and local backends: the core's numpy collectives behind an adapter's tensor conversions."""
+
+    def __init__(self, name: str, process_sets: Sequence[ProcessSet]) -> None:
+        self.name = name
+        comm, self.world = mpi_world() if name == "mpi" else local_world()
+        self.impl = NumpyCollectives(comm, self.world, process_sets)
+
+    def barrier(self, process_set: ProcessSet = WORLD) -> None:
+        self.impl.barrier(process_set)
+
+    def broadcast_object(self, obj: Any, root_rank: int = 0, process_set: ProcessSet = WORLD) -> Any:
+        return self.impl.broadcast_object(obj, root_rank, process_set)
+
+    def add_process_set(self, ps: ProcessSet) -> None:
+        self.impl.add_process_set(ps)
+
+    def shutdown(self) -> None:
+        return None
+
+
+def create_runtime(process_sets: Sequence[ProcessSet | Sequence[int]] | None,
+                   horovod_available: Callable[[], bool],
+                   horovod_cls: Callable[[Sequence[ProcessSet]], Any],
+                   numpy_cls: Callable[[str, Sequence[ProcessSet]], Any]) -> Any:
+    """Discover the backend (see hvdllm.core.backend) and initialise the adapter's class for it."""
+    sets = normalize_process_sets(process_sets)
+    name = core_backend.choose_backend(horovod_available, lambda: core_backend.module_available("mpi4py"))
+    if name == "horovod":
+        return horovod_cls(sets)
+    return numpy_cls(name, sets)
