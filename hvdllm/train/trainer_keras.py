@@ -16,9 +16,8 @@ fp16 loss scaling is left to the torch trainer.
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -29,10 +28,9 @@ import hvdllm.tensorflow as hvd
 from hvdllm.data.tokenizer import TOKENIZER_FILE
 from hvdllm.models.gpt_keras import GPT, GPTConfig, cross_entropy, load_torch_state_dict, torch_state_dict
 from hvdllm.train import checkpoint as ckpt
-from hvdllm.train.common import (LossLog, Progress, RunSetup, Throughput, create_run_dir, peak_flops, say,
-                                 setup_run, should_checkpoint, should_eval, should_log, write_sample)
+from hvdllm.train.common import LossLog, RunSetup, create_run_dir, peak_flops, setup_run
+from hvdllm.train.loop import StepHooks, run_training
 from hvdllm.train.config import ConfigError, TrainConfig
-from hvdllm.train.metrics import MetricsLogger, plot_loss
 
 POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16"}
 _SEED_STRIDE = 1_000_003      # per-rank offset of the dropout seed generators (rank 0 keeps the model's)
@@ -93,17 +91,6 @@ def make_optimizer(model: GPT, cfg: TrainConfig, accum: int) -> Any:
                                     max_grad_norm=cfg.optim.max_grad_norm, bucket_cap_mb=cfg.run.bucket_cap_mb)
     dist.build(model.trainable_variables)
     return dist
-
-
-def make_schedule(cfg: TrainConfig) -> Callable[[int], float]:
-    """Learning rate of optimizer step ``i`` (0-based): the core's warmup + decay over run.max_steps."""
-    from hvdllm.core.schedules import LRSchedule
-
-    try:
-        return LRSchedule(cfg.optim.lr, cfg.schedule.warmup_steps, cfg.run.max_steps, decay=cfg.schedule.decay,
-                          min_lr=cfg.optim.lr * cfg.schedule.min_lr_ratio)
-    except ValueError as e:
-        raise ConfigError(f"schedule: {e} (schedule.warmup_steps must not exceed --max-steps)") from None
 
 
 # -- compiled steps ----------------------------------------------------------------------------------------
@@ -270,7 +257,6 @@ def train(cfg: TrainConfig) -> int:
     cfg = s.cfg
     model = GPT(s.gpt, seed=cfg.run.seed)             # identical initial weights on every rank ...
     optimizer = make_optimizer(model, cfg, s.plan.accum)
-    schedule = make_schedule(cfg)
     steps = Steps(model, optimizer)
     losses = LossLog(size, lambda vec: hvd.allreduce(tf.constant(vec), op=hvd.Average).numpy())
 
@@ -285,69 +271,26 @@ def train(cfg: TrainConfig) -> int:
     if size > 1:
         hvd.barrier()
 
-    metrics = MetricsLogger(s.run_dir, enabled=s.is_root,
-                            resume_step=s.start_step if s.resume_from is not None else None,
-                            tensorboard=cfg.run.tensorboard)
     peak, peak_src = peak_flops(cfg.run.peak_flops, gpu_name, threads)
-    tput = Throughput(s.gpt.flops_per_token(), peak, size)
-    progress = Progress(cfg.run.max_steps, s.start_step, enabled=s.is_root and cfg.run.progress)
-    progress.note(f"Keras {keras.__version__} on TensorFlow {tf.__version__}, {gpu_name or 'CPU'}, "
-                  f"{threads} thread(s) per rank, precision {cfg.run.precision}; "
-                  f"MFU against {peak / 1e12:.3g} TFLOP/s per rank ({peak_src})")
-    if s.resume_from is None and cfg.run.eval_interval > 0:
-        val0 = evaluate(s, steps)
-        metrics.log({"step": 0, "val_loss": val0})
-        progress.note(f"step 0: val loss {val0:.4f}")
+    note = (f"Keras {keras.__version__} on TensorFlow {tf.__version__}, {gpu_name or 'CPU'}, "
+            f"{threads} thread(s) per rank, precision {cfg.run.precision}; "
+            f"MFU against {peak / 1e12:.3g} TFLOP/s per rank ({peak_src})")
+    g = cfg.batch.global_batch
 
-    g, seq = cfg.batch.global_batch, s.windows.seq_len
-    step = s.start_step
-    try:
-        while step < cfg.run.max_steps:
-            lr = float(schedule(step))
-            optimizer.learning_rate = lr
-            micro = s.windows.micro_batches(step, g, s.dp_rank, s.plan.dp_size, cfg.batch.micro_batch)
-            loss = steps.step(micro)
-            step += 1
-            losses.add(loss)
-            tput.add(g * seq)
-            progress.step()
+    def step(i: int, lr: float) -> float:
+        optimizer.learning_rate = lr
+        return float(steps.step(s.windows.micro_batches(i, g, s.dp_rank, s.plan.dp_size, cfg.batch.micro_batch)))
 
-            if should_log(step, cfg):
-                mean = losses.mean()
-                tps, mfu = tput.read()
-                val = evaluate(s, steps) if should_eval(step, cfg) else None
-                gn = getattr(optimizer, "grad_norm", None)      # after averaging, before clipping
-                gn = float(gn.numpy()) if gn is not None else None
-                metrics.log({"step": step, "loss": mean, "val_loss": val, "lr": lr, "grad_norm": gn,
-                             "tokens_per_s": tps, "mfu": mfu, "elapsed_s": tput.elapsed()})
-                progress.show(step, mean, tps, mfu, val, lr)
-                if not math.isfinite(mean):
-                    raise FloatingPointError(f"loss is {mean} at step {step}; lower optim.lr or use fp32")
-            elif should_eval(step, cfg):
-                val = evaluate(s, steps)
-                metrics.log({"step": step, "val_loss": val, "lr": lr})
-                progress.note(f"step {step}: val loss {val:.4f}")
+    def grad_norm() -> float | None:
+        gn = getattr(optimizer, "grad_norm", None)       # after averaging, before clipping
+        return float(gn.numpy()) if gn is not None else None
 
-            if should_checkpoint(step, cfg):
-                path = save(s, model, optimizer, step, losses)
-                progress.note(f"checkpoint {path}")
-            if cfg.run.exit_at_step is not None and step == cfg.run.exit_at_step and step < cfg.run.max_steps:
-                progress.close()
-                if s.is_root:
-                    plot_loss(s.run_dir)
-                    say(f"exiting after step {step} (--exit-at-step); continue with --resume")
-                metrics.close()
-                return 0
-    finally:
-        progress.close()
+    def sample(prompt: str, tokens: int, temperature: float, top_k: int, seed: int) -> str | None:
+        return sample_text(model, s.tokenizer, prompt, tokens, temperature, top_k, seed) if s.is_root else None
 
-    metrics.close()
-    if s.is_root:
-        plot_loss(s.run_dir)
-        sp = cfg.sample
-        text = sample_text(model, s.tokenizer, sp.prompt, sp.tokens, sp.temperature, sp.top_k, sp.seed)
-        write_sample(s.run_dir, sp.prompt, text)
-        say(f"done: {step} steps in {tput.elapsed():.0f} s; run directory {s.run_dir}")
+    hooks = StepHooks(step=step, evaluate=lambda: evaluate(s, steps),
+                      save=lambda i, ls: save(s, model, optimizer, i, ls), grad_norm=grad_norm, sample=sample)
+    run_training(s, hooks, losses, s.gpt.flops_per_token(), peak, size, note)
     if size > 1:
         hvd.barrier()
     return 0

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,10 +25,9 @@ import hvdllm.torch as hvd
 from hvdllm.data.tokenizer import TOKENIZER_FILE
 from hvdllm.models.gpt import GPT, GPTConfig
 from hvdllm.train import checkpoint as ckpt
-from hvdllm.train.common import (LossLog, Progress, RunSetup, Throughput, create_run_dir, peak_flops, say,
-                                 setup_run, should_checkpoint, should_eval, should_log, write_sample)
+from hvdllm.train.common import LossLog, RunSetup, create_run_dir, peak_flops, setup_run
+from hvdllm.train.loop import StepHooks, run_training
 from hvdllm.train.config import ConfigError, TrainConfig
-from hvdllm.train.metrics import MetricsLogger, plot_loss
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -159,16 +157,6 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, accum: int, runner:
     return hvd.DistributedOptimizer(inner, named_parameters=model.named_parameters(), compression=compression,
                                     backward_passes_per_step=accum, op=hvd.Average,
                                     bucket_cap_mb=cfg.run.bucket_cap_mb, max_grad_norm=clip)
-
-
-def make_schedule(cfg: TrainConfig) -> Callable[[int], float]:
-    """Learning rate of optimizer step ``i`` (0-based): the core's warmup + decay over run.max_steps
-    (a warmup longer than the run is cut to the run)."""
-    from hvdllm.core.schedules import LRSchedule
-
-    warmup = min(cfg.schedule.warmup_steps, cfg.run.max_steps)
-    return LRSchedule(cfg.optim.lr, warmup, cfg.run.max_steps, decay=cfg.schedule.decay,
-                      min_lr=cfg.optim.lr * cfg.schedule.min_lr_ratio)
 
 
 # -- checkpoint state <-> torch ----------------------------------------------------------------------------
@@ -337,7 +325,6 @@ def train(cfg: TrainConfig) -> int:
     optimizer = make_optimizer(runner.model, cfg, s.plan.accum, runner)
     if precision.scaler is not None and not (hasattr(optimizer, "synchronize") and hasattr(optimizer, "skip_synchronize")):
         raise ConfigError("run.precision=fp16 needs DistributedOptimizer.synchronize/skip_synchronize; use bf16")
-    schedule = make_schedule(cfg)
     losses = LossLog(size, lambda vec: allreduce(runner, torch.from_numpy(vec), hvd.Average, "loss").numpy())
 
     # Nothing has been written so far; from here on, the run directory exists.
@@ -356,88 +343,50 @@ def train(cfg: TrainConfig) -> int:
     if size > 1:
         hvd.barrier()
 
-    metrics = MetricsLogger(s.run_dir, enabled=s.is_root,
-                            resume_step=s.start_step if s.resume_from is not None else None,
-                            tensorboard=cfg.run.tensorboard)
     peak, peak_src = peak_flops(cfg.run.peak_flops,
                                 torch.cuda.get_device_name(device) if device.type == "cuda" else None, threads)
-    tput = Throughput(s.gpt.flops_per_token(), peak, size)
-    progress = Progress(cfg.run.max_steps, s.start_step, enabled=s.is_root and cfg.run.progress)
-    progress.note(f"device {device}, {threads} thread(s) per rank, precision {cfg.run.precision}; "
-                  f"MFU against {peak / 1e12:.3g} TFLOP/s per rank ({peak_src})")
-    if s.resume_from is None and cfg.run.eval_interval > 0:
-        val0 = evaluate(s, runner, device)
-        metrics.log({"step": 0, "val_loss": val0})
-        progress.note(f"step 0: val loss {val0:.4f}")
+    note = (f"device {device}, {threads} thread(s) per rank, precision {cfg.run.precision}; "
+            f"MFU against {peak / 1e12:.3g} TFLOP/s per rank ({peak_src})")
+    g = cfg.batch.global_batch
 
-    g, seq = cfg.batch.global_batch, s.windows.seq_len
-    step = s.start_step
+    def step(i: int, lr: float) -> float:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        micro = [(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
+                 for x, y in s.windows.micro_batches(i, g, s.dp_rank, s.plan.dp_size, cfg.batch.micro_batch)]
+        loss = runner.forward_backward(micro)
+        if precision.scaler is not None:
+            optimizer.synchronize()                  # averaged (still scaled) gradients, equal on every rank
+            precision.scaler.unscale_(optimizer)     # so every rank finds the same inf/nan and skips alike
+            if cfg.optim.max_grad_norm is not None:
+                params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+                optimizer.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm))
+            with optimizer.skip_synchronize():
+                precision.scaler.step(optimizer)
+            precision.scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss)
+
+    def grad_norm() -> float | None:
+        gn = getattr(optimizer, "grad_norm", None)
+        return float(gn) if gn is not None else None
+
+    def sample(prompt: str, tokens: int, temperature: float, top_k: int, seed: int) -> str | None:
+        sampler = runner
+        if runner.full_model is not None:                # model parallel: sample from the gathered model
+            full = runner.full_model()
+            sampler = dataclasses.replace(runner, model=full, generate=full.generate)
+        if not s.is_root:
+            return None
+        return sample_text(sampler, s.tokenizer, prompt, tokens, temperature, top_k, seed, device)
+
     runner.model.train()
-    try:
-        while step < cfg.run.max_steps:
-            lr = float(schedule(step))
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            micro = [(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
-                     for x, y in s.windows.micro_batches(step, g, s.dp_rank, s.plan.dp_size, cfg.batch.micro_batch)]
-            loss = runner.forward_backward(micro)
-            if precision.scaler is not None:
-                optimizer.synchronize()                  # averaged (still scaled) gradients, equal on every rank
-                precision.scaler.unscale_(optimizer)     # so every rank finds the same inf/nan and skips alike
-                if cfg.optim.max_grad_norm is not None:
-                    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-                    optimizer.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm))
-                with optimizer.skip_synchronize():
-                    precision.scaler.step(optimizer)
-                precision.scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            losses.add(loss)
-            tput.add(g * seq)
-            progress.step()
-
-            if should_log(step, cfg):
-                mean = losses.mean()
-                tps, mfu = tput.read()
-                gn = getattr(optimizer, "grad_norm", None)
-                gn = float(gn) if gn is not None else None
-                val = evaluate(s, runner, device) if should_eval(step, cfg) else None
-                metrics.log({"step": step, "loss": mean, "val_loss": val, "lr": lr, "grad_norm": gn,
-                             "tokens_per_s": tps, "mfu": mfu, "elapsed_s": tput.elapsed()})
-                progress.show(step, mean, tps, mfu, val, lr)
-                if not math.isfinite(mean):
-                    raise FloatingPointError(f"loss is {mean} at step {step}; lower optim.lr or use fp32")
-            elif should_eval(step, cfg):
-                val = evaluate(s, runner, device)
-                metrics.log({"step": step, "val_loss": val, "lr": lr})
-                progress.note(f"step {step}: val loss {val:.4f}")
-
-            if should_checkpoint(step, cfg):
-                path = save(s, runner, optimizer, step, device, precision, losses)
-                progress.note(f"checkpoint {path}")
-            if cfg.run.exit_at_step is not None and step == cfg.run.exit_at_step and step < cfg.run.max_steps:
-                progress.close()
-                if s.is_root:
-                    plot_loss(s.run_dir)
-                    say(f"exiting after step {step} (--exit-at-step); continue with --resume")
-                metrics.close()
-                return 0
-    finally:
-        progress.close()
-
-    metrics.close()
-    sampler = runner
-    if runner.full_model is not None:                    # model parallel: sample from the gathered model
-        full = runner.full_model()
-        sampler = dataclasses.replace(runner, model=full, generate=full.generate)
-    if s.is_root:
-        plot_loss(s.run_dir)
-        sp = cfg.sample
-        text = sample_text(sampler, s.tokenizer, sp.prompt, sp.tokens, sp.temperature, sp.top_k, sp.seed, device)
-        write_sample(s.run_dir, sp.prompt, text)
-        say(f"done: {step} steps in {tput.elapsed():.0f} s; run directory {s.run_dir}")
+    hooks = StepHooks(step=step, evaluate=lambda: evaluate(s, runner, device),
+                      save=lambda i, ls: save(s, runner, optimizer, i, device, precision, ls),
+                      grad_norm=grad_norm, sample=sample)
+    run_training(s, hooks, losses, s.gpt.flops_per_token(), peak, size, note)
     if size > 1:
         hvd.barrier()
     return 0
