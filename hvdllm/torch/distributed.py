@@ -34,8 +34,8 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 from hvdllm.core.buckets import LaunchTracker, TensorSpec, clip_coefficient, plan_buckets
-from hvdllm.core.compression import Compression, effective_wire_dtype
-from hvdllm.core.gradients import ReductionConfig
+from hvdllm.core.compression import Compression
+from hvdllm.core.gradients import ReductionConfig, backend_wire_dtype
 from hvdllm.core.ops import Average, Sum
 from hvdllm.core.process_sets import WORLD, ProcessSet
 
@@ -45,13 +45,6 @@ _instances = itertools.count()
 _warned: set[tuple[str, str]] = set()
 
 # 16-bit dtypes each backend can reduce (None: no communication at all).
-_WIRE_SUPPORT: dict[str, frozenset[str] | None] = {
-    "horovod": frozenset({"float16"}),   # Horovod's CPU ops lack bf16
-    "mpi": frozenset(),                  # MPI has no fp16/bf16 sum
-    "local": None,
-}
-
-
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
@@ -202,24 +195,18 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                                  "(strided) parameters are supported")
         specs = [TensorSpec(n, tuple(p.shape), _dtype_name(p.dtype)) for n, p in zip(names, params)]
         plan = plan_buckets(specs, self._config.bucket_cap_bytes)
-        support = _WIRE_SUPPORT.get(self._rt.name, frozenset())
         self._params, self._param_names = params, names
         self._plan_no += 1
         self._buckets: list[_Bucket] = []
         self._where: list[tuple[int, int]] = [(-1, -1)] * len(params)  # param -> (bucket, position)
         for b, bk in enumerate(plan):
             dtype = params[bk.indices[0]].dtype
-            wire = None
-            if support is not None:
-                wire_name, fell_back = effective_wire_dtype(bk.dtype, self._config.compression, support)
-                key = (self._rt.name, f"{self._config.compression.wire_dtype}<-{bk.dtype}")
-                if fell_back and key not in _warned:  # once per process and kind of fallback
-                    _warned.add(key)
-                    warnings.warn(f"hvdllm: the {self._rt.name} backend cannot reduce "
-                                  f"{self._config.compression.wire_dtype}; {bk.dtype} gradients travel "
-                                  f"uncompressed as {bk.dtype}", RuntimeWarning, stacklevel=3)
-                if wire_name != bk.dtype:
-                    wire = getattr(torch, wire_name)
+            wire_name, warning = backend_wire_dtype(bk.dtype, self._config.compression, self._rt.name)
+            key = (self._rt.name, f"{self._config.compression.wire_dtype}<-{bk.dtype}")
+            if warning and key not in _warned:  # once per process and kind of fallback
+                _warned.add(key)
+                warnings.warn(f"hvdllm: {warning}", RuntimeWarning, stacklevel=3)
+            wire = getattr(torch, wire_name) if wire_name != bk.dtype else None
             self._buckets.append(_Bucket(b, [params[i] for i in bk.indices], list(bk.indices), dtype, wire))
             for pos, i in enumerate(bk.indices):
                 self._where[i] = (b, pos)
