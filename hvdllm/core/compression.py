@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
+FLOATING = ("float16", "bfloat16", "float32", "float64")
+
 
 @dataclasses.dataclass(frozen=True)
 class CompressionSpec:
@@ -48,9 +50,7 @@ def effective_wire_dtype(grad_dtype: str, spec: CompressionSpec, supported: froz
     reduce (None: all); an unsupported one falls back to the gradient's own dtype (no compression),
     reported by the second value so the adapter can warn once.
     """
-    if spec.wire_dtype is None or grad_dtype not in ("float16", "bfloat16", "float32", "float64") \
-            or spec.wire_dtype == grad_dtype:
-        return grad_dtype, False
-    if supported is not None and spec.wire_dtype not in supported:
-        return grad_dtype, True
-    return spec.wire_dtype, False
+    want = spec.wire_dtype if spec.wire_dtype is not None and grad_dtype in FLOATING else grad_dtype
+    if want == grad_dtype or supported is None or want in supported:
+        return want, False
+    return grad_dtype, True

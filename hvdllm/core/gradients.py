@@ -19,11 +19,9 @@ import dataclasses
 import math
 from typing import Any, Callable
 
-from hvdllm.core.compression import CompressionSpec, parse_compression
+from hvdllm.core.compression import CompressionSpec, effective_wire_dtype, parse_compression
 from hvdllm.core.ops import Average, ReduceOp, parse_op
 from hvdllm.core.process_sets import WORLD, ProcessSet
-
-FLOATING = ("float16", "bfloat16", "float32", "float64")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,9 +75,7 @@ def is_reduction_pass(passes_done: int, backward_passes_per_step: int) -> bool:
 
 def wire_dtype(grad_dtype: str, compression: CompressionSpec) -> str:
     """The dtype a gradient of ``grad_dtype`` travels in: compression applies to floating gradients only."""
-    if compression.wire_dtype is None or grad_dtype not in FLOATING:
-        return grad_dtype
-    return compression.wire_dtype
+    return effective_wire_dtype(grad_dtype, compression, None)[0]
 
 
 # The 16-bit wire dtypes each backend can sum: Horovod's CPU ops lack bf16, MPI has no fp16/bf16 sum.
@@ -96,10 +92,10 @@ def backend_wire_dtype(grad_dtype: str, compression: CompressionSpec, backend: s
     A backend that cannot sum the compressed 16-bit type reduces the gradient in its own dtype (exact,
     no bandwidth saving) rather than in a wider type after rounding, so the fallback never loses accuracy.
     """
-    want = wire_dtype(grad_dtype, compression)
-    if want == grad_dtype or want in REDUCIBLE_16BIT.get(backend, frozenset(FLOATING)):
-        return want, None
-    return grad_dtype, (f"{compression!r}: the {backend} backend cannot reduce {want}; "
+    wire, fell_back = effective_wire_dtype(grad_dtype, compression, REDUCIBLE_16BIT.get(backend))
+    if not fell_back:
+        return wire, None
+    return grad_dtype, (f"{compression!r}: the {backend} backend cannot reduce {compression.wire_dtype}; "
                         f"{grad_dtype} gradients are reduced uncompressed")
 
 

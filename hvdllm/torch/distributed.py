@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
 import warnings
 import weakref
 from typing import Any, Callable, Iterable, Iterator

@@ -65,8 +65,8 @@ class HorovodTorch(HorovodBase):
                   name: str | None = None) -> torch.Tensor:
         return self.hvd.broadcast(x, root_rank, process_set=self._ps(process_set), name=name)
 
-    def allgather(self, x: torch.Tensor, process_set: ProcessSet = WORLD) -> torch.Tensor:
-        return self.hvd.allgather(x if x.dim() else x.reshape(1), process_set=self._ps(process_set))
+    def allgather(self, x: torch.Tensor, process_set: ProcessSet = WORLD, name: str | None = None) -> torch.Tensor:
+        return self.hvd.allgather(x if x.dim() else x.reshape(1), name=name, process_set=self._ps(process_set))
 
     def barrier(self, process_set: ProcessSet = WORLD) -> None:
         self.hvd.barrier(process_set=self._ps(process_set))
@@ -121,7 +121,7 @@ class NumpyTorch(NumpyBase):
         a, dtype = _as_numpy(x)
         return self._back(self.impl.broadcast(a, root_rank, process_set), x, dtype)
 
-    def allgather(self, x: torch.Tensor, process_set: ProcessSet = WORLD) -> torch.Tensor:
+    def allgather(self, x: torch.Tensor, process_set: ProcessSet = WORLD, name: str | None = None) -> torch.Tensor:
         a, dtype = _as_numpy(x)
         return self._back(self.impl.allgather(a, process_set), x, dtype)
 

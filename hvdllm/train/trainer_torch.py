@@ -193,15 +193,11 @@ def load_model_arrays(model: torch.nn.Module, arrays: dict[str, np.ndarray], whe
 
 
 def gather_rows(t: torch.Tensor, s: RunSetup, runner: StepRunner) -> torch.Tensor:
-    """Every rank's 1-d ``t`` stacked by rank (an allgather; a named Sum-allreduce where the runner
-    names its collectives, since Horovod's allgather takes no name here)."""
+    """Every rank's 1-d ``t`` stacked by rank (an allgather, named where the runner names its collectives)."""
     if s.size == 1:
         return t.unsqueeze(0)
-    if runner.collective_name is None:
-        return hvd.allgather(t.unsqueeze(0))
-    rows = torch.zeros((s.size, t.numel()), dtype=torch.int64)
-    rows[s.rank] = t.cpu().to(torch.int64)
-    return allreduce(runner, rows, hvd.Sum, "gather").to(t.dtype)
+    name = runner.collective_name("gather") if runner.collective_name is not None else None
+    return hvd.collectives().allgather(t.unsqueeze(0), hvd.WORLD, name=name)
 
 
 def save(s: RunSetup, runner: StepRunner, optimizer: Any, step: int, device: torch.device, precision: Precision,

@@ -210,6 +210,39 @@ class PipelineRuntime:
     def _exchange(self, x: torch.Tensor, root: int, ps: ProcessSet, tag: str) -> torch.Tensor:
         return _named(self.rt, "broadcast", x.contiguous(), root, ps, name=self._name(tag))
 
+    def refresh_tied_head(self) -> tuple[torch.Tensor | None, Any]:
+        """Copy the first stage's current embedding into the last stage's tied head (a broadcast in the
+        embedding group); returns (the embedding parameter on the first stage, the head on the last)."""
+        mod = self.module
+        owner, head = (mod.tied_weight, getattr(mod, "tied_head", None)) if self.emb_set is not None else (None, None)
+        if owner is not None:                       # the first stage sends the current embedding ...
+            self._exchange(owner.detach(), self.first_rank, self.emb_set, "emb")
+        if head is not None:                        # ... into the last stage's head
+            w = self._exchange(torch.empty_like(head.weight), self.first_rank, self.emb_set, "emb")
+            head.weight = w.requires_grad_()
+        return owner, head
+
+    @torch.no_grad()
+    def eval_loss_sum(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Forward of one batch through the stages (no schedule, no backward): the sum over sequences of
+        each sequence's mean loss, on every stage (float64)."""
+        mod = self.module
+        self.refresh_tied_head()                    # the head must see the embedding as updated since
+        h = x
+        if not mod.is_first:
+            buf = torch.zeros(mod.activation_shape(x), dtype=next(mod.parameters()).dtype)
+            h = self._exchange(buf, self.prev_rank, self.prev_set, "eval")
+        h = mod(h)
+        if not mod.is_last:
+            self._exchange(h, self.rank, self.next_set, "eval")
+            total = torch.zeros((), dtype=torch.float64)
+        else:
+            per_tok = F.cross_entropy(h.float().reshape(-1, h.size(-1)), y.reshape(-1), reduction="none")
+            total = per_tok.view(y.shape).mean(dim=1).sum().double()
+        if self.num_stages > 1:
+            total = _named(self.rt, "broadcast", total, self.last_rank, self.pp_set, name=self._name("eval_loss"))
+        return total
+
     def step(self, inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> float:
         """Forward and backward of every micro-batch (token ids and targets, one per micro-batch)."""
         m = len(inputs)
@@ -224,12 +257,7 @@ class PipelineRuntime:
         total = torch.zeros((), dtype=torch.float64)
         link_prev = f"{self.prev_rank}-{self.rank}"
         link_next = f"{self.rank}-{self.next_rank}"
-        owner, head = (mod.tied_weight, getattr(mod, "tied_head", None)) if self.emb_set is not None else (None, None)
-        if owner is not None:                       # the first stage sends the current embedding ...
-            self._exchange(owner.detach(), self.first_rank, self.emb_set, "emb")
-        if head is not None:                        # ... into the last stage's head
-            w = self._exchange(torch.empty_like(head.weight), self.first_rank, self.emb_set, "emb")
-            head.weight = w.requires_grad_()
+        owner, head = self.refresh_tied_head()
         actions = self.schedule(m).actions[self.stage]
         last_backward = max(i for i, a in enumerate(actions) if a.op == "backward")
         for i, a in enumerate(actions):

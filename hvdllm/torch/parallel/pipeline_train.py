@@ -14,7 +14,6 @@ import math
 from typing import Any
 
 import torch
-from torch.nn import functional as F
 
 import hvdllm.torch as hvd
 from hvdllm.core.ops import Sum
@@ -25,7 +24,7 @@ from hvdllm.torch.parallel.pipeline import GPTStage, PipelineRuntime
 def pipeline_runner(s: Any, precision: Any, device: torch.device) -> Any:
     """The StepRunner for ``--pp N`` (N > 1, ``--tp 1``): see the module docstring."""
     from hvdllm.train.config import ConfigError
-    from hvdllm.torch.parallel.train import add_tensor_parallel_clipping
+    from hvdllm.torch.parallel.train import add_global_norm_clipping
     from hvdllm.train.trainer_torch import StepRunner
 
     tp, pp = s.cfg.parallel.tp, s.cfg.parallel.pp
@@ -50,28 +49,8 @@ def pipeline_runner(s: Any, precision: Any, device: torch.device) -> Any:
         loss = runtime.step([x for x, _ in micro], [y for _, y in micro])
         return torch.tensor(loss, dtype=torch.float32)
 
-    @torch.no_grad()
     def eval_loss_sum(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Forward through the stages; the last stage's per-sequence mean losses, summed, on every stage."""
-        if runtime.emb_set is not None:      # the last stage's tied head: the embedding as updated since
-            if stage.is_first:
-                runtime._exchange(stage.tied_weight.detach(), runtime.first_rank, runtime.emb_set, "emb")
-            if stage.is_last:
-                stage.tied_head.weight = runtime._exchange(torch.empty_like(stage.tied_head.weight),
-                                                           runtime.first_rank, runtime.emb_set, "emb")
-        h = x
-        if not stage.is_first:
-            buf = torch.zeros(stage.activation_shape(x), dtype=next(stage.parameters()).dtype)
-            h = runtime._exchange(buf, runtime.prev_rank, runtime.prev_set, "eval")
-        h = stage(h)
-        if not stage.is_last:
-            runtime._exchange(h, rank, runtime.next_set, "eval")
-            total = torch.zeros((), dtype=torch.float64)
-        else:
-            per_tok = F.cross_entropy(h.float().reshape(-1, h.size(-1)), y.reshape(-1), reduction="none")
-            total = per_tok.view(y.shape).mean(dim=1).sum().double()
-        total = rt.broadcast(total, runtime.last_rank, runtime.pp_set, name=name("eval_loss"))
-        return total, int(y.shape[0])
+        return runtime.eval_loss_sum(x, y), int(y.shape[0])
 
     def global_norm() -> float:
         sq = torch.zeros((), dtype=torch.float64)
@@ -97,8 +76,7 @@ def pipeline_runner(s: Any, precision: Any, device: torch.device) -> Any:
         raise RuntimeError("sample from runner.full_model(): a pipeline stage cannot generate alone")
 
     def prepare_optimizer(optimizer: Any) -> Any:
-        return add_tensor_parallel_clipping(optimizer, stage, grid.group("tp", rank), s.cfg.optim.max_grad_norm,
-                                            norm_fn=global_norm)
+        return add_global_norm_clipping(optimizer, stage, global_norm, s.cfg.optim.max_grad_norm)
 
     return StepRunner(model=stage, forward_backward=forward_backward, eval_loss_sum=eval_loss_sum,
                       generate=generate, full_model=full_model, prepare_optimizer=prepare_optimizer,

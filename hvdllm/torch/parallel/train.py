@@ -66,17 +66,16 @@ def global_grad_norm(model: TensorParallelGPT, group: Group) -> float:
     return math.sqrt(float(sharded + replicated))
 
 
-def add_tensor_parallel_clipping(optimizer: Any, model: torch.nn.Module, group: Group,
-                                 max_grad_norm: float | None,
-                                 norm_fn: Callable[[], float] | None = None) -> Any:
-    """Make ``optimizer.synchronize()`` (which ``step()`` calls) clip on the global norm after the
-    data-parallel average; ``optimizer.grad_norm`` then holds that norm. The DistributedOptimizer must
-    be built with ``max_grad_norm=None`` (its own norm would be this shard's)."""
+def add_global_norm_clipping(optimizer: Any, model: torch.nn.Module, norm_fn: Callable[[], float],
+                             max_grad_norm: float | None) -> Any:
+    """Make ``optimizer.synchronize()`` (which ``step()`` calls) clip on ``norm_fn()``, the unsplit
+    model's norm, after the data-parallel average; ``optimizer.grad_norm`` then holds that norm. The
+    DistributedOptimizer must be built with ``max_grad_norm=None`` (its own norm would be this part's)."""
     reduce_and_average = optimizer.synchronize
 
     def synchronize(self: Any) -> None:
         reduce_and_average()
-        norm = norm_fn() if norm_fn is not None else global_grad_norm(model, group)
+        norm = norm_fn()
         self.grad_norm = norm
         if max_grad_norm is not None:
             coef = clip_coefficient(norm, max_grad_norm)
@@ -128,7 +127,8 @@ def model_parallel_runner(s: Any, precision: Any, device: torch.device) -> Any:
         raise RuntimeError("sample from runner.full_model(): the tensor-parallel model generates collectively")
 
     def prepare_optimizer(optimizer: Any) -> Any:
-        return add_tensor_parallel_clipping(optimizer, model, group, s.cfg.optim.max_grad_norm)
+        return add_global_norm_clipping(optimizer, model, lambda: global_grad_norm(model, group),
+                                        s.cfg.optim.max_grad_norm)
 
     return StepRunner(model=model, forward_backward=forward_backward, eval_loss_sum=eval_loss_sum,
                       generate=generate, full_model=full_model, prepare_optimizer=prepare_optimizer,
