@@ -28,6 +28,7 @@ def expected(n: int) -> dict:
         "gather": [[float(r)] * 2 for r in range(n) for _ in range(r + 1)],
         "gather_scalar": [float(r) for r in range(n)],
         "object": {"from": 0, "list": [0, 0, 0]},
+        "object_from_none": {"from": 0},
     }
 
 

@@ -34,6 +34,12 @@ class HorovodBase:
     def _op(self, op: ReduceOp) -> Any:
         return self.hvd.Average if parse_op(op) is Average else self.hvd.Sum
 
+    def broadcast_object(self, obj: Any, root_rank: int = 0, process_set: ProcessSet = WORLD) -> Any:
+        # A fixed name: Horovod's default is type(obj).__name__, which differs when non-root ranks pass
+        # None (the usual idiom), and ops of different names never match up: a deadlock.
+        return self.hvd.broadcast_object(obj, root_rank, name="hvdllm.broadcast_object",
+                                         process_set=self._ps(process_set))
+
     def add_process_set(self, ps: ProcessSet) -> None:
         if ps not in self._sets:
             self._sets[ps] = self.hvd.add_process_set(list(ps.ranks))

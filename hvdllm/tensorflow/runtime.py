@@ -69,9 +69,6 @@ class HorovodTF(HorovodBase):
         """horovod.tensorflow has no barrier op: a tiny blocking allreduce synchronises the same way."""
         self.hvd.allreduce(tf.zeros([1]), op=self.hvd.Sum, process_set=self._ps(process_set)).numpy()
 
-    def broadcast_object(self, obj: Any, root_rank: int = 0, process_set: ProcessSet = WORLD) -> Any:
-        return self.hvd.broadcast_object(obj, root_rank, process_set=self._ps(process_set))
-
 
 def _np_dtype(dtype: tf.DType) -> Any:
     return np.float32 if dtype == tf.bfloat16 else dtype.as_numpy_dtype

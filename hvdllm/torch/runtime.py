@@ -71,12 +71,6 @@ class HorovodTorch(HorovodBase):
     def barrier(self, process_set: ProcessSet = WORLD) -> None:
         self.hvd.barrier(process_set=self._ps(process_set))
 
-    def broadcast_object(self, obj: Any, root_rank: int = 0, process_set: ProcessSet = WORLD) -> Any:
-        # A fixed name: Horovod's default is type(obj).__name__, which differs when non-root ranks pass
-        # None (the usual idiom), and ops of different names never match up: a deadlock.
-        return self.hvd.broadcast_object(obj, root_rank, name="hvdllm.broadcast_object",
-                                         process_set=self._ps(process_set))
-
 
 def _as_numpy(x: torch.Tensor) -> tuple[Any, torch.dtype]:
     """A contiguous CPU numpy view/copy; bf16 (which numpy lacks) travels as float32."""

@@ -32,6 +32,7 @@ if framework == "torch":
     out["gather"] = hvd.allgather(torch.full((r + 1, 2), float(r))).tolist()
     out["gather_scalar"] = hvd.allgather(torch.tensor(float(r))).tolist()
     out["object"] = hvd.broadcast_object({"from": r, "list": [r] * 3}, root_rank=0)
+    out["object_from_none"] = hvd.broadcast_object({"from": r} if r == 0 else None, root_rank=0)  # the usual idiom
     if r == 0:
         out["set0"] = hvd.allreduce(torch.tensor([5.0 + r]), op=hvd.Sum, process_set=hvd.ProcessSet([0])).tolist()
     hvd.barrier()
@@ -58,6 +59,7 @@ else:
     out["gather"] = hvd.allgather(tf.fill([r + 1, 2], float(r))).numpy().tolist()
     out["gather_scalar"] = hvd.allgather(tf.constant(float(r))).numpy().tolist()
     out["object"] = hvd.broadcast_object({"from": r, "list": [r] * 3}, root_rank=0)
+    out["object_from_none"] = hvd.broadcast_object({"from": r} if r == 0 else None, root_rank=0)  # the usual idiom
 
     @tf.function
     def in_graph(v):
