@@ -35,7 +35,7 @@ BIN = Path(sys.executable).parent
 MODES = ("hvdllm", "horovod", "ddp", "single")
 
 
-def worker(mode: str, steps: int, warmup: int, batch: int) -> None:
+def worker(mode: str, steps: int, warmup: int, batch: int, cap: float) -> None:
     import torch
 
     sys.path.insert(0, str(ROOT))
@@ -65,7 +65,7 @@ def worker(mode: str, steps: int, warmup: int, batch: int) -> None:
     model = GPT(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
     if mode in ("hvdllm", "mpi"):
-        opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters())
+        opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(), bucket_cap_mb=cap)
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     elif mode == "horovod":
         opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters())
@@ -98,7 +98,8 @@ def worker(mode: str, steps: int, warmup: int, batch: int) -> None:
 
 def launch(mode: str, args: argparse.Namespace) -> dict | None:
     me = [sys.executable, str(Path(__file__).resolve()), "--worker", mode, "--steps", str(args.steps),
-          "--warmup", str(args.warmup), "--batch", str(args.batch)]
+          "--warmup", str(args.warmup), "--batch", str(args.batch),
+          "--bucket-cap-mb", str(args.bucket_cap_mb)]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", TF_CPP_MIN_LOG_LEVEL="2")
     env.pop("HVDLLM_BACKEND", None)
@@ -127,11 +128,12 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch", type=int, default=8, help="sequences of 128 tokens per rank and step")
     ap.add_argument("--np", type=int, default=2)
+    ap.add_argument("--bucket-cap-mb", type=float, default=25, help="hvdllm's bucket_cap_mb")
     ap.add_argument("--modes", default=",".join(MODES), help="comma list of " + ",".join(MODES + ("mpi",)))
     ap.add_argument("--timeout", type=float, default=600)
     args = ap.parse_args()
     if args.worker:
-        worker(args.worker, args.steps, args.warmup, args.batch)
+        worker(args.worker, args.steps, args.warmup, args.batch, args.bucket_cap_mb)
         return
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES + ("mpi",)]

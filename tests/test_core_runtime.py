@@ -4,6 +4,7 @@ from __future__ import annotations
 import pkgutil
 import subprocess
 import sys
+from typing import Any
 
 import numpy as np
 import pytest
@@ -107,3 +108,50 @@ def test_local_numpy_collectives() -> None:
     c.barrier()
     with pytest.raises(ValueError, match="not registered"):
         c.allreduce(x, process_set=ProcessSet([0]))
+
+
+def test_wait_until_sleeps_with_growing_delays(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hvdllm.core import waiting
+
+    slept: list[float] = []
+    monkeypatch.setattr(waiting.time, "sleep", slept.append)
+    polls = iter([False] * 7 + [True])
+    waiting.wait_until(lambda: next(polls), first_sleep=1e-4, max_sleep=1e-3)
+    assert slept == pytest.approx([1e-4, 2e-4, 4e-4, 8e-4, 1e-3, 1e-3, 1e-3])
+    slept.clear()
+    waiting.wait_until(lambda: True)
+    assert slept == []
+
+
+class _FakeHorovod:
+    """Just enough of horovod.torch for HorovodBase: records the environment at init."""
+
+    global_process_set = object()
+
+    def __init__(self) -> None:
+        self.env_at_init: dict[str, str | None] = {}
+
+    def ProcessSet(self, ranks: list) -> tuple:  # noqa: N802 - Horovod's name
+        return tuple(ranks)
+
+    def init(self, process_sets: Any = None) -> None:
+        import os
+
+        self.env_at_init["HOROVOD_CYCLE_TIME"] = os.environ.get("HOROVOD_CYCLE_TIME")
+
+    rank = local_rank = staticmethod(lambda: 0)
+    size = local_size = staticmethod(lambda: 1)
+
+
+@pytest.mark.parametrize("user,accel,want", [(None, False, "20"), ("3", False, "3"), (None, True, None)])
+def test_horovod_cycle_time_default(monkeypatch: pytest.MonkeyPatch, user: str | None, accel: bool,
+                                    want: str | None) -> None:
+    from hvdllm.core.runtime_base import HorovodBase
+
+    monkeypatch.setenv("HOROVOD_CYCLE_TIME", "0")  # so that teardown restores the original state
+    monkeypatch.delenv("HOROVOD_CYCLE_TIME")
+    if user is not None:
+        monkeypatch.setenv("HOROVOD_CYCLE_TIME", user)
+    fake = _FakeHorovod()
+    HorovodBase(fake, [], has_accelerator=accel)
+    assert fake.env_at_init["HOROVOD_CYCLE_TIME"] == want

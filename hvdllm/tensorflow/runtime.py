@@ -30,7 +30,7 @@ class HorovodTF(HorovodBase):
     def __init__(self, process_sets: Sequence[ProcessSet]) -> None:
         import horovod.tensorflow as hvd
 
-        super().__init__(hvd, process_sets)
+        super().__init__(hvd, process_sets, has_accelerator=bool(tf.config.list_physical_devices("GPU")))
 
     def allreduce(self, x: tf.Tensor, op: ReduceOp = Average, process_set: ProcessSet = WORLD,
                   name: str | None = None) -> tf.Tensor:

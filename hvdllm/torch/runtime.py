@@ -8,6 +8,7 @@ import torch
 from hvdllm.core.ops import Average, ReduceOp
 from hvdllm.core.process_sets import WORLD, ProcessSet
 from hvdllm.core.runtime_base import HorovodBase, NumpyBase, create_runtime
+from hvdllm.core.waiting import wait_until
 
 
 def horovod_available() -> bool:
@@ -35,7 +36,7 @@ class HorovodTorch(HorovodBase):
     def __init__(self, process_sets: Sequence[ProcessSet]) -> None:
         import horovod.torch as hvd
 
-        super().__init__(hvd, process_sets)
+        super().__init__(hvd, process_sets, has_accelerator=torch.cuda.is_available())
 
     def allreduce(self, x: torch.Tensor, op: ReduceOp = Average, process_set: ProcessSet = WORLD,
                   name: str | None = None) -> torch.Tensor:
@@ -54,6 +55,7 @@ class HorovodTorch(HorovodBase):
         handle = self.hvd.allreduce_async_(buf, name=name, op=self._op(op), process_set=self._ps(process_set))
 
         def finish() -> torch.Tensor:
+            wait_until(lambda: self.hvd.poll(handle))  # synchronize() would spin (see core.waiting)
             self.hvd.synchronize(handle)
             if buf is not x:
                 x.data.copy_(buf)
