@@ -143,9 +143,10 @@ class _FakeHorovod:
     size = local_size = staticmethod(lambda: 1)
 
 
-@pytest.mark.parametrize("user,accel,want", [(None, False, "20"), ("3", False, "3"), (None, True, None)])
+@pytest.mark.parametrize("user,accel,sets,want", [(None, False, [], "20"), ("3", False, [], "3"),
+                                                  (None, True, [], None), (None, False, [ProcessSet([0])], None)])
 def test_horovod_cycle_time_default(monkeypatch: pytest.MonkeyPatch, user: str | None, accel: bool,
-                                    want: str | None) -> None:
+                                    sets: list, want: str | None) -> None:
     from hvdllm.core.runtime_base import HorovodBase
 
     monkeypatch.setenv("HOROVOD_CYCLE_TIME", "0")  # so that teardown restores the original state
@@ -153,5 +154,5 @@ def test_horovod_cycle_time_default(monkeypatch: pytest.MonkeyPatch, user: str |
     if user is not None:
         monkeypatch.setenv("HOROVOD_CYCLE_TIME", user)
     fake = _FakeHorovod()
-    HorovodBase(fake, [], has_accelerator=accel)
+    HorovodBase(fake, sets, has_accelerator=accel)
     assert fake.env_at_init["HOROVOD_CYCLE_TIME"] == want

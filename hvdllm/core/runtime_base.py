@@ -16,15 +16,19 @@ from hvdllm.core.world import World
 
 
 # Horovod's background thread negotiates every HOROVOD_CYCLE_TIME ms (default 1) even when idle; on a
-# CPU-only host those cycles run on the cores the ranks compute on. 20 ms cut the thread's CPU per step
-# from ~110 ms to ~25 ms on the GPT benchmark (bench/torch_dp.py) for at most 20 ms more latency per
-# step's last bucket; with accelerators the host cores are free and Horovod's default stays.
+# CPU-only host those cycles run on the cores the ranks compute on. For data parallelism (a few large
+# reductions per step) 20 ms cut the thread's CPU per step from ~110 ms to ~25 ms on the GPT benchmark
+# (bench/torch_dp.py) for at most 20 ms more latency on the step's last bucket. Jobs that register
+# process sets (tensor/pipeline parallel grids) issue many small, latency-bound collectives per step
+# and keep Horovod's default, as do hosts with accelerators (their host cores are free).
 CPU_CYCLE_TIME_MS = "20"
 
 
-def horovod_env_defaults(has_accelerator: bool) -> dict[str, str]:
+def horovod_env_defaults(has_accelerator: bool, model_parallel: bool) -> dict[str, str]:
     """Environment defaults hvdllm gives Horovod before its init; a value the user set always wins."""
-    return {} if has_accelerator else {"HOROVOD_CYCLE_TIME": CPU_CYCLE_TIME_MS}
+    if has_accelerator or model_parallel:
+        return {}
+    return {"HOROVOD_CYCLE_TIME": CPU_CYCLE_TIME_MS}
 
 
 class HorovodBase:
@@ -34,7 +38,7 @@ class HorovodBase:
 
     def __init__(self, hvd: Any, process_sets: Sequence[ProcessSet], has_accelerator: bool = False) -> None:
         self.hvd = hvd
-        for key, value in horovod_env_defaults(has_accelerator).items():
+        for key, value in horovod_env_defaults(has_accelerator, model_parallel=bool(process_sets)).items():
             os.environ.setdefault(key, value)
         self._sets = {ps: hvd.ProcessSet(list(ps.ranks)) for ps in process_sets}
         hvd.init(process_sets=list(self._sets.values()) or None)
