@@ -81,6 +81,9 @@ class StepRunner:
     # Pipeline parallel: a fresh deterministic op name per call, for every collective the loop issues
     # (stages issue different numbers of collectives, and Horovod numbers unnamed ones per process).
     collective_name: Callable[[str], str] | None = None
+    # Model parallel: a hvdllm.torch.parallel.ShardLayout, mapping this rank's weights and optimizer
+    # state to the unsplit model's (checkpoints hold those, so tp/pp runs resume).
+    shards: Any = None
 
 
 def accumulate_forward_backward(loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -200,11 +203,40 @@ def gather_rows(t: torch.Tensor, s: RunSetup, runner: StepRunner) -> torch.Tenso
     return hvd.collectives().allgather(t.unsqueeze(0), hvd.WORLD, name=name)
 
 
+# How the optimizer state is stored: "index" = torch's state_dict of the whole model (data parallel);
+# "unsplit" = keyed by parameter name, moments of the unsplit model (any tp x pp layout loads it).
+OPTIMIZER_FORMATS = {False: "index", True: "unsplit"}
+
+
+def layout_text(dp: int, tp: int, pp: int) -> str:
+    return f"dp={dp} x tp={tp} x pp={pp}"
+
+
+def check_resume_layout(s: RunSetup) -> None:
+    """Refuse, before anything is written, a checkpoint whose optimizer state this layout cannot load:
+    data-parallel checkpoints resume data-parallel runs, model-parallel ones any tp x pp run."""
+    meta = ckpt.read_meta(s.resume_from)
+    par = meta.get("config", {}).get("parallel", {})
+    tp, pp = int(par.get("tp", 1)), int(par.get("pp", 1))
+    theirs = layout_text(int(meta.get("world_size", tp * pp)) // (tp * pp), tp, pp)
+    ours = layout_text(s.plan.dp_size, s.cfg.parallel.tp, s.cfg.parallel.pp)
+    saved = meta.get("optimizer_format") or ("index" if tp == pp == 1 else None)
+    if saved is None:      # written before model-parallel checkpoints held the whole optimizer state
+        raise ConfigError(f"--resume from {s.resume_from}: written by layout {theirs} with only rank 0's "
+                          f"optimizer shard; it cannot be resumed (this run is {ours})")
+    want = OPTIMIZER_FORMATS[s.cfg.parallel.tp * s.cfg.parallel.pp > 1]
+    if saved != want:
+        raise ConfigError(f"--resume from {s.resume_from}: written by layout {theirs}, this run is {ours}; "
+                          f"allowed: resume with --tp {tp} --pp {pp}")
+
+
 def save(s: RunSetup, runner: StepRunner, optimizer: Any, step: int, device: torch.device, precision: Precision,
          losses: LossLog) -> Path | None:
     """Write a checkpoint of ``step`` (a collective: every rank contributes its RNG state; rank 0 writes)."""
     pending = losses.pending()
     weights = model_arrays(runner.full_model()) if runner.full_model is not None else None   # (a collective)
+    sharded = runner.shards is not None
+    opt_state = runner.shards.optimizer_state(optimizer) if sharded else None               # (a collective)
     rng = torch.get_rng_state()
     all_rng = gather_rows(rng, s, runner)
     cuda_rng = None
@@ -212,7 +244,7 @@ def save(s: RunSetup, runner: StepRunner, optimizer: Any, step: int, device: tor
         cuda_rng = gather_rows(torch.cuda.get_rng_state(device), s, runner)
     if not s.is_root:
         return None
-    opt_arrays, opt_skeleton = ckpt.flatten_state(_to_numpy_tree(optimizer.state_dict()))
+    opt_arrays, opt_skeleton = ckpt.flatten_state(_to_numpy_tree(opt_state if sharded else optimizer.state_dict()))
     rng_arrays = {"torch_cpu": all_rng.numpy()}
     if cuda_rng is not None:
         rng_arrays["torch_cuda"] = cuda_rng.cpu().numpy()
@@ -227,6 +259,7 @@ def save(s: RunSetup, runner: StepRunner, optimizer: Any, step: int, device: tor
                           "epoch": s.windows.epoch_of(step, s.cfg.batch.global_batch),
                           "n_tokens": s.windows.n_tokens},
         "optimizer": opt_skeleton,
+        "optimizer_format": OPTIMIZER_FORMATS[sharded],
         "scaler": precision_state,
         "pending_losses": pending,
         "world_size": s.size,
@@ -244,9 +277,16 @@ def restore(s: RunSetup, runner: StepRunner, optimizer: Any, precision: Precisio
     """Load weights, optimizer state, RNG states, loss-scaler state and unlogged losses from ``s.resume_from``."""
     files, meta = ckpt.read_checkpoint(s.resume_from)
     losses.restore(meta.get("pending_losses", []))
-    load_model_arrays(runner.model, files["model"], str(s.resume_from))
     state = ckpt.unflatten_state(files["optimizer"], meta["optimizer"], to_tensor=lambda a: torch.from_numpy(a.copy()))
-    optimizer.load_state_dict(state)
+    if runner.shards is not None:           # this rank's shards of the unsplit weights and moments
+        try:
+            runner.shards.load_full_state(files["model"], str(s.resume_from))
+            runner.shards.load_optimizer_state(optimizer, state, str(s.resume_from))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    else:
+        load_model_arrays(runner.model, files["model"], str(s.resume_from))
+        optimizer.load_state_dict(state)
     rng = files.get("rng", {})
     if "torch_cpu" in rng:
         states = rng["torch_cpu"]
@@ -323,6 +363,8 @@ def train(cfg: TrainConfig) -> int:
         raise ConfigError("run.precision=fp16 needs DistributedOptimizer.synchronize/skip_synchronize; use bf16")
     losses = LossLog(size, lambda vec: allreduce(runner, torch.from_numpy(vec), hvd.Average, "loss").numpy())
 
+    if s.resume_from is not None:
+        check_resume_layout(s)
     # Nothing has been written so far; from here on, the run directory exists.
     create_run_dir(s)
     if s.resume_from is not None:

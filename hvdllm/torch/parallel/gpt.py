@@ -127,9 +127,10 @@ class TensorParallelGPT(nn.Module):
         """This rank's slice of the logits (vocabulary rows ``vocab_start`` onward)."""
         return self.lm_head(self.ln_f(x))
 
-    def loss(self, local_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy over all positions, from vocabulary-split logits."""
-        return vocab_parallel_cross_entropy(local_logits, targets, self.group, self.vocab_start)
+    def loss(self, local_logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy from vocabulary-split logits: the mean over all positions, or per position
+        (``reduction="none"``, shaped like ``targets``)."""
+        return vocab_parallel_cross_entropy(local_logits, targets, self.group, self.vocab_start, reduction)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, gather_logits: bool = True
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:

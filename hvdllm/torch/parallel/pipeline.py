@@ -95,11 +95,13 @@ class GPTStage(nn.Module):
             x = block(x)
         return self._model.head(x) if self.is_last else x
 
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of the last stage's logits (vocabulary-parallel for a TP model)."""
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy of the last stage's logits (vocabulary-parallel for a TP model): the mean over
+        all positions, or per position (``reduction="none"``, shaped like ``targets``)."""
         if hasattr(self._model, "loss"):
-            return self._model.loss(logits, targets)
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
+            return self._model.loss(logits, targets, reduction)
+        per = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), reduction=reduction)
+        return per.view(targets.shape) if reduction == "none" else per
 
 
 class ActivationMeter:
@@ -237,8 +239,7 @@ class PipelineRuntime:
             self._exchange(h, self.rank, self.next_set, "eval")
             total = torch.zeros((), dtype=torch.float64)
         else:
-            per_tok = F.cross_entropy(h.float().reshape(-1, h.size(-1)), y.reshape(-1), reduction="none")
-            total = per_tok.view(y.shape).mean(dim=1).sum().double()
+            total = mod.loss(h, y, reduction="none").mean(dim=1).sum().double()
         if self.num_stages > 1:
             total = _named(self.rt, "broadcast", total, self.last_rank, self.pp_set, name=self._name("eval_loss"))
         return total

@@ -9,7 +9,6 @@ Checkpoints and the final sample use the gathered, unsplit model.
 """
 from __future__ import annotations
 
-import math
 import os
 import types
 from typing import Any, Callable
@@ -18,11 +17,11 @@ import torch
 
 import hvdllm.torch as hvd
 from hvdllm.core.buckets import clip_coefficient
-from hvdllm.core.grid import Group, ProcessGrid
-from hvdllm.core.ops import Sum
+from hvdllm.core.grid import ProcessGrid
 from hvdllm.core.process_sets import ProcessSet
 from hvdllm.models.gpt import GPT
-from hvdllm.torch.parallel.gpt import TensorParallelGPT, parallelize_gpt
+from hvdllm.torch.parallel.gpt import parallelize_gpt
+from hvdllm.torch.parallel.shards import ShardLayout
 from hvdllm.torch.parallel.tensor import vocab_parallel_cross_entropy
 
 _SIZE_VARS = ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
@@ -49,23 +48,6 @@ def grid_process_sets(tp: int, pp: int, world_size: int | None = None) -> list[P
     return sets
 
 
-def global_grad_norm(model: TensorParallelGPT, group: Group) -> float:
-    """L2 norm of the unsplit model's gradient: shards' squares summed over the group, replicas once."""
-    sharded = torch.zeros((), dtype=torch.float64)
-    replicated = torch.zeros((), dtype=torch.float64)
-    for name, p in model.named_parameters():
-        if p.grad is None:
-            continue
-        sq = p.grad.detach().double().pow(2).sum().cpu()
-        if name in model.shard_specs:
-            sharded += sq
-        else:
-            replicated += sq
-    if group.size > 1:
-        sharded = hvd.collectives().allreduce(sharded, Sum, group.process_set)
-    return math.sqrt(float(sharded + replicated))
-
-
 def add_global_norm_clipping(optimizer: Any, model: torch.nn.Module, norm_fn: Callable[[], float],
                              max_grad_norm: float | None) -> Any:
     """Make ``optimizer.synchronize()`` (which ``step()`` calls) clip on ``norm_fn()``, the unsplit
@@ -88,24 +70,48 @@ def add_global_norm_clipping(optimizer: Any, model: torch.nn.Module, norm_fn: Ca
     return optimizer
 
 
-def model_parallel_runner(s: Any, precision: Any, device: torch.device) -> Any:
-    """The StepRunner for ``--tp N`` (``--pp 1``): see the module docstring."""
+def check_tp(s: Any) -> None:
+    """``--tp N`` must divide the attention heads and the vocabulary (a one-line ConfigError)."""
     from hvdllm.train.config import ConfigError
-    from hvdllm.train.trainer_torch import StepRunner, accumulate_forward_backward
 
-    tp, pp = s.cfg.parallel.tp, s.cfg.parallel.pp
-    if pp > 1:
-        from hvdllm.torch.parallel.pipeline_train import pipeline_runner
-
-        return pipeline_runner(s, precision, device)
+    tp = s.cfg.parallel.tp
     if s.gpt.n_head % tp or s.gpt.vocab_size % tp:
         raise ConfigError(f"--tp {tp}: model.n_head={s.gpt.n_head} and model.vocab_size={s.gpt.vocab_size} "
                           f"must both be divisible by it")
-    if s.resume_from is not None:
-        raise ConfigError(f"--resume with --tp {tp}: resuming a tensor-parallel run is not supported yet")
-    grid = s.grid
-    group = grid.group("tp", s.rank)
+
+
+def runner_parts(s: Any, layout: ShardLayout, device: torch.device) -> dict[str, Any]:
+    """The StepRunner fields every model-parallel layout shares: the gathered unsplit model, global-norm
+    clipping, the data-parallel group and the layout itself (checkpoints: unsplit optimizer state)."""
+
+    def full_model() -> GPT:
+        """The unsplit GPT with the current weights, on every rank (a collective)."""
+        plain = GPT(s.gpt)
+        plain.load_state_dict(layout.full_state_dict())
+        return plain.to(device)
+
+    def prepare_optimizer(optimizer: Any) -> Any:
+        return add_global_norm_clipping(optimizer, layout.module, layout.grad_norm, s.cfg.optim.max_grad_norm)
+
+    def generate(*args: Any, **kwargs: Any) -> torch.Tensor:
+        raise RuntimeError("sample from runner.full_model(): a model-parallel rank cannot generate alone")
+
+    return {"model": layout.module, "full_model": full_model, "prepare_optimizer": prepare_optimizer,
+            "generate": generate, "dp_group": layout.grid.dp_group(layout.rank), "shards": layout}
+
+
+def model_parallel_runner(s: Any, precision: Any, device: torch.device) -> Any:
+    """The StepRunner for ``--tp N`` (``--pp 1``; ``--pp`` > 1 goes to the pipeline runner)."""
+    from hvdllm.train.trainer_torch import StepRunner, accumulate_forward_backward
+
+    if s.cfg.parallel.pp > 1:
+        from hvdllm.torch.parallel.pipeline_train import pipeline_runner
+
+        return pipeline_runner(s, precision, device)
+    check_tp(s)
+    group = s.grid.group("tp", s.rank)
     model = parallelize_gpt(GPT(s.gpt), group).to(device)
+    layout = ShardLayout(model, model, s.grid, s.rank, hvd.collectives())
 
     forward_backward = accumulate_forward_backward(
         lambda x, y: model(x, y, gather_logits=False)[1], precision, device)
@@ -117,19 +123,5 @@ def model_parallel_runner(s: Any, precision: Any, device: torch.device) -> Any:
         per_tok = vocab_parallel_cross_entropy(local, y, group, model.vocab_start, reduction="none")
         return per_tok.mean(dim=1).sum(), int(y.shape[0])
 
-    def full_model() -> GPT:
-        """The unsplit GPT with the current weights, on every rank (a collective over the group)."""
-        plain = GPT(s.gpt)
-        plain.load_state_dict(model.full_state_dict())
-        return plain.to(device)
-
-    def generate(*args: Any, **kwargs: Any) -> torch.Tensor:
-        raise RuntimeError("sample from runner.full_model(): the tensor-parallel model generates collectively")
-
-    def prepare_optimizer(optimizer: Any) -> Any:
-        return add_global_norm_clipping(optimizer, model, lambda: global_grad_norm(model, group),
-                                        s.cfg.optim.max_grad_norm)
-
-    return StepRunner(model=model, forward_backward=forward_backward, eval_loss_sum=eval_loss_sum,
-                      generate=generate, full_model=full_model, prepare_optimizer=prepare_optimizer,
-                      dp_group=grid.dp_group(s.rank))
+    return StepRunner(forward_backward=forward_backward, eval_loss_sum=eval_loss_sum,
+                      **runner_parts(s, layout, device))

@@ -1,0 +1,36 @@
+"""Helpers for the model-parallel `hvdllm train` tests: metrics columns, and the "stopped halfway and
+resumed == one go" runs and check (the runs go into one launch of tests/workers/train_runs_worker.py)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from hvdllm.train import checkpoint as ckpt
+from hvdllm.train.metrics import read_metrics
+
+
+def column(run: Path, name: str) -> list[tuple[int, float]]:
+    """(step, value) of a metrics.csv column, rows where it is set."""
+    return [(int(r["step"]), float(r[name])) for r in read_metrics(run / "metrics.csv") if r[name]]
+
+
+def resume_runs(args: list[str], halves: Path, at: int) -> list[list[str]]:
+    """Argument lists: the run of ``args`` into ``halves`` stopped after step ``at``, then resumed."""
+    return [[*args, "--out", str(halves), "--exit-at-step", str(at)], [*args, "--out", str(halves), "--resume"]]
+
+
+def assert_resumed_equals(one_go: Path, halves: Path, at: int, tol: float = 1e-6) -> None:
+    """The resumed run logged what the run in one go logged, and its last checkpoint holds the same
+    weights and optimizer state (all Adam moments)."""
+    last = ckpt.list_checkpoints(one_go)[-1][0]
+    assert [s for s, _ in ckpt.list_checkpoints(halves)] == [at, last]
+    for col in ("loss", "val_loss", "grad_norm"):
+        a, b = column(one_go, col), column(halves, col)
+        assert [s for s, _ in a] == [s for s, _ in b], col
+        np.testing.assert_allclose([v for _, v in b], [v for _, v in a], rtol=tol, err_msg=col)
+    (fa, _), (fb, mb) = (ckpt.read_checkpoint(ckpt.latest_checkpoint(d)) for d in (one_go, halves))
+    for kind in ("model", "optimizer"):
+        assert fa[kind].keys() == fb[kind].keys(), kind
+        for k in fa[kind]:
+            np.testing.assert_allclose(fb[kind][k], fa[kind][k], rtol=tol, atol=1e-9, err_msg=f"{kind} {k}")
