@@ -1,11 +1,13 @@
-"""`hvdllm train --tp N`: the tensor-parallel step runner the PyTorch trainer plugs in.
+"""`hvdllm train --tp N`: the tensor-parallel step runner the PyTorch trainer plugs in (``--pp`` > 1:
+:mod:`hvdllm.torch.parallel.pipeline_train`), and what both model-parallel runners share.
 
 The trainer stays data-parallel in shape: this module gives it (1) the process sets of the
-dp x tp grid to register at ``hvd.init``, (2) a :class:`StepRunner` whose model is this rank's
+dp x tp x pp grid to register at ``hvd.init``, (2) a :class:`StepRunner` whose model is this rank's
 tensor-parallel shard of the same seeded GPT the one-process run builds, (3) the data-parallel group
 for the DistributedOptimizer, and (4) gradient clipping on the *global* norm (sharded weights summed
 over the tensor-parallel group, replicated ones counted once), so the update equals the unsplit one.
-Checkpoints and the final sample use the gathered, unsplit model.
+Checkpoints and the final sample use the gathered, unsplit model; checkpoints also hold the unsplit
+optimizer state, which :class:`ShardLayout` cuts back into every rank's shards on ``--resume``.
 """
 from __future__ import annotations
 
