@@ -50,6 +50,8 @@ def test_collectives_two_ranks(framework: str, launcher: str, backend: str) -> N
             assert rep["graph_bcast"] == [0.0, 1.0, 2.0, 3.0]
         else:
             assert ("set0" in rep) == (r == 0)
+            if backend == "horovod":   # d/dw_r of sum_k (k+1) * (w_0 + w_1) = 1 + 2
+                assert rep["grad_of_sum"] == [3.0, 3.0]
             if r == 0:
                 assert rep["set0"] == [5.0]
 

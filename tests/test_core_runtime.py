@@ -143,8 +143,9 @@ class _FakeHorovod:
     size = local_size = staticmethod(lambda: 1)
 
 
-@pytest.mark.parametrize("user,accel,sets,want", [(None, False, [], "20"), ("3", False, [], "3"),
-                                                  (None, True, [], None), (None, False, [ProcessSet([0])], None)])
+@pytest.mark.parametrize("user,accel,sets,want", [(None, False, None, "20"), ("3", False, None, "3"),
+                                                  (None, True, None, None), (None, False, [ProcessSet([0])], None),
+                                                  (None, False, [], None)])
 def test_horovod_cycle_time_default(monkeypatch: pytest.MonkeyPatch, user: str | None, accel: bool,
                                     sets: list, want: str | None) -> None:
     from hvdllm.core.runtime_base import HorovodBase
@@ -154,5 +155,6 @@ def test_horovod_cycle_time_default(monkeypatch: pytest.MonkeyPatch, user: str |
     if user is not None:
         monkeypatch.setenv("HOROVOD_CYCLE_TIME", user)
     fake = _FakeHorovod()
-    HorovodBase(fake, sets, has_accelerator=accel)
+    # init(process_sets=[]) (a pipeline of 2 stages on 2 ranks needs none) is a grid job, init() is not
+    HorovodBase(fake, sets or [], has_accelerator=accel, model_parallel=sets is not None)
     assert fake.env_at_init["HOROVOD_CYCLE_TIME"] == want

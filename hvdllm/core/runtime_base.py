@@ -20,7 +20,9 @@ from hvdllm.core.world import World
 # reductions per step) 20 ms cut the thread's CPU per step from ~110 ms to ~25 ms on the GPT benchmark
 # (bench/torch_dp.py) for at most 20 ms more latency on the step's last bucket. Jobs that register
 # process sets (tensor/pipeline parallel grids) issue many small, latency-bound collectives per step
-# and keep Horovod's default, as do hosts with accelerators (their host cores are free).
+# and keep Horovod's default, as do hosts with accelerators (their host cores are free). A job counts
+# as model parallel when it passes ``process_sets`` to init at all, even an empty list: a pipeline of
+# two stages on two ranks needs no process set but sends latency-bound activations every micro-batch.
 CPU_CYCLE_TIME_MS = "20"
 
 
@@ -36,9 +38,11 @@ class HorovodBase:
 
     name = "horovod"
 
-    def __init__(self, hvd: Any, process_sets: Sequence[ProcessSet], has_accelerator: bool = False) -> None:
+    def __init__(self, hvd: Any, process_sets: Sequence[ProcessSet], has_accelerator: bool = False,
+                 model_parallel: bool | None = None) -> None:
         self.hvd = hvd
-        for key, value in horovod_env_defaults(has_accelerator, model_parallel=bool(process_sets)).items():
+        grid = bool(process_sets) if model_parallel is None else model_parallel
+        for key, value in horovod_env_defaults(has_accelerator, model_parallel=grid).items():
             os.environ.setdefault(key, value)
         self._sets = {ps: hvd.ProcessSet(list(ps.ranks)) for ps in process_sets}
         hvd.init(process_sets=list(self._sets.values()) or None)
@@ -90,11 +94,11 @@ class NumpyBase:
 
 def create_runtime(process_sets: Sequence[ProcessSet | Sequence[int]] | None,
                    horovod_available: Callable[[], bool],
-                   horovod_cls: Callable[[Sequence[ProcessSet]], Any],
+                   horovod_cls: Callable[[Sequence[ProcessSet], bool], Any],
                    numpy_cls: Callable[[str, Sequence[ProcessSet]], Any]) -> Any:
     """Discover the backend (see hvdllm.core.backend) and initialise the adapter's class for it."""
     sets = normalize_process_sets(process_sets)
     name = core_backend.choose_backend(horovod_available, lambda: core_backend.module_available("mpi4py"))
     if name == "horovod":
-        return horovod_cls(sets)
+        return horovod_cls(sets, process_sets is not None)
     return numpy_cls(name, sets)

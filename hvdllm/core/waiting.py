@@ -3,7 +3,10 @@
 Horovod's ``synchronize`` spins (yielding) until the background thread completes the op. When ranks
 share cores — the usual CPU case, and any job with more ranks than cores — the waiting rank's spin
 takes the cycles the slower rank needs to finish its backward pass, so everyone waits longer. Polling
-with short, growing sleeps costs at most ``max_sleep`` of latency per op and no CPU.
+with short, growing sleeps costs at most ``max_sleep`` of latency per op and almost no CPU. Measured
+on 2 cores (a 128 KiB broadcast ping-pong in a two-rank process set, Horovod cycle 1 ms): 2 ranks,
+median 2.35 ms spinning vs 2.33 ms polling (p90 14.7 vs 4.7 ms); 4 ranks, 10.6 vs 4.7 ms (p90 32 vs
+8.5 ms). A 1 ms ``max_sleep`` cost 1 ms of median latency at 2 ranks; 0.1 ms lost at 4 ranks.
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import time
 from typing import Callable
 
 
-def wait_until(done: Callable[[], bool], first_sleep: float = 5e-5, max_sleep: float = 1e-3) -> None:
+def wait_until(done: Callable[[], bool], first_sleep: float = 5e-5, max_sleep: float = 2.5e-4) -> None:
     """Return once ``done()`` is true, sleeping between polls (doubling from ``first_sleep`` to ``max_sleep``)."""
     delay = first_sleep
     while not done():

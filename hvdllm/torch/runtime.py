@@ -20,6 +20,11 @@ def horovod_available() -> bool:
     return True
 
 
+def _differentiable(x: torch.Tensor) -> bool:
+    """Horovod's blocking ops are autograd functions; keep them where a gradient must flow back."""
+    return x.requires_grad and torch.is_grad_enabled()
+
+
 class _Waited:
     def __init__(self, fn: Any) -> None:
         self._fn, self._result, self._done = fn, None, False
@@ -33,10 +38,11 @@ class _Waited:
 class HorovodTorch(HorovodBase):
     """Collectives on horovod.torch (Gloo or MPI controller, whatever horovodrun chose)."""
 
-    def __init__(self, process_sets: Sequence[ProcessSet]) -> None:
+    def __init__(self, process_sets: Sequence[ProcessSet], model_parallel: bool | None = None) -> None:
         import horovod.torch as hvd
 
-        super().__init__(hvd, process_sets, has_accelerator=torch.cuda.is_available())
+        super().__init__(hvd, process_sets, has_accelerator=torch.cuda.is_available(),
+                         model_parallel=model_parallel)
 
     def allreduce(self, x: torch.Tensor, op: ReduceOp = Average, process_set: ProcessSet = WORLD,
                   name: str | None = None) -> torch.Tensor:
@@ -44,7 +50,9 @@ class HorovodTorch(HorovodBase):
         # ranks that issue different numbers of ops (pipeline stages) must name the ops they share.
         if x.dtype == torch.bfloat16:  # Horovod's CPU ops have no bf16: reduce in fp32
             return self.allreduce(x.float(), op, process_set, name).to(torch.bfloat16)
-        return self.hvd.allreduce(x, op=self._op(op), process_set=self._ps(process_set), name=name)
+        if _differentiable(x):
+            return self.hvd.allreduce(x, op=self._op(op), process_set=self._ps(process_set), name=name)
+        return self._wait(self.hvd.allreduce_async(x, name=name, op=self._op(op), process_set=self._ps(process_set)))
 
     def allreduce_async_(self, x: torch.Tensor, op: ReduceOp = Average, process_set: ProcessSet = WORLD,
                          name: str | None = None) -> _Waited:
@@ -55,8 +63,7 @@ class HorovodTorch(HorovodBase):
         handle = self.hvd.allreduce_async_(buf, name=name, op=self._op(op), process_set=self._ps(process_set))
 
         def finish() -> torch.Tensor:
-            wait_until(lambda: self.hvd.poll(handle))  # synchronize() would spin (see core.waiting)
-            self.hvd.synchronize(handle)
+            self._wait(handle)
             if buf is not x:
                 x.data.copy_(buf)
             return x
@@ -65,10 +72,20 @@ class HorovodTorch(HorovodBase):
 
     def broadcast(self, x: torch.Tensor, root_rank: int, process_set: ProcessSet = WORLD,
                   name: str | None = None) -> torch.Tensor:
-        return self.hvd.broadcast(x, root_rank, process_set=self._ps(process_set), name=name)
+        if _differentiable(x):
+            return self.hvd.broadcast(x, root_rank, process_set=self._ps(process_set), name=name)
+        return self._wait(self.hvd.broadcast_async(x, root_rank, name=name, process_set=self._ps(process_set)))
 
     def allgather(self, x: torch.Tensor, process_set: ProcessSet = WORLD, name: str | None = None) -> torch.Tensor:
-        return self.hvd.allgather(x if x.dim() else x.reshape(1), name=name, process_set=self._ps(process_set))
+        x = x if x.dim() else x.reshape(1)
+        if _differentiable(x):
+            return self.hvd.allgather(x, name=name, process_set=self._ps(process_set))
+        return self._wait(self.hvd.allgather_async(x, name=name, process_set=self._ps(process_set)))
+
+    def _wait(self, handle: Any) -> torch.Tensor:
+        """The op's result; sleeps between polls where Horovod's synchronize() would spin (core.waiting)."""
+        wait_until(lambda: self.hvd.poll(handle))
+        return self.hvd.synchronize(handle)
 
     def barrier(self, process_set: ProcessSet = WORLD) -> None:
         self.hvd.barrier(process_set=self._ps(process_set))

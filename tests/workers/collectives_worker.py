@@ -33,6 +33,10 @@ if framework == "torch":
     out["gather_scalar"] = hvd.allgather(torch.tensor(float(r))).tolist()
     out["object"] = hvd.broadcast_object({"from": r, "list": [r] * 3}, root_rank=0)
     out["object_from_none"] = hvd.broadcast_object({"from": r} if r == 0 else None, root_rank=0)  # the usual idiom
+    if hvd.backend() == "horovod":   # Horovod's blocking ops are differentiable; hvdllm keeps that
+        w = torch.full((2,), float(r + 1), requires_grad=True)
+        (hvd.allreduce(w, op=hvd.Sum) * (r + 1)).sum().backward()
+        out["grad_of_sum"] = w.grad.tolist()
     if r == 0:
         out["set0"] = hvd.allreduce(torch.tensor([5.0 + r]), op=hvd.Sum, process_set=hvd.ProcessSet([0])).tolist()
     hvd.barrier()
