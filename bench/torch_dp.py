@@ -13,11 +13,13 @@ Runs are interleaved (round 1: every mode, round 2: every mode, ...) so that dri
 hits all modes alike; the medians of the global tokens/s and their ratios are printed. Each rank uses
 cores/ranks threads. This measures speed only; correctness is in tests/test_torch_dp.py.
 
-Measured (2-core machine shared with other jobs, load average 8-15, so absolute figures are 5-20x
-below a quiet machine's and noisy; batch 8x128 per rank, 3 interleaved rounds of 8 steps, medians):
-hvdllm 1642, horovod.torch 1035, DDP 1643, one process 262, hvdllm on mpi4py 821 tokens/s, i.e.
-hvdllm/horovod 1.59x, hvdllm/DDP 1.00x. A second, partial run (load returning): hvdllm 983-1271,
-horovod 831-1005, DDP 837-1856. All np=2 modes reach the same loss (5.5111), as they should.
+Measured on the quiet 2-core machine (2026-11-29; batch 8x128 per rank, 3 interleaved rounds of 15
+steps, medians of global tokens/s): hvdllm 3664, horovod.torch 2859, DDP 3646, one process 3430, i.e.
+hvdllm/horovod 1.28x, hvdllm/DDP 1.005x (an earlier run the same hour: 3372/2869/3701/4209, 1.18x and
+0.91x; single runs vary by about 10%). All np=2 modes reach the same loss (5.1924). The lead over
+Horovod's wrapper comes from hvdllm's CPU defaults (HOROVOD_CYCLE_TIME=20 and sleeping instead of
+spinning while waiting): with HOROVOD_CYCLE_TIME=20 exported for both, the wrapper matched or beat
+hvdllm (hvdllm/horovod 0.90x with one 25 MB bucket, 0.97x with --bucket-cap-mb 4).
 """
 from __future__ import annotations
 
