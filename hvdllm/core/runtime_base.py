@@ -38,11 +38,10 @@ class HorovodBase:
 
     name = "horovod"
 
-    def __init__(self, hvd: Any, process_sets: Sequence[ProcessSet], has_accelerator: bool = False,
-                 model_parallel: bool | None = None) -> None:
+    def __init__(self, hvd: Any, process_sets: Sequence[ProcessSet], has_accelerator: bool,
+                 model_parallel: bool) -> None:
         self.hvd = hvd
-        grid = bool(process_sets) if model_parallel is None else model_parallel
-        for key, value in horovod_env_defaults(has_accelerator, model_parallel=grid).items():
+        for key, value in horovod_env_defaults(has_accelerator, model_parallel).items():
             os.environ.setdefault(key, value)
         self._sets = {ps: hvd.ProcessSet(list(ps.ranks)) for ps in process_sets}
         hvd.init(process_sets=list(self._sets.values()) or None)
@@ -100,5 +99,5 @@ def create_runtime(process_sets: Sequence[ProcessSet | Sequence[int]] | None,
     sets = normalize_process_sets(process_sets)
     name = core_backend.choose_backend(horovod_available, lambda: core_backend.module_available("mpi4py"))
     if name == "horovod":
-        return horovod_cls(sets, process_sets is not None)
+        return horovod_cls(sets, process_sets is not None)   # init(process_sets=...) marks a grid job
     return numpy_cls(name, sets)

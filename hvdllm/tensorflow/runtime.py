@@ -27,7 +27,7 @@ def horovod_available() -> bool:
 class HorovodTF(HorovodBase):
     """Collectives on horovod.tensorflow's low-level ops (which work on TF 2.21; its Keras glue does not)."""
 
-    def __init__(self, process_sets: Sequence[ProcessSet], model_parallel: bool | None = None) -> None:
+    def __init__(self, process_sets: Sequence[ProcessSet], model_parallel: bool) -> None:
         import horovod.tensorflow as hvd
 
         super().__init__(hvd, process_sets, has_accelerator=bool(tf.config.list_physical_devices("GPU")),

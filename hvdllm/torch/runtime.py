@@ -38,7 +38,7 @@ class _Waited:
 class HorovodTorch(HorovodBase):
     """Collectives on horovod.torch (Gloo or MPI controller, whatever horovodrun chose)."""
 
-    def __init__(self, process_sets: Sequence[ProcessSet], model_parallel: bool | None = None) -> None:
+    def __init__(self, process_sets: Sequence[ProcessSet], model_parallel: bool) -> None:
         import horovod.torch as hvd
 
         super().__init__(hvd, process_sets, has_accelerator=torch.cuda.is_available(),

@@ -347,7 +347,7 @@ def train(cfg: TrainConfig) -> int:
     """Run (or resume) training as configured; returns the exit status (0). ConfigError -> the CLI's 2."""
     from hvdllm.torch.parallel.train import grid_process_sets
 
-    hvd.init(process_sets=grid_process_sets(cfg.parallel.tp, cfg.parallel.pp) or None)
+    hvd.init(process_sets=grid_process_sets(cfg.parallel.tp, cfg.parallel.pp))
     rank, size = hvd.rank(), hvd.size()
     threads = cfg.run.threads or hvd.threads_per_rank()
     torch.set_num_threads(threads)

@@ -15,3 +15,10 @@ def report(rank: int, data: dict[str, Any]) -> None:
     with open(tmp, "w") as f:
         json.dump(data, f)
     os.replace(tmp, os.path.join(out, f"rank{rank}.json"))
+
+
+def leave_together(hvd: Any, rank: int, data: dict[str, Any]) -> None:
+    """Barrier, then report. Horovod's shutdown is global: a rank that exits while another still has an
+    op pending in a process set it is not part of ends that op ('Horovod has been shut down')."""
+    hvd.barrier()
+    report(rank, data)

@@ -14,7 +14,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from tests.workers.common import report  # noqa: E402
+from tests.workers.common import leave_together  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -108,7 +108,4 @@ for label, grid, steps, schedule, m in LAYOUTS:
     names = {n: ("wte.weight" if n == "lm_head.weight" and CFG.tie_embeddings else n) for n in full}
     out[label + "_weight_diff"] = max((full[n] - ref_w[names[n]]).abs().max().item() for n in full)
     out[label + "_n_params"] = len(full)
-# Horovod's shutdown is global: a rank leaving while another still has an op pending in a process set
-# it is not part of ends that op with 'Horovod has been shut down'. Leave together.
-hvd.barrier()
-report(rank, out)
+leave_together(hvd, rank, out)

@@ -9,7 +9,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from tests.workers.common import report  # noqa: E402
+from tests.workers.common import leave_together  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -56,7 +56,4 @@ for label, (cfg, m) in CASES.items():
         out[key + "_diffs"] = diffs
         out[key + "_names"] = sorted(diffs)
         out[key + "_blocks"] = [stage.start, stage.end]
-# Horovod's shutdown is global: a rank leaving while another still has an op pending in a process set
-# it is not part of ends that op with 'Horovod has been shut down'. Leave together.
-hvd.barrier()
-report(rank, out)
+leave_together(hvd, rank, out)

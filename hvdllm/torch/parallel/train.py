@@ -37,11 +37,14 @@ def launched_world_size() -> int:
     return 1
 
 
-def grid_process_sets(tp: int, pp: int, world_size: int | None = None) -> list[ProcessSet]:
-    """The process sets ``hvd.init`` must register for a tp x pp job ([] when the grid does not fit;
-    the trainer's validation then reports that as bad input)."""
+def grid_process_sets(tp: int, pp: int, world_size: int | None = None) -> list[ProcessSet] | None:
+    """The process sets ``hvd.init`` must register for a tp x pp job: None for plain data parallelism
+    (``hvd.init()``'s defaults), [] when the grid does not fit (the trainer's validation then reports
+    that as bad input)."""
+    if tp == 1 and pp == 1:
+        return None
     n = launched_world_size() if world_size is None else world_size
-    if tp < 1 or pp < 1 or n % (tp * pp) or (tp == 1 and pp == 1):
+    if tp < 1 or pp < 1 or n % (tp * pp):
         return []
     grid = ProcessGrid.infer(n, tp=tp, pp=pp)
     sets = grid.process_sets()
