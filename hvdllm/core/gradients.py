@@ -7,9 +7,10 @@ What every ``DistributedOptimizer`` / ``DistributedGradientTape`` does, in this 
    The reduction happens on the pass where :func:`is_reduction_pass` is true.
 2. *Reduce*: gradients are grouped into buckets (:func:`hvdllm.core.buckets.plan_buckets`), cast to the
    compression's wire dtype (:func:`wire_dtype`; only floating gradients are compressed; a backend that
-   cannot sum that 16-bit type reduces uncompressed, :func:`backend_wire_dtype`), reduced with
-   ``op`` (Average = Sum then :meth:`ReduceOp.postscale`) and cast back. With one rank nothing travels
-   and nothing is cast.
+   cannot sum that 16-bit type reduces uncompressed, :func:`backend_wire_dtype`), multiplied by the
+   *prescale*, **summed** on the wire, multiplied by the *postscale* and cast back
+   (:meth:`ReductionConfig.scales`: Horovod's ``gradient_predivide_factor`` f gives prescale 1/f and,
+   for Average, postscale f/N). With one rank nothing travels and nothing is cast.
 3. *Clip*: with ``max_grad_norm`` the global L2 norm is taken **after** the reduction, so every rank
    computes the same coefficient (:func:`clip_coefficient_of`).
 """
@@ -35,11 +36,13 @@ class ReductionConfig:
     max_grad_norm: float | None = None
     bucket_cap_mb: float = 25.0
     process_set: ProcessSet = WORLD
+    gradient_predivide_factor: float = 1.0
 
     @classmethod
     def create(cls, op: object = Average, compression: object = None, backward_passes_per_step: object = 1,
                average_aggregated_gradients: bool = False, max_grad_norm: object = None,
-               bucket_cap_mb: object = 25.0, process_set: ProcessSet | None = None) -> "ReductionConfig":
+               bucket_cap_mb: object = 25.0, process_set: ProcessSet | None = None,
+               gradient_predivide_factor: object = 1.0) -> "ReductionConfig":
         """Parse and validate user options; bad values raise ValueError naming the value and what is allowed."""
         k = backward_passes_per_step
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -54,8 +57,15 @@ class ReductionConfig:
             raise ValueError(f"bucket_cap_mb={bucket_cap_mb!r} must be a number >= 0 (0: one bucket per dtype)")
         if process_set is not None and not isinstance(process_set, ProcessSet):
             raise ValueError(f"process_set={process_set!r} must be an hvdllm ProcessSet")
-        return cls(parse_op(op), parse_compression(compression), k, bool(average_aggregated_gradients),
-                   max_grad_norm, float(bucket_cap_mb), process_set or WORLD)
+        f = gradient_predivide_factor
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or f <= 0:
+            raise ValueError(f"gradient_predivide_factor={f!r} must be a finite number > 0")
+        parsed_op = parse_op(op)
+        if f != 1.0 and parsed_op is not Average:
+            raise ValueError(f"gradient_predivide_factor={f!r} needs op=hvd.Average (got {parsed_op!r}); "
+                             "with other ops leave it at 1.0")
+        return cls(parsed_op, parse_compression(compression), k, bool(average_aggregated_gradients),
+                   max_grad_norm, float(bucket_cap_mb), process_set or WORLD, float(f))
 
     @property
     def bucket_cap_bytes(self) -> int:
@@ -66,6 +76,27 @@ class ReductionConfig:
     def local_scale(self) -> float:
         """Factor applied to the sum of the k local gradients before the reduction (1 or 1/k)."""
         return 1.0 / self.backward_passes_per_step if self.average_aggregated_gradients else 1.0
+
+    def scales(self, size: int) -> tuple[float, float]:
+        """``(prescale, postscale)`` around the **sum** on the wire over ``size`` ranks: the one
+        data-parallel semantics of both adapters.
+
+        prescale = local_scale / f and postscale = f / size for Average (1 for Sum), with f Horovod's
+        ``gradient_predivide_factor``: f = size divides before the sum (no fp16 overflow as ranks grow),
+        f = 1 after it. Their product is always local_scale x op.postscale(size).
+        """
+        return reduction_scales(self.op, size, self.gradient_predivide_factor, self.local_scale)
+
+
+def reduction_scales(op: ReduceOp, size: int, predivide: float = 1.0,
+                     local_scale: float = 1.0) -> tuple[float, float]:
+    """``(prescale, postscale)`` that realise ``op`` as prescale -> SUM over ``size`` ranks -> postscale
+    (see :meth:`ReductionConfig.scales`)."""
+    if size < 1:
+        raise ValueError(f"size={size} must be >= 1")
+    if op is Average:
+        return local_scale / predivide, predivide / size
+    return local_scale / predivide, predivide
 
 
 def is_reduction_pass(passes_done: int, backward_passes_per_step: int) -> bool:
