@@ -50,7 +50,6 @@ def worker(args: argparse.Namespace) -> None:
     from hvdllm.models.gpt import GPT, GPTConfig
     from hvdllm.core.process_sets import WORLD
     from hvdllm.torch.parallel import GPTStage, PipelineRuntime
-    from hvdllm.torch.parallel.pipeline import _named
 
     size = int(os.environ["HOROVOD_SIZE"])
     grid = ProcessGrid(1, 1, size, world_size=size)
@@ -135,10 +134,10 @@ def worker(args: argparse.Namespace) -> None:
         for i in range(25):
             if i == 5:
                 t0 = time.perf_counter()
-            buf = _named(rt, "broadcast", buf, grid.rank_of(0, 0, i % 2), ps, name=f"bench.latency.{i}")
+            buf = rt.broadcast(buf, grid.rank_of(0, 0, i % 2), ps, name=f"bench.latency.{i}")
         results["exchange_ms"] = (time.perf_counter() - t0) / 20 * 1000
     # every rank stays until the others are done (Horovod shuts down when the first rank exits)
-    _named(hvd.collectives(), "allreduce", torch.ones(1), hvd.Sum, WORLD, name="bench.end")
+    hvd.allreduce(torch.ones(1), hvd.Sum, WORLD, name="bench.end")
     out = Path(args.out) / f"rank{rank}.json"
     out.write_text(json.dumps(results))
 

@@ -21,12 +21,10 @@ from hvdllm.core.buckets import TensorSpec, plan_buckets
 from hvdllm.core.gradients import ReductionConfig, backend_wire_dtype, clip_coefficient_of, is_reduction_pass
 from hvdllm.core.ops import Average, ReduceOp
 from hvdllm.core.process_sets import WORLD, ProcessSet
+from hvdllm.tensorflow.basics import collectives
 
 
-def _runtime() -> Any:
-    import hvdllm.tensorflow as hvd
-
-    return hvd.collectives()
+_runtime = collectives  # the backend (hvdllm.core.collectives.Collectives)
 
 
 def _in_xla_context() -> bool:

@@ -37,6 +37,7 @@ from hvdllm.core.compression import Compression
 from hvdllm.core.gradients import ReductionConfig, backend_wire_dtype
 from hvdllm.core.ops import Average, Sum
 from hvdllm.core.process_sets import WORLD, ProcessSet
+from hvdllm.torch.basics import collectives
 
 __all__ = ["DistributedOptimizer"]
 
@@ -48,10 +49,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def _runtime() -> Any:
-    import hvdllm.torch as hvd  # late: hvdllm.torch imports this module
-
-    return hvd.collectives()
+_runtime = collectives  # the backend (hvdllm.core.collectives.Collectives)
 
 
 class _Bucket:

@@ -14,14 +14,12 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from hvdllm.core.process_sets import WORLD, ProcessSet
+from hvdllm.torch.basics import collectives
 
 __all__ = ["broadcast_parameters", "broadcast_optimizer_state"]
 
 
-def _runtime() -> Any:
-    import hvdllm.torch as hvd  # late: hvdllm.torch imports this module
-
-    return hvd.collectives()
+_runtime = collectives  # the backend (hvdllm.core.collectives.Collectives)
 
 
 def _check_root(rt: Any, root_rank: int, process_set: ProcessSet) -> None:

@@ -17,7 +17,6 @@ DistributedOptimizer, with ``backward_passes_per_step`` = micro-batches) see the
 """
 from __future__ import annotations
 
-import inspect
 import weakref
 from typing import Any, Sequence
 
@@ -28,6 +27,7 @@ from torch.nn import functional as F
 from hvdllm.core.grid import ProcessGrid
 from hvdllm.core.pipeline import SCHEDULES, Schedule, build_schedule, partition_layers
 from hvdllm.core.process_sets import ProcessSet
+from hvdllm.torch import basics
 
 __all__ = ["GPTStage", "PipelineRuntime", "gpt_stage_bounds", "ActivationMeter"]
 
@@ -154,15 +154,6 @@ class _Saved:
         self.t = t
 
 
-def _named(rt: Any, op: str, *args: Any, name: str) -> Any:
-    """Call a runtime collective ("allreduce", "broadcast") with a Horovod op name where it takes one
-    (the mpi/local backends match by call order per communicator and ignore names)."""
-    fn = getattr(rt, op)
-    if "name" in inspect.signature(fn).parameters:
-        return fn(*args, name=name)
-    return fn(*args)
-
-
 class PipelineRuntime:
     """Runs one stage of a pipeline over micro-batches with a GPipe or 1F1B schedule.
 
@@ -180,11 +171,8 @@ class PipelineRuntime:
         if stage_module.stage != c.pp or stage_module.num_stages != grid.pp:
             raise ValueError(f"stage module {stage_module.stage}/{stage_module.num_stages} does not match "
                              f"{grid.describe(rank)}")
-        if collectives is None:
-            import hvdllm.torch as hvd
-
-            collectives = hvd.collectives()
-        self.rt, self.module, self.grid, self.rank = collectives, stage_module, grid, rank
+        self.collectives = collectives if collectives is not None else basics.collectives()
+        self.module, self.grid, self.rank = stage_module, grid, rank
         self.kind, self.stage, self.num_stages = schedule.lower(), c.pp, grid.pp
         self.prev_rank = grid.rank_of(c.dp, c.tp, c.pp - 1) if c.pp > 0 else None
         self.next_rank = grid.rank_of(c.dp, c.tp, c.pp + 1) if c.pp < grid.pp - 1 else None
@@ -210,7 +198,7 @@ class PipelineRuntime:
         return f"hvdllm.pp.{tag}.{n}"
 
     def _exchange(self, x: torch.Tensor, root: int, ps: ProcessSet, tag: str) -> torch.Tensor:
-        return _named(self.rt, "broadcast", x.contiguous(), root, ps, name=self._name(tag))
+        return self.collectives.broadcast(x.contiguous(), root, ps, name=self._name(tag))
 
     def refresh_tied_head(self) -> tuple[torch.Tensor | None, Any]:
         """Copy the first stage's current embedding into the last stage's tied head (a broadcast in the
@@ -241,7 +229,7 @@ class PipelineRuntime:
         else:
             total = mod.loss(h, y, reduction="none").mean(dim=1).sum().double()
         if self.num_stages > 1:
-            total = _named(self.rt, "broadcast", total, self.last_rank, self.pp_set, name=self._name("eval_loss"))
+            total = self.collectives.broadcast(total, self.last_rank, self.pp_set, name=self._name("eval_loss"))
         return total
 
     def step(self, inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> float:
@@ -303,5 +291,5 @@ class PipelineRuntime:
             g = head.weight.grad if head.weight.grad is not None else torch.zeros_like(head.weight)
             self._exchange(g, self.rank, self.emb_set, "emb")
         if self.num_stages > 1:
-            total = _named(self.rt, "broadcast", total, self.last_rank, self.pp_set, name=self._name("loss"))
+            total = self.collectives.broadcast(total, self.last_rank, self.pp_set, name=self._name("loss"))
         return float(total)

@@ -15,8 +15,6 @@ different numbers of collectives.
 from __future__ import annotations
 
 import itertools
-from typing import Any
-
 import torch
 
 import hvdllm.torch as hvd
@@ -24,14 +22,14 @@ from hvdllm.models.gpt import GPT
 from hvdllm.torch.parallel.gpt import parallelize_gpt
 from hvdllm.torch.parallel.pipeline import GPTStage, PipelineRuntime, gpt_stage_bounds
 from hvdllm.torch.parallel.shards import ShardLayout
+from hvdllm.train.common import RunSetup
+from hvdllm.train.config import ConfigError
+from hvdllm.train.model_parallel_torch import check_tp, runner_parts
+from hvdllm.train.runner_torch import Batch, Precision, StepRunner
 
 
-def pipeline_runner(s: Any, precision: Any, device: torch.device) -> Any:
+def pipeline_runner(s: RunSetup, precision: Precision, device: torch.device) -> StepRunner:
     """The StepRunner for ``--pp N`` (N > 1, any ``--tp``): see the module docstring."""
-    from hvdllm.train.config import ConfigError
-    from hvdllm.torch.parallel.train import check_tp, runner_parts
-    from hvdllm.train.trainer_torch import StepRunner
-
     tp, pp = s.cfg.parallel.tp, s.cfg.parallel.pp
     if s.cfg.run.precision != "fp32":
         raise ConfigError(f"run.precision={s.cfg.run.precision} with --pp {pp}: pipeline training runs in "
@@ -48,13 +46,13 @@ def pipeline_runner(s: Any, precision: Any, device: torch.device) -> Any:
     def name(tag: str) -> str:
         return f"hvdllm.pp.train.{tag}.{next(counter)}"
 
-    def forward_backward(micro: list) -> torch.Tensor:
+    def forward_backward(micro: list[Batch]) -> torch.Tensor:
         loss = runtime.step([x for x, _ in micro], [y for _, y in micro])
         return torch.tensor(loss, dtype=torch.float32)
 
     def eval_loss_sum(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
         return runtime.eval_loss_sum(x, y), int(y.shape[0])
 
-    layout = ShardLayout(stage, tp_model, grid, rank, runtime.rt, name)
+    layout = ShardLayout(stage, tp_model, grid, rank, runtime.collectives, name)
     return StepRunner(forward_backward=forward_backward, eval_loss_sum=eval_loss_sum, collective_name=name,
                       **runner_parts(s, layout, device))
