@@ -18,8 +18,8 @@ from hvdllm.core.world import World
 
 # Horovod's background thread negotiates every HOROVOD_CYCLE_TIME ms (default 1) even when idle; on a
 # CPU-only host those cycles run on the cores the ranks compute on. For data parallelism (a few large
-# reductions per step) 20 ms cut the thread's CPU per step from ~110 ms to ~25 ms on the GPT benchmark
-# (bench/torch_dp.py) for at most 20 ms more latency on the step's last bucket. Jobs that register
+# reductions per step) 20 ms cuts the thread's CPU per step several-fold (bench/torch_dp.py) for at most
+# 20 ms more latency on the step's last bucket. Jobs that register
 # process sets (tensor/pipeline parallel grids) issue many small, latency-bound collectives per step
 # and keep Horovod's default, as do hosts with accelerators (their host cores are free). A job counts
 # as model parallel when it passes ``process_sets`` to init at all, even an empty list: a pipeline of

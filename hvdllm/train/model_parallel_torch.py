@@ -25,7 +25,7 @@ from hvdllm.models.gpt import GPT
 from hvdllm.torch.parallel.gpt import parallelize_gpt
 from hvdllm.torch.parallel.shards import ShardLayout
 from hvdllm.torch.parallel.tensor import vocab_parallel_cross_entropy
-from hvdllm.train.common import RunSetup
+from hvdllm.train.run_setup import RunSetup
 from hvdllm.train.config import ConfigError
 from hvdllm.train.runner_torch import Precision, StepRunner, accumulate_forward_backward
 

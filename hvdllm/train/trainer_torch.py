@@ -23,7 +23,9 @@ import hvdllm.torch as hvd
 from hvdllm.data.tokenizer import TOKENIZER_FILE
 from hvdllm.models.gpt import GPTConfig
 from hvdllm.train import checkpoint as ckpt
-from hvdllm.train.common import LossLog, RunSetup, create_run_dir, peak_flops, setup_run
+from hvdllm.train.metrics import LossLog
+from hvdllm.train.progress import peak_flops
+from hvdllm.train.run_setup import RunSetup, create_run_dir, setup_run
 from hvdllm.train.config import ConfigError, TrainConfig
 from hvdllm.train.loop import StepHooks, run_training
 from hvdllm.train.model_parallel_torch import grid_process_sets, tensor_parallel_runner

@@ -1,7 +1,7 @@
-"""Pipeline parallelism for PyTorch: GPT stage modules and a runtime that runs the core's schedules.
+"""Pipeline parallelism for PyTorch: GPT stage modules and an executor that runs the core's schedules.
 
 Each rank owns one stage (a contiguous run of transformer blocks, plus the embeddings on the first
-stage and the final norm, head and loss on the last). :class:`PipelineRuntime` executes the per-stage
+stage and the final norm, head and loss on the last). :class:`PipelineExecutor` executes the per-stage
 program of :func:`hvdllm.core.pipeline.build_schedule` (GPipe or 1F1B) over micro-batches:
 activations go forward and their gradients backward between adjacent stages as a broadcast inside the
 two-rank process set of that link (Horovod has no send/recv; the same call works on the mpi and local
@@ -25,11 +25,11 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from hvdllm.core.grid import ProcessGrid
-from hvdllm.core.pipeline import SCHEDULES, Schedule, build_schedule, partition_layers
+from hvdllm.core.pipeline import SCHEDULES, PipelineSchedule, build_schedule, partition_layers
 from hvdllm.core.process_sets import ProcessSet
 from hvdllm.torch import basics
 
-__all__ = ["GPTStage", "PipelineRuntime", "gpt_stage_bounds", "ActivationMeter"]
+__all__ = ["GPTStage", "PipelineExecutor", "gpt_stage_bounds", "ActivationMeter"]
 
 
 def gpt_stage_bounds(model: nn.Module, num_stages: int) -> list[tuple[int, int]]:
@@ -47,7 +47,7 @@ class GPTStage(nn.Module):
     """Stage ``stage`` of ``num_stages`` of a GPT (plain or :class:`TensorParallelGPT`).
 
     Parameter names are the model's (``h.3.mlp.c_fc.weight``...). With tied embeddings the last stage's
-    ``lm_head.weight`` is a plain tensor (not a parameter) that the runtime refreshes from the first
+    ``lm_head.weight`` is a plain tensor (not a parameter) that the executor refreshes from the first
     stage. ``model`` is consumed: parts other stages own are dropped from it.
     """
 
@@ -154,7 +154,7 @@ class _Saved:
         self.t = t
 
 
-class PipelineRuntime:
+class PipelineExecutor:
     """Runs one stage of a pipeline over micro-batches with a GPipe or 1F1B schedule.
 
     ``step(inputs, targets)`` does the forwards and backwards of all micro-batches, leaving in each
@@ -184,10 +184,10 @@ class PipelineRuntime:
         self.emb_set = grid.embedding_group(rank) if shares else None
         self.first_rank = grid.rank_of(c.dp, c.tp, 0)
         self._seq: dict[str, int] = {}
-        self._schedules: dict[int, Schedule] = {}
+        self._schedules: dict[int, PipelineSchedule] = {}
         self.meter = ActivationMeter(list(stage_module.parameters())) if track_memory else None
 
-    def schedule(self, num_microbatches: int) -> Schedule:
+    def schedule(self, num_microbatches: int) -> PipelineSchedule:
         if num_microbatches not in self._schedules:
             self._schedules[num_microbatches] = build_schedule(self.kind, self.num_stages, num_microbatches)
         return self._schedules[num_microbatches]
