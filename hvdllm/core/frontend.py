@@ -15,6 +15,8 @@ from hvdllm.core.process_sets import WORLD, ProcessSet
 
 
 class Frontend:
+    """One adapter's Horovod-style API over the backend its ``init`` starts (``create(process_sets)``)."""
+
     def __init__(self, framework: str, create: Callable[[Any], Any]) -> None:
         self._framework, self._create, self._backend = framework, create, None
 

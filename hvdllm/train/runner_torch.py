@@ -12,7 +12,9 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from hvdllm.core.process_sets import ProcessSet
 from hvdllm.models.gpt import GPT, GPTConfig
+from hvdllm.torch.parallel.shards import ShardLayout
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -60,13 +62,13 @@ class StepRunner:
     # data-parallel process set the gradients are averaged over (None: the whole world).
     full_model: Callable[[], torch.nn.Module] | None = None
     prepare_optimizer: Callable[[Any], Any] | None = None
-    dp_group: Any = None
+    dp_group: ProcessSet | None = None
     # Pipeline parallel: a fresh deterministic op name per call, for every collective the loop issues
     # (stages issue different numbers of collectives, and Horovod numbers unnamed ones per process).
     collective_name: Callable[[str], str] | None = None
-    # Model parallel: a hvdllm.torch.parallel.ShardLayout, mapping this rank's weights and optimizer
-    # state to the unsplit model's (checkpoints hold those, so tp/pp runs resume).
-    shards: Any = None
+    # Model parallel: this rank's weights and optimizer state as the unsplit model's (checkpoints hold
+    # those, so tp/pp runs resume).
+    shards: ShardLayout | None = None
 
     def op_name(self, tag: str) -> str | None:
         """The name for a collective the loop issues (None where the runner does not name them)."""

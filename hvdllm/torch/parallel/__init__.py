@@ -5,7 +5,7 @@
     model = parallelize_gpt(GPT(cfg), grid.group("tp", hvd.rank()))          # tensor parallel
     stage = GPTStage(model, grid.coords(hvd.rank()).pp, grid.pp)              # pipeline stage
     pipeline = PipelineExecutor(stage, grid, hvd.rank(), schedule="1f1b")
-    loss = pipeline.step(micro_inputs, micro_targets)                           # grads in .grad
+    loss = pipeline.step(micro_inputs, micro_targets)                          # grads in .grad
 """
 from hvdllm.core.grid import Group, ProcessGrid
 from hvdllm.torch.parallel.gpt import TensorParallelGPT, parallelize_gpt

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from hvdllm.core.collectives import Collectives
 from hvdllm.core.grid import ProcessGrid
 from hvdllm.core.pipeline import SCHEDULES, PipelineSchedule, build_schedule, partition_layers
 from hvdllm.core.process_sets import ProcessSet
@@ -164,7 +165,7 @@ class PipelineExecutor:
     """
 
     def __init__(self, stage_module: GPTStage, grid: ProcessGrid, rank: int, schedule: str = "1f1b",
-                 collectives: Any = None, track_memory: bool = False) -> None:
+                 collectives: Collectives | None = None, track_memory: bool = False) -> None:
         if schedule.lower() not in SCHEDULES:
             raise ValueError(f"unknown pipeline schedule {schedule!r}; allowed: {', '.join(SCHEDULES)}")
         c = grid.coords(rank)

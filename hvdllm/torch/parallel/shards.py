@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from hvdllm.core.collectives import Collectives
 from hvdllm.core.grid import ProcessGrid
 from hvdllm.core.ops import Sum
 from hvdllm.torch.parallel.gpt import TensorParallelGPT
@@ -34,7 +35,7 @@ class ShardLayout:
     module's blocks come from, or None when the layers are whole)."""
 
     def __init__(self, module: nn.Module, tp_model: TensorParallelGPT | None, grid: ProcessGrid, rank: int,
-                 collectives: Any, name: Callable[[str], str] | None = None) -> None:
+                 collectives: Collectives, name: Callable[[str], str] | None = None) -> None:
         self.module, self.tp_model, self.grid, self.rank, self.collectives = module, tp_model, grid, rank, collectives
         self.coords = grid.coords(rank)
         self.tp_group = grid.group("tp", rank)
