@@ -2,7 +2,7 @@
 
 Horovod 0.28's own TF/Keras glue is broken on Keras 3 (its tape and callback crash on Keras variables,
 its Keras optimizer silently skips the averaging); these use only its low-level collectives (or mpi4py,
-or nothing on one process) through :mod:`hvdllm.tensorflow.runtime`. The semantics (accumulation,
+or nothing on one process) through :mod:`hvdllm.tensorflow.backends`. The semantics (accumulation,
 compression, clipping after the reduction) are the core's: :mod:`hvdllm.core.gradients`.
 
 Graph mode: everything here works eagerly and inside ``tf.function`` (``model.fit``'s train step), but not

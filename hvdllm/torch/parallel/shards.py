@@ -112,7 +112,8 @@ class ShardLayout:
             else:
                 replicated += sq
         if self.tp_group.size > 1:
-            sharded = self.collectives.allreduce(sharded, Sum, self.tp_group.process_set, name=self._name("grad_norm_tp"))
+            sharded = self.collectives.allreduce(sharded, Sum, self.tp_group.process_set,
+                                                 name=self._name("grad_norm_tp"))
         total = sharded + replicated
         if self.grid.pp > 1:
             total = self.collectives.allreduce(total, Sum, self.pp_set, name=self._name("grad_norm_pp"))
