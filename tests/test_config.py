@@ -51,6 +51,8 @@ def test_coercion_of_strings_and_types() -> None:
     assert [fused.coerce(v) for v in ("yes", "ON", "1", "false", " off ", True)] == [True] * 3 + [False] * 2 + [True]
     assert lr.coerce("3e-4") == 3e-4 and lr.coerce(2) == 2.0 and isinstance(lr.coerce(2), float)
     assert steps.coerce(" 12 ") == 12 and exit_at.coerce("none") is None and exit_at.coerce(None) is None
+    with pytest.raises(C.ConfigError, match="optim.lr=1000.* is not finite"):
+        lr.coerce(10**400)
     for spec, bad in ((steps, 2.0), (steps, True), (steps, "1e3"), (lr, True), (fused, 1), (fused, "maybe"),
                       (steps, None), (C.spec("run.out"), 5)):
         with pytest.raises(C.ConfigError, match=r"^\S+=.* is not (a|an) (int|float|bool|str)|is not allowed"):

@@ -1,2 +1,2 @@
-"""`hvdllm train`: the config (config.py), shared run machinery (common.py, checkpoint.py, metrics.py)
+"""`hvdllm train`: the config (config/), shared run machinery (common.py, checkpoint.py, metrics.py)
 and one trainer per framework (trainer_torch.py, trainer_keras.py), selected by the CLI (hvdllm/cli.py)."""

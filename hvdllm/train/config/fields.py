@@ -121,7 +121,10 @@ def _as_type(spec: FieldSpec, value: Any) -> Any:
     if isinstance(value, bool) != (base is bool):
         raise spec.error(value, f"is not {_a(base)}")
     if isinstance(value, base) or (base is float and isinstance(value, int)):
-        return base(value)
+        try:
+            return base(value)
+        except OverflowError:                # an int beyond any float
+            raise spec.error(value, "is not finite") from None
     raise spec.error(value, f"is not {_a(base)}")
 
 

@@ -184,8 +184,8 @@ def from_flat(values: dict[str, Any]) -> TrainConfig:
     """A validated TrainConfig from ``{"section.field": value}`` (values coerced; the rest default)."""
     per_section: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     for key, value in values.items():
-        s = spec(key)
-        per_section[key.partition(".")[0]][key.partition(".")[2]] = s.coerce(value)
+        section, _, name = key.partition(".")
+        per_section[section][name] = spec(key).coerce(value)
     cfg = TrainConfig(**{name: SECTIONS[name](**kw) for name, kw in per_section.items()})
     validate(cfg)
     return cfg
