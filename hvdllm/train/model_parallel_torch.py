@@ -37,9 +37,10 @@ def grid_process_sets(tp: int, pp: int, world_size: int | None = None) -> list[P
     if tp == 1 and pp == 1:
         return None
     n = launched_size() if world_size is None else world_size
-    if tp < 1 or pp < 1 or n % (tp * pp):
+    try:
+        grid = ProcessGrid.infer(n, tp=tp, pp=pp)
+    except ValueError:
         return []
-    grid = ProcessGrid.infer(n, tp=tp, pp=pp)
     sets = grid.process_sets()
     if grid.dp == 1:        # one-rank data-parallel groups: the DistributedOptimizer still gets a set
         sets += [ProcessSet([r]) for r in range(n)]

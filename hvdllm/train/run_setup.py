@@ -44,8 +44,7 @@ class RunSetup:
     @property
     def grid(self) -> ProcessGrid:
         """The dp x tp x pp grid of this job (hvdllm.core.grid's rank layout)."""
-        return ProcessGrid(dp=self.plan.dp_size, tp=self.cfg.parallel.tp, pp=self.cfg.parallel.pp,
-                           world_size=self.size)
+        return self.plan.grid
 
     @property
     def dp_rank(self) -> int:
