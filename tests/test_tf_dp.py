@@ -156,3 +156,12 @@ def test_accumulation_compression_clip_warmup_rules() -> None:
     assert gradual_warmup_lr(0.2, 1, 2, 0, 0, 4) == pytest.approx(0.2)
     with pytest.raises(ValueError, match="warmup_epochs=0"):
         gradual_warmup_lr(0.2, 2, 0, 0, 0, 4)
+
+
+def test_check_reports_fails_on_a_case_that_did_not_report() -> None:
+    rep = {"rank": 0, "size": 1, "backend": "local", "fit_sgd_w": [1.0], "fit_sgd_diff": 0.0}
+    check_reports([rep], 1, "fit_sgd")
+    with pytest.raises(AssertionError, match="'fit_adam' did not report"):
+        check_reports([rep], 1, "fit_sgd,fit_adam")
+    with pytest.raises(AssertionError, match="fit_fp16"):  # mpi reduces fp32 when asked for fp16: exact
+        check_reports([{**rep, "backend": "mpi", "fit_fp16_w": [1.0], "fit_fp16_diff": 1e-4}] * 2, 2, "fit_fp16")
