@@ -46,7 +46,7 @@ def check_reports(reports: list[dict], n: int, cases: str) -> None:
         for key in PROOF.get(case, (f"{case}_w",)):
             assert all(key in rep for rep in reports), f"case {case!r} did not report {key!r}"
     for name in [key[:-2] for key in rank0 if key.endswith("_w")]:
-        assert all(rep[f"{name}_w"] == rank0[f"{name}_w"] for rep in reports), f"{name}: ranks ended with different weights"
+        assert all(rep[f"{name}_w"] == rank0[f"{name}_w"] for rep in reports), f"{name}: ranks' weights differ"
         tol = FP16_WIRE if name == "fit_fp16" and rank0["backend"] == "horovod" and n > 1 else TOL.get(name, 2e-6)
         assert rank0[f"{name}_diff"] < tol, (name, rank0[f"{name}_diff"])
     if "fit_clip_grad_norm" in rank0:  # reported by the optimizer, the same on every rank, above the cap

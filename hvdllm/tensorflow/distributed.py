@@ -92,7 +92,7 @@ def reduce_gradients(grads: Sequence[Any], variables: Sequence[Any], config: Red
         if _in_xla_context():
             raise ValueError("hvdllm gradient reduction cannot run in an XLA-compiled function "
                              "(jit_compile=True); allowed: jit_compile=False, e.g. model.compile(..., jit_compile=False)")
-        grads = [tf.zeros(tuple(v.shape), tf.as_dtype(v.dtype)) if g is None else g for g, v in zip(grads, variables)]
+        grads = [tf.zeros(v.shape, tf.as_dtype(v.dtype)) if g is None else g for g, v in zip(grads, variables)]
     idx = [i for i, g in enumerate(grads) if g is not None]
     prescale, postscale = config.scales(size)
 
@@ -106,11 +106,11 @@ def reduce_gradients(grads: Sequence[Any], variables: Sequence[Any], config: Red
         return flat * tf.cast(postscale, flat.dtype) if postscale != 1.0 else flat
 
     out: list[Any] = list(grads)
-    if idx:
+    if idx and (size > 1 or (prescale, postscale) != (1.0, 1.0)):
         for i, g in zip(idx, packed([_dense(grads[i]) for i in idx], reduce, config.bucket_cap_bytes)):
             out[i] = g
-        if config.max_grad_norm is not None:
-            out = clip_by_global_norm_after_reduction(out, config.max_grad_norm, norm_out)
+    if idx and config.max_grad_norm is not None:
+        out = clip_by_global_norm_after_reduction(out, config.max_grad_norm, norm_out)
     return out
 
 
@@ -289,8 +289,9 @@ def DistributedOptimizer(optimizer: Any, name: str | None = None, compression: o
     calls (``optimizer.iterations`` counts updates, not passes); ``average_aggregated_gradients=True``
     divides the sum by k (the mean, as one k-times-larger batch). ``max_grad_norm`` clips by the global norm
     after the reduction. ``gradient_predivide_factor`` is Horovod's (see :class:`DistributedGradientTape`).
-    A variable without a gradient on some rank gets the other ranks' (it contributes zeros). The optimizer is converted in place (its class becomes a subclass of its own
-    class, its state is kept) and returned; ``get_config`` and saving record the plain optimizer.
+    A variable without a gradient on some rank gets the other ranks' (it contributes zeros). The optimizer
+    is converted in place (its class becomes a subclass of its own class, its state is kept) and returned;
+    ``get_config`` and saving record the plain optimizer.
     Not usable under XLA: compile with ``jit_compile=False`` (the default on CPU).
     """
     import keras
