@@ -251,6 +251,13 @@ if want("tape_sum"):
         loss = tf.reduce_sum(v["a"] * v["a"]) + v["b"][0] * 2.0
     g = hvd.DistributedGradientTape(t, op=hvd.Sum).gradient(loss, v)
     out["tape_sum"] = {"a": g["a"].numpy().tolist(), "b": float(g["b"][0].numpy())}
+    # fp16 wire, every rank's gradient 40000: the sum overflows fp16 unless predivided (Horovod's factor)
+    big = tf.Variable(1.0)
+    for f in (1.0, float(n)):
+        with tf.GradientTape() as t:
+            loss = 40000.0 * big
+        tape = hvd.DistributedGradientTape(t, compression=hvd.Compression.fp16, gradient_predivide_factor=f)
+        out[f"tape_fp16_predivide_{f:g}"] = float(tape.gradient(loss, big).numpy())
 
 # --- callbacks ---------------------------------------------------------------------------------------
 if want("broadcast_callback"):
