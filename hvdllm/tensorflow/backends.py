@@ -14,6 +14,7 @@ from hvdllm.core.collectives import Done
 from hvdllm.core.ops import Average, ReduceOp, parse_op
 from hvdllm.core.process_sets import WORLD, ProcessSet
 from hvdllm.core.backends import HorovodBase, NumpyBase, create_backend
+from hvdllm.tensorflow.buckets import packed
 
 
 def horovod_available() -> bool:
@@ -110,18 +111,7 @@ class NumpyTF(_Immediate, NumpyBase):
     def grouped_allreduce(self, xs: Sequence[tf.Tensor], op: ReduceOp = Average,
                           process_set: ProcessSet = WORLD, name: str | None = None) -> list[tf.Tensor]:
         """One reduction over the tensors packed into a flat buffer per dtype."""
-        xs = [tf.convert_to_tensor(x) for x in xs]
-        out: list[Any] = [None] * len(xs)
-        by_dtype: dict[Any, list[int]] = {}
-        for i, x in enumerate(xs):
-            by_dtype.setdefault(x.dtype, []).append(i)
-        for idx in by_dtype.values():
-            flat = tf.concat([tf.reshape(xs[i], [-1]) for i in idx], axis=0)
-            red = self.allreduce(flat, op, process_set)
-            sizes = [int(np.prod(xs[i].shape)) for i in idx]
-            for i, part in zip(idx, tf.split(red, sizes)):
-                out[i] = tf.reshape(part, tf.shape(xs[i]))
-        return out
+        return packed(xs, lambda flat: self.allreduce(flat, op, process_set))
 
     def broadcast(self, x: tf.Tensor, root_rank: int, process_set: ProcessSet = WORLD,
                   name: str | None = None) -> tf.Tensor:
