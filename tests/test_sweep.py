@@ -193,9 +193,13 @@ def test_random_sweep_of_8_trials_reports_the_best(tmp_path: Path) -> None:
     rows = _rows(out)
     assert [int(r["trial"]) for r in rows] == list(range(8))
     assert list(rows[0]) == ["trial", "optim.lr", "schedule.warmup_steps", "status", "val_loss", "run_dir"]
-    assert all(r["status"] == "done" and math.isfinite(float(r["val_loss"])) for r in rows), rows
+    # the median pruner may stop trials worse than the finished ones at the same step (log_interval=1)
+    assert {r["status"] for r in rows} <= {"done", "pruned"}, rows
+    done = [r for r in rows if r["status"] == "done"]
+    assert len(done) >= 2 and all(math.isfinite(float(r["val_loss"])) for r in done), rows
+    assert all(r["val_loss"] == "" for r in rows if r["status"] == "pruned")
     assert len({r["optim.lr"] for r in rows}) == 8
-    best = min(rows, key=lambda r: float(r["val_loss"]))
+    best = min(done, key=lambda r: float(r["val_loss"]))
     assert f"best: trial {int(best['trial']):03d}" in text
     board = (out / "leaderboard.md").read_text()
     assert f"Best: trial {int(best['trial']):03d}" in board and f"optim.lr={best['optim.lr']}" in board
@@ -234,7 +238,7 @@ def test_grid_sweep_killed_then_resumed_runs_each_point_once(tmp_path: Path) -> 
     rows = _rows(out)
     assert [(float(r["optim.lr"]), int(r["schedule.warmup_steps"])) for r in rows] == \
         [(0.001, 0), (0.001, 1), (0.002, 0), (0.002, 1)]
-    assert all(r["status"] == "done" for r in rows)
+    assert {r["status"] for r in rows} <= {"done", "pruned"}
     for n, (rec_t, csv_t) in stamps.items():      # the finished trial was not run again
         assert R.record_path(out, n).stat().st_mtime_ns == rec_t
         assert (out / "trials" / f"{n:03d}" / "metrics.csv").stat().st_mtime_ns == csv_t
