@@ -189,7 +189,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from hvdllm.plan.cli import run
 
-    return run(args)
+    return run(args, check_train_args)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:

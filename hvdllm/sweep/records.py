@@ -67,35 +67,30 @@ def load_records(sweep_dir: Path) -> dict[int, TrialRecord]:
     return out
 
 
-def read_curve(run_dir: Path) -> tuple[list[tuple[int, float]], float | None]:
-    """(step, training loss) rows and the last validation loss of a run's metrics.csv.
+def read_column(run_dir: Path, name: str) -> list[tuple[int, float]]:
+    """(step, value) of the rows of a run's metrics.csv where column ``name`` holds a finite number.
 
     Tolerates a file being written (an incomplete last line is skipped) or not yet there.
     """
-    path = run_dir / "metrics.csv"
     try:
-        text = path.read_text(encoding="utf-8")
+        text = (Path(run_dir) / "metrics.csv").read_text(encoding="utf-8")
     except (FileNotFoundError, UnicodeDecodeError):
-        return [], None
-    if not text.endswith("\n"):
-        text = text[: text.rfind("\n") + 1]
-    curve, val = [], None
-    for row in csv.DictReader(io.StringIO(text)):
+        return []
+    out = []
+    for row in csv.DictReader(io.StringIO(text[: text.rfind("\n") + 1])):
         try:
-            step = int(row.get("step") or "")
+            step, v = int(row.get("step") or ""), float(row.get(name) or "nan")
         except ValueError:
             continue
-        for name in ("loss", "val_loss"):
-            try:
-                v = float(row.get(name) or "nan")
-            except ValueError:
-                continue
-            if math.isfinite(v):
-                if name == "loss":
-                    curve.append((step, v))
-                else:
-                    val = v
-    return curve, val
+        if math.isfinite(v):
+            out.append((step, v))
+    return out
+
+
+def read_curve(run_dir: Path) -> tuple[list[tuple[int, float]], float | None]:
+    """(step, training loss) rows and the last validation loss of a run's metrics.csv."""
+    val = read_column(run_dir, "val_loss")
+    return read_column(run_dir, "loss"), (val[-1][1] if val else None)
 
 
 def sweep_csv(records: list[TrialRecord], keys: list[str]) -> str:
