@@ -81,7 +81,7 @@ def optimizer_s_per_param(gpt: GPTConfig, reps: int = 3) -> float:
     return _median_time(opt.step, reps) / sum(p.numel() for p in params)
 
 
-def copy_bandwidth(nbytes: int = 64 * 2**20, reps: int = 3) -> float:
+def copy_bandwidth(nbytes: int = 16 * 2**20, reps: int = 3) -> float:
     import torch
 
     src = torch.ones(nbytes // 4)
