@@ -100,6 +100,11 @@ def test_step_time_by_hand() -> None:
     assert t.tp_comm == pytest.approx(2 * 4 * 2 * CM.ring_allreduce_s(4 * 4 * 4 * 8, 2, 1e-4, 1e9))
     assert t.compute == pytest.approx(2 * 12000 / 2 * 16 / 2e9)
     assert t.total == pytest.approx(t.compute + t.tp_comm + t.optimizer)
+    # a plain data-parallel job waits for the data-parallel cycle (20 ms) instead of 2 (n-1) alpha
+    cyc = dataclasses.replace(MACHINE, dp_cycle_s=0.02)
+    t = CM.step_time(SMALL, lay(dp=2, micro=4, gb=8), cyc, bucket_cap_bytes=1e9)
+    assert t.dp_comm == pytest.approx(4 * 1920 / 1e9 + 0.02)
+    assert CM.step_time(SMALL, lay(dp=1, tp=2, micro=4, gb=8), cyc).dp_comm == 0
 
 
 def test_machine_rate_uses_the_nearest_measured_micro_batch() -> None:

@@ -105,3 +105,23 @@ def test_bad_input_exits_2_one_line_nothing_written(tmp_path: Path, capsys: pyte
         assert code == 2, (args, err)
         assert err.count("\n") == 1 and needle in err, (args, err)
         assert not new.exists() and not new.parent.exists(), args
+
+
+def test_two_ranks_are_measured_under_horovodrun(tmp_path: Path) -> None:
+    """`hvdllm plan --ranks 2` from one process measures on 2 real ranks (horovodrun --gloo): the
+    collectives' latency and bandwidth over Horovod, the compute with the ranks sharing the cores."""
+    import subprocess
+    import sys
+
+    from tests.multirank import ROOT, base_env
+
+    prof = tmp_path / "two.json"
+    r = subprocess.run([sys.executable, "-m", "hvdllm.cli", "plan", "--preset", "tiny", "--global-batch", "4",
+                        "--ranks", "2", "--profile", str(prof), "--json"], cwd=ROOT, env=base_env(),
+                       capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout + r.stderr
+    data = load_profile(str(prof))
+    assert data["backend"] == "horovod" and data["ranks"] == 2 and data["assumed"] == []
+    assert data["allreduce_latency_s"] > 0 and data["p2p_latency_s"] > 0 and data["allreduce_bw"] > 0
+    rows = _json_rows(r.stdout)
+    assert len(rows) == 2 + 3 + 6 and all(x["dp"] * x["tp"] * x["pp"] == 2 for x in rows)

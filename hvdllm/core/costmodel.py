@@ -31,8 +31,10 @@ Step time (seconds; the slowest stage sets the pace):
 - pipeline transfers: per slot one activation and one gradient of b T d values, each
   alpha_p2p + bytes / beta_p2p;
 - data parallelism: a ring all-reduce of the stage's gradients, 2 (n - 1) / n * G / beta +
-  2 (n - 1) alpha per bucket (ZeRO-1/2: reduce-scatter + all-gather, the same volume); a share
-  ``overlap`` of it hides behind the backward of the last micro-batch (2/3 of c);
+  max(2 (n - 1) alpha per bucket, cycle) (ZeRO-1/2: reduce-scatter + all-gather, the same volume),
+  where ``cycle`` is the negotiation period of a data-parallel job (hvdllm gives Horovod 20 ms on CPU
+  hosts: the last bucket waits for it); a share ``overlap`` of it hides behind the backward of the
+  last micro-batch (2/3 of c);
 - optimizer: P_rank * s_param (ZeRO-1/2: P_rank / n), s_param the measured seconds per parameter.
 """
 from __future__ import annotations
@@ -111,6 +113,7 @@ class Machine:
     optimizer_s_per_param: float
     memory_bytes: float                   # usable memory per rank
     overlap: float = 0.0                  # share of the data-parallel all-reduce hidden by backward
+    dp_cycle_s: float = 0.0               # collective cycle of a data-parallel job (Horovod's cycle time)
 
     def rate(self, micro_batch: int) -> float:
         """R(b): the measured rate at b, else at the nearest measured micro-batch (log distance)."""
@@ -234,6 +237,8 @@ def step_time(shape: ModelShape, layout: Layout, machine: Machine, bucket_cap_by
     grads = BYTES * max(stage_params(shape, p)) / t
     dp_full = ring_allreduce_s(grads, n, machine.allreduce_latency_s, machine.allreduce_bw,
                                buckets=math.ceil(grads / bucket_cap_bytes))
+    if n > 1 and t == 1 and p == 1:     # a plain data-parallel job runs at the data-parallel cycle
+        dp_full += max(0.0, machine.dp_cycle_s - 2 * (n - 1) * machine.allreduce_latency_s)
     dp_exposed = dp_full - min(dp_full, machine.overlap * 2 / 3 * slot)
     opt_params = max(stage_params(shape, p)) / t / (n if layout.zero >= 1 else 1)
     return StepTime(compute=m * slot, bubble=(p - 1) * slot, tp_comm=(m + p - 1) * tp_slot,

@@ -133,6 +133,23 @@ def verify(args: argparse.Namespace, cfg: C.TrainConfig, rows: list[dict[str, An
             row["measured_step_s"] = measured_step_s(out)
 
 
+def measure_under_horovodrun(args: argparse.Namespace, ranks: int, say: Callable[[str], None]) -> dict[str, Any] | None:
+    """Measure with ``horovodrun -np ranks`` (this command on every rank, collectives over the real
+    backend, ranks sharing the cores as in training); None if that launch fails."""
+    model = [a for flag, v in (("--preset", args.preset), ("--config", args.config),
+                               ("--global-batch", args.global_batch)) if v is not None for a in (flag, str(v))]
+    with tempfile.TemporaryDirectory(prefix="hvdllm-plan-") as tmp:
+        target = args.profile or str(Path(tmp) / "profile.json")
+        say(f"measuring on {ranks} ranks: {' '.join(launcher(ranks)[:4])} hvdllm plan ...")
+        r = subprocess.run([*launcher(ranks), "plan", *model, "--profile", target, "--json"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if r.returncode != 0 or not Path(target).is_file():
+            tail = r.stderr.strip().splitlines()[-1:] if r.stderr else []
+            say(f"measuring on {ranks} ranks failed (exit {r.returncode}: {tail}); measuring one process instead")
+            return None
+        return M.load_profile(target)
+
+
 def _mib(b: float) -> str:
     return f"{b / 2**20:,.1f}"
 
@@ -201,9 +218,11 @@ def run(args: argparse.Namespace, check_train: Callable[[list[str]], None]) -> i
     if launched > 1:
         import hvdllm.torch as hvd
 
-        hvd.init()
+        hvd.init(process_sets=[])             # a model-parallel job: the collectives' own latency
     root = hvd is None or hvd.rank() == 0
     say = (lambda s: print(f"hvdllm plan: {s}", file=sys.stderr, flush=True)) if root else (lambda s: None)
+    if profile is None and launched == 1 and ranks > 1:
+        profile = measure_under_horovodrun(args, ranks, say)
     if profile is None:
         micro = sorted({lay.micro_batch for lay in layouts})
         profile = M.measure(cfg.gpt_config(), cfg.seq_len, micro, ranks, hvd, note=say)

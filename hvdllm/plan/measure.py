@@ -2,7 +2,8 @@
 
 Run by ``hvdllm plan`` on every rank of its job. Under ``horovodrun -np N hvdllm plan`` every rank
 measures at once (so the ranks share the cores as in training) and the collectives run over the real
-backend (hvdllm.torch: Horovod, mpi4py). On one process planning for ``--ranks N``, each rank's
+backend (hvdllm.torch: Horovod, mpi4py), initialised as a model-parallel job (Horovod's 1 ms cycle, the
+latency tensor- and pipeline-parallel collectives see). On one process planning for ``--ranks N``, each rank's
 compute is measured with cores / N threads and scaled by 1 / max(1, N / cores) when the ranks would
 oversubscribe the cores; the collectives are *assumed*: a shared-memory link whose bandwidth is the
 measured memory-copy bandwidth / 2 (a send and a receive copy) and a latency of ASSUMED_LATENCY_S
@@ -89,11 +90,12 @@ def copy_bandwidth(nbytes: int = 16 * 2**20, reps: int = 3) -> float:
     return nbytes / _median_time(lambda: dst.copy_(src), reps)
 
 
-def collective_fit(hvd: Any, kind: str, reps: int = 5) -> tuple[float, float]:
+def collective_fit(hvd: Any, kind: str, cap_bw: float, reps: int = 5) -> tuple[float, float]:
     """(latency per ring hop, link bytes/s) from the timed ``kind`` ("allreduce"|"broadcast") of two sizes.
 
     An all-reduce of S bytes on n ranks takes 2 (n-1) alpha + 2 (n-1)/n S / beta; a broadcast (the
-    pipeline's point-to-point on a two-rank set) alpha + S / beta, fitted here on the world.
+    pipeline's point-to-point on a two-rank set) alpha + S / beta, fitted here on the world. Noise can
+    make the fitted bandwidth absurd: it is capped at ``cap_bw`` (the host's copy bandwidth / 2).
     """
     import torch
 
@@ -109,8 +111,17 @@ def collective_fit(hvd: Any, kind: str, reps: int = 5) -> tuple[float, float]:
     dt = max(t_large - t_small, 1e-9)
     if kind == "allreduce":
         hops = 2 * (n - 1)
-        return t_small / hops, 2 * (n - 1) / n * (LARGE - SMALL) / dt
-    return t_small, (LARGE - SMALL) / dt
+        return t_small / hops, min(cap_bw, 2 * (n - 1) / n * (LARGE - SMALL) / dt)
+    return t_small, min(cap_bw, (LARGE - SMALL) / dt)
+
+
+def dp_cycle_s(has_accelerator: bool) -> float:
+    """Horovod's cycle time in a data-parallel job: the user's HOROVOD_CYCLE_TIME, else hvdllm's default."""
+    from hvdllm.core.runtime_base import horovod_env_defaults
+
+    ms = os.environ.get("HOROVOD_CYCLE_TIME") or horovod_env_defaults(has_accelerator, False).get(
+        "HOROVOD_CYCLE_TIME", "1")
+    return float(ms) / 1000
 
 
 def available_memory() -> float:
@@ -139,13 +150,13 @@ def measure(gpt: GPTConfig, seq_len: int, micro_batches: list[int], ranks: int, 
         rates = {b: r * cores / ranks for b, r in rates.items()}
         assumed.append(f"flops_per_s scaled by {cores}/{ranks}: {ranks} ranks share {cores} cores")
     s_param = optimizer_s_per_param(gpt)
+    bw = copy_bandwidth() / 2
     if hvd is not None and hvd.size() > 1:
         note(f"measuring allreduce and broadcast over {hvd.size()} ranks ({hvd.backend()})")
-        ar_lat, ar_bw = collective_fit(hvd, "allreduce")
-        p2p_lat, p2p_bw = collective_fit(hvd, "broadcast")
+        ar_lat, ar_bw = collective_fit(hvd, "allreduce", bw)
+        p2p_lat, p2p_bw = collective_fit(hvd, "broadcast", bw)
         backend = hvd.backend()
     else:
-        bw = copy_bandwidth() / 2
         ar_lat = p2p_lat = ASSUMED_LATENCY_S
         ar_bw = p2p_bw = bw
         backend = "assumed"
@@ -153,12 +164,13 @@ def measure(gpt: GPTConfig, seq_len: int, micro_batches: list[int], ranks: int, 
             assumed.append(f"collectives not measured (one process): latency {ASSUMED_LATENCY_S} s, bandwidth = "
                            "memory-copy bandwidth / 2; run under horovodrun -np N to measure them")
     mem = available_memory() / max(1, local if hvd is not None else ranks)
+    accel = torch.cuda.device_count() > 0
     return {"version": PROFILE_VERSION, "host": platform.node(), "cpu_count": cores, "ranks": ranks,
             "backend": backend, "threads_per_rank": threads, "seq_len": seq_len,
             "model": dataclasses.asdict(gpt),
             "flops_per_s": {str(b): r for b, r in rates.items()}, "optimizer_s_per_param": s_param,
             "allreduce_latency_s": ar_lat, "allreduce_bw": ar_bw, "p2p_latency_s": p2p_lat, "p2p_bw": p2p_bw,
-            "memory_bytes": mem, "overlap": 0.0 if torch.cuda.device_count() == 0 else 0.5,
+            "memory_bytes": mem, "overlap": 0.5 if accel else 0.0, "dp_cycle_s": dp_cycle_s(accel),
             "assumed": assumed}
 
 
@@ -168,7 +180,8 @@ def machine(profile: dict[str, Any]) -> Machine:
                    allreduce_latency_s=float(profile["allreduce_latency_s"]), allreduce_bw=float(profile["allreduce_bw"]),
                    p2p_latency_s=float(profile["p2p_latency_s"]), p2p_bw=float(profile["p2p_bw"]),
                    optimizer_s_per_param=float(profile["optimizer_s_per_param"]),
-                   memory_bytes=float(profile["memory_bytes"]), overlap=float(profile.get("overlap", 0.0)))
+                   memory_bytes=float(profile["memory_bytes"]), overlap=float(profile.get("overlap", 0.0)),
+                   dp_cycle_s=float(profile.get("dp_cycle_s", 0.0)))
 
 
 REQUIRED = ("flops_per_s", "allreduce_latency_s", "allreduce_bw", "p2p_latency_s", "p2p_bw",
