@@ -114,8 +114,15 @@ def measured_step_s(run_dir: Path) -> float | None:
 
 def verify(args: argparse.Namespace, cfg: C.TrainConfig, rows: list[dict[str, Any]], ranks: int,
            say: Callable[[str], None]) -> None:
-    """Run the ``args.verify`` best fitting layouts; set ``measured_step_s`` on their rows."""
-    chosen = [r for r in rows if r["fits"]][: args.verify]
+    """Run ``args.verify`` fitting layouts; set ``measured_step_s`` on their rows.
+
+    The best layout of each dp x tp x pp shape comes first (best first), then the next best overall,
+    so that the check of the prediction spans the kinds of parallelism.
+    """
+    fitting = [r for r in rows if r["fits"]]
+    firsts = list({(r["dp"], r["tp"], r["pp"]): id(r) for r in reversed(fitting)}.values())
+    chosen = [r for r in fitting if id(r) in firsts]
+    chosen = (chosen + [r for r in fitting if id(r) not in firsts])[: args.verify]
     with tempfile.TemporaryDirectory(prefix="hvdllm-plan-") as tmp:
         for i, row in enumerate(chosen):
             out = Path(tmp) / f"{i:03d}"
