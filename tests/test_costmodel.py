@@ -120,6 +120,8 @@ def test_layout_counts() -> None:
     # with ZeRO 0/1/2 (dp > 1 only): dp4 3x3, dp2pp2 4x2x3, pp4 5x2, dp2tp2 4x3, tp2pp2 5x2, tp4 5
     assert len(list(CM.layouts(4, tiny, 16, zero_stages=(0, 1, 2)))) == 9 + 24 + 10 + 12 + 10 + 5
     assert list(CM.layouts(5, tiny, 16)) == []                       # 5 ranks: no divisor fits
+    odd_vocab = dataclasses.replace(tiny, vocab_size=255)            # tp must divide the vocabulary too
+    assert {x.tp for x in CM.layouts(2, odd_vocab, 16)} == {1}
     three = list(CM.layouts(3, tiny, 16))                            # only pp=3 (3 does not divide 4 heads nor 16)
     assert {(x.dp, x.tp, x.pp) for x in three} == {(1, 1, 3)} and len(three) == 10
     for x in CM.layouts(4, tiny, 16, zero_stages=(0, 1, 2)):

@@ -257,10 +257,11 @@ def divisors(n: int) -> list[int]:
 
 def layouts(ranks: int, shape: ModelShape, global_batch: int, zero_stages: tuple[int, ...] = (0,),
             schedules: tuple[str, ...] = SCHEDULES) -> Iterator[Layout]:
-    """Every valid layout for ``ranks``: dp x tp x pp = ranks, t dividing the heads, p <= L, b dividing
+    """Every valid layout for ``ranks``: dp x tp x pp = ranks, t dividing the heads and the vocabulary
+    (as hvdllm's tensor parallelism needs), p <= L, b dividing
     B / dp; schedules only with p > 1 (else the default "1f1b"); ZeRO stages > 0 only with dp > 1."""
     for tp in divisors(ranks):
-        if shape.n_head % tp:
+        if shape.n_head % tp or shape.vocab_size % tp:
             continue
         for pp in divisors(ranks // tp):
             if pp > shape.n_layer:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -23,7 +22,6 @@ from hvdllm.train import config as C
 from hvdllm.train.config import ConfigError
 
 VERIFY_STEPS = 6          # steps per verification run; the first 2 (warm-up) are not timed
-RANK_VARS = ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,16 +34,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verify", type=int, default=0, metavar="K", help="run the top K layouts a few steps and "
                                                                      "add the measured step time")
     p.add_argument("--json", action="store_true", help="one JSON object per layout and line")
-
-
-def _launched_size() -> int:
-    for var in RANK_VARS:
-        if var in os.environ:
-            try:
-                return int(os.environ[var])
-            except ValueError:
-                pass
-    return 1
 
 
 def _config(args: argparse.Namespace) -> C.TrainConfig:
@@ -194,7 +182,9 @@ def spearman(a: list[float], b: list[float]) -> float:
 def run(args: argparse.Namespace, check_train: Callable[[list[str]], None]) -> int:
     """The ``plan`` command; ConfigError for bad input (before anything is measured or written)."""
     cfg = _config(args)
-    launched = _launched_size()
+    from hvdllm.torch.parallel.train import launched_world_size
+
+    launched = launched_world_size()
     ranks = args.ranks if args.ranks is not None else launched
     if ranks < 1:
         raise ConfigError(f"--ranks {ranks} must be >= 1")
