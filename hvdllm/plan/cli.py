@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from hvdllm.train import config as C
 from hvdllm.train.config import ConfigError
 
 VERIFY_STEPS = 6          # steps per verification run; the first 2 (warm-up) are not timed
+VERIFY_TIMEOUT_S = 900    # a verification run still going after this is stopped (measured: none)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -115,17 +117,38 @@ def verify(args: argparse.Namespace, cfg: C.TrainConfig, rows: list[dict[str, An
         for i, row in enumerate(chosen):
             out = Path(tmp) / f"{i:03d}"
             cmd = [*launcher(ranks), "train", *train_flags(args, cfg, row), "--max-steps", str(VERIFY_STEPS),
-                   "--set", "run.log_interval=1", "--set", "run.eval_interval=0", "--set", "run.eval_sequences=1",
+                   "--set", "run.log_interval=1", "--set", "run.eval_interval=0",
+                   "--set", f"run.eval_sequences={ranks}",          # at least one sequence per rank
                    "--set", "sample.tokens=0", "--set", "run.progress=false", "--set", "run.tensorboard=false",
                    "--out", str(out)]
             say(f"verify {i + 1}/{len(chosen)}: dp {row['dp']} tp {row['tp']} pp {row['pp']} micro "
                 f"{row['micro_batch']} {row['schedule']}")
-            r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            if r.returncode != 0:
-                say(f"verify run failed (exit {r.returncode}): {r.stdout.strip().splitlines()[-1:]}")
+            code, tail = _run_group(cmd, VERIFY_TIMEOUT_S)
+            if code != 0:
+                say(f"verify run failed (exit {code}): {tail}")
                 row["measured_step_s"] = None
                 continue
             row["measured_step_s"] = measured_step_s(out)
+
+
+def _run_group(cmd: list[str], timeout_s: float) -> tuple[int, str]:
+    """Run ``cmd`` in its own process group; past ``timeout_s`` it is stopped (exit 124): SIGTERM first,
+    which horovodrun passes on to the ranks it started in their own sessions, then SIGKILL."""
+    import signal
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+        return proc.returncode, " ".join(out.strip().splitlines()[-1:])
+    except subprocess.TimeoutExpired:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+                proc.communicate(timeout=15)
+                break
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                continue
+        return 124, f"stopped after {timeout_s:.0f} s"
 
 
 def measure_under_horovodrun(args: argparse.Namespace, ranks: int, say: Callable[[str], None]) -> dict[str, Any] | None:
