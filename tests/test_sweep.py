@@ -120,13 +120,13 @@ def _draw_with(params: list, sampler: str, n: int) -> list[dict]:
 
 
 def test_pruner_stops_a_trial_worse_than_the_median() -> None:
-    params = parse_space({"optim.lr": [1e-3, 2e-3, 3e-3, 4e-3]})
-    s = Study(params, "grid", 0, 4)
-    for n, loss in ((0, 3.0), (1, 3.2)):
+    params = parse_space({"optim.lr": [1e-3, 2e-3, 3e-3, 4e-3, 5e-3]})
+    s = Study(params, "grid", 0, 5)
+    for n, loss in ((0, 3.0), (1, 3.2), (2, 3.1)):
         t = s.ask(n)
         assert not s.report(t, [(1, loss), (2, loss - 0.5)], set())
         s.tell(t, "done", loss - 0.6)
-    good, bad = s.ask(2), s.ask(3)
+    good, bad = s.ask(3), s.ask(4)
     assert not s.report(good, [(1, 2.9)], set())
     assert s.report(bad, [(1, 5.0)], set())
 

@@ -18,6 +18,7 @@ from optuna.trial import TrialState
 from hvdllm.sweep.space import Param, grid
 
 SAMPLERS = ("grid", "random", "tpe")
+PRUNE_AFTER = 3           # finished trials before the median rule may stop a trial
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -51,7 +52,7 @@ class Study:
         self._grid = grid(params) if sampler == "grid" else None
         self.study = optuna.create_study(
             direction="minimize", sampler=_sampler(sampler, seed, 0, trials),
-            pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0))
+            pruner=optuna.pruners.MedianPruner(n_startup_trials=PRUNE_AFTER, n_warmup_steps=0))
 
     def add_finished(self, values: Mapping[str, Any], status: str, val_loss: float | None,
                      curve: Iterable[tuple[int, float]]) -> None:
