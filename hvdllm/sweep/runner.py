@@ -48,6 +48,16 @@ def train_command(train_args: list[str], values: dict[str, Any], run_dir: Path, 
     return [horovodrun, "-np", str(np_), "--gloo", *train]
 
 
+def _max_steps(run_dir: Path) -> int | None:
+    """run.max_steps from the config.toml the trial saved at its start (None before it exists)."""
+    import tomllib
+
+    try:
+        return int(tomllib.loads((run_dir / "config.toml").read_text(encoding="utf-8"))["run"]["max_steps"])
+    except (OSError, ValueError, KeyError, TypeError, tomllib.TOMLDecodeError):
+        return None
+
+
 @dataclasses.dataclass
 class _Running:
     rec: R.TrialRecord
@@ -122,6 +132,8 @@ def run_trials(sweep_dir: Path, study: Study, train_args: list[str], total: int,
             time.sleep(poll_s)
             for n, r in list(running.items()):
                 curve, _ = R.read_curve(Path(r.rec.run_dir))
+                last = _max_steps(Path(r.rec.run_dir))
+                curve = [(s, v) for s, v in curve if last is None or s < last]    # a finished run is not stopped
                 if r.proc.poll() is None and study.report(r.trial, curve, r.reported):
                     r.pruned = True
                     _stop(r.proc)
