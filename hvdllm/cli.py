@@ -1,4 +1,4 @@
-"""The ``hvdllm`` command: ``hvdllm train`` and ``hvdllm sample``.
+"""The ``hvdllm`` command: ``hvdllm train``, ``hvdllm sample``, ``hvdllm sweep`` and ``hvdllm plan``.
 
 The same command runs on one process (``hvdllm train ...``, ``python -m hvdllm.cli train ...``) or on
 many (``horovodrun -np N hvdllm train ...``, ``mpirun -np N hvdllm train ...``).
@@ -88,7 +88,39 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--prompt", help="text to continue (default: the run's sample.prompt)")
     for name in SAMPLE_FLAGS:
         _add_key_flag(sp, name, f"sample.{name}", f"default: the run's sample.{name}")
+    _add_sweep(sub)
+    _add_plan(sub)
     return p
+
+
+def _add_sweep(sub: Any) -> None:
+    sw = sub.add_parser("sweep", help="hyper-parameter search: each trial an `hvdllm train` run",
+                        description="Search config keys (grid, random, or TPE with early stopping; Optuna). "
+                                    "Arguments after -- go to every trial's `hvdllm train`.",
+                        epilog="space file (TOML or YAML): optim.lr = {log_uniform = [1e-4, 3e-3]}, "
+                               "x = {uniform = [a, b]}, n = {int_uniform = [a, b]}, key = [v1, v2] (categorical "
+                               "or grid). example: hvdllm sweep --space space.toml --out sweeps/lr --trials 8 "
+                               "-- --preset tiny --max-steps 100")
+    sw.add_argument("--space", required=True, metavar="FILE", help="search space, .toml or .yaml")
+    sw.add_argument("--out", required=True, metavar="DIR", help="sweep directory (sweep.csv, leaderboard.md, "
+                                                                "PNGs, trials/NNN run directories)")
+    sw.add_argument("--trials", type=int, metavar="N", help="trials to run (default: the grid's size, else 10)")
+    sw.add_argument("--sampler", default="random", metavar="grid|random|tpe",
+                    help="grid: every combination; random; tpe: model-based (default random)")
+    sw.add_argument("--seed", type=int, default=0, metavar="S", help="sampler seed: same seed, same trials")
+    sw.add_argument("--parallel", type=int, default=1, metavar="K", help="trials running at once (default 1)")
+    sw.add_argument("--np", type=int, default=1, metavar="K", help="ranks per trial (horovodrun -np K --gloo)")
+    sw.add_argument("--resume", action="store_true", help="continue the sweep in --out; ended trials never rerun")
+    sw.add_argument("train_args", nargs="*", metavar="-- TRAIN_ARGS", help="hvdllm train arguments for every trial")
+
+
+def _add_plan(sub: Any) -> None:
+    from hvdllm.plan.cli import add_arguments
+
+    add_arguments(sub.add_parser("plan", help="rank parallel layouts (dp x tp x pp, micro-batch, schedule) "
+                                              "by predicted step time and memory",
+                                 description="Measure this machine, predict step time and memory of every "
+                                             "layout for --ranks, and print them ranked."))
 
 
 def train_config(args: argparse.Namespace) -> Any:
@@ -130,6 +162,35 @@ def cmd_train(args: argparse.Namespace) -> int:
     return int(trainer_torch.train(cfg) or 0)
 
 
+def check_train_args(argv: list[str]) -> None:
+    """Raise ConfigError if ``hvdllm train ARGV`` is bad input (parsing and config validation only)."""
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            args = _parser().parse_args(["train", *argv])
+    except SystemExit:
+        why = err.getvalue().strip().splitlines()
+        raise ConfigError(f"train arguments {' '.join(argv)!r}: {why[-1] if why else 'not accepted'}") from None
+    train_config(args)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from hvdllm.sweep import SweepOptions, run_sweep
+
+    opts = SweepOptions(space=args.space, out=args.out, trials=args.trials, sampler=args.sampler, seed=args.seed,
+                        parallel=args.parallel, np=args.np, resume=args.resume, train_args=args.train_args)
+    return run_sweep(opts, check_train_args)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from hvdllm.plan.cli import run
+
+    return run(args, check_train_args)
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from hvdllm.train import checkpoint as ckpt
 
@@ -164,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return cmd_train(args) if args.command == "train" else cmd_sample(args)
+        commands = {"train": cmd_train, "sample": cmd_sample, "sweep": cmd_sweep, "plan": cmd_plan}
+        return commands[args.command](args)
     except ConfigError as e:
         return _bad_input(str(e))
     except KeyboardInterrupt:
