@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# What the cluster tests need beyond launch/install.sh (idempotent; run by `install.sh --test-tools`):
+# sshd and ssh for the simulated hosts, shellcheck (Debian), and into the venv the linters and schema
+# validators of launch/requirements-test.txt (hadolint, check-jsonschema, kubernetes-validate).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${HVDLLM_VENV:-$ROOT/.venv}"
+# shellcheck source=launch/apt.sh
+. "$ROOT/launch/apt.sh"
+
+need=()
+[ -x /usr/sbin/sshd ] || need+=(openssh-server)
+command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
+command -v shellcheck >/dev/null 2>&1 || need+=(shellcheck)
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
+command -v unshare >/dev/null 2>&1 || need+=(util-linux)
+apt_install "${need[@]}"
+
+read -r -a PIP_ARGS <<< "${HVDLLM_PIP_ARGS:-}"
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check ${PIP_ARGS[@]+"${PIP_ARGS[@]}"} \
+  -r "$ROOT/launch/requirements-test.txt"
