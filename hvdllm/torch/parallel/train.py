@@ -11,7 +11,6 @@ optimizer state, which :class:`ShardLayout` cuts back into every rank's shards o
 """
 from __future__ import annotations
 
-import os
 import types
 from typing import Any, Callable
 
@@ -19,6 +18,7 @@ import torch
 
 import hvdllm.torch as hvd
 from hvdllm.core.buckets import clip_coefficient
+from hvdllm.core import launch
 from hvdllm.core.grid import ProcessGrid
 from hvdllm.core.process_sets import ProcessSet
 from hvdllm.models.gpt import GPT
@@ -26,15 +26,9 @@ from hvdllm.torch.parallel.gpt import parallelize_gpt
 from hvdllm.torch.parallel.shards import ShardLayout
 from hvdllm.torch.parallel.tensor import vocab_parallel_cross_entropy
 
-_SIZE_VARS = ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
-
-
 def launched_world_size() -> int:
     """The number of ranks the launcher started (1 for a plain ``python``), read before ``init``."""
-    for var in _SIZE_VARS:
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 1
+    return launch.detect().size
 
 
 def grid_process_sets(tp: int, pp: int, world_size: int | None = None) -> list[ProcessSet] | None:
