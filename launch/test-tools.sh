@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # What the cluster tests need beyond launch/install.sh (idempotent; run by `install.sh --test-tools`):
-# sshd and ssh for the simulated hosts, shellcheck (Debian), and into the venv the linters and schema
+# sshd and ssh for the simulated hosts, Docker and debootstrap for the image test, shellcheck (Debian), and
+# into the venv the linters and schema
 # validators of launch/requirements-test.txt (hadolint, check-jsonschema, kubernetes-validate).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -14,6 +15,9 @@ command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
 command -v shellcheck >/dev/null 2>&1 || need+=(shellcheck)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v unshare >/dev/null 2>&1 || need+=(util-linux)
+command -v dockerd >/dev/null 2>&1 || need+=(docker.io)
+command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)
+command -v git >/dev/null 2>&1 || need+=(git)
 apt_install "${need[@]}"
 
 read -r -a PIP_ARGS <<< "${HVDLLM_PIP_ARGS:-}"
