@@ -3,9 +3,10 @@
 # TensorFlow 2.21 (Keras 3), mpi4py, Horovod 0.28.1 built against them (patched), and hvdllm.
 # Idempotent: every step checks before it acts; the Horovod wheel is cached under ~/.cache.
 #
-# Usage: bash launch/install.sh [--test-tools]
+# Usage: bash launch/install.sh [--test-tools] [--deps-only]
 #   --test-tools        also install what the cluster tests need (launch/test-tools.sh: sshd, shellcheck,
 #                       hadolint, schema validators)
+#   --deps-only         everything but hvdllm itself (the Dockerfile installs the sources in a later layer)
 #
 # Environment knobs:
 #   HVDLLM_VENV         virtual environment path (default: <repo>/.venv)
@@ -31,13 +32,15 @@ TORCH_SPEC="${HVDLLM_TORCH_SPEC:-$CPU_TORCH}"
 TF_SPEC="tensorflow-cpu==2.21.0"
 HOROVOD_VERSION="0.28.1"
 TEST_TOOLS=0
+DEPS_ONLY=0
 STEP="start"
 
 for arg in "$@"; do
   case "$arg" in
     --test-tools) TEST_TOOLS=1 ;;
-    -h|--help) sed -n '2,23p' "${BASH_SOURCE[0]}"; exit 0 ;;
-    *) printf '[install] unknown argument %q; allowed: --test-tools\n' "$arg" >&2; exit 2 ;;
+    --deps-only) DEPS_ONLY=1 ;;
+    -h|--help) sed -n '2,24p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    *) printf '[install] unknown argument %q; allowed: --test-tools, --deps-only\n' "$arg" >&2; exit 2 ;;
   esac
 done
 
@@ -159,8 +162,10 @@ else
   echo "$key" > "$VENV/.horovod-key"
 fi
 
-step "hvdllm (editable)"
-"${PIP[@]}" --no-deps -e "$ROOT"
+if [ "$DEPS_ONLY" = 0 ]; then
+  step "hvdllm (editable)"
+  "${PIP[@]}" --no-deps -e "$ROOT"
+fi
 
 step "check the Horovod build"
 TF_CPP_MIN_LOG_LEVEL=2 "$VENV/bin/horovodrun" --check-build
