@@ -8,12 +8,12 @@ Exit status: 0 done; 2 bad input (one line on stderr, nothing written); 1 any ot
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import traceback
 from typing import Any
 
 from hvdllm.train import config as C
+from hvdllm.core.launch import LaunchError, detect
 from hvdllm.train.config import ConfigError
 
 EPILOG_TRAIN = """\
@@ -136,13 +136,7 @@ def train_config(args: argparse.Namespace) -> Any:
 
 
 def _rank() -> int:
-    for var in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID"):
-        if var in os.environ:
-            try:
-                return int(os.environ[var])
-            except ValueError:
-                pass
-    return 0
+    return detect().rank
 
 
 def _bad_input(msg: str) -> int:
@@ -227,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = {"train": cmd_train, "sample": cmd_sample, "sweep": cmd_sweep, "plan": cmd_plan}
         return commands[args.command](args)
-    except ConfigError as e:
+    except (ConfigError, LaunchError) as e:
         return _bad_input(str(e))
     except KeyboardInterrupt:
         print("hvdllm: interrupted", file=sys.stderr)

@@ -19,6 +19,7 @@ import torch
 import hvdllm.torch as hvd
 from hvdllm.core.backend import launched_size
 from hvdllm.core.buckets import clip_coefficient
+from hvdllm.core import launch
 from hvdllm.core.grid import ProcessGrid
 from hvdllm.core.process_sets import ProcessSet
 from hvdllm.models.gpt import GPT
