@@ -1,4 +1,4 @@
-"""The ``hvdllm`` command: ``hvdllm train`` and ``hvdllm sample``.
+"""The ``hvdllm`` command: ``hvdllm train``, ``hvdllm sample`` and ``hvdllm export``.
 
 The same command runs on one process (``hvdllm train ...``, ``python -m hvdllm.cli train ...``) or on
 many (``horovodrun -np N hvdllm train ...``, ``mpirun -np N hvdllm train ...``).
@@ -88,6 +88,15 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--prompt", help="text to continue (default: the run's sample.prompt)")
     for name in SAMPLE_FLAGS:
         _add_key_flag(sp, name, f"sample.{name}", f"default: the run's sample.{name}")
+
+    from hvdllm.models.export import FORMATS
+
+    ex = sub.add_parser("export", help="write a checkpoint as a Hugging Face GPT-2 folder or a nanoGPT ckpt.pt",
+                        description="Export a checkpoint (either framework) to a format other tools load.")
+    ex.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoints/step_N folder or run folder")
+    ex.add_argument("--format", required=True, choices=FORMATS,
+                    help="hf: config.json + model.safetensors (GPT2LMHeadModel); nanogpt: ckpt.pt")
+    ex.add_argument("--out", required=True, metavar="DIR", help="folder to create (must not exist)")
     return p
 
 
@@ -153,6 +162,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from hvdllm.train.export import export_checkpoint
+
+    print(f"hvdllm export: wrote {export_checkpoint(args.checkpoint, args.format, args.out)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hvdllm`` console script; returns the exit status."""
     parser = _parser()
@@ -164,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return cmd_train(args) if args.command == "train" else cmd_sample(args)
+        return {"train": cmd_train, "sample": cmd_sample, "export": cmd_export}[args.command](args)
     except ConfigError as e:
         return _bad_input(str(e))
     except KeyboardInterrupt:
