@@ -5,7 +5,7 @@ the same 50-step recipe (fp32, dropout 0, same data order, same LR schedule, Ada
 clipping, weight decay on matrices): the loss of every step agrees within 1e-4 (measured: ~2e-6; the
 two frameworks add the same numbers in different orders, so the last bits differ and the difference
 grows slowly with the steps). Then the Keras run's weights go back into torch (`--init-from` a Keras
-run): torch's step-0 validation loss equals Keras's final one.
+run, also into --tp 2 and --pp 2 torch runs): torch's step-0 validation loss equals Keras's final one.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ pytest.importorskip("torch")
 from hvdllm.cli import main  # noqa: E402
 from hvdllm.train import checkpoint as ckpt  # noqa: E402
 from hvdllm.train.metrics import read_metrics  # noqa: E402
+from tests.multirank import run_ranks  # noqa: E402
 
 # The tiny preset itself; one thread per framework (fast and deterministic on a loaded machine).
 RECIPE = ["--preset", "tiny", "--global-batch", "16", "--micro-batch", "8", "--set", "run.threads=1",
@@ -82,6 +83,22 @@ def test_keras_weights_start_a_torch_run_and_torch_weights_a_keras_run(runs: Pat
         val0 = column(out, "val_loss")[0]
         want = column(runs / src, "val_loss")[STEPS]
         assert abs(val0 - want) <= 1e-5, (src, fw, val0, want)
+
+
+@pytest.mark.timeout(300)
+def test_keras_weights_start_tensor_and_pipeline_parallel_torch_runs(runs: Path, tmp_path: Path) -> None:
+    # each rank loads its shards of the unsplit Keras weights: step-0 validation = Keras's final one
+    import json
+
+    base = ["train", *RECIPE, "--max-steps", "1", "--set", "run.eval_interval=1", "--set", "run.progress=false",
+            "--init-from", str(runs / "tensorflow")]
+    outs = {layout: tmp_path / layout for layout in ("tp", "pp")}
+    argv = [[*base, f"--{layout}", "2", "--out", str(out)] for layout, out in outs.items()]
+    reps = run_ranks("train_runs_worker.py", np=2, launcher="gloo", args=[json.dumps(argv)], timeout=280)
+    assert [r["codes"] for r in reps] == [[0, 0]] * 2, reps
+    want = column(runs / "tensorflow", "val_loss")[STEPS]
+    for layout, out in outs.items():
+        assert abs(column(out, "val_loss")[0] - want) <= 1e-5, (layout, column(out, "val_loss"), want)
 
 
 @pytest.mark.timeout(300)
