@@ -1,4 +1,4 @@
-"""The ``hvdllm`` command: ``hvdllm train``, ``hvdllm sample``, ``hvdllm sweep`` and ``hvdllm plan``.
+"""The ``hvdllm`` command: ``hvdllm train``, ``hvdllm sample``, ``hvdllm export``, ``hvdllm sweep`` and ``hvdllm plan``.
 
 The same command runs on one process (``hvdllm train ...``, ``python -m hvdllm.cli train ...``) or on
 many (``horovodrun -np N hvdllm train ...``, ``mpirun -np N hvdllm train ...``).
@@ -48,11 +48,11 @@ class _Parser(argparse.ArgumentParser):
 FLAG_KEYS = {
     "framework": "run.framework", "preset": "model.preset", "data": "data.path", "out": "run.out",
     "max_steps": "run.max_steps", "global_batch": "batch.global_batch", "micro_batch": "batch.micro_batch",
-    "tp": "parallel.tp", "pp": "parallel.pp", "exit_at_step": "run.exit_at_step",
+    "tp": "parallel.tp", "pp": "parallel.pp", "exit_at_step": "run.exit_at_step", "init_from": "run.init_from",
 }
 TRAIN_FLAGS = {key: f"--{name.replace('_', '-')}" for name, key in {**FLAG_KEYS, "resume": "run.resume"}.items()}
 SAMPLE_FLAGS = ("tokens", "temperature", "top_k", "seed")   # `hvdllm sample` overrides of sample.*
-METAVARS = {"data": "PATH", "out": "DIR", "framework": "NAME", "preset": "NAME"}
+METAVARS = {"data": "PATH", "init_from": "PATH", "out": "DIR", "framework": "NAME", "preset": "NAME"}
 
 
 def _add_key_flag(parser: argparse.ArgumentParser, name: str, key: str, note: str) -> None:
@@ -88,6 +88,15 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--prompt", help="text to continue (default: the run's sample.prompt)")
     for name in SAMPLE_FLAGS:
         _add_key_flag(sp, name, f"sample.{name}", f"default: the run's sample.{name}")
+
+    from hvdllm.models.export import FORMATS
+
+    ex = sub.add_parser("export", help="write a checkpoint as a Hugging Face GPT-2 folder or a nanoGPT ckpt.pt",
+                        description="Export a checkpoint (either framework) to a format other tools load.")
+    ex.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoints/step_N folder or run folder")
+    ex.add_argument("--format", required=True, choices=FORMATS,
+                    help="hf: config.json + model.safetensors (GPT2LMHeadModel); nanogpt: ckpt.pt")
+    ex.add_argument("--out", required=True, metavar="DIR", help="folder to create (must not exist)")
     _add_sweep(sub)
     _add_plan(sub)
     return p
@@ -208,6 +217,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from hvdllm.train.export import export_checkpoint
+
+    print(f"hvdllm export: wrote {export_checkpoint(args.checkpoint, args.format, args.out)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hvdllm`` console script; returns the exit status."""
     parser = _parser()
@@ -219,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        commands = {"train": cmd_train, "sample": cmd_sample, "sweep": cmd_sweep, "plan": cmd_plan}
+        commands = {"train": cmd_train, "sample": cmd_sample, "export": cmd_export, "sweep": cmd_sweep,
+                    "plan": cmd_plan}
         return commands[args.command](args)
     except (ConfigError, LaunchError) as e:
         return _bad_input(str(e))

@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 from hvdllm.data import (TokenWindows, Tokenizer, check_source, load_windows, make_tokenizer, max_token,
                          save_tokenizer, tokenizer_from_dict)
 from hvdllm.data.tokenizer import TOKENIZER_FILE
@@ -36,6 +38,8 @@ class RunSetup:
     start_step: int
     rank: int
     size: int
+    init_from: Path | None = None                     # --init-from's checkpoint (fresh starts only)
+    init_weights: dict[str, np.ndarray] | None = None  # its weights, PyTorch names and layouts
 
     @property
     def is_root(self) -> bool:
@@ -89,11 +93,15 @@ def setup_run(cfg: TrainConfig, rank: int, size: int,
         raise ConfigError(f"--out {run_dir}: already holds checkpoints; pass --resume to continue that run "
                           "or choose another --out")
 
-    # Tokenizer: the checkpoint's when resuming; otherwise built once (a BPE is trained on rank 0 only).
+    init_from, init_meta = (None, None) if resume_from is not None else _init_checkpoint(cfg.run.init_from)
+
+    # Tokenizer: the checkpoint's when resuming or starting from one (unless data.tokenizer_file names
+    # another); otherwise built once (a BPE is trained on rank 0 only).
     try:
-        if resume_from is not None and (resume_from / TOKENIZER_FILE).is_file():
+        given = resume_from or (init_from if not cfg.data.tokenizer_file else None)
+        if given is not None and (given / TOKENIZER_FILE).is_file():
             import json
-            tok: Tokenizer = tokenizer_from_dict(json.loads((resume_from / TOKENIZER_FILE).read_text()))
+            tok: Tokenizer = tokenizer_from_dict(json.loads((given / TOKENIZER_FILE).read_text()))
         elif cfg.data.tokenizer == "bpe" and not cfg.data.tokenizer_file and broadcast_object is not None and size > 1:
             blob = make_tokenizer(cfg.data).to_dict() if rank == 0 else {}   # (same type on every rank)
             tok = tokenizer_from_dict(broadcast_object(blob, 0))
@@ -113,6 +121,12 @@ def setup_run(cfg: TrainConfig, rank: int, size: int,
         bad = _shape_mismatch(meta.get("model", {}), gpt)
         if bad:
             raise ConfigError(f"--resume from {resume_from}: {bad}")
+    init_weights = None
+    if init_meta is not None:
+        bad = _shape_mismatch(init_meta.get("model", {}), gpt)
+        if bad:
+            raise ConfigError(f"--init-from {cfg.run.init_from}: {bad}")
+        init_weights = ckpt.load_arrays(init_from / MODEL_FILE)
 
     try:
         windows = load_windows(cfg.data, tok, seq_len, cfg.run.seed)
@@ -125,7 +139,24 @@ def setup_run(cfg: TrainConfig, rank: int, size: int,
 
     return RunSetup(cfg=resolved(cfg, gpt.vocab_size), gpt=gpt, plan=p, tokenizer=tok, windows=windows,
                     run_dir=run_dir, resume_from=resume_from, start_step=int(meta["step"]) if meta else 0,
-                    rank=rank, size=size)
+                    rank=rank, size=size, init_from=init_from, init_weights=init_weights)
+
+
+MODEL_FILE = "model.safetensors"
+
+
+def _init_checkpoint(path: str | None) -> tuple[Path | None, dict[str, Any] | None]:
+    """The checkpoint ``--init-from`` names (a checkpoint folder, or a run folder's newest) and its meta."""
+    if not path:
+        return None, None
+    if not Path(path).exists():
+        raise ConfigError(f"--init-from {path}: no such file or directory; allowed: a run directory or a "
+                          "checkpoints/step_N folder, of either framework")
+    found = ckpt.resolve_checkpoint(path)
+    if found is None or not (found / MODEL_FILE).is_file():
+        raise ConfigError(f"--init-from {path}: no checkpoint there; allowed: a run directory or a "
+                          "checkpoints/step_N folder, of either framework")
+    return found, ckpt.read_meta(found)
 
 
 def create_run_dir(s: RunSetup) -> None:
@@ -145,4 +176,6 @@ def create_run_dir(s: RunSetup) -> None:
         f"({len(s.windows.train_ids)} train / {len(s.windows.val_ids)} validation windows)")
     if s.resume_from is not None:
         say(f"resuming from {s.resume_from} (step {s.start_step})")
+    elif s.init_from is not None:
+        say(f"initial weights from {s.init_from}")
     say(f"resolved config (saved as {s.run_dir / SAVED_CONFIG}):\n{text}")

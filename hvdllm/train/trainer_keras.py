@@ -262,6 +262,8 @@ def train(cfg: TrainConfig) -> int:
     steps = Steps(model, optimizer)
     losses = LossLog(size, lambda vec: hvd.allreduce(tf.constant(vec), op=hvd.Average).numpy())
 
+    if s.resume_from is None and s.init_weights is not None:     # --init-from: its weights, a fresh optimizer
+        load_weights(model, s.init_weights, f"--init-from {s.init_from}")
     # Nothing has been written so far; from here on, the run directory exists.
     create_run_dir(s)
     if s.resume_from is not None:

@@ -103,6 +103,17 @@ def load_model_arrays(model: torch.nn.Module, arrays: dict[str, np.ndarray], whe
             t.copy_(torch.from_numpy(a))
 
 
+def load_weights(runner: StepRunner, arrays: dict[str, np.ndarray], where: str) -> None:
+    """Unsplit weights (PyTorch names, from either framework's checkpoint) into this rank's model or shards."""
+    if runner.shards is None:
+        load_model_arrays(runner.model, arrays, where)
+        return
+    try:
+        runner.shards.load_full_state(arrays, where)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def gather_rows(t: torch.Tensor, s: RunSetup, runner: StepRunner) -> torch.Tensor:
     """Every rank's 1-d ``t`` stacked by rank (an allgather, named where the runner names its collectives)."""
     return hvd.allgather(t.unsqueeze(0), name=runner.op_name("gather")) if s.size > 1 else t.unsqueeze(0)
@@ -183,14 +194,13 @@ def restore(s: RunSetup, runner: StepRunner, optimizer: Any, precision: Precisio
     files, meta = ckpt.read_checkpoint(s.resume_from)
     losses.restore(meta.get("pending_losses", []))
     state = ckpt.unflatten_state(files["optimizer"], meta["optimizer"], to_tensor=lambda a: torch.from_numpy(a.copy()))
-    if runner.shards is not None:           # this rank's shards of the unsplit weights and moments
+    load_weights(runner, files["model"], str(s.resume_from))
+    if runner.shards is not None:           # this rank's shards of the unsplit moments
         try:
-            runner.shards.load_full_state(files["model"], str(s.resume_from))
             runner.shards.load_optimizer_state(optimizer, state, str(s.resume_from))
         except ValueError as e:
             raise ConfigError(str(e)) from None
     else:
-        load_model_arrays(runner.model, files["model"], str(s.resume_from))
         optimizer.load_state_dict(state)
     rng = files.get("rng", {})
     if "torch_cpu" in rng:
@@ -261,6 +271,8 @@ def train(cfg: TrainConfig) -> int:
 
     if s.resume_from is not None:
         check_resume_layout(s)
+    elif s.init_weights is not None:             # --init-from: its weights, a fresh optimizer
+        load_weights(runner, s.init_weights, f"--init-from {s.init_from}")
     # Nothing has been written so far; from here on, the run directory exists.
     create_run_dir(s)
     if s.resume_from is not None:

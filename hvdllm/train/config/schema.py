@@ -102,6 +102,9 @@ class RunSection:
     exit_at_step: int | None = knob(None, "checkpoint and exit after this step, schedule unchanged "
                                           "(<= run.max_steps)", ge=1, none="run to the end")
     resume: bool = knob(False, "continue from the newest checkpoint in run.out")
+    init_from: str | None = knob(None, "start from the weights (and tokenizer) of a run directory or checkpoint "
+                                       "folder of either framework: step 0, fresh optimizer (ignored when "
+                                       "--resume finds a checkpoint)", none="the seeded initialisation")
     seed: int = knob(1337, "weights, data order (and dropout: seed + rank)", ge=0, le=MAX_SEED)
     log_interval: int = knob(10, "steps between metrics.csv rows (the last step is always logged)", ge=1)
     eval_interval: int = knob(50, "steps between validation losses (0: only at the end)", ge=0)
