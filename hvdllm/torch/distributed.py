@@ -296,15 +296,18 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                     self._pack(i)
             self._launch(b)
         for bucket in self._buckets:
-            if bucket.handle is not None:
+            # Postscale (Average's f/size, 1/k for average_aggregated_gradients), on the wire before the
+            # cast back: the sum may not fit the gradient's dtype (fp16 summed as fp32 on MPI).
+            if bucket.handle is None:  # the local backend: nothing travelled
+                post, reduced = bucket.prescale * bucket.postscale, bucket.grads
+            else:
                 bucket.handle.wait()
                 bucket.handle = None
-                if bucket.wire is not None:
-                    bucket.buffer.copy_(bucket.wire)
-            # Postscale: Average's 1/size (over the predivide factor), 1/k for average_aggregated_gradients.
-            post = bucket.postscale if self._rt.name != "local" else bucket.prescale * bucket.postscale
+                post, reduced = bucket.postscale, bucket.wire if bucket.wire is not None else bucket.grads
             if post != 1.0:
-                bucket.grads.mul_(post)
+                reduced.mul_(post)  # (the flags stay > 0)
+            if reduced is bucket.wire:
+                bucket.buffer.copy_(bucket.wire)
             present = bucket.buffer[bucket.numel:].tolist()
             for pos, p in enumerate(bucket.params):
                 if present[pos] > 0:
