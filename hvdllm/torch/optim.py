@@ -13,7 +13,7 @@ Parameters are re-pointed (``p.data``) at views of the flat parameter buffer and
 of the flat gradient buffer, so autograd accumulates straight into the flat buffer and a step is a few
 large ops over whole buffers, not thousands of small ones. The step reads the gradients wherever they
 live, in runs that lie back to back in memory: under ``hvd.DistributedOptimizer`` those are its
-buckets (same order), read in place. The elementwise pass over each flat buffer runs torch's native fused multi-tensor
+buckets (same order), read in place. The elementwise pass runs torch's native fused multi-tensor
 kernel where that kernel computes exactly the core's formula (SGD with momentum/Nesterov and L2
 decay, Adam, AdamW; equality with the core rule is tested), and the core rule itself otherwise
 (LAMB, and anything else). Consequences of fusing, as in apex / DeepSpeed flat buffers:
@@ -86,13 +86,6 @@ class _Piece:
     param: torch.Tensor
     grad: torch.Tensor
     state: Dict[str, torch.Tensor]
-
-    def views(self, buffer: torch.Tensor) -> List[torch.Tensor]:
-        out, offset = [], 0
-        for p in self.params:
-            out.append(buffer[offset:offset + p.numel()].view_as(p))
-            offset += p.numel()
-        return out
 
 
 def _new_step(device: Optional[torch.device] = None) -> torch.Tensor:
@@ -376,10 +369,11 @@ class LAMB(_AdamFamily):
                                                weight_decay=group["weight_decay"])
             pc.state["exp_avg"].copy_(m)
             pc.state["exp_avg_sq"].copy_(v)
-            param_norms = torch.stack(torch._foreach_norm(pc.views(pc.param)))
-            update_norms = torch.stack(torch._foreach_norm(pc.views(update)))
+            sizes = [p.numel() for p in pc.params]
+            param_norms = torch.stack(torch._foreach_norm(torch.split(pc.param, sizes)))
+            update_norms = torch.stack(torch._foreach_norm(torch.split(update, sizes)))
             ratios = core.lamb_trust_ratio(torch, param_norms, update_norms)
-            counts = torch.tensor([p.numel() for p in pc.params], device=ratios.device)
+            counts = torch.tensor(sizes, device=ratios.device)
             scale = torch.repeat_interleave(ratios * float(group["lr"]), counts)
             pc.param.sub_(scale * update)
 
