@@ -36,7 +36,7 @@ import torch
 from hvdllm.core import optim as core
 from hvdllm.core.buckets import Bucket
 from hvdllm.core.schedules import LRSchedule
-from hvdllm.torch import flat
+from hvdllm.torch import flat as flat_buffers
 
 _NATIVE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -55,7 +55,7 @@ class _Flat:
     uniform: bool = True  # False once some params were stepped without the others
 
     def views(self, buffer: torch.Tensor) -> List[torch.Tensor]:
-        return flat.views(buffer, self.plan, self.params)
+        return flat_buffers.views(buffer, self.plan, self.params)
 
     def pieces(self) -> Optional[List["_Piece"]]:
         """The step's operands: one piece per run of gradients lying back to back in memory (one run
@@ -63,7 +63,7 @@ class _Flat:
         grads = [p.grad for p in self.params]
         if any(g is None for g in grads):
             return None
-        runs = flat.contiguous_runs(grads)
+        runs = flat_buffers.contiguous_runs(grads)
         if runs is None:  # a non-contiguous grad: back into our own buffer
             for p, gv in zip(self.params, self.views(self.grad)):
                 if p.grad.data_ptr() != gv.data_ptr():
@@ -134,11 +134,11 @@ class _CoreOptimizer(torch.optim.Optimizer):
         ps = [p for p in group["params"] if p.requires_grad and not p.is_sparse]
         flats = []
         with torch.no_grad():
-            for bucket in flat.plan(ps, 0, [p.device for p in ps]):
+            for bucket in flat_buffers.plan(ps, 0, [p.device for p in ps]):
                 first = ps[bucket.indices[0]]
-                f = _Flat([ps[i] for i in bucket.indices], bucket, flat.pack(bucket, ps),
+                own = Bucket(bucket.dtype, tuple(range(len(bucket.indices))), bucket.offsets, bucket.numel)
+                f = _Flat([ps[i] for i in bucket.indices], own, flat_buffers.pack(bucket, ps),
                           torch.zeros(bucket.numel, dtype=first.dtype, device=first.device))
-                f.plan = Bucket(bucket.dtype, tuple(range(len(f.params))), bucket.offsets, bucket.numel)
                 for p, pv, gv in zip(f.params, f.views(f.param), f.views(f.grad)):
                     if p.grad is not None:
                         gv.copy_(p.grad)
@@ -206,7 +206,7 @@ class _CoreOptimizer(torch.optim.Optimizer):
                     if p.grad is None:  # back to its slot in our buffer
                         p.grad = gv
                     flat_ids.add(id(p))
-                runs = flat.contiguous_runs([p.grad for p in f.params])
+                runs = flat_buffers.contiguous_runs([p.grad for p in f.params])
                 for g in ([run for _, _, run in runs] if runs is not None else [p.grad for p in f.params]):
                     g.zero_()
         for group in self.param_groups:
