@@ -13,12 +13,13 @@ import sys
 import traceback
 from typing import Any
 
+from hvdllm.train import config as C
 from hvdllm.train.config import ConfigError
 
 EPILOG_TRAIN = """\
 configuration layers (later ones win): the preset's defaults < the resumed run's saved config <
---config FILE < --set section.key=value < the flags above. Sections and keys: see
-hvdllm/train/config.py, or the config.toml that every run saves (a valid --config file).
+--config FILE < --set section.key=value < the flags above. Every key is listed below; every run saves
+its resolved config as config.toml (a valid --config file).
 
 examples:
   hvdllm train --preset tiny --out runs/demo
@@ -32,6 +33,7 @@ loss.png, checkpoints/step_NNNNNNNN/ (safetensors weights, optimizer and RNG sta
 MFU = 6N+attention FLOPs per token x tokens/s / (peak FLOP/s per rank x ranks); the peak comes from
 run.peak_flops, $HVDLLM_PEAK_FLOPS, a table of GPUs, or a rough CPU estimate (clock x FMA width).
 exit status: 0 done, 2 bad input (nothing written), 1 other failure.
+
 """
 
 
@@ -40,6 +42,25 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# `hvdllm train` flags that set one config key each; their help comes from the key's field.
+FLAG_KEYS = {
+    "framework": "run.framework", "preset": "model.preset", "data": "data.path", "out": "run.out",
+    "max_steps": "run.max_steps", "global_batch": "batch.global_batch", "micro_batch": "batch.micro_batch",
+    "tp": "parallel.tp", "pp": "parallel.pp", "exit_at_step": "run.exit_at_step",
+}
+TRAIN_FLAGS = {key: f"--{name.replace('_', '-')}" for name, key in {**FLAG_KEYS, "resume": "run.resume"}.items()}
+SAMPLE_FLAGS = ("tokens", "temperature", "top_k", "seed")   # `hvdllm sample` overrides of sample.*
+METAVARS = {"data": "PATH", "out": "DIR", "framework": "NAME", "preset": "NAME"}
+
+
+def _add_key_flag(parser: argparse.ArgumentParser, name: str, key: str, note: str) -> None:
+    """A flag for config ``key``: values stay strings, coerced and checked with the key's field."""
+    spec = C.spec(key)
+    metavar = METAVARS.get(name, "N" if spec.base is int else "X")
+    parser.add_argument(f"--{name.replace('_', '-')}", metavar=metavar,
+                        help=f"{spec.knob.help}; allowed: {spec.allowed()} ({note})")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,47 +74,25 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a GPT (embedded corpus by default; no download)",
                        description="Train a GPT on the embedded corpus (Python's own documentation), your text "
                                    "files/folders, or uint16 .bin token files.",
-                       epilog=EPILOG_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
-    t.add_argument("--framework", choices=("torch", "tensorflow"), help="PyTorch (default) or Keras 3 on TensorFlow")
-    t.add_argument("--preset", help="model size: tiny (default; the 2-CPU demo), small, 124m (GPT-2)")
+                       epilog=EPILOG_TRAIN + C.describe_keys(TRAIN_FLAGS), formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("--config", metavar="FILE", help="a .toml or .yaml file of [section] key = value")
     t.add_argument("--set", dest="sets", action="append", metavar="KEY=VALUE", default=[],
-                   help="override one key, e.g. --set optim.lr=3e-4 (repeatable)")
-    t.add_argument("--data", metavar="PATH", help="text file, folder of text files, or .bin token file(s); "
-                                                  "default: the embedded corpus")
-    t.add_argument("--out", metavar="DIR", help="run directory (default runs/default)")
-    t.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps of the run and of the LR schedule")
-    t.add_argument("--global-batch", type=int, metavar="N", help="sequences per optimizer step (all ranks together)")
-    t.add_argument("--micro-batch", type=int, metavar="N",
-                   help="sequences per forward/backward on one rank; accumulation = global / (micro x dp ranks)")
-    t.add_argument("--tp", type=int, metavar="N", help="tensor-parallel degree (default 1)")
-    t.add_argument("--pp", type=int, metavar="N", help="pipeline-parallel degree (default 1)")
+                   help="override one key, e.g. --set optim.lr=3e-4 (repeatable; keys listed below)")
+    for name, key in FLAG_KEYS.items():
+        _add_key_flag(t, name, key, f"sets {key}")
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    t.add_argument("--exit-at-step", type=int, metavar="N",
-                   help="checkpoint and exit after step N (the schedule still spans --max-steps)")
 
     sp = sub.add_parser("sample", help="generate text from a checkpoint",
                         description="Generate text from a checkpoint folder or a run folder (its newest checkpoint).")
     sp.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoints/step_N folder or run folder")
     sp.add_argument("--prompt", help="text to continue (default: the run's sample.prompt)")
-    sp.add_argument("--tokens", type=int, metavar="N", help="tokens to generate (default: the run's sample.tokens)")
-    sp.add_argument("--temperature", type=float, help="softmax temperature (default: the run's)")
-    sp.add_argument("--top-k", type=int, help="sample among the k likeliest tokens (default: the run's)")
-    sp.add_argument("--seed", type=int, help="sampling seed (default: the run's)")
+    for name in SAMPLE_FLAGS:
+        _add_key_flag(sp, name, f"sample.{name}", f"default: the run's sample.{name}")
     return p
-
-
-FLAG_KEYS = {
-    "framework": "run.framework", "preset": "model.preset", "data": "data.path", "out": "run.out",
-    "max_steps": "run.max_steps", "global_batch": "batch.global_batch", "micro_batch": "batch.micro_batch",
-    "tp": "parallel.tp", "pp": "parallel.pp", "exit_at_step": "run.exit_at_step",
-}
 
 
 def train_config(args: argparse.Namespace) -> Any:
     """The TrainConfig for parsed ``train`` arguments (ConfigError on bad input)."""
-    from hvdllm.train import config as C
-
     flags = {key: getattr(args, name) for name, key in FLAG_KEYS.items() if getattr(args, name) is not None}
     if args.resume:
         flags["run.resume"] = True
@@ -134,15 +133,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     from hvdllm.train import checkpoint as ckpt
 
-    if args.tokens is not None and args.tokens < 0:
-        raise ConfigError(f"--tokens {args.tokens} must be >= 0")
+    overrides = {name: C.spec(f"sample.{name}").coerce(getattr(args, name)) for name in SAMPLE_FLAGS
+                 if getattr(args, name) is not None}
     path = ckpt.resolve_checkpoint(args.checkpoint)
     if path is None:
         raise ConfigError(f"--checkpoint {args.checkpoint}: no checkpoint there (expected a checkpoints/step_N "
                           "folder or a run folder holding one)")
     framework = ckpt.read_meta(path).get("framework", "torch")
-    kwargs = dict(prompt=args.prompt, tokens=args.tokens, temperature=args.temperature, top_k=args.top_k,
-                  seed=args.seed)
+    kwargs = dict(prompt=args.prompt, **overrides)
     if framework == "tensorflow":
         from hvdllm.train import trainer_keras
 

@@ -29,6 +29,12 @@ def expected(n: int) -> dict:
         "gather_scalar": [float(r) for r in range(n)],
         "object": {"from": 0, "list": [0, 0, 0]},
         "object_from_none": {"from": 0},
+        "named_sum": total,
+        "named_bcast": [float(n - 1)] * 2,
+        "named_gather": [float(r) for r in range(n)],
+        "named_grouped": [total, [1.5 * n] * 2],
+        "named_async": total,
+        "named_object": n - 1,
     }
 
 
@@ -64,3 +70,38 @@ def test_plain_python_is_local(framework: str) -> None:
     want = expected(1)
     for key, value in want.items():
         assert rep[key] == value, key
+
+
+def _contract() -> dict:
+    """The Collectives protocol's methods and their signatures (self dropped)."""
+    import inspect
+
+    from hvdllm.core.collectives import Collectives
+
+    names = [n for n, v in vars(Collectives).items() if inspect.isfunction(v) and not n.startswith("_")]
+    return {n: list(inspect.signature(getattr(Collectives, n)).parameters.values())[1:] for n in names}
+
+
+@pytest.mark.parametrize("framework", ["torch", "tensorflow"])
+def test_every_backend_implements_the_collectives_protocol(framework: str) -> None:
+    """Each backend class (horovod, and numpy for mpi/local) has every protocol method with the protocol's
+    parameters (names, order, defaults); a local backend instance passes the runtime check."""
+    import importlib
+    import inspect
+
+    from hvdllm.core.collectives import Collectives
+
+    backends = importlib.import_module(f"hvdllm.{framework}.backends")
+    contract = _contract()
+    assert {"allreduce", "allreduce_async_", "grouped_allreduce", "broadcast", "allgather", "barrier",
+            "broadcast_object"} <= set(contract)
+    classes = [c for c in vars(backends).values() if inspect.isclass(c) and c.__module__ == backends.__name__
+               and hasattr(c, "allreduce")]
+    assert len(classes) == 2, classes
+    for cls in classes:
+        for name, want in contract.items():
+            got = list(inspect.signature(getattr(cls, name)).parameters.values())[1:]
+            assert [(p.name, p.default) for p in got[:len(want)]] == [(p.name, p.default) for p in want], (cls, name)
+            assert all(p.default is not inspect.Parameter.empty for p in got[len(want):]), (cls, name)
+    local = backends.create()
+    assert local.name == "local" and isinstance(local, Collectives)

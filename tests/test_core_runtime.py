@@ -1,4 +1,4 @@
-"""Single-process tests of the core runtime: imports, backend choice, ops, process sets, local comm."""
+"""Single-process tests of the core: imports, backend choice, ops, process sets, local comm."""
 from __future__ import annotations
 
 import pkgutil
@@ -148,7 +148,7 @@ class _FakeHorovod:
                                                   (None, False, [], None)])
 def test_horovod_cycle_time_default(monkeypatch: pytest.MonkeyPatch, user: str | None, accel: bool,
                                     sets: list, want: str | None) -> None:
-    from hvdllm.core.runtime_base import HorovodBase
+    from hvdllm.core.backends import HorovodBase
 
     monkeypatch.setenv("HOROVOD_CYCLE_TIME", "0")  # so that teardown restores the original state
     monkeypatch.delenv("HOROVOD_CYCLE_TIME")

@@ -142,9 +142,11 @@ def test_keras_schedule_equals_core_schedule():
 
 
 def test_resume_from_optimizer_variables_continues_identically():
+    # Like with like: every step runs in the same tf.function loop. Eager steps may round differently from
+    # graph steps (oneDNN / grappler choose other kernels, e.g. on AMD EPYC: 1.5e-7), so no eager half here.
     straight, _ = _keras_run(kopt.AdamW(3e-3, weight_decay=0.1), steps=40)
     opt = kopt.AdamW(3e-3, weight_decay=0.1)
-    _, vs = _keras_run(opt, steps=20, eager=True)
+    _, vs = _keras_run(opt, steps=20)
     saved_opt = [v.numpy() for v in opt.variables]
     saved_model = [v.numpy() for v in vs]
     fresh_vars = [keras.Variable(w) for w in saved_model]

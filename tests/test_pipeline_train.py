@@ -58,7 +58,7 @@ def test_pp2_train_logs_the_unsplit_losses(reference: Path, tmp_path: Path, sche
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("extra, words", [
     (["--pp", "3"], "--pp 3"),                                        # more stages than the 2 layers
-    (["--pp", "2"], "1 ranks cannot be split"),                       # world size 1, not divisible by tp*pp
+    (["--pp", "2"], "does not divide the world size 1"),             # world size 1, not divisible by tp*pp
     (["--set", "parallel.schedule=zigzag"], "parallel.schedule='zigzag'"),
 ])
 def test_bad_pipeline_settings_are_one_line_errors(tmp_path: Path, extra: list[str], words: str) -> None:

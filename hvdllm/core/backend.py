@@ -12,8 +12,8 @@ from typing import Callable, Mapping
 
 BACKENDS = ("horovod", "mpi", "local")
 
-# Variables that launchers set in every rank's environment, with the world size they carry.
-_SIZE_VARS = ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "SLURM_NTASKS", "MPI_LOCALNRANKS")
+# Variables that launchers (horovodrun, Open MPI, MPICH/PMI, PMIx) set to the world size in every rank.
+_SIZE_VARS = ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
 _MPI_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "PMI_RANK")
 
 
@@ -27,6 +27,12 @@ def launched_by(env: Mapping[str, str] | None = None) -> str | None:
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         return "srun"
     return None
+
+
+def launched_size(env: Mapping[str, str] | None = None) -> int:
+    """The number of ranks the launcher started (1 for a plain ``python``), readable before ``init``."""
+    env = os.environ if env is None else env
+    return next((int(env[v]) for v in _SIZE_VARS if env.get(v, "").isdigit()), 1)
 
 
 def choose_backend(

@@ -13,8 +13,8 @@ from typing import Hashable, Sequence
 
 import numpy as np
 
-_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "int16": 2, "int32": 4, "int64": 8,
-             "uint8": 1, "int8": 1, "bool": 1}
+_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "int64": 8, "uint64": 8, "int32": 4, "uint32": 4,
+             "int16": 2, "uint16": 2, "int8": 1, "uint8": 1, "bool": 1}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,13 +1,13 @@
-"""The collective protocol every adapter implements, and its numpy implementation.
+"""The collective protocol every backend implements, and the numpy engine of the mpi and local backends.
 
-Adapters speak in framework tensors; the mpi and local backends are written once here over numpy
-arrays (CPU tensors convert without copies), the horovod backend lives in each adapter because
-Horovod's ops are framework-specific.
+Backends speak in framework tensors; the mpi and local ones are written once here over numpy arrays
+(CPU tensors convert without copies), the horovod ones live in each adapter because Horovod's ops are
+framework-specific.
 """
 from __future__ import annotations
 
 import pickle
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -22,17 +22,43 @@ class Handle(Protocol):
     def wait(self) -> Any: ...
 
 
-class Collectives(Protocol):
-    """What an adapter's backend offers. ``T`` is the framework's tensor type."""
+class Done:
+    """The handle of a collective that already completed (backends without asynchronous ops)."""
 
+    def __init__(self, result: Any) -> None:
+        self._result = result
+
+    def wait(self) -> Any:
+        return self._result
+
+
+@runtime_checkable
+class Collectives(Protocol):
+    """The contract every backend implements (torch and TF, each on horovod, mpi and local), in the
+    framework's tensors; ``hvd.collectives()`` returns it and ``hvd.allreduce`` etc. forward to it.
+
+    ``name`` keys an op across ranks on Horovod, which matches ops by name and numbers unnamed ones per
+    process: ranks that issue different numbers of ops (pipeline stages) must name the ones they share.
+    The mpi and local backends match ops by call order and ignore names. ``allreduce_async_`` reduces in
+    place where the framework's tensors are mutable (torch); its handle's ``wait()`` returns the result.
+    """
+
+    name: str                  # the backend: "horovod", "mpi" or "local"
     world: World
 
-    def allreduce(self, x: Any, op: ReduceOp = Average, process_set: ProcessSet = WORLD) -> Any: ...
-    def allreduce_async_(self, x: Any, op: ReduceOp = Average, process_set: ProcessSet = WORLD) -> Handle: ...
-    def broadcast(self, x: Any, root_rank: int, process_set: ProcessSet = WORLD) -> Any: ...
-    def allgather(self, x: Any, process_set: ProcessSet = WORLD) -> Any: ...
+    def allreduce(self, x: Any, op: ReduceOp = Average, process_set: ProcessSet = WORLD,
+                  name: str | None = None) -> Any: ...
+    def allreduce_async_(self, x: Any, op: ReduceOp = Average, process_set: ProcessSet = WORLD,
+                         name: str | None = None) -> Handle: ...
+    def grouped_allreduce(self, xs: Sequence[Any], op: ReduceOp = Average, process_set: ProcessSet = WORLD,
+                          name: str | None = None) -> list: ...
+    def broadcast(self, x: Any, root_rank: int, process_set: ProcessSet = WORLD, name: str | None = None) -> Any: ...
+    def allgather(self, x: Any, process_set: ProcessSet = WORLD, name: str | None = None) -> Any: ...
     def barrier(self, process_set: ProcessSet = WORLD) -> None: ...
-    def broadcast_object(self, obj: Any, root_rank: int = 0, process_set: ProcessSet = WORLD) -> Any: ...
+    def broadcast_object(self, obj: Any, root_rank: int = 0, process_set: ProcessSet = WORLD,
+                         name: str | None = None) -> Any: ...
+    def add_process_set(self, ps: ProcessSet) -> None: ...
+    def shutdown(self) -> None: ...
 
 
 class SelfComm:
@@ -48,9 +74,9 @@ class SelfComm:
         if send is not _IN_PLACE:
             recv[...] = send
 
-    def Iallreduce(self, send: Any, recv: np.ndarray, op: Any = None) -> "_Done":
+    def Iallreduce(self, send: Any, recv: np.ndarray, op: Any = None) -> "_DoneRequest":
         self.Allreduce(send, recv, op)
-        return _Done()
+        return _DoneRequest()
 
     def Bcast(self, buf: np.ndarray, root: int = 0) -> None:
         return None
@@ -68,7 +94,7 @@ class SelfComm:
         return None
 
 
-class _Done:
+class _DoneRequest:
     def Wait(self) -> None:
         return None
 

@@ -1,91 +1,101 @@
 """The Horovod-style module API (init, rank, size, ...), written once for both adapters.
 
-Each adapter creates one :class:`Frontend` around its backend factory and exports its bound
-methods as module functions, so ``hvdllm.torch.rank`` and ``hvdllm.tensorflow.rank`` share code.
+Each adapter's ``basics`` module holds its one :class:`Frontend` (around the adapter's backend factory)
+and binds its methods to module names, which the adapter's ``__init__`` re-exports: so
+``hvdllm.torch.rank`` and ``hvdllm.tensorflow.rank`` share code, and every submodule reaches the
+backend through ``basics`` without importing its package.
 """
 from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+from hvdllm.core.collectives import Collectives, Handle
 from hvdllm.core.ops import Average, ReduceOp, parse_op
 from hvdllm.core.process_sets import WORLD, ProcessSet
 
 
 class Frontend:
+    """One adapter's Horovod-style API over the backend its ``init`` starts (``create(process_sets)``)."""
+
     def __init__(self, framework: str, create: Callable[[Any], Any]) -> None:
-        self._framework, self._create, self._rt = framework, create, None
+        self._framework, self._create, self._backend = framework, create, None
 
     def init(self, process_sets: Sequence[ProcessSet | Sequence[int]] | None = None) -> None:
         """Start the backend (idempotent). ``process_sets`` lists rank subsets for later collectives."""
-        if self._rt is None:
-            self._rt = self._create(process_sets)
+        if self._backend is None:
+            self._backend = self._create(process_sets)
 
     def is_initialized(self) -> bool:
-        return self._rt is not None
+        return self._backend is not None
 
-    def runtime(self) -> Any:
-        """The backend object (implements hvdllm.core.Collectives), for code that passes it explicitly."""
-        if self._rt is None:
+    def collectives(self) -> Collectives:
+        """The backend object (implements :class:`hvdllm.core.collectives.Collectives`), for code that
+        passes it explicitly."""
+        if self._backend is None:
             raise ValueError(f"hvdllm.{self._framework} has not been initialized; call hvd.init() first")
-        return self._rt
+        return self._backend
 
     def shutdown(self) -> None:
-        if self._rt is not None:
-            self._rt.shutdown()
-            self._rt = None
+        if self._backend is not None:
+            self._backend.shutdown()
+            self._backend = None
 
     def rank(self) -> int:
-        return self.runtime().world.rank
+        return self.collectives().world.rank
 
     def size(self) -> int:
-        return self.runtime().world.size
+        return self.collectives().world.size
 
     def local_rank(self) -> int:
-        return self.runtime().world.local_rank
+        return self.collectives().world.local_rank
 
     def local_size(self) -> int:
-        return self.runtime().world.local_size
+        return self.collectives().world.local_size
 
     def backend(self) -> str:
         """"horovod", "mpi" or "local"."""
-        return self.runtime().name
+        return self.collectives().name
 
     def threads_per_rank(self) -> int:
         """CPU threads each rank should use so that the ranks on a host share its cores."""
-        return self.runtime().world.threads_per_rank()
+        return self.collectives().world.threads_per_rank()
 
+    # ``name``: Horovod matches ops across ranks by name (unnamed ones are numbered per process, so ranks
+    # that issue different numbers of ops must name the ones they share); mpi/local match by call order.
     def allreduce(self, tensor: Any, op: ReduceOp = Average, process_set: ProcessSet = WORLD,
                   name: str | None = None) -> Any:
         """Reduce ``tensor`` over the ranks (Average by default); returns a new tensor."""
-        return self.runtime().allreduce(tensor, parse_op(op), process_set)
+        return self.collectives().allreduce(tensor, parse_op(op), process_set, name=name)
+
+    def allreduce_async_(self, tensor: Any, op: ReduceOp = Average, process_set: ProcessSet = WORLD,
+                         name: str | None = None) -> Handle:
+        """Start a reduction of ``tensor`` (in place where the framework's tensors are mutable); the
+        returned handle's ``wait()`` completes it and returns the result."""
+        return self.collectives().allreduce_async_(tensor, parse_op(op), process_set, name=name)
+
+    def grouped_allreduce(self, tensors: Sequence[Any], op: ReduceOp = Average, process_set: ProcessSet = WORLD,
+                          name: str | None = None) -> list:
+        """Reduce several tensors as one operation; returns the reduced tensors in order."""
+        return self.collectives().grouped_allreduce(list(tensors), parse_op(op), process_set, name=name)
 
     def broadcast(self, tensor: Any, root_rank: int, process_set: ProcessSet = WORLD, name: str | None = None) -> Any:
         """Return root_rank's value of ``tensor`` on every rank."""
-        return self.runtime().broadcast(tensor, root_rank, process_set)
+        return self.collectives().broadcast(tensor, root_rank, process_set, name=name)
 
     def allgather(self, tensor: Any, process_set: ProcessSet = WORLD, name: str | None = None) -> Any:
         """Concatenate the ranks' tensors along the first dimension (sizes there may differ)."""
-        return self.runtime().allgather(tensor, process_set)
+        return self.collectives().allgather(tensor, process_set, name=name)
 
     def barrier(self, process_set: ProcessSet = WORLD) -> None:
-        self.runtime().barrier(process_set)
+        self.collectives().barrier(process_set)
 
     def broadcast_object(self, obj: Any, root_rank: int = 0, process_set: ProcessSet = WORLD,
                          name: str | None = None) -> Any:
         """Return root_rank's picklable ``obj`` on every rank."""
-        return self.runtime().broadcast_object(obj, root_rank, process_set)
+        return self.collectives().broadcast_object(obj, root_rank, process_set, name=name)
 
     def add_process_set(self, process_set: ProcessSet | Sequence[int]) -> ProcessSet:
         """Register a process set after init (a collective call on every rank)."""
         ps = process_set if isinstance(process_set, ProcessSet) else ProcessSet(process_set)
-        self.runtime().add_process_set(ps)
+        self.collectives().add_process_set(ps)
         return ps
-
-    def exports(self) -> dict[str, Callable[..., Any]]:
-        """The module-level functions an adapter re-exports."""
-        names = ("init", "is_initialized", "shutdown", "rank", "size", "local_rank", "local_size", "backend",
-                 "threads_per_rank", "allreduce", "broadcast", "allgather", "barrier", "broadcast_object",
-                 "add_process_set")
-        out = {n: getattr(self, n) for n in names}
-        out["collectives"] = self.runtime
-        return out

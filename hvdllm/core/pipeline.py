@@ -41,7 +41,7 @@ class Action:
 
 
 @dataclasses.dataclass(frozen=True)
-class Schedule:
+class PipelineSchedule:
     """Per-stage programs plus the simulated timeline (start, end, op, mb) of each compute action."""
 
     kind: str
@@ -115,13 +115,13 @@ def compute_order(kind: str, num_stages: int, num_microbatches: int, stage: int)
 
 
 def build_schedule(kind: str, num_stages: int, num_microbatches: int,
-                   forward_time: float = 1.0, backward_time: float = 2.0, comm_time: float = 0.0) -> Schedule:
+                   forward_time: float = 1.0, backward_time: float = 2.0, comm_time: float = 0.0) -> PipelineSchedule:
     """Per-stage programs with communications placed for a blocking rendezvous transport.
 
     Event simulation: every stage runs its compute order; an input it lacks makes it wait; a stage at an
     action boundary (finished, or waiting) first hands buffered outputs to neighbours that wait for them.
     A rendezvous occupies both ends for ``comm_time`` (0: instantaneous), which prices the transport's
-    latency into :meth:`Schedule.simulated_bubble`. Raises RuntimeError if the programs would deadlock
+    latency into :meth:`PipelineSchedule.simulated_bubble`. Raises RuntimeError if the programs would deadlock
     (never for GPipe/1F1B).
     """
     if comm_time < 0 or forward_time <= 0 or backward_time <= 0:
@@ -196,7 +196,7 @@ def build_schedule(kind: str, num_stages: int, num_microbatches: int,
         now = min(pending)
     if any(pc[s] < len(orders[s]) for s in range(p)) or any(outbox):
         raise RuntimeError(f"{kind} schedule with p={p}, m={m} deadlocks under rendezvous transport")
-    return Schedule(kind.lower(), p, m, tuple(tuple(x) for x in programs), tuple(tuple(t) for t in timeline))
+    return PipelineSchedule(kind.lower(), p, m, tuple(tuple(x) for x in programs), tuple(tuple(t) for t in timeline))
 
 
 def partition_layers(costs: Sequence[float], num_stages: int, first_extra: float = 0.0,

@@ -3,10 +3,8 @@
 Horovod's ``synchronize`` spins (yielding) until the background thread completes the op. When ranks
 share cores — the usual CPU case, and any job with more ranks than cores — the waiting rank's spin
 takes the cycles the slower rank needs to finish its backward pass, so everyone waits longer. Polling
-with short, growing sleeps costs at most ``max_sleep`` of latency per op and almost no CPU. Measured
-on 2 cores (a 128 KiB broadcast ping-pong in a two-rank process set, Horovod cycle 1 ms): 2 ranks,
-median 2.35 ms spinning vs 2.33 ms polling (p90 14.7 vs 4.7 ms); 4 ranks, 10.6 vs 4.7 ms (p90 32 vs
-8.5 ms). A 1 ms ``max_sleep`` cost 1 ms of median latency at 2 ranks; 0.1 ms lost at 4 ranks.
+with short, growing sleeps costs at most ``max_sleep`` of latency per op and almost no CPU (figures:
+bench/pipeline_bubble.py).
 """
 from __future__ import annotations
 

@@ -7,31 +7,18 @@
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
-
 from hvdllm.core.compression import Compression
-from hvdllm.core.frontend import Frontend
-from hvdllm.core.ops import Average, ReduceOp, Sum, parse_op
+from hvdllm.core.ops import Average, ReduceOp, Sum
 from hvdllm.core.process_sets import WORLD, ProcessSet
-from hvdllm.tensorflow import runtime as _runtime
+from hvdllm.tensorflow import callbacks, optim  # hvd.callbacks.*; hvd.optim.SGD/Adam/AdamW/LAMB, LearningRateSchedule
+from hvdllm.tensorflow.basics import (add_process_set, allgather, allreduce, backend, barrier, broadcast,
+                                      broadcast_object, collectives, grouped_allreduce, init, is_initialized,
+                                      local_rank, local_size, rank, shutdown, size, threads_per_rank)
+from hvdllm.tensorflow.distributed import DistributedGradientTape, DistributedOptimizer, broadcast_variables
 
-_front = Frontend("tensorflow", _runtime.create)
-globals().update(_front.exports())
-
-
-def grouped_allreduce(tensors: Sequence[Any], op: ReduceOp = Average, process_set: ProcessSet = WORLD) -> list:
-    """Reduce several tensors in one operation (fused into one buffer per dtype)."""
-    return _front.runtime().grouped_allreduce(list(tensors), parse_op(op), process_set)
-
-
-from hvdllm.tensorflow import callbacks  # noqa: E402
-from hvdllm.tensorflow.distributed import DistributedGradientTape, DistributedOptimizer, broadcast_variables  # noqa: E402
-
-__all__ = sorted(_front.exports()) + [
-    "grouped_allreduce", "Average", "Sum", "ReduceOp", "Compression", "ProcessSet",
-    "DistributedGradientTape", "DistributedOptimizer", "broadcast_variables", "callbacks",
+__all__ = [
+    "init", "is_initialized", "shutdown", "rank", "size", "local_rank", "local_size", "backend", "threads_per_rank",
+    "add_process_set", "collectives", "allreduce", "grouped_allreduce", "broadcast", "allgather", "barrier",
+    "broadcast_object", "Average", "Sum", "ReduceOp", "Compression", "ProcessSet", "WORLD",
+    "DistributedGradientTape", "DistributedOptimizer", "broadcast_variables", "callbacks", "optim",
 ]
-
-from hvdllm.tensorflow import optim  # noqa: E402  (hvd.optim.SGD/Adam/AdamW/LAMB, Schedule)
-
-__all__ += ["optim"]

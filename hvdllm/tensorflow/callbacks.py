@@ -19,7 +19,8 @@ import numpy as np
 import tensorflow as tf
 
 from hvdllm.core.gradients import gradual_warmup_lr
-from hvdllm.tensorflow.distributed import _runtime, broadcast_variables, is_distributed
+from hvdllm.tensorflow.basics import allreduce, rank, size
+from hvdllm.tensorflow.distributed import broadcast_variables, is_distributed
 
 
 class BroadcastGlobalVariablesCallback(keras.callbacks.Callback):
@@ -49,9 +50,8 @@ class BroadcastGlobalVariablesCallback(keras.callbacks.Callback):
     def on_train_begin(self, logs: dict | None = None) -> None:
         if self.broadcast_done:
             return
-        size = _runtime().world.size
-        if self.root_rank >= size:
-            raise ValueError(f"root_rank={self.root_rank} must be < the number of ranks {size}")
+        if self.root_rank >= size():
+            raise ValueError(f"root_rank={self.root_rank} must be < the number of ranks {size()}")
         opt = self.model.optimizer
         if opt is not None and not opt.built:
             opt.build(self.model.trainable_variables)
@@ -74,7 +74,7 @@ class MetricAverageCallback(keras.callbacks.Callback):
         if not keys:
             return
         values = tf.constant([float(logs[k]) for k in keys], dtype=tf.float64)
-        mean = _runtime().allreduce(values).numpy()
+        mean = allreduce(values).numpy()
         for k, v in zip(keys, mean):
             logs[k] = float(v)
 
@@ -121,11 +121,11 @@ class LearningRateWarmupCallback(keras.callbacks.Callback):
         if isinstance(opt._learning_rate, keras.optimizers.schedules.LearningRateSchedule):
             raise ValueError("LearningRateWarmupCallback needs a numeric learning_rate, got a "
                              f"{type(opt._learning_rate).__name__}; allowed: a float")
-        opt.learning_rate = gradual_warmup_lr(self.initial_lr, _runtime().world.size, self.warmup_epochs,
+        opt.learning_rate = gradual_warmup_lr(self.initial_lr, size(), self.warmup_epochs,
                                               self._epoch, batch, self._steps())
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        if self.verbose and epoch < self.warmup_epochs + 1 and _runtime().world.rank == 0:
+        if self.verbose and epoch < self.warmup_epochs + 1 and rank() == 0:
             print(f"\nEpoch {epoch + 1}: learning rate {float(self.model.optimizer.learning_rate):.6g} (warmup)")
         if logs is not None:
             logs["lr"] = float(self.model.optimizer.learning_rate)

@@ -2,7 +2,7 @@
 
 Horovod 0.28's own TF/Keras glue is broken on Keras 3 (its tape and callback crash on Keras variables,
 its Keras optimizer silently skips the averaging); these use only its low-level collectives (or mpi4py,
-or nothing on one process) through :mod:`hvdllm.tensorflow.runtime`. The semantics (accumulation,
+or nothing on one process) through :mod:`hvdllm.tensorflow.backends`. The semantics (accumulation,
 compression, clipping after the reduction) are the core's: :mod:`hvdllm.core.gradients`.
 
 Graph mode: everything here works eagerly and inside ``tf.function`` (``model.fit``'s train step), but not
@@ -17,16 +17,11 @@ from typing import Any, Iterable, Sequence
 
 import tensorflow as tf
 
-from hvdllm.core.buckets import TensorSpec, plan_buckets
 from hvdllm.core.gradients import ReductionConfig, backend_wire_dtype, clip_coefficient_of, is_reduction_pass
-from hvdllm.core.ops import Average, ReduceOp
+from hvdllm.core.ops import Average, ReduceOp, Sum
 from hvdllm.core.process_sets import WORLD, ProcessSet
-
-
-def _runtime() -> Any:
-    import hvdllm.tensorflow as hvd
-
-    return hvd.collectives()
+from hvdllm.tensorflow.basics import collectives
+from hvdllm.tensorflow.buckets import packed
 
 
 def _in_xla_context() -> bool:
@@ -76,31 +71,40 @@ def _set_size(rt: Any, process_set: ProcessSet) -> int:
     return len(process_set.members(rt.world.size))
 
 
-def reduce_gradients(grads: Sequence[Any], config: ReductionConfig, norm_out: Any = None) -> list[Any]:
-    """Reduce a list of gradients (None entries pass through) over the ranks, then clip if configured.
+def reduce_gradients(grads: Sequence[Any], variables: Sequence[Any], config: ReductionConfig,
+                     norm_out: Any = None) -> list[Any]:
+    """Reduce the gradients of ``variables`` over the ranks (the core's prescale -> sum -> postscale), then clip.
 
-    With clipping, ``norm_out`` (a float32 ``tf.Variable``, optional) receives the global norm before clipping.
-
-    Buckets follow the core's plan (dtype, size cap, reverse order); each bucket is one grouped
-    allreduce in the compression's wire dtype. Works eagerly and inside ``tf.function``.
+    A None gradient travels as zeros, so every rank reduces the same buckets (a variable one rank's loss
+    does not touch still gets the other ranks' gradients, as in torch); on one rank nothing travels and
+    None stays None. With clipping, ``norm_out`` (a float32 ``tf.Variable``, optional) receives the global
+    norm before clipping. Buckets follow the core's plan (dtype, size cap, reverse order); each is one
+    flat buffer summed in the compression's wire dtype. Works eagerly and inside ``tf.function``.
     """
-    rt = _runtime()
-    out: list[Any] = list(grads)
-    idx = [i for i, g in enumerate(out) if g is not None]
-    if _set_size(rt, config.process_set) > 1 and idx:
+    rt = collectives()
+    size = _set_size(rt, config.process_set)
+    if size > 1:
         if _in_xla_context():
             raise ValueError("hvdllm gradient reduction cannot run in an XLA-compiled function "
                              "(jit_compile=True); allowed: jit_compile=False, e.g. model.compile(..., jit_compile=False)")
-        dense = [_dense(out[i]) for i in idx]
-        specs = [TensorSpec(str(j), tuple(int(d) for d in g.shape), g.dtype.name) for j, g in enumerate(dense)]
-        for bucket in plan_buckets(specs, config.bucket_cap_bytes):
-            members = [dense[j] for j in bucket.indices]
-            wire = tf.as_dtype(_wire(bucket.dtype, config, rt.name))
-            sent = [tf.cast(g, wire) if g.dtype != wire else g for g in members]
-            reduced = rt.grouped_allreduce(sent, config.op, config.process_set, name=_op_name("grads"))
-            for j, g, r in zip(bucket.indices, members, reduced):
-                out[idx[j]] = tf.cast(r, g.dtype) if r.dtype != g.dtype else r
-    if config.max_grad_norm is not None and idx:
+        grads = [tf.zeros(v.shape, tf.as_dtype(v.dtype)) if g is None else g for g, v in zip(grads, variables)]
+    idx = [i for i, g in enumerate(grads) if g is not None]
+    prescale, postscale = config.scales(size)
+
+    def reduce(flat: tf.Tensor) -> tf.Tensor:
+        if prescale != 1.0:  # in the gradient's dtype, before a 16-bit wire can overflow
+            flat = flat * tf.cast(prescale, flat.dtype)
+        if size > 1:
+            wire = tf.as_dtype(_wire(flat.dtype.name, config, rt.name))
+            summed = rt.allreduce(tf.cast(flat, wire), Sum, config.process_set, name=_op_name("grads"))
+            flat = tf.cast(summed, flat.dtype)
+        return flat * tf.cast(postscale, flat.dtype) if postscale != 1.0 else flat
+
+    out: list[Any] = list(grads)
+    if idx and (size > 1 or (prescale, postscale) != (1.0, 1.0)):
+        for i, g in zip(idx, packed([_dense(grads[i]) for i in idx], reduce, config.bucket_cap_bytes)):
+            out[i] = g
+    if idx and config.max_grad_norm is not None:
         out = clip_by_global_norm_after_reduction(out, config.max_grad_norm, norm_out)
     return out
 
@@ -125,16 +129,19 @@ class DistributedGradientTape:
         grads = tape.gradient(loss, model.trainable_variables)   # averaged over ranks
 
     Also usable as ``with hvd.DistributedGradientTape(tf.GradientTape()) as tape:``. Every other method
-    (``watch``, ``stop_recording``, ``jacobian``, ...) is the wrapped tape's.
+    (``watch``, ``stop_recording``, ``jacobian``, ...) is the wrapped tape's. ``gradient_predivide_factor``
+    f is Horovod's (Average only): gradients are divided by f before the sum and multiplied by f/N after it.
     """
 
     def __init__(self, gradtape: tf.GradientTape, compression: object = None, op: ReduceOp = Average,
-                 bucket_cap_mb: float = 25.0, process_set: ProcessSet = WORLD) -> None:
+                 bucket_cap_mb: float = 25.0, process_set: ProcessSet = WORLD,
+                 gradient_predivide_factor: float = 1.0) -> None:
         if not isinstance(gradtape, tf.GradientTape):
             raise ValueError(f"DistributedGradientTape needs a tf.GradientTape, got {type(gradtape).__name__}")
         self._tape = gradtape
         self._config = ReductionConfig.create(op=op, compression=compression, bucket_cap_mb=bucket_cap_mb,
-                                              process_set=process_set)
+                                              process_set=process_set,
+                                              gradient_predivide_factor=gradient_predivide_factor)
 
     def __enter__(self) -> "DistributedGradientTape":
         self._tape.__enter__()
@@ -153,8 +160,8 @@ class DistributedGradientTape:
         """The tape's gradients, reduced with ``op`` over the ranks (same nesting as ``sources``)."""
         grads = self._tape.gradient(target, sources, output_gradients=output_gradients,
                                     unconnected_gradients=unconnected_gradients)
-        flat = tf.nest.flatten(grads)
-        return tf.nest.pack_sequence_as(grads, reduce_gradients(flat, self._config))
+        reduced = reduce_gradients(tf.nest.flatten(grads), tf.nest.flatten(sources), self._config)
+        return tf.nest.pack_sequence_as(grads, reduced)
 
 
 class _State:
@@ -219,23 +226,22 @@ class _DistributedMixin:
             self.built = True
         state = self._hvdllm
         inner = super(_DistributedMixin, self).apply
-        if state.config.backward_passes_per_step == 1:
-            self._hvdllm_accumulators(list(self._trainable_variables))
-            return inner(reduce_gradients(grads, state.config, state.grad_norm), trainable_variables)
         self._hvdllm_accumulators(list(self._trainable_variables))
-        pairs = [(g, v) for g, v in zip(grads, trainable_variables) if g is not None]
-        accs = [state.accumulators[self._get_variable_index(v)] for _, v in pairs]
-        for acc, (g, _) in zip(accs, pairs):
-            acc.assign_add(tf.cast(_dense(g), acc.dtype))
+        if state.config.backward_passes_per_step == 1:
+            return inner(reduce_gradients(grads, trainable_variables, state.config, state.grad_norm),
+                         trainable_variables)
+        for g, v in zip(grads, trainable_variables):
+            if g is not None:
+                acc = state.accumulators[self._get_variable_index(v)]
+                acc.assign_add(tf.cast(_dense(g), acc.dtype))
         passes = state.passes.assign_add(1)
-        variables = [v for _, v in pairs]
         k = state.config.backward_passes_per_step
 
         def step() -> tf.Tensor:
-            summed = [acc.read_value() for acc in accs]
-            if state.config.local_scale != 1.0:
-                summed = [s * tf.cast(state.config.local_scale, s.dtype) for s in summed]
-            inner(reduce_gradients(summed, state.config, state.grad_norm), variables)
+            """Every accumulator (a variable without gradients in this window sends zeros): the same buckets
+            on every rank, and none left unapplied or unreset."""
+            variables, accs = list(self._trainable_variables), state.accumulators
+            inner(reduce_gradients([a.read_value() for a in accs], variables, state.config, state.grad_norm), variables)
             for acc in accs:
                 acc.assign(tf.zeros_like(acc))
             return tf.constant(True)
@@ -269,15 +275,18 @@ def is_distributed(optimizer: Any) -> bool:
 def DistributedOptimizer(optimizer: Any, name: str | None = None, compression: object = None,
                          backward_passes_per_step: int = 1, op: ReduceOp = Average,
                          max_grad_norm: float | None = None, bucket_cap_mb: float = 25.0,
-                         average_aggregated_gradients: bool = False, process_set: ProcessSet = WORLD) -> Any:
+                         average_aggregated_gradients: bool = False, process_set: ProcessSet = WORLD,
+                         gradient_predivide_factor: float = 1.0) -> Any:
     """Make a Keras 3 optimizer data-parallel; use it in ``model.compile`` / ``model.fit`` or ``apply_gradients``.
 
     Gradients are reduced with ``op`` (Average by default) over the ranks before the optimizer's own
     update. ``backward_passes_per_step=k`` sums k local gradient sets and reduces + applies once every k
     calls (``optimizer.iterations`` counts updates, not passes); ``average_aggregated_gradients=True``
     divides the sum by k (the mean, as one k-times-larger batch). ``max_grad_norm`` clips by the global norm
-    after the reduction. The optimizer is converted in place (its class becomes a subclass of its own
-    class, its state is kept) and returned; ``get_config`` and saving record the plain optimizer.
+    after the reduction. ``gradient_predivide_factor`` is Horovod's (see :class:`DistributedGradientTape`).
+    A variable without a gradient on some rank gets the other ranks' (it contributes zeros). The optimizer
+    is converted in place (its class becomes a subclass of its own class, its state is kept) and returned;
+    ``get_config`` and saving record the plain optimizer.
     Not usable under XLA: compile with ``jit_compile=False`` (the default on CPU).
     """
     import keras
@@ -291,7 +300,8 @@ def DistributedOptimizer(optimizer: Any, name: str | None = None, compression: o
                          "optimizer; allowed: None, use backward_passes_per_step= instead")
     config = ReductionConfig.create(op=op, compression=compression, backward_passes_per_step=backward_passes_per_step,
                                     average_aggregated_gradients=average_aggregated_gradients,
-                                    max_grad_norm=max_grad_norm, bucket_cap_mb=bucket_cap_mb, process_set=process_set)
+                                    max_grad_norm=max_grad_norm, bucket_cap_mb=bucket_cap_mb, process_set=process_set,
+                                    gradient_predivide_factor=gradient_predivide_factor)
     cls = _distributed_class(type(optimizer))
     object.__setattr__(optimizer, "_hvdllm", _State(config))
     optimizer.__class__ = cls
@@ -308,18 +318,11 @@ def broadcast_variables(variables: Iterable[Any], root_rank: int = 0, process_se
     Variables of one dtype travel packed in one flat buffer (one collective per dtype), in the given
     order, which must be the same on every rank. Works eagerly and inside ``tf.function``.
     """
-    rt = _runtime()
+    rt = collectives()
     variables = list(variables)
     if _set_size(rt, process_set) == 1 or not variables:
         return None
-    by_dtype: dict[str, list[int]] = {}
-    values = [tf.convert_to_tensor(v) for v in variables]
-    for i, x in enumerate(values):
-        by_dtype.setdefault(x.dtype.name, []).append(i)
-    for idx in by_dtype.values():
-        flat = tf.concat([tf.reshape(values[i], [-1]) for i in idx], axis=0)
-        got = rt.broadcast(flat, root_rank, process_set, name=_op_name("bcast"))
-        sizes = [int(values[i].shape.num_elements()) for i in idx]
-        for i, part in zip(idx, tf.split(got, sizes)):
-            variables[i].assign(tf.reshape(part, values[i].shape))
+    got = packed(variables, lambda flat: rt.broadcast(flat, root_rank, process_set, name=_op_name("bcast")))
+    for v, value in zip(variables, got):
+        v.assign(value)
     return None

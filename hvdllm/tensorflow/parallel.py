@@ -26,23 +26,19 @@ import tensorflow as tf
 
 from hvdllm.core.grid import Group
 from hvdllm.core.ops import Sum
+from hvdllm.tensorflow.basics import allgather, allreduce
 
 __all__ = ["ColumnParallelDense", "RowParallelDense", "copy_to_group", "reduce_from_group",
            "gather_from_group", "scatter_to_group", "Group"]
 
 
-def _rt() -> Any:
-    import hvdllm.tensorflow as hvd
-
-    return hvd.collectives()
-
 
 def _allreduce_sum(x: tf.Tensor, group: Group) -> tf.Tensor:
-    return _rt().allreduce(x, Sum, group.process_set)
+    return allreduce(x, Sum, group.process_set)
 
 
 def _gather_last(x: tf.Tensor, group: Group) -> tf.Tensor:
-    stacked = _rt().allgather(tf.expand_dims(x, 0), group.process_set)
+    stacked = allgather(tf.expand_dims(x, 0), group.process_set)
     parts = [stacked[i] for i in range(group.size)]
     return tf.concat(parts, axis=-1)
 

@@ -8,41 +8,30 @@
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from hvdllm.core.compression import Compression
-from hvdllm.core.frontend import Frontend
-from hvdllm.core.ops import Average, ReduceOp, Sum, parse_op
+from hvdllm.core.ops import Average, ReduceOp, Sum
 from hvdllm.core.process_sets import WORLD, ProcessSet
-from hvdllm.torch import runtime as _runtime
-
-_front = Frontend("torch", _runtime.create)
-globals().update(_front.exports())
-
-
-def allreduce_async_(tensor: torch.Tensor, op: ReduceOp = Average, process_set: ProcessSet = WORLD) -> Any:
-    """Start an in-place reduction of ``tensor``; the returned handle's ``wait()`` completes it."""
-    return _front.runtime().allreduce_async_(tensor, parse_op(op), process_set)
+from hvdllm.torch import optim  # hvd.optim.SGD/Adam/AdamW/LAMB, lr_scheduler
+from hvdllm.torch.basics import (add_process_set, allgather, allreduce, allreduce_async_, backend, barrier, broadcast,
+                                 broadcast_object, collectives, grouped_allreduce, init, is_initialized, local_rank,
+                                 local_size, rank, shutdown, size, threads_per_rank)
+from hvdllm.torch.distributed import DistributedOptimizer
+from hvdllm.torch.sync import broadcast_optimizer_state, broadcast_parameters
 
 
-def broadcast_(tensor: torch.Tensor, root_rank: int, process_set: ProcessSet = WORLD) -> torch.Tensor:
+def broadcast_(tensor: torch.Tensor, root_rank: int, process_set: ProcessSet = WORLD,
+               name: str | None = None) -> torch.Tensor:
     """In-place broadcast, as horovod.torch.broadcast_."""
     with torch.no_grad():
-        tensor.copy_(_front.broadcast(tensor, root_rank, process_set))
+        tensor.copy_(broadcast(tensor, root_rank, process_set, name=name))
     return tensor
 
 
-__all__ = sorted(_front.exports()) + [
-    "allreduce_async_", "broadcast_", "Average", "Sum", "ReduceOp", "Compression", "ProcessSet",
+__all__ = [
+    "init", "is_initialized", "shutdown", "rank", "size", "local_rank", "local_size", "backend", "threads_per_rank",
+    "add_process_set", "collectives", "allreduce", "allreduce_async_", "grouped_allreduce", "broadcast", "broadcast_",
+    "allgather", "barrier", "broadcast_object", "Average", "Sum", "ReduceOp", "Compression", "ProcessSet", "WORLD",
+    "DistributedOptimizer", "broadcast_parameters", "broadcast_optimizer_state", "optim",
 ]
-
-from hvdllm.torch.sync import broadcast_optimizer_state, broadcast_parameters  # noqa: E402
-from hvdllm.torch.distributed import DistributedOptimizer  # noqa: E402
-
-__all__ += ["DistributedOptimizer", "broadcast_parameters", "broadcast_optimizer_state"]
-
-from hvdllm.torch import optim  # noqa: E402  (hvd.optim.SGD/Adam/AdamW/LAMB, lr_scheduler)
-
-__all__ += ["optim"]

@@ -4,7 +4,7 @@ How a step runs (the semantics are the core's, :mod:`hvdllm.core.gradients`):
 
 - At construction the optimizer's parameters are planned into buckets (:func:`plan_buckets`: one
   param group and dtype each, up to ``bucket_cap_mb``, in reverse registration order). Each bucket
-  owns one flat buffer (:mod:`hvdllm.torch.flat`) and a parameter's ``.grad`` *is* a view into it:
+  owns one flat buffer (:mod:`hvdllm.torch.buckets`) and a parameter's ``.grad`` *is* a view into it:
   after ``zero_grad(set_to_none=True)`` a hook re-attaches the (zeroed) view just before autograd
   accumulates, so backward accumulates straight into the bucket (no copies in or out), and a fused
   :mod:`hvdllm.torch.optim` optimizer steps on the bucket itself.
@@ -41,7 +41,8 @@ from hvdllm.core.compression import Compression
 from hvdllm.core.gradients import ReductionConfig, backend_wire_dtype, clip_coefficient_of
 from hvdllm.core.ops import Average, Sum
 from hvdllm.core.process_sets import WORLD, ProcessSet
-from hvdllm.torch import flat
+from hvdllm.torch import buckets
+from hvdllm.torch.basics import collectives
 
 __all__ = ["DistributedOptimizer"]
 
@@ -49,10 +50,7 @@ _instances = itertools.count()
 _warned: set[tuple[str, str]] = set()
 
 
-def _runtime() -> Any:
-    import hvdllm.torch as hvd  # late: hvdllm.torch imports this module
-
-    return hvd.collectives()
+_runtime = collectives  # the backend (hvdllm.core.collectives.Collectives)
 
 
 class _Bucket:
@@ -64,7 +62,7 @@ class _Bucket:
         first = self.params[0]
         # The gradients, then one presence flag per parameter (summed over ranks like the gradients).
         self.buffer = torch.zeros(self.numel + len(self.params), dtype=first.dtype, device=first.device)
-        self.views = flat.views(self.buffer, plan, params)
+        self.views = buckets.views(self.buffer, plan, params)
         self.grads = self.buffer[:self.numel]
         self.flags = [0.0] * len(self.params)
         self.wire = None if wire is None else torch.empty(self.buffer.numel(), dtype=wire, device=first.device)
@@ -194,7 +192,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             if p.is_sparse or p.layout != torch.strided:
                 raise ValueError(f"parameter {names[params.index(p)]!r} has layout {p.layout}; only dense "
                                  "(strided) parameters are supported")
-        plan = flat.plan(params, self._config.bucket_cap_bytes, [group_of[id(p)] for p in params], names)
+        plan = buckets.plan(params, self._config.bucket_cap_bytes, [group_of[id(p)] for p in params], names)
         self._params, self._param_names = params, names
         self._index = {id(p): i for i, p in enumerate(params)}
         self._plan_no += 1

@@ -8,7 +8,7 @@ L2 vs decoupled weight decay, where Adam's epsilon sits) are the core's, which f
 PyTorch's own: see :mod:`hvdllm.core.optim`.
 
 ``fused=True``: every param group keeps its parameters of one dtype/device, their gradients and the
-optimizer state in flat contiguous buffers (:mod:`hvdllm.torch.flat`, in the core's bucket order).
+optimizer state in flat contiguous buffers (:mod:`hvdllm.torch.buckets`, in the core's bucket order).
 Parameters are re-pointed (``p.data``) at views of the flat parameter buffer and ``p.grad`` at views
 of the flat gradient buffer, so autograd accumulates straight into the flat buffer and a step is a few
 large ops over whole buffers, not thousands of small ones. The step reads the gradients wherever they
@@ -36,7 +36,7 @@ import torch
 from hvdllm.core import optim as core
 from hvdllm.core.buckets import Bucket
 from hvdllm.core.schedules import LRSchedule
-from hvdllm.torch import flat as flat_buffers
+from hvdllm.torch import buckets as flat_buffers
 
 _NATIVE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 

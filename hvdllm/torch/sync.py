@@ -1,6 +1,6 @@
 """Make every rank start from the root's model and optimizer state (Horovod's broadcast_* helpers).
 
-Tensors travel fused: one flat broadcast (:mod:`hvdllm.torch.flat`) per dtype and device kind, not one
+Tensors travel fused: one flat broadcast (:mod:`hvdllm.torch.buckets`) per dtype and device kind, not one
 per tensor. The optimizer state goes as its structure (a picklable skeleton holding each tensor's shape,
 dtype and device kind, broadcast_object) plus its tensors (fused broadcasts): every other rank allocates
 its receiving tensors from the root's metadata, not from its own state, so root and receivers plan the
@@ -17,15 +17,13 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from hvdllm.core.process_sets import WORLD, ProcessSet
-from hvdllm.torch import flat
+from hvdllm.torch import buckets
+from hvdllm.torch.basics import collectives
 
 __all__ = ["broadcast_parameters", "broadcast_optimizer_state"]
 
 
-def _runtime() -> Any:
-    import hvdllm.torch as hvd  # late: hvdllm.torch imports this module
-
-    return hvd.collectives()
+_runtime = collectives  # the backend (hvdllm.core.collectives.Collectives)
 
 
 def _check_root(rt: Any, root_rank: int, process_set: ProcessSet) -> None:
@@ -41,10 +39,10 @@ def _broadcast_tensors_(rt: Any, tensors: list[torch.Tensor], root_rank: int, pr
         unique = {(t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device): t for t in tensors}
         tensors = list(unique.values())
     with torch.no_grad():
-        for bucket in flat.plan(tensors, 0, [t.device.type for t in tensors]):
-            buffer = flat.pack(bucket, tensors)
+        for bucket in buckets.plan(tensors, 0, [t.device.type for t in tensors]):
+            buffer = buckets.pack(bucket, tensors)
             wire = buffer.to(torch.uint8) if buffer.dtype == torch.bool else buffer
-            flat.unpack_(rt.broadcast(wire, root_rank, process_set).to(buffer.dtype), bucket, tensors)
+            buckets.unpack_(rt.broadcast(wire, root_rank, process_set).to(buffer.dtype), bucket, tensors)
 
 
 def broadcast_parameters(params: Mapping[str, torch.Tensor] | Iterable[Any], root_rank: int = 0,

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Callable
 
 from hvdllm.core.schedules import LRSchedule
-from hvdllm.train.common import (LossLog, Progress, RunSetup, Throughput, say, should_checkpoint, should_eval,
-                                 should_log, write_sample)
 from hvdllm.train.config import TrainConfig
-from hvdllm.train.metrics import MetricsLogger, plot_loss
+from hvdllm.train.metrics import LossLog, MetricsLogger, plot_loss
+from hvdllm.train.progress import Progress, Throughput, say
+from hvdllm.train.run_setup import RunSetup
 
 
 def make_schedule(cfg: TrainConfig) -> LRSchedule:
@@ -27,6 +27,27 @@ def make_schedule(cfg: TrainConfig) -> LRSchedule:
     warmup = min(cfg.schedule.warmup_steps, cfg.run.max_steps)
     return LRSchedule(cfg.optim.lr, warmup, cfg.run.max_steps, decay=cfg.schedule.decay,
                       min_lr=cfg.optim.lr * cfg.schedule.min_lr_ratio)
+
+
+def should_log(step: int, cfg: TrainConfig) -> bool:
+    return step % cfg.run.log_interval == 0 or step == cfg.run.max_steps
+
+
+def should_eval(step: int, cfg: TrainConfig) -> bool:
+    return (cfg.run.eval_interval > 0 and step % cfg.run.eval_interval == 0) or step == cfg.run.max_steps
+
+
+def should_checkpoint(step: int, cfg: TrainConfig) -> bool:
+    return ((cfg.run.checkpoint_interval > 0 and step % cfg.run.checkpoint_interval == 0)
+            or step == cfg.run.max_steps or step == cfg.run.exit_at_step)
+
+
+SAMPLE_FILE = "sample.txt"
+
+
+def write_sample(run_dir: Path, prompt: str, text: str) -> None:
+    (run_dir / SAMPLE_FILE).write_text(text, encoding="utf-8")
+    say(f"--- sample (prompt {prompt!r}) ---\n{text}\n--- end of sample ---")
 
 
 @dataclasses.dataclass

@@ -1,4 +1,5 @@
-"""Run metrics: ``metrics.csv`` (always), TensorBoard events (when a writer is importable), ``loss.png``.
+"""Run metrics: ``metrics.csv`` (always), TensorBoard events (when a writer is importable), ``loss.png``,
+and the per-step losses averaged over the ranks for each row (:class:`LossLog`).
 
 Only rank 0 writes. On ``--resume`` the CSV keeps the rows up to the checkpoint's step and drops
 later ones (written after that checkpoint by the interrupted run), so a resumed run's CSV equals an
@@ -12,7 +13,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 COLUMNS = ("step", "loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "elapsed_s")
 CSV_NAME = "metrics.csv"
@@ -143,3 +144,39 @@ def plot_loss(run_dir: str | Path) -> Path | None:
     plt.close(fig)
     os.replace(tmp, run / PNG_NAME)
     return run / PNG_NAME
+
+
+class LossLog:
+    """Per-step losses until the next metrics row: local values, averaged over the ranks in one
+    collective per row (or at a checkpoint, which stores them so a resumed run logs the same means).
+
+    ``average(vec)`` is the trainer's allreduce-mean of a float64 numpy vector over the ranks
+    (called only when ``size`` > 1), so this bookkeeping is written once for torch and Keras.
+    """
+
+    def __init__(self, size: int, average: Callable[[Any], Any]) -> None:
+        self.size, self._average, self._local, self._global = size, average, [], []
+
+    def add(self, local_mean: Any) -> None:
+        self._local.append(float(local_mean))
+
+    def pending(self) -> list[float]:
+        """Average the local values over ranks (a collective) and return all unlogged global values."""
+        if self._local:
+            import numpy as np
+
+            vec = np.asarray(self._local, dtype=np.float64)
+            if self.size > 1:
+                vec = np.asarray(self._average(vec), dtype=np.float64)
+            self._global.extend(float(v) for v in vec.tolist())
+            self._local = []
+        return list(self._global)
+
+    def restore(self, values: list[float]) -> None:
+        self._local, self._global = [], [float(v) for v in values]
+
+    def mean(self) -> float:
+        """The mean of the unlogged steps' global-batch losses; clears them."""
+        values = self.pending()
+        self._global = []
+        return sum(values) / len(values) if values else float("nan")

@@ -28,7 +28,9 @@ import hvdllm.tensorflow as hvd
 from hvdllm.data.tokenizer import TOKENIZER_FILE
 from hvdllm.models.gpt_keras import GPT, GPTConfig, cross_entropy, load_torch_state_dict, torch_state_dict
 from hvdllm.train import checkpoint as ckpt
-from hvdllm.train.common import LossLog, RunSetup, create_run_dir, peak_flops, setup_run
+from hvdllm.train.metrics import LossLog
+from hvdllm.train.progress import peak_flops
+from hvdllm.train.run_setup import RunSetup, create_run_dir, setup_run
 from hvdllm.train.loop import StepHooks, run_training
 from hvdllm.train.config import ConfigError, TrainConfig
 
@@ -37,7 +39,7 @@ _SEED_STRIDE = 1_000_003      # per-rank offset of the dropout seed generators (
 
 
 # -- device, threads, precision --------------------------------------------------------------------------
-def configure_runtime(cfg: TrainConfig, threads: int) -> str | None:
+def configure_tensorflow(cfg: TrainConfig, threads: int) -> str | None:
     """Threads per rank, the GPU of this rank (visible devices) and the precision policy.
 
     Returns the GPU's name, or None on CPU. Call before TensorFlow runs its first op (thread settings
@@ -251,7 +253,7 @@ def train(cfg: TrainConfig) -> int:
     if cfg.parallel.tp != 1 or cfg.parallel.pp != 1:
         raise ConfigError(f"--tp {cfg.parallel.tp} --pp {cfg.parallel.pp}: model parallelism is not available "
                           "with --framework tensorflow; use --tp 1 --pp 1 (or --framework torch)")
-    gpu_name = configure_runtime(cfg, threads)
+    gpu_name = configure_tensorflow(cfg, threads)
 
     s = setup_run(cfg, rank, size, hvd.broadcast_object)
     cfg = s.cfg

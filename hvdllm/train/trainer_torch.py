@@ -7,132 +7,39 @@ over the data-parallel ranks (summed over the ``accum`` backward passes), clips 
 applies AdamW. So the update is the gradient of the mean loss over the whole global batch, whatever
 the number of ranks.
 
-Model parallelism plugs in at :func:`build_runner`: a :class:`StepRunner` owns the module(s) this rank
-holds, the forward/backward over micro-batches and the evaluation forward.
+Model parallelism plugs in at :func:`build_runner`: a :class:`~hvdllm.train.runner_torch.StepRunner`
+owns the module(s) this rank holds, the forward/backward over micro-batches and the evaluation forward.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import hvdllm.torch as hvd
 from hvdllm.data.tokenizer import TOKENIZER_FILE
-from hvdllm.models.gpt import GPT, GPTConfig
+from hvdllm.models.gpt import GPTConfig
 from hvdllm.train import checkpoint as ckpt
-from hvdllm.train.common import LossLog, RunSetup, create_run_dir, peak_flops, setup_run
-from hvdllm.train.loop import StepHooks, run_training
+from hvdllm.train.metrics import LossLog
+from hvdllm.train.progress import peak_flops
+from hvdllm.train.run_setup import RunSetup, create_run_dir, setup_run
 from hvdllm.train.config import ConfigError, TrainConfig
-
-Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-# -- precision --------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class Precision:
-    """Autocast context and (fp16) loss scaler for one run."""
-
-    name: str
-    device: torch.device
-    scaler: Any = None
-
-    def autocast(self) -> Any:
-        if self.name == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.name == "bf16" else torch.float16
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
-
-    def scale(self, loss: torch.Tensor) -> torch.Tensor:
-        return self.scaler.scale(loss) if self.scaler is not None else loss
-
-
-def make_precision(name: str, device: torch.device) -> Precision:
-    scaler = torch.amp.GradScaler(device.type) if name == "fp16" else None
-    return Precision(name, device, scaler)
-
-
-# -- the replaceable part: forward/backward over micro-batches ----------------------------------------
-@dataclasses.dataclass
-class StepRunner:
-    """What a parallelism layout provides to the loop.
-
-    ``model``: the module with this rank's parameters (checkpointed, broadcast and optimized);
-    ``forward_backward(micro_batches)``: backward of sum(loss_i) / len(micro_batches) (the loss already
-    scaled for fp16), returning the detached mean loss of this rank's micro-batches;
-    ``eval_loss_sum(x, y)``: sum over sequences of each sequence's mean loss, and the count;
-    ``generate(idx, n, ...)``: autoregressive sampling (rank 0 calls it at the end).
-    """
-
-    model: torch.nn.Module
-    forward_backward: Callable[[list[Batch]], torch.Tensor]
-    eval_loss_sum: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, int]]
-    generate: Callable[..., torch.Tensor]
-    # Model-parallel layouts (hvdllm.torch.parallel.train): a collective returning the unsplit GPT
-    # (checkpoints, sampling), one returning the unsplit model's gradient norm (the DistributedOptimizer's
-    # grad_norm_fn: clipping by the global norm), and the data-parallel process set the gradients are
-    # averaged over (None: the whole world).
-    full_model: Callable[[], torch.nn.Module] | None = None
-    grad_norm: Callable[[], float] | None = None
-    dp_group: Any = None
-    # Pipeline parallel: a fresh deterministic op name per call, for every collective the loop issues
-    # (stages issue different numbers of collectives, and Horovod numbers unnamed ones per process).
-    collective_name: Callable[[str], str] | None = None
-    # Model parallel: a hvdllm.torch.parallel.ShardLayout, mapping this rank's weights and optimizer
-    # state to the unsplit model's (checkpoints hold those, so tp/pp runs resume).
-    shards: Any = None
-
-
-def accumulate_forward_backward(loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                                precision: Precision, device: torch.device) -> Callable[[list[Batch]], torch.Tensor]:
-    """``forward_backward`` for a model run whole on this rank: backward of each micro-batch's loss
-    (``loss_of(x, y)``) / len(micro), returning the detached mean loss (shared by the dp and tp runners)."""
-
-    def forward_backward(micro: list[Batch]) -> torch.Tensor:
-        total = torch.zeros((), device=device)
-        for x, y in micro:
-            with precision.autocast():
-                loss = loss_of(x, y)
-            precision.scale(loss / len(micro)).backward()
-            total += loss.detach().float()
-        return total / len(micro)
-
-    return forward_backward
-
-
-def data_parallel_runner(gpt: GPTConfig, precision: Precision, device: torch.device) -> StepRunner:
-    """The whole model on every rank (tp = pp = 1)."""
-    model = GPT(gpt).to(device)
-    forward_backward = accumulate_forward_backward(lambda x, y: model(x, y)[1], precision, device)
-
-    @torch.no_grad()
-    def eval_loss_sum(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
-        with precision.autocast():
-            logits, _ = model(x)
-        per_tok = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
-        return per_tok.view(y.shape).mean(dim=1).sum(), int(y.shape[0])
-
-    return StepRunner(model=model, forward_backward=forward_backward, eval_loss_sum=eval_loss_sum,
-                      generate=model.generate)
+from hvdllm.train.loop import StepHooks, run_training
+from hvdllm.train.model_parallel_torch import grid_process_sets, tensor_parallel_runner
+from hvdllm.train.pipeline_torch import pipeline_runner
+from hvdllm.train.runner_torch import Precision, StepRunner, data_parallel_runner, make_precision
 
 
 def build_runner(s: RunSetup, precision: Precision, device: torch.device) -> StepRunner:
-    """The StepRunner for ``s.cfg.parallel`` (tensor/pipeline parallel layouts hook in here)."""
-    tp, pp = s.cfg.parallel.tp, s.cfg.parallel.pp
-    if tp == 1 and pp == 1:
-        return data_parallel_runner(s.gpt, precision, device)
-    return model_parallel_runner(s, precision, device)
-
-
-def model_parallel_runner(s: RunSetup, precision: Precision, device: torch.device) -> StepRunner:
-    """Tensor/pipeline-parallel training: built on hvdllm.torch.parallel (issue 7)."""
-    from hvdllm.torch.parallel.train import model_parallel_runner as build
-
-    return build(s, precision, device)
+    """The StepRunner for ``s.cfg.parallel``: the whole model, tensor parallel, or a pipeline stage."""
+    if s.cfg.parallel.pp > 1:
+        return pipeline_runner(s, precision, device)
+    if s.cfg.parallel.tp > 1:
+        return tensor_parallel_runner(s, precision, device)
+    return data_parallel_runner(s.gpt, precision, device)
 
 
 # -- optimizer ------------------------------------------------------------------------------------------
@@ -210,10 +117,7 @@ def load_model_arrays(model: torch.nn.Module, arrays: dict[str, np.ndarray], whe
 
 def gather_rows(t: torch.Tensor, s: RunSetup, runner: StepRunner) -> torch.Tensor:
     """Every rank's 1-d ``t`` stacked by rank (an allgather, named where the runner names its collectives)."""
-    if s.size == 1:
-        return t.unsqueeze(0)
-    name = runner.collective_name("gather") if runner.collective_name is not None else None
-    return hvd.collectives().allgather(t.unsqueeze(0), hvd.WORLD, name=name)
+    return hvd.allgather(t.unsqueeze(0), name=runner.op_name("gather")) if s.size > 1 else t.unsqueeze(0)
 
 
 # How the optimizer state is stored: "index" = torch's state_dict of the whole model (data parallel);
@@ -334,15 +238,8 @@ def evaluate(s: RunSetup, runner: StepRunner, device: torch.device) -> float:
     runner.model.train()
     both = torch.tensor([total.item(), float(count)], dtype=torch.float64)
     if s.size > 1:          # (ranks holding the same data slice add the same sum and count: the ratio holds)
-        both = allreduce(runner, both, hvd.Sum, "eval")
+        both = hvd.allreduce(both, op=hvd.Sum, name=runner.op_name("eval"))
     return float(both[0] / both[1])
-
-
-def allreduce(runner: StepRunner, x: torch.Tensor, op: Any, tag: str) -> torch.Tensor:
-    """A world allreduce the loop issues, named by the runner where it names its collectives."""
-    if runner.collective_name is None:
-        return hvd.allreduce(x, op=op)
-    return hvd.collectives().allreduce(x, op, hvd.WORLD, name=runner.collective_name(tag))
 
 
 def sample_text(runner: StepRunner, tokenizer: Any, prompt: str, tokens: int, temperature: float, top_k: int,
@@ -358,8 +255,6 @@ def sample_text(runner: StepRunner, tokenizer: Any, prompt: str, tokens: int, te
 
 def train(cfg: TrainConfig) -> int:
     """Run (or resume) training as configured; returns the exit status (0). ConfigError -> the CLI's 2."""
-    from hvdllm.torch.parallel.train import grid_process_sets
-
     hvd.init(process_sets=grid_process_sets(cfg.parallel.tp, cfg.parallel.pp))
     rank, size = hvd.rank(), hvd.size()
     threads = cfg.run.threads or hvd.threads_per_rank()
@@ -374,7 +269,7 @@ def train(cfg: TrainConfig) -> int:
     optimizer = make_optimizer(runner.model, cfg, s.plan.accum, runner)
     if precision.scaler is not None and not (hasattr(optimizer, "synchronize") and hasattr(optimizer, "skip_synchronize")):
         raise ConfigError("run.precision=fp16 needs DistributedOptimizer.synchronize/skip_synchronize; use bf16")
-    losses = LossLog(size, lambda vec: allreduce(runner, torch.from_numpy(vec), hvd.Average, "loss").numpy())
+    losses = LossLog(size, lambda vec: hvd.allreduce(torch.from_numpy(vec), name=runner.op_name("loss")).numpy())
 
     if s.resume_from is not None:
         check_resume_layout(s)

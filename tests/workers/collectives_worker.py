@@ -39,6 +39,17 @@ if framework == "torch":
         out["grad_of_sum"] = w.grad.tolist()
     if r == 0:
         out["set0"] = hvd.allreduce(torch.tensor([5.0 + r]), op=hvd.Sum, process_set=hvd.ProcessSet([0])).tolist()
+    # Rank 0 has issued one op more than the others (set0): Horovod's automatic names for unnamed ops now
+    # differ across ranks, so these only meet because hvd.* forwards name= (the pipeline's situation).
+    out["named_sum"] = hvd.allreduce(x, op=hvd.Sum, name="test.named.sum").tolist()
+    out["named_bcast"] = hvd.broadcast(torch.full((2,), float(r)), root_rank=n - 1, name="test.named.bcast").tolist()
+    out["named_gather"] = hvd.allgather(torch.full((1,), float(r)), name="test.named.gather").tolist()
+    out["named_grouped"] = [t.tolist() for t in hvd.grouped_allreduce(
+        [x, torch.full((2,), 1.5, dtype=torch.bfloat16)], op=hvd.Sum, name="test.named.grouped")]
+    y = x.clone()
+    hvd.allreduce_async_(y, op=hvd.Sum, name="test.named.async").wait()
+    out["named_async"] = y.tolist()
+    out["named_object"] = hvd.broadcast_object(r, root_rank=n - 1, name="test.named.object")
     hvd.barrier()
 else:
     import tensorflow as tf
@@ -68,6 +79,14 @@ else:
     @tf.function
     def in_graph(v):
         return hvd.allreduce(v, op=hvd.Sum), hvd.broadcast(v, root_rank=0)
+
+    out["named_sum"] = hvd.allreduce(x, op=hvd.Sum, name="test.named.sum").numpy().tolist()
+    out["named_bcast"] = hvd.broadcast(tf.fill([2], float(r)), root_rank=n - 1, name="test.named.bcast").numpy().tolist()
+    out["named_gather"] = hvd.allgather(tf.fill([1], float(r)), name="test.named.gather").numpy().tolist()
+    out["named_grouped"] = [t.numpy().tolist() for t in hvd.grouped_allreduce(
+        [x, tf.fill([2], tf.constant(1.5, tf.bfloat16))], op=hvd.Sum, name="test.named.grouped")]
+    out["named_async"] = hvd.collectives().allreduce_async_(x, hvd.Sum, name="test.named.async").wait().numpy().tolist()
+    out["named_object"] = hvd.broadcast_object(r, root_rank=n - 1, name="test.named.object")
 
     s, b = in_graph(x)
     out["graph_sum"] = s.numpy().tolist()

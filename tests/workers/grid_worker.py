@@ -21,7 +21,7 @@ import torch  # noqa: E402
 import hvdllm.torch as hvd  # noqa: E402
 from hvdllm.core.grid import ProcessGrid  # noqa: E402
 from hvdllm.models.gpt import GPT, GPTConfig  # noqa: E402
-from hvdllm.torch.parallel import GPTStage, PipelineRuntime, parallelize_gpt  # noqa: E402
+from hvdllm.torch.parallel import GPTStage, PipelineExecutor, parallelize_gpt  # noqa: E402
 
 WORLD = 4
 LAYOUTS = [("dp2_tp2", ProcessGrid(2, 2, 1, WORLD), 10, None, 1),
@@ -90,11 +90,11 @@ for label, grid, steps, schedule, m in LAYOUTS:
         full = {n: tp_model.full_tensor(n, p) for n, p in module.named_parameters()}
     else:
         module = GPTStage(tp_model, c.pp, grid.pp)
-        runtime = PipelineRuntime(module, grid, rank, schedule=schedule)
+        pipeline = PipelineExecutor(module, grid, rank, schedule=schedule)
         opt = distributed(module, dp, m)
         for idx, tgt in DATA[:steps]:
             x, y = idx[c.dp * per:(c.dp + 1) * per], tgt[c.dp * per:(c.dp + 1) * per]
-            loss = runtime.step(list(x.chunk(m)), list(y.chunk(m)))
+            loss = pipeline.step(list(x.chunk(m)), list(y.chunk(m)))
             opt.step()
             opt.zero_grad(set_to_none=True)
             t = torch.tensor([loss], dtype=torch.float64)

@@ -16,7 +16,7 @@ import torch  # noqa: E402
 import hvdllm.torch as hvd  # noqa: E402
 from hvdllm.core.grid import ProcessGrid  # noqa: E402
 from hvdllm.models.gpt import GPT, GPTConfig  # noqa: E402
-from hvdllm.torch.parallel import GPTStage, PipelineRuntime  # noqa: E402
+from hvdllm.torch.parallel import GPTStage, PipelineExecutor  # noqa: E402
 
 world = int(os.environ.get("HOROVOD_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE") or 1)
 grid = ProcessGrid(1, 1, world, world_size=world)
@@ -41,10 +41,10 @@ for label, (cfg, m) in CASES.items():
         ref_loss.backward()
         ref_grads = {n: p.grad for n, p in reference.named_parameters()}
         stage = GPTStage(model, grid.coords(rank).pp, grid.pp)
-        runtime = PipelineRuntime(stage, grid, rank, schedule=kind)
+        pipeline = PipelineExecutor(stage, grid, rank, schedule=kind)
         losses = []
         for step in range(2):          # twice: the second step reuses the schedule and accumulates grads
-            losses.append(runtime.step(list(idx.chunk(m)), list(targets.chunk(m))))
+            losses.append(pipeline.step(list(idx.chunk(m)), list(targets.chunk(m))))
         key = f"{label}_{kind}"
         out[key + "_loss"] = abs(losses[0] - ref_loss.item())
         out[key + "_loss2"] = abs(losses[1] - ref_loss.item())

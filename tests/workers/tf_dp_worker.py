@@ -51,14 +51,6 @@ def model(seed: int = 1) -> keras.Model:
     return keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(1)])
 
 
-def flat(m: keras.Model) -> list[float]:
-    return np.concatenate([w.ravel() for w in m.get_weights()]).astype(np.float64).tolist()
-
-
-def maxdiff(a: keras.Model, b: keras.Model) -> float:
-    return float(max(np.abs(u - v).max() for u, v in zip(a.get_weights(), b.get_weights())))
-
-
 def make_opt(kind: str, **kw: object) -> keras.optimizers.Optimizer:
     if kind == "sgd":
         return keras.optimizers.SGD(0.1, **kw)
@@ -105,9 +97,13 @@ def want(case: str) -> bool:
 
 
 def record(name: str, m: keras.Model, ref: keras.Model | None) -> None:
-    out[f"{name}_w"] = flat(m)
+    record_weights(name, m.get_weights(), None if ref is None else ref.get_weights())
+
+
+def record_weights(name: str, ws: list[np.ndarray], ref: list[np.ndarray] | None) -> None:
+    out[f"{name}_w"] = np.concatenate([w.ravel() for w in ws]).astype(np.float64).tolist()
     if ref is not None:
-        out[f"{name}_diff"] = maxdiff(m, ref)
+        out[f"{name}_diff"] = float(max(np.abs(u - v).max() for u, v in zip(ws, ref)))
 
 
 x, y = data(r)
@@ -154,15 +150,10 @@ for comp in ("fp16", "bf16"):
 
 # --- hvdllm's own Keras optimizer ---------------------------------------------------------------------
 if want("fit_hvdllm_adam"):
-    try:
-        make_opt("hvdllm_adam")
-    except ImportError as e:
-        out["fit_hvdllm_adam_missing"] = str(e)
-    else:
-        m = model()
-        m.compile(optimizer=hvd.DistributedOptimizer(make_opt("hvdllm_adam")), loss="mse")
-        m.fit(x, y, batch_size=B, epochs=1, shuffle=False, verbose=0)
-        record("fit_hvdllm_adam", m, reference_fit("hvdllm_adam"))
+    m = model()
+    m.compile(optimizer=hvd.DistributedOptimizer(make_opt("hvdllm_adam")), loss="mse")
+    m.fit(x, y, batch_size=B, epochs=1, shuffle=False, verbose=0)
+    record("fit_hvdllm_adam", m, reference_fit("hvdllm_adam"))
 
 
 # --- custom loops: DistributedGradientTape (eager and tf.function), apply_gradients ---------------
@@ -195,6 +186,64 @@ for kind, mode in (("sgd", "tape_eager"), ("adam", "tape_function"), ("adam", "o
 if want("loop_optimizer_accum"):
     record("loop_optimizer_accum", custom_loop("adam", "optimizer", k=2), reference_fit("adam", k=2))
 
+
+# --- a branch some ranks' losses do not touch (their gradients are None), and a layer no rank uses ------
+def uses_branch(rank: int, micro: int) -> bool:
+    """Rank 0's first micro-batch of each window only: None on other ranks, and on rank 0's reduction pass."""
+    return rank % 2 == 0 and micro == 0
+
+
+def branch_net() -> tuple[list[keras.layers.Layer], list]:
+    keras.utils.set_random_seed(3)
+    layers = [keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(1), keras.layers.Dense(1),
+              keras.layers.Dense(1)]  # trunk, head, branch, dead
+    for layer, width in zip(layers, (4, 8, 8, 8)):
+        layer.build((None, width))
+    return layers, [w for layer in layers for w in layer.trainable_variables]
+
+
+def branch_loss(layers: list, xb: tf.Tensor, yb: tf.Tensor, use_branch: bool) -> tf.Tensor:
+    h = layers[0](xb)
+    pred = layers[1](h) + layers[2](h) if use_branch else layers[1](h)
+    return tf.reduce_mean(tf.square(pred - yb))
+
+
+def unused_branch(kind: str, k: int) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+    """k=1: DistributedGradientTape in a tf.function; k>1: eager apply_gradients with accumulation. Both
+    with Horovod's gradient_predivide_factor = n. The reference: one process, every rank's micro-batches."""
+    layers, vs = branch_net()
+    if k == 1:
+        opt = make_opt(kind)
+    else:
+        opt = hvd.DistributedOptimizer(make_opt(kind), backward_passes_per_step=k, average_aggregated_gradients=True,
+                                       gradient_predivide_factor=float(n))
+
+    def step(xb: tf.Tensor, yb: tf.Tensor, use_branch: bool) -> None:
+        with tf.GradientTape() as tape:
+            loss = branch_loss(layers, xb, yb, use_branch)
+        if k == 1:
+            tape = hvd.DistributedGradientTape(tape, gradient_predivide_factor=float(n))
+        opt.apply_gradients(zip(tape.gradient(loss, vs), vs))
+
+    run = tf.function(step) if k == 1 else step
+    for i in range(STEPS):
+        run(x[i * B:(i + 1) * B], y[i * B:(i + 1) * B], uses_branch(r, i % k))
+    if r != 0:
+        return [v.numpy() for v in vs], None
+    ref_layers, ref_vs = branch_net()
+    ref_opt = make_opt(kind)
+    for s in range(STEPS // k):
+        with tf.GradientTape() as tape:
+            loss = tf.add_n([branch_loss(ref_layers, *(a[(s * k + j) * B:(s * k + j + 1) * B] for a in data(q)),
+                                         uses_branch(q, j)) for q in range(n) for j in range(k)]) / (n * k)
+        ref_opt.apply_gradients(zip(tape.gradient(loss, ref_vs), ref_vs))
+    return [v.numpy() for v in vs], [v.numpy() for v in ref_vs]
+
+
+for name, kind, k in (("unused_tape", "sgd", 1), ("unused_optimizer_accum", "adam", 2)):
+    if want(name):
+        record_weights(name, *unused_branch(kind, k))
+
 # --- tape with Sum and a nested structure of sources ---------------------------------------------
 if want("tape_sum"):
     v = {"a": tf.Variable([1.0 + r, 2.0]), "b": [tf.Variable(3.0 * (r + 1))]}
@@ -202,6 +251,13 @@ if want("tape_sum"):
         loss = tf.reduce_sum(v["a"] * v["a"]) + v["b"][0] * 2.0
     g = hvd.DistributedGradientTape(t, op=hvd.Sum).gradient(loss, v)
     out["tape_sum"] = {"a": g["a"].numpy().tolist(), "b": float(g["b"][0].numpy())}
+    # fp16 wire, every rank's gradient 40000: the sum overflows fp16 unless predivided (Horovod's factor)
+    big = tf.Variable(1.0)
+    for f in (1.0, float(n)):
+        with tf.GradientTape() as t:
+            loss = 40000.0 * big
+        tape = hvd.DistributedGradientTape(t, compression=hvd.Compression.fp16, gradient_predivide_factor=f)
+        out[f"tape_fp16_predivide_{f:g}"] = float(tape.gradient(loss, big).numpy())
 
 # --- callbacks ---------------------------------------------------------------------------------------
 if want("broadcast_callback"):
@@ -218,9 +274,7 @@ if want("broadcast_variables"):
     out["bcast_eager"] = [v.numpy().tolist() for v in vs]
     kv = model(seed=20 + r)
     tf.function(lambda: hvd.broadcast_variables(kv.variables, root_rank=0))()
-    out["bcast_function_w"] = flat(kv)
-    if r == 0:
-        out["bcast_function_diff"] = maxdiff(kv, model(seed=20))
+    record("bcast_function", kv, model(seed=20) if r == 0 else None)
 
 
 class Recorder(keras.callbacks.Callback):
@@ -291,6 +345,9 @@ if want("errors"):
         "keras_accumulation": error_of(lambda: hvd.DistributedOptimizer(
             keras.optimizers.SGD(0.1, gradient_accumulation_steps=2))),
         "tape": error_of(lambda: hvd.DistributedGradientTape("tape")),
+        "predivide": error_of(lambda: hvd.DistributedGradientTape(tf.GradientTape(), gradient_predivide_factor=0.0)),
+        "predivide_sum": error_of(lambda: hvd.DistributedOptimizer(make_opt("sgd"), op=hvd.Sum,
+                                                                   gradient_predivide_factor=2.0)),
         "root_rank": error_of(lambda: hvd.callbacks.BroadcastGlobalVariablesCallback(-1)),
         "warmup_lr": error_of(lambda: hvd.callbacks.LearningRateWarmupCallback(initial_lr=0.0)),
     }

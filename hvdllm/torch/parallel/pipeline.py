@@ -1,7 +1,7 @@
-"""Pipeline parallelism for PyTorch: GPT stage modules and a runtime that runs the core's schedules.
+"""Pipeline parallelism for PyTorch: GPT stage modules and an executor that runs the core's schedules.
 
 Each rank owns one stage (a contiguous run of transformer blocks, plus the embeddings on the first
-stage and the final norm, head and loss on the last). :class:`PipelineRuntime` executes the per-stage
+stage and the final norm, head and loss on the last). :class:`PipelineExecutor` executes the per-stage
 program of :func:`hvdllm.core.pipeline.build_schedule` (GPipe or 1F1B) over micro-batches:
 activations go forward and their gradients backward between adjacent stages as a broadcast inside the
 two-rank process set of that link (Horovod has no send/recv; the same call works on the mpi and local
@@ -17,7 +17,6 @@ DistributedOptimizer, with ``backward_passes_per_step`` = micro-batches) see the
 """
 from __future__ import annotations
 
-import inspect
 import weakref
 from typing import Any, Sequence
 
@@ -25,11 +24,13 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from hvdllm.core.collectives import Collectives
 from hvdllm.core.grid import ProcessGrid
-from hvdllm.core.pipeline import SCHEDULES, Schedule, build_schedule, partition_layers
+from hvdllm.core.pipeline import SCHEDULES, PipelineSchedule, build_schedule, partition_layers
 from hvdllm.core.process_sets import ProcessSet
+from hvdllm.torch import basics
 
-__all__ = ["GPTStage", "PipelineRuntime", "gpt_stage_bounds", "ActivationMeter"]
+__all__ = ["GPTStage", "PipelineExecutor", "gpt_stage_bounds", "ActivationMeter"]
 
 
 def gpt_stage_bounds(model: nn.Module, num_stages: int) -> list[tuple[int, int]]:
@@ -47,7 +48,7 @@ class GPTStage(nn.Module):
     """Stage ``stage`` of ``num_stages`` of a GPT (plain or :class:`TensorParallelGPT`).
 
     Parameter names are the model's (``h.3.mlp.c_fc.weight``...). With tied embeddings the last stage's
-    ``lm_head.weight`` is a plain tensor (not a parameter) that the runtime refreshes from the first
+    ``lm_head.weight`` is a plain tensor (not a parameter) that the executor refreshes from the first
     stage. ``model`` is consumed: parts other stages own are dropped from it.
     """
 
@@ -154,16 +155,7 @@ class _Saved:
         self.t = t
 
 
-def _named(rt: Any, op: str, *args: Any, name: str) -> Any:
-    """Call a runtime collective ("allreduce", "broadcast") with a Horovod op name where it takes one
-    (the mpi/local backends match by call order per communicator and ignore names)."""
-    fn = getattr(rt, op)
-    if "name" in inspect.signature(fn).parameters:
-        return fn(*args, name=name)
-    return fn(*args)
-
-
-class PipelineRuntime:
+class PipelineExecutor:
     """Runs one stage of a pipeline over micro-batches with a GPipe or 1F1B schedule.
 
     ``step(inputs, targets)`` does the forwards and backwards of all micro-batches, leaving in each
@@ -173,18 +165,15 @@ class PipelineRuntime:
     """
 
     def __init__(self, stage_module: GPTStage, grid: ProcessGrid, rank: int, schedule: str = "1f1b",
-                 collectives: Any = None, track_memory: bool = False) -> None:
+                 collectives: Collectives | None = None, track_memory: bool = False) -> None:
         if schedule.lower() not in SCHEDULES:
             raise ValueError(f"unknown pipeline schedule {schedule!r}; allowed: {', '.join(SCHEDULES)}")
         c = grid.coords(rank)
         if stage_module.stage != c.pp or stage_module.num_stages != grid.pp:
             raise ValueError(f"stage module {stage_module.stage}/{stage_module.num_stages} does not match "
                              f"{grid.describe(rank)}")
-        if collectives is None:
-            import hvdllm.torch as hvd
-
-            collectives = hvd.collectives()
-        self.rt, self.module, self.grid, self.rank = collectives, stage_module, grid, rank
+        self.collectives = collectives if collectives is not None else basics.collectives()
+        self.module, self.grid, self.rank = stage_module, grid, rank
         self.kind, self.stage, self.num_stages = schedule.lower(), c.pp, grid.pp
         self.prev_rank = grid.rank_of(c.dp, c.tp, c.pp - 1) if c.pp > 0 else None
         self.next_rank = grid.rank_of(c.dp, c.tp, c.pp + 1) if c.pp < grid.pp - 1 else None
@@ -196,10 +185,10 @@ class PipelineRuntime:
         self.emb_set = grid.embedding_group(rank) if shares else None
         self.first_rank = grid.rank_of(c.dp, c.tp, 0)
         self._seq: dict[str, int] = {}
-        self._schedules: dict[int, Schedule] = {}
+        self._schedules: dict[int, PipelineSchedule] = {}
         self.meter = ActivationMeter(list(stage_module.parameters())) if track_memory else None
 
-    def schedule(self, num_microbatches: int) -> Schedule:
+    def schedule(self, num_microbatches: int) -> PipelineSchedule:
         if num_microbatches not in self._schedules:
             self._schedules[num_microbatches] = build_schedule(self.kind, self.num_stages, num_microbatches)
         return self._schedules[num_microbatches]
@@ -210,7 +199,7 @@ class PipelineRuntime:
         return f"hvdllm.pp.{tag}.{n}"
 
     def _exchange(self, x: torch.Tensor, root: int, ps: ProcessSet, tag: str) -> torch.Tensor:
-        return _named(self.rt, "broadcast", x.contiguous(), root, ps, name=self._name(tag))
+        return self.collectives.broadcast(x.contiguous(), root, ps, name=self._name(tag))
 
     def refresh_tied_head(self) -> tuple[torch.Tensor | None, Any]:
         """Copy the first stage's current embedding into the last stage's tied head (a broadcast in the
@@ -241,7 +230,7 @@ class PipelineRuntime:
         else:
             total = mod.loss(h, y, reduction="none").mean(dim=1).sum().double()
         if self.num_stages > 1:
-            total = _named(self.rt, "broadcast", total, self.last_rank, self.pp_set, name=self._name("eval_loss"))
+            total = self.collectives.broadcast(total, self.last_rank, self.pp_set, name=self._name("eval_loss"))
         return total
 
     def step(self, inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> float:
@@ -303,5 +292,5 @@ class PipelineRuntime:
             g = head.weight.grad if head.weight.grad is not None else torch.zeros_like(head.weight)
             self._exchange(g, self.rank, self.emb_set, "emb")
         if self.num_stages > 1:
-            total = _named(self.rt, "broadcast", total, self.last_rank, self.pp_set, name=self._name("loss"))
+            total = self.collectives.broadcast(total, self.last_rank, self.pp_set, name=self._name("loss"))
         return float(total)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from hvdllm.core.collectives import Collectives
 from hvdllm.core.grid import ProcessGrid
 from hvdllm.core.ops import Sum
 from hvdllm.torch.parallel.gpt import TensorParallelGPT
@@ -34,8 +35,8 @@ class ShardLayout:
     module's blocks come from, or None when the layers are whole)."""
 
     def __init__(self, module: nn.Module, tp_model: TensorParallelGPT | None, grid: ProcessGrid, rank: int,
-                 collectives: Any, name: Callable[[str], str] | None = None) -> None:
-        self.module, self.tp_model, self.grid, self.rank, self.rt = module, tp_model, grid, rank, collectives
+                 collectives: Collectives, name: Callable[[str], str] | None = None) -> None:
+        self.module, self.tp_model, self.grid, self.rank, self.collectives = module, tp_model, grid, rank, collectives
         self.coords = grid.coords(rank)
         self.tp_group = grid.group("tp", rank)
         self.pp_set = grid.pp_group(rank)
@@ -56,7 +57,7 @@ class ShardLayout:
         out: dict[str, Any] = {}
         for p in range(self.grid.pp):
             root = self.grid.rank_of(self.coords.dp, self.coords.tp, p)
-            out.update(self.rt.broadcast_object(mine if root == self.rank else None, root, self.pp_set))
+            out.update(self.collectives.broadcast_object(mine if root == self.rank else None, root, self.pp_set))
         return out
 
     def full(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -111,10 +112,11 @@ class ShardLayout:
             else:
                 replicated += sq
         if self.tp_group.size > 1:
-            sharded = self.rt.allreduce(sharded, Sum, self.tp_group.process_set, name=self._name("grad_norm_tp"))
+            sharded = self.collectives.allreduce(sharded, Sum, self.tp_group.process_set,
+                                                 name=self._name("grad_norm_tp"))
         total = sharded + replicated
         if self.grid.pp > 1:
-            total = self.rt.allreduce(total, Sum, self.pp_set, name=self._name("grad_norm_pp"))
+            total = self.collectives.allreduce(total, Sum, self.pp_set, name=self._name("grad_norm_pp"))
         return math.sqrt(float(total))
 
     # -- optimizer state ---------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from torch.nn import functional as F
 
 from hvdllm.core.grid import Group
 from hvdllm.core.ops import Sum
+from hvdllm.torch.basics import allgather, allreduce
 
 __all__ = [
     "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "vocab_parallel_cross_entropy",
@@ -40,23 +41,18 @@ __all__ = [
 ]
 
 
-def _rt() -> Any:
-    import hvdllm.torch as hvd
-
-    return hvd.collectives()
-
 
 def _allreduce_sum(x: torch.Tensor, group: Group) -> torch.Tensor:
     if group.size == 1:
         return x
-    return _rt().allreduce(x.contiguous(), Sum, group.process_set)
+    return allreduce(x.contiguous(), Sum, group.process_set)
 
 
 def _allgather_stack(x: torch.Tensor, group: Group) -> torch.Tensor:
     """(size, *x.shape): every rank's equally shaped tensor, in group order."""
     if group.size == 1:
         return x.unsqueeze(0)
-    out = _rt().allgather(x.contiguous().unsqueeze(0), group.process_set)
+    out = allgather(x.contiguous().unsqueeze(0), group.process_set)
     return out.view(group.size, *x.shape)
 
 

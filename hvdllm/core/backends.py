@@ -1,4 +1,5 @@
-"""Framework-free halves of the adapters' runtimes: process-set bookkeeping and backend choice.
+"""Framework-free halves of the adapters' backends (hvdllm.core.collectives.Collectives): process-set
+bookkeeping, Horovod's environment defaults and starting the backend hvdllm.core.backend chose.
 
 The torch and TF adapters subclass these and add only their tensor conversions, so the rules (which
 process sets exist, how ops map onto Horovod's, which backend a job gets) are written once here.
@@ -17,8 +18,8 @@ from hvdllm.core.world import World
 
 # Horovod's background thread negotiates every HOROVOD_CYCLE_TIME ms (default 1) even when idle; on a
 # CPU-only host those cycles run on the cores the ranks compute on. For data parallelism (a few large
-# reductions per step) 20 ms cut the thread's CPU per step from ~110 ms to ~25 ms on the GPT benchmark
-# (bench/torch_dp.py) for at most 20 ms more latency on the step's last bucket. Jobs that register
+# reductions per step) 20 ms cuts the thread's CPU per step several-fold (bench/torch_dp.py) for at most
+# 20 ms more latency on the step's last bucket. Jobs that register
 # process sets (tensor/pipeline parallel grids) issue many small, latency-bound collectives per step
 # and keep Horovod's default, as do hosts with accelerators (their host cores are free). A job counts
 # as model parallel when it passes ``process_sets`` to init at all, even an empty list: a pipeline of
@@ -56,10 +57,11 @@ class HorovodBase:
     def _op(self, op: ReduceOp) -> Any:
         return self.hvd.Average if parse_op(op) is Average else self.hvd.Sum
 
-    def broadcast_object(self, obj: Any, root_rank: int = 0, process_set: ProcessSet = WORLD) -> Any:
-        # A fixed name: Horovod's default is type(obj).__name__, which differs when non-root ranks pass
+    def broadcast_object(self, obj: Any, root_rank: int = 0, process_set: ProcessSet = WORLD,
+                         name: str | None = None) -> Any:
+        # A fixed default name: Horovod's is type(obj).__name__, which differs when non-root ranks pass
         # None (the usual idiom), and ops of different names never match up: a deadlock.
-        return self.hvd.broadcast_object(obj, root_rank, name="hvdllm.broadcast_object",
+        return self.hvd.broadcast_object(obj, root_rank, name=name or "hvdllm.broadcast_object",
                                          process_set=self._ps(process_set))
 
     def add_process_set(self, ps: ProcessSet) -> None:
@@ -81,7 +83,13 @@ class NumpyBase:
     def barrier(self, process_set: ProcessSet = WORLD) -> None:
         self.impl.barrier(process_set)
 
-    def broadcast_object(self, obj: Any, root_rank: int = 0, process_set: ProcessSet = WORLD) -> Any:
+    def grouped_allreduce(self, xs: Sequence[Any], op: ReduceOp = Average, process_set: ProcessSet = WORLD,
+                          name: str | None = None) -> list:
+        """One reduction per tensor, in order (MPI matches them by order, as one group would)."""
+        return [self.allreduce(x, op, process_set) for x in xs]
+
+    def broadcast_object(self, obj: Any, root_rank: int = 0, process_set: ProcessSet = WORLD,
+                         name: str | None = None) -> Any:
         return self.impl.broadcast_object(obj, root_rank, process_set)
 
     def add_process_set(self, ps: ProcessSet) -> None:
@@ -91,7 +99,7 @@ class NumpyBase:
         return None
 
 
-def create_runtime(process_sets: Sequence[ProcessSet | Sequence[int]] | None,
+def create_backend(process_sets: Sequence[ProcessSet | Sequence[int]] | None,
                    horovod_available: Callable[[], bool],
                    horovod_cls: Callable[[Sequence[ProcessSet], bool], Any],
                    numpy_cls: Callable[[str, Sequence[ProcessSet]], Any]) -> Any:

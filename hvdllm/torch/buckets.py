@@ -1,4 +1,4 @@
-"""Flat buffers: tensors of one dtype packed back to back in one 1-d tensor.
+"""Gradient buckets and other flat buffers: tensors of one dtype packed back to back in one 1-d tensor.
 
 The one packing helper of hvdllm.torch: gradient buckets (:mod:`hvdllm.torch.distributed`), the fused
 optimizers' parameter, gradient and state buffers (:mod:`hvdllm.torch.optim`) and fused broadcasts

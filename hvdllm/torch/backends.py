@@ -7,7 +7,7 @@ import torch
 
 from hvdllm.core.ops import Average, ReduceOp
 from hvdllm.core.process_sets import WORLD, ProcessSet
-from hvdllm.core.runtime_base import HorovodBase, NumpyBase, create_runtime
+from hvdllm.core.backends import HorovodBase, NumpyBase, create_backend
 from hvdllm.core.waiting import wait_until
 
 
@@ -46,8 +46,6 @@ class HorovodTorch(HorovodBase):
 
     def allreduce(self, x: torch.Tensor, op: ReduceOp = Average, process_set: ProcessSet = WORLD,
                   name: str | None = None) -> torch.Tensor:
-        # ``name``: Horovod matches ops across ranks by name; unnamed ones are numbered per process, so
-        # ranks that issue different numbers of ops (pipeline stages) must name the ops they share.
         if x.dtype == torch.bfloat16:  # Horovod's CPU ops have no bf16: reduce in fp32
             return self.allreduce(x.float(), op, process_set, name).to(torch.bfloat16)
         if _differentiable(x):
@@ -69,6 +67,16 @@ class HorovodTorch(HorovodBase):
             return x
 
         return _Waited(finish)
+
+    def grouped_allreduce(self, xs: Sequence[torch.Tensor], op: ReduceOp = Average, process_set: ProcessSet = WORLD,
+                          name: str | None = None) -> list[torch.Tensor]:
+        wire = [x.float() if x.dtype == torch.bfloat16 else x for x in xs]
+        kw = {"name": name, "op": self._op(op), "process_set": self._ps(process_set)}
+        if any(_differentiable(x) for x in wire):
+            out = self.hvd.grouped_allreduce(wire, **kw)
+        else:
+            out = self._wait(self.hvd.grouped_allreduce_async(wire, **kw))
+        return [o.to(x.dtype) for o, x in zip(out, xs)]
 
     def broadcast(self, x: torch.Tensor, root_rank: int, process_set: ProcessSet = WORLD,
                   name: str | None = None) -> torch.Tensor:
@@ -141,4 +149,4 @@ class NumpyTorch(NumpyBase):
 
 def create(process_sets: Sequence[ProcessSet | Sequence[int]] | None = None) -> HorovodTorch | NumpyTorch:
     """Discover the backend (see hvdllm.core.backend) and initialise it."""
-    return create_runtime(process_sets, horovod_available, HorovodTorch, NumpyTorch)
+    return create_backend(process_sets, horovod_available, HorovodTorch, NumpyTorch)

@@ -1,5 +1,5 @@
 """`hvdllm train --tp N`: the tensor-parallel step runner the PyTorch trainer plugs in (``--pp`` > 1:
-:mod:`hvdllm.torch.parallel.pipeline_train`), and what both model-parallel runners share.
+:mod:`hvdllm.train.pipeline_torch`), and what both model-parallel runners share.
 
 The trainer stays data-parallel in shape: this module gives it (1) the process sets of the
 dp x tp x pp grid to register at ``hvd.init``, (2) a :class:`StepRunner` whose model is this rank's
@@ -12,28 +12,21 @@ optimizer state, which :class:`ShardLayout` cuts back into every rank's shards o
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 
 import hvdllm.torch as hvd
+from hvdllm.core.backend import launched_size
 from hvdllm.core.grid import ProcessGrid
 from hvdllm.core.process_sets import ProcessSet
 from hvdllm.models.gpt import GPT
 from hvdllm.torch.parallel.gpt import parallelize_gpt
 from hvdllm.torch.parallel.shards import ShardLayout
 from hvdllm.torch.parallel.tensor import vocab_parallel_cross_entropy
-
-_SIZE_VARS = ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
-
-
-def launched_world_size() -> int:
-    """The number of ranks the launcher started (1 for a plain ``python``), read before ``init``."""
-    for var in _SIZE_VARS:
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 1
+from hvdllm.train.run_setup import RunSetup
+from hvdllm.train.config import ConfigError
+from hvdllm.train.runner_torch import Precision, StepRunner, accumulate_forward_backward
 
 
 def grid_process_sets(tp: int, pp: int, world_size: int | None = None) -> list[ProcessSet] | None:
@@ -42,27 +35,26 @@ def grid_process_sets(tp: int, pp: int, world_size: int | None = None) -> list[P
     that as bad input)."""
     if tp == 1 and pp == 1:
         return None
-    n = launched_world_size() if world_size is None else world_size
-    if tp < 1 or pp < 1 or n % (tp * pp):
+    n = launched_size() if world_size is None else world_size
+    try:
+        grid = ProcessGrid.infer(n, tp=tp, pp=pp)
+    except ValueError:
         return []
-    grid = ProcessGrid.infer(n, tp=tp, pp=pp)
     sets = grid.process_sets()
     if grid.dp == 1:        # one-rank data-parallel groups: the DistributedOptimizer still gets a set
         sets += [ProcessSet([r]) for r in range(n)]
     return sets
 
 
-def check_tp(s: Any) -> None:
+def check_tp(s: RunSetup) -> None:
     """``--tp N`` must divide the attention heads and the vocabulary (a one-line ConfigError)."""
-    from hvdllm.train.config import ConfigError
-
     tp = s.cfg.parallel.tp
     if s.gpt.n_head % tp or s.gpt.vocab_size % tp:
         raise ConfigError(f"--tp {tp}: model.n_head={s.gpt.n_head} and model.vocab_size={s.gpt.vocab_size} "
                           f"must both be divisible by it")
 
 
-def runner_parts(s: Any, layout: ShardLayout, device: torch.device) -> dict[str, Any]:
+def runner_parts(s: RunSetup, layout: ShardLayout, device: torch.device) -> dict[str, Any]:
     """The StepRunner fields every model-parallel layout shares: the gathered unsplit model, the global
     gradient norm, the data-parallel group and the layout itself (checkpoints: unsplit optimizer state)."""
 
@@ -79,14 +71,8 @@ def runner_parts(s: Any, layout: ShardLayout, device: torch.device) -> dict[str,
             "generate": generate, "dp_group": layout.grid.dp_group(layout.rank), "shards": layout}
 
 
-def model_parallel_runner(s: Any, precision: Any, device: torch.device) -> Any:
-    """The StepRunner for ``--tp N`` (``--pp 1``; ``--pp`` > 1 goes to the pipeline runner)."""
-    from hvdllm.train.trainer_torch import StepRunner, accumulate_forward_backward
-
-    if s.cfg.parallel.pp > 1:
-        from hvdllm.torch.parallel.pipeline_train import pipeline_runner
-
-        return pipeline_runner(s, precision, device)
+def tensor_parallel_runner(s: RunSetup, precision: Precision, device: torch.device) -> StepRunner:
+    """The StepRunner for ``--tp N`` with ``--pp 1`` (``--pp`` > 1: the pipeline runner)."""
     check_tp(s)
     group = s.grid.group("tp", s.rank)
     model = parallelize_gpt(GPT(s.gpt), group).to(device)

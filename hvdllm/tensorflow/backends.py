@@ -10,9 +10,11 @@ from typing import Any, Sequence
 import numpy as np
 import tensorflow as tf
 
+from hvdllm.core.collectives import Done
 from hvdllm.core.ops import Average, ReduceOp, parse_op
 from hvdllm.core.process_sets import WORLD, ProcessSet
-from hvdllm.core.runtime_base import HorovodBase, NumpyBase, create_runtime
+from hvdllm.core.backends import HorovodBase, NumpyBase, create_backend
+from hvdllm.tensorflow.buckets import packed
 
 
 def horovod_available() -> bool:
@@ -24,7 +26,16 @@ def horovod_available() -> bool:
     return True
 
 
-class HorovodTF(HorovodBase):
+class _Immediate:
+    """``allreduce_async_`` for TF: its tensors are immutable and Horovod's TF API has no asynchronous
+    ops, so the reduction runs now and the handle's ``wait()`` returns its result."""
+
+    def allreduce_async_(self, x: tf.Tensor, op: ReduceOp = Average, process_set: ProcessSet = WORLD,
+                         name: str | None = None) -> Done:
+        return Done(self.allreduce(x, op, process_set, name))  # type: ignore[attr-defined]
+
+
+class HorovodTF(_Immediate, HorovodBase):
     """Collectives on horovod.tensorflow's low-level ops (which work on TF 2.21; its Keras glue does not)."""
 
     def __init__(self, process_sets: Sequence[ProcessSet], model_parallel: bool) -> None:
@@ -60,11 +71,12 @@ class HorovodTF(HorovodBase):
         named = {"name": name, "ignore_name_scope": True} if name else {}
         return self.hvd.broadcast(tf.convert_to_tensor(x), root_rank, process_set=self._ps(process_set), **named)
 
-    def allgather(self, x: tf.Tensor, process_set: ProcessSet = WORLD) -> tf.Tensor:
+    def allgather(self, x: tf.Tensor, process_set: ProcessSet = WORLD, name: str | None = None) -> tf.Tensor:
         x = tf.convert_to_tensor(x)
         if x.shape.rank == 0:
             x = tf.reshape(x, [1])
-        return self.hvd.allgather(x, process_set=self._ps(process_set))
+        named = {"name": name, "ignore_name_scope": True} if name else {}
+        return self.hvd.allgather(x, process_set=self._ps(process_set), **named)
 
     def barrier(self, process_set: ProcessSet = WORLD) -> None:
         """horovod.tensorflow has no barrier op: a tiny blocking allreduce synchronises the same way."""
@@ -75,7 +87,7 @@ def _np_dtype(dtype: tf.DType) -> Any:
     return np.float32 if dtype == tf.bfloat16 else dtype.as_numpy_dtype
 
 
-class NumpyTF(NumpyBase):
+class NumpyTF(_Immediate, NumpyBase):
     """Collectives for the mpi and local backends: TF tensors through the core's numpy code."""
 
     def _call(self, fn: Any, x: tf.Tensor, out_shape: Any = None) -> tf.Tensor:
@@ -99,24 +111,13 @@ class NumpyTF(NumpyBase):
     def grouped_allreduce(self, xs: Sequence[tf.Tensor], op: ReduceOp = Average,
                           process_set: ProcessSet = WORLD, name: str | None = None) -> list[tf.Tensor]:
         """One reduction over the tensors packed into a flat buffer per dtype."""
-        xs = [tf.convert_to_tensor(x) for x in xs]
-        out: list[Any] = [None] * len(xs)
-        by_dtype: dict[Any, list[int]] = {}
-        for i, x in enumerate(xs):
-            by_dtype.setdefault(x.dtype, []).append(i)
-        for idx in by_dtype.values():
-            flat = tf.concat([tf.reshape(xs[i], [-1]) for i in idx], axis=0)
-            red = self.allreduce(flat, op, process_set)
-            sizes = [int(np.prod(xs[i].shape)) for i in idx]
-            for i, part in zip(idx, tf.split(red, sizes)):
-                out[i] = tf.reshape(part, tf.shape(xs[i]))
-        return out
+        return packed(xs, lambda flat: self.allreduce(flat, op, process_set))
 
     def broadcast(self, x: tf.Tensor, root_rank: int, process_set: ProcessSet = WORLD,
                   name: str | None = None) -> tf.Tensor:
         return self._call(lambda a: self.impl.broadcast(a, root_rank, process_set), x)
 
-    def allgather(self, x: tf.Tensor, process_set: ProcessSet = WORLD) -> tf.Tensor:
+    def allgather(self, x: tf.Tensor, process_set: ProcessSet = WORLD, name: str | None = None) -> tf.Tensor:
         x = tf.convert_to_tensor(x)
         if x.shape.rank == 0:
             x = tf.reshape(x, [1])
@@ -126,4 +127,4 @@ class NumpyTF(NumpyBase):
 
 def create(process_sets: Sequence[ProcessSet | Sequence[int]] | None = None) -> HorovodTF | NumpyTF:
     """Discover the backend (see hvdllm.core.backend) and initialise it."""
-    return create_runtime(process_sets, horovod_available, HorovodTF, NumpyTF)
+    return create_backend(process_sets, horovod_available, HorovodTF, NumpyTF)

@@ -1,0 +1,148 @@
+"""Run set-up, shared by the torch and Keras trainers (framework-free): validation, data, tokenizer, the
+checkpoint to resume, and the run directory.
+
+Order of a run (both trainers): ``setup_run`` validates everything and loads the data (nothing is
+written; every problem is a ConfigError -> exit 2), the trainer builds its model and step runner
+(still nothing written), then ``create_run_dir`` writes the resolved config and tokenizer.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from hvdllm.data import (TokenWindows, Tokenizer, check_source, load_windows, make_tokenizer, max_token,
+                         save_tokenizer, tokenizer_from_dict)
+from hvdllm.data.tokenizer import TOKENIZER_FILE
+from hvdllm.core.grid import ProcessGrid
+from hvdllm.models.config import GPTConfig
+from hvdllm.train import checkpoint as ckpt
+from hvdllm.train.config import SAVED_CONFIG, ConfigError, Plan, TrainConfig, plan, resolved, to_toml
+from hvdllm.train.progress import say
+
+
+@dataclasses.dataclass
+class RunSetup:
+    """A validated run, before anything is written."""
+
+    cfg: TrainConfig           # resolved: model shape and seq_len filled in
+    gpt: GPTConfig
+    plan: Plan
+    tokenizer: Tokenizer
+    windows: TokenWindows
+    run_dir: Path
+    resume_from: Path | None   # checkpoint to load, or None for a fresh start
+    start_step: int
+    rank: int
+    size: int
+
+    @property
+    def is_root(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def grid(self) -> ProcessGrid:
+        """The dp x tp x pp grid of this job (hvdllm.core.grid's rank layout)."""
+        return self.plan.grid
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's data-parallel index: which slice of the global batch it reads."""
+        return self.grid.coords(self.rank).dp
+
+
+def _shape_mismatch(saved: dict[str, Any], gpt: GPTConfig) -> str | None:
+    for f in dataclasses.fields(GPTConfig):
+        if f.name in ("dropout",):
+            continue
+        if f.name in saved and saved[f.name] != getattr(gpt, f.name):
+            return f"model.{f.name}={saved[f.name]} in the checkpoint, {getattr(gpt, f.name)} in this run"
+    return None
+
+
+def setup_run(cfg: TrainConfig, rank: int, size: int,
+              broadcast_object: Callable[[Any, int], Any] | None = None) -> RunSetup:
+    """Validate ``cfg`` for ``size`` ranks, pick the checkpoint to resume, build tokenizer and data.
+
+    Every rank runs this and reaches the same verdict. ``broadcast_object(obj, root)`` shares rank 0's
+    trained BPE (training it once). Raises ConfigError for bad input; writes nothing.
+    """
+    p = plan(cfg, size)
+    run_dir = Path(cfg.run.out)
+    try:
+        check_source(cfg.data.path)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir}: exists and is not a directory")
+
+    resume_from, meta = None, None
+    if cfg.run.resume:
+        resume_from = ckpt.latest_checkpoint(run_dir)
+        if resume_from is not None:
+            meta = ckpt.read_meta(resume_from)
+            if meta.get("framework", cfg.run.framework) != cfg.run.framework:
+                raise ConfigError(f"--resume: {resume_from} was written by --framework {meta['framework']}, "
+                                  f"this run uses --framework {cfg.run.framework}")
+    elif ckpt.list_checkpoints(run_dir):
+        raise ConfigError(f"--out {run_dir}: already holds checkpoints; pass --resume to continue that run "
+                          "or choose another --out")
+
+    # Tokenizer: the checkpoint's when resuming; otherwise built once (a BPE is trained on rank 0 only).
+    try:
+        if resume_from is not None and (resume_from / TOKENIZER_FILE).is_file():
+            import json
+            tok: Tokenizer = tokenizer_from_dict(json.loads((resume_from / TOKENIZER_FILE).read_text()))
+        elif cfg.data.tokenizer == "bpe" and not cfg.data.tokenizer_file and broadcast_object is not None and size > 1:
+            blob = make_tokenizer(cfg.data).to_dict() if rank == 0 else {}   # (same type on every rank)
+            tok = tokenizer_from_dict(broadcast_object(blob, 0))
+        else:
+            tok = make_tokenizer(cfg.data)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+    gpt = cfg.gpt_config(tok.vocab_size if tok.kind == "bpe" else None)
+    if gpt.vocab_size < tok.vocab_size:
+        raise ConfigError(f"model.vocab_size={gpt.vocab_size} is smaller than the tokenizer's vocabulary "
+                          f"({tok.vocab_size}, data.tokenizer={tok.kind})")
+    seq_len = cfg.data.seq_len or gpt.block_size
+    if seq_len > gpt.block_size:
+        raise ConfigError(f"data.seq_len={seq_len} is longer than the model's context (model.block_size={gpt.block_size})")
+    if meta is not None:
+        bad = _shape_mismatch(meta.get("model", {}), gpt)
+        if bad:
+            raise ConfigError(f"--resume from {resume_from}: {bad}")
+
+    try:
+        windows = load_windows(cfg.data, tok, seq_len, cfg.run.seed)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if check_source(cfg.data.path) == "tokens":
+        top = max_token(windows)
+        if top >= gpt.vocab_size:
+            raise ConfigError(f"--data {cfg.data.path}: holds token id {top}, beyond model.vocab_size={gpt.vocab_size}")
+
+    return RunSetup(cfg=resolved(cfg, gpt.vocab_size), gpt=gpt, plan=p, tokenizer=tok, windows=windows,
+                    run_dir=run_dir, resume_from=resume_from, start_step=int(meta["step"]) if meta else 0,
+                    rank=rank, size=size)
+
+
+def create_run_dir(s: RunSetup) -> None:
+    """Rank 0 creates the run directory and saves the resolved config and tokenizer; it prints the config."""
+    if not s.is_root:
+        return
+    s.run_dir.mkdir(parents=True, exist_ok=True)
+    text = to_toml(s.cfg)
+    tmp = s.run_dir / f".{SAVED_CONFIG}.tmp"
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, s.run_dir / SAVED_CONFIG)
+    save_tokenizer(s.tokenizer, s.run_dir)
+    say(f"hvdllm train: {s.size} rank(s), data-parallel {s.plan.dp_size}, tp {s.cfg.parallel.tp}, "
+        f"pp {s.cfg.parallel.pp}; {s.cfg.batch.global_batch} sequences x {s.windows.seq_len} tokens per step "
+        f"(micro-batch {s.cfg.batch.micro_batch} x {s.plan.accum} accumulation x {s.plan.dp_size} ranks); "
+        f"{s.gpt.num_params() / 1e6:.2f}M parameters; {s.windows.n_tokens} tokens "
+        f"({len(s.windows.train_ids)} train / {len(s.windows.val_ids)} validation windows)")
+    if s.resume_from is not None:
+        say(f"resuming from {s.resume_from} (step {s.start_step})")
+    say(f"resolved config (saved as {s.run_dir / SAVED_CONFIG}):\n{text}")
