@@ -57,17 +57,29 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, accum: int, runner:
                   weight_decay=cfg.optim.weight_decay, fused=cfg.optim.fused)
     compression = {"none": hvd.Compression.none, "fp16": hvd.Compression.fp16,
                    "bf16": hvd.Compression.bf16}[cfg.run.compression]
-    if runner is not None and runner.prepare_optimizer is not None:   # model parallel: clipping by the runner
-        opt = hvd.DistributedOptimizer(inner, named_parameters=model.named_parameters(), compression=compression,
-                                       backward_passes_per_step=accum, op=hvd.Average,
-                                       bucket_cap_mb=cfg.run.bucket_cap_mb, max_grad_norm=None,
-                                       process_set=runner.dp_group if runner.dp_group is not None else hvd.WORLD)
-        return runner.prepare_optimizer(opt)
-    # fp16: the reduced gradients are still loss-scaled, so the loop clips after unscaling instead.
+    # fp16: the reduced gradients are still loss-scaled, so the loop clips after unscaling (apply_update).
     clip = None if cfg.run.precision == "fp16" else cfg.optim.max_grad_norm
+    dp_group = runner.dp_group if runner is not None and runner.dp_group is not None else hvd.WORLD
     return hvd.DistributedOptimizer(inner, named_parameters=model.named_parameters(), compression=compression,
                                     backward_passes_per_step=accum, op=hvd.Average,
-                                    bucket_cap_mb=cfg.run.bucket_cap_mb, max_grad_norm=clip)
+                                    bucket_cap_mb=cfg.run.bucket_cap_mb, max_grad_norm=clip, process_set=dp_group,
+                                    grad_norm_fn=runner.grad_norm if runner is not None else None)
+
+
+def apply_update(optimizer: Any, scaler: Any, max_grad_norm: float | None) -> None:
+    """The optimizer step after backward. fp16 (a loss ``scaler``): reduce, unscale once, clip once by the
+    global norm (the optimizer's, so the unsplit model's under tensor parallelism), then the scaler's
+    step (which skips it on inf/nan, alike on every rank since the gradients were reduced first)."""
+    if scaler is None:
+        optimizer.step()
+        return
+    optimizer.synchronize()
+    scaler.unscale_(optimizer)
+    if max_grad_norm is not None:
+        optimizer.clip_grad_norm_(max_grad_norm)
+    with optimizer.skip_synchronize():
+        scaler.step(optimizer)
+    scaler.update()
 
 
 # -- checkpoint state <-> torch ----------------------------------------------------------------------------
@@ -301,17 +313,7 @@ def train(cfg: TrainConfig) -> int:
         micro = [(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
                  for x, y in s.windows.micro_batches(i, g, s.dp_rank, s.plan.dp_size, cfg.batch.micro_batch)]
         loss = runner.forward_backward(micro)
-        if precision.scaler is not None:
-            optimizer.synchronize()                  # averaged (still scaled) gradients, equal on every rank
-            precision.scaler.unscale_(optimizer)     # so every rank finds the same inf/nan and skips alike
-            if cfg.optim.max_grad_norm is not None:
-                params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-                optimizer.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm))
-            with optimizer.skip_synchronize():
-                precision.scaler.step(optimizer)
-            precision.scaler.update()
-        else:
-            optimizer.step()
+        apply_update(optimizer, precision.scaler, cfg.optim.max_grad_norm)
         optimizer.zero_grad(set_to_none=True)
         return float(loss)
 
