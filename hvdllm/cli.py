@@ -139,7 +139,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if path is None:
         raise ConfigError(f"--checkpoint {args.checkpoint}: no checkpoint there (expected a checkpoints/step_N "
                           "folder or a run folder holding one)")
-    framework = ckpt.read_meta(path).get("framework", "torch")
+    framework = ckpt.verify(path).get("framework", "torch")       # CorruptCheckpoint: exit 2, one line
     kwargs = dict(prompt=args.prompt, **overrides)
     if framework == "tensorflow":
         from hvdllm.train import trainer_keras

@@ -15,7 +15,6 @@ fp16 loss scaling is left to the torch trainer.
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -171,16 +170,11 @@ def save(s: RunSetup, model: GPT, optimizer: Any, step: int, losses: LossLog) ->
     if not s.is_root:
         return None
     meta = {
+        **s.checkpoint_meta(step),
         "framework": "tensorflow",
-        "model": dataclasses.asdict(s.gpt),
-        "config": s.cfg.to_dict(),
-        "data_position": {"step": step, "samples": step * s.cfg.batch.global_batch,
-                          "epoch": s.windows.epoch_of(step, s.cfg.batch.global_batch),
-                          "n_tokens": s.windows.n_tokens},
         "optimizer_variables": [v.path for v in optimizer.variables],
         "weights_layout": "torch",
         "pending_losses": pending,
-        "world_size": s.size,
     }
     files = {"model": torch_state_dict(model), "optimizer": optimizer_arrays(optimizer)}
     if rng_arrays:
