@@ -23,6 +23,7 @@ import hvdllm.torch as hvd
 from hvdllm.data.tokenizer import TOKENIZER_FILE
 from hvdllm.models.gpt import GPTConfig
 from hvdllm.train import checkpoint as ckpt
+from hvdllm.train import replicas
 from hvdllm.train.resume import OPTIMIZER_FORMATS
 from hvdllm.train.metrics import LossLog
 from hvdllm.train.progress import peak_flops
@@ -107,6 +108,34 @@ def load_model_arrays(model: torch.nn.Module, arrays: dict[str, np.ndarray], whe
 def gather_rows(t: torch.Tensor, s: RunSetup, runner: StepRunner) -> torch.Tensor:
     """Every rank's 1-d ``t`` stacked by rank (an allgather, named where the runner names its collectives)."""
     return hvd.allgather(t.unsqueeze(0), name=runner.op_name("gather")) if s.size > 1 else t.unsqueeze(0)
+
+
+# -- replica check ---------------------------------------------------------------------------------------
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def bit_sum(t: torch.Tensor) -> torch.Tensor:
+    """The sum of ``t``'s elements read as integers of their width (floats by their bits), in int64:
+    exact, so independent of summation order, threads and device."""
+    t = t.detach()
+    if t.is_floating_point():
+        t = t.contiguous().view(_BITS[t.element_size()])
+    return t.sum(dtype=torch.int64)
+
+
+def state_checksums(model: torch.nn.Module, optimizer: Any) -> np.ndarray:
+    """One :func:`bit_sum` per tensor of the model's state and the optimizer's state (replicas agree)."""
+    tensors = list(model.state_dict().values())
+    for per_param in optimizer.state_dict()["state"].values():
+        tensors += [v for _, v in sorted(per_param.items()) if torch.is_tensor(v)]
+    return np.array([int(bit_sum(t)) for t in tensors], dtype=np.int64)
+
+
+def check_replicas(s: RunSetup, runner: StepRunner, optimizer: Any, step: int) -> None:
+    """Compare this rank's state digest with its data-parallel peers' (a collective on every rank);
+    raises replicas.ReplicaMismatch naming the step and the ranks that differ."""
+    mine = torch.from_numpy(replicas.digest(state_checksums(runner.model, optimizer)))
+    replicas.check(step, gather_rows(mine, s, runner).numpy(), s.grid.all_members("dp"))
 
 
 def save(s: RunSetup, runner: StepRunner, optimizer: Any, step: int, device: torch.device, precision: Precision,
@@ -286,7 +315,8 @@ def train(cfg: TrainConfig) -> int:
     runner.model.train()
     hooks = StepHooks(step=step, evaluate=lambda: evaluate(s, runner, device),
                       save=lambda i, ls: save(s, runner, optimizer, i, device, precision, ls),
-                      grad_norm=grad_norm, sample=sample)
+                      grad_norm=grad_norm, sample=sample,
+                      check_replicas=lambda i: check_replicas(s, runner, optimizer, i))
     run_training(s, hooks, losses, s.gpt.flops_per_token(), peak, size, note)
     if size > 1:
         hvd.barrier()
