@@ -182,9 +182,9 @@ def read_meta(ckpt: str | Path) -> dict[str, Any]:
     try:
         meta = json.loads(path.read_bytes().decode("utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CorruptCheckpoint(f"checkpoint {ckpt}: {path} is unreadable ({type(e).__name__})") from None
+        raise CorruptCheckpoint(f"checkpoint file {path} is unreadable ({type(e).__name__})") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("files"), dict) or not meta["files"]:
-        raise CorruptCheckpoint(f"checkpoint {ckpt}: {path} records no file checksums")
+        raise CorruptCheckpoint(f"checkpoint file {path} records no file checksums")
     return meta
 
 
@@ -193,16 +193,16 @@ def _checked_bytes(ckpt: Path, name: str, meta: Mapping[str, Any]) -> bytes:
     path = ckpt / name
     want = meta["files"].get(name)
     if not isinstance(want, dict) or "sha256" not in want or "bytes" not in want:
-        raise CorruptCheckpoint(f"checkpoint {ckpt}: {ckpt / META} records no checksum for {name}")
+        raise CorruptCheckpoint(f"checkpoint file {ckpt / META} records no checksum for {name}")
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise CorruptCheckpoint(f"checkpoint {ckpt}: {path} is unreadable ({e.strerror or type(e).__name__})") from None
+        raise CorruptCheckpoint(f"checkpoint file {path} is unreadable ({e.strerror or type(e).__name__})") from None
     if len(data) != want["bytes"]:
-        raise CorruptCheckpoint(f"checkpoint {ckpt}: {path} has {len(data)} bytes, meta.json records {want['bytes']}")
+        raise CorruptCheckpoint(f"checkpoint file {path} has {len(data)} bytes, meta.json records {want['bytes']}")
     got = hashlib.sha256(data).hexdigest()
     if got != want["sha256"]:
-        raise CorruptCheckpoint(f"checkpoint {ckpt}: {path} has sha256 {got[:16]}..., meta.json records "
+        raise CorruptCheckpoint(f"checkpoint file {path} has sha256 {got[:16]}..., meta.json records "
                                 f"{str(want['sha256'])[:16]}...")
     return data
 
@@ -228,7 +228,7 @@ def read_checkpoint(ckpt: str | Path) -> tuple[dict[str, dict[str, np.ndarray]],
         try:
             files[name[: -len(".safetensors")]] = load(data)
         except Exception as e:  # noqa: BLE001 - a checksummed file safetensors cannot parse is still corrupt
-            raise CorruptCheckpoint(f"checkpoint {p}: {p / name} does not parse ({e})") from None
+            raise CorruptCheckpoint(f"checkpoint file {p / name} does not parse ({' '.join(str(e).split())})") from None
     return files, meta
 
 
