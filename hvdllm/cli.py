@@ -119,8 +119,20 @@ def _bad_input(msg: str) -> int:
     return 2
 
 
+def check_launcher() -> None:
+    """A forced backend must be one there is (the trainers' init picks the real one; wrong environment
+    variables are bad input, not a traceback)."""
+    from hvdllm.core.backend import choose_backend
+
+    try:
+        choose_backend(lambda: True, lambda: True)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = train_config(args)
+    check_launcher()
     if cfg.run.framework == "tensorflow":
         from hvdllm.train import trainer_keras
 
