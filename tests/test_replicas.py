@@ -46,3 +46,30 @@ def test_two_ranks_catch_one_changed_element() -> None:
         assert r["same"] is None and r["restored"] is None, r
         assert "at step 7: ranks 1 differ from ranks 0" in r["param"], r
         assert "at step 9: ranks 1 differ from ranks 0" in r["moment"], r
+
+
+def test_keras_state_checksums_see_one_ulp_and_skip_dropout_seeds() -> None:
+    pytest.importorskip("tensorflow")
+    import keras
+
+    from hvdllm.models.config import GPTConfig
+    from hvdllm.models.gpt_keras import GPT
+    from hvdllm.train.trainer_keras import state_checksums
+    model = GPT(GPTConfig(vocab_size=32, block_size=8, n_layer=1, n_head=2, n_embd=8, dropout=0.1), seed=0)
+    model(np.zeros((1, 8), np.int32))
+    opt = keras.optimizers.AdamW(1e-3)
+    opt.build(model.trainable_variables)
+    base = state_checksums(model, opt)
+    assert len(base) == len(model.trainable_variables) + len(opt.variables)
+    for v in [model.trainable_variables[0], opt.variables[-1]]:          # a weight, then an Adam moment
+        old = v.numpy()
+        new = old.copy()
+        new.flat[3] = np.nextafter(new.flat[3], np.float32(np.inf))
+        v.assign(new)
+        assert not np.array_equal(state_checksums(model, opt), base), v.path
+        v.assign(old)
+        assert np.array_equal(state_checksums(model, opt), base)
+    seeds = [v for v in model.non_trainable_variables if "seed_generator" in v.path]
+    assert seeds
+    seeds[0].assign(seeds[0].numpy() + 7)                                 # differs per rank by design
+    assert np.array_equal(state_checksums(model, opt), base)
