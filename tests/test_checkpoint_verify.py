@@ -121,3 +121,31 @@ def test_train_resume_falls_back_and_sample_refuses_a_corrupt_checkpoint(tmp_pat
     # resume into a run directory without a checkpoint says so
     assert main(["train", "--out", str(tmp_path / "fresh"), "--resume", *common]) == 2
     assert "holds no checkpoint" in capsys.readouterr().err and not (tmp_path / "fresh").exists()
+
+
+@pytest.mark.timeout(400)
+def test_two_ranks_agree_on_the_fall_back_and_on_refusing(tmp_path: Path) -> None:
+    """Rank 0 picks the checkpoint and every rank follows: both ranks resume from step 1 when step 2 is
+    torn, and both exit 2 when the folder holds no checkpoint (no rank waits for the other)."""
+    from tests.multirank import RankFailure, run_ranks
+
+    common = ["train", "--max-steps", "3", "--global-batch", "4", "--micro-batch", "2", "--set",
+              "run.eval_interval=0", "--set", "run.checkpoint_interval=1", "--set", "sample.tokens=2", *SMALLER,
+              *QUIET]
+    run = tmp_path / "run"
+    assert main([*common, "--out", str(run), "--exit-at-step", "2"]) == 0
+    model = ckpt.latest_checkpoint(run) / "model.safetensors"
+    model.write_bytes(model.read_bytes()[:-1])
+    reports = run_ranks("train_worker.py", np=2, launcher="gloo", timeout=300,
+                        args=[*common, "--out", str(run), "--resume"])
+    assert [r["code"] for r in reports] == [0, 0]
+    assert [s for s, _ in ckpt.list_checkpoints(run)] == [2, 3]
+    meta = ckpt.verify(ckpt.latest_checkpoint(run))
+    assert meta["world_size"] == 2
+    # horovodrun exits 1 when a rank exits non-zero; each rank's own status is in its output
+    with pytest.raises(RankFailure) as info:
+        run_ranks("train_worker.py", np=2, launcher="gloo", timeout=300,
+                  args=[*common, "--out", str(tmp_path / "none"), "--resume"])
+    out = str(info.value)
+    assert "reports from ranks [0, 1]" in out and out.count("holds no checkpoint to resume") == 1, out
+    assert "Process 0 exit with status code 2" in out and "Process 1 exit with status code 2" in out, out

@@ -36,6 +36,25 @@ def pick_checkpoint(run_dir: Path, warn: Callable[[str], None]) -> tuple[Path, d
     return found, ckpt.read_meta(found)
 
 
+def agree_on_checkpoint(run_dir: Path, rank: int, size: int, warn: Callable[[str], None],
+                        broadcast_object: Callable[[Any, int], Any] | None) -> tuple[Path, dict[str, Any]]:
+    """:func:`pick_checkpoint` on rank 0 only (one rank reads and hashes the files; it warns), its verdict
+    -- the checkpoint or the error -- shared with every rank, so all ranks resume the same step or all
+    stop with the same line. Each rank still verifies the files it loads (checkpoint.read_checkpoint)."""
+    if size == 1 or broadcast_object is None:
+        return pick_checkpoint(run_dir, warn)
+    verdict = ("", "")
+    if rank == 0:
+        try:
+            verdict = ("ok", str(pick_checkpoint(run_dir, warn)[0]))
+        except ConfigError as e:
+            verdict = ("error", str(e))
+    kind, value = broadcast_object(verdict, 0)
+    if kind == "error":
+        raise ConfigError(value)
+    return Path(value), ckpt.read_meta(value)
+
+
 def run_meta(cfg: TrainConfig, gpt: GPTConfig, data: dict[str, Any], step: int, n_train: int,
              world_size: int) -> dict[str, Any]:
     """What every checkpoint records about its run (the trainers add framework-specific state)."""

@@ -88,8 +88,8 @@ def setup_run(cfg: TrainConfig, rank: int, size: int,
     check_writable(run_dir)
 
     resume_from, meta = None, None
-    if cfg.run.resume:          # the newest checkpoint that verifies (each rank checks; rank 0 warns)
-        resume_from, meta = resume.pick_checkpoint(run_dir, warn if rank == 0 else lambda _: None)
+    if cfg.run.resume:          # the newest checkpoint that verifies (rank 0 checks and warns; all agree)
+        resume_from, meta = resume.agree_on_checkpoint(run_dir, rank, size, warn, broadcast_object)
         resume.check_layout(meta, resume_from, cfg, p)
     elif ckpt.list_checkpoints(run_dir):
         raise ConfigError(f"--out {run_dir}: already holds checkpoints; pass --resume to continue that run "
