@@ -149,3 +149,22 @@ def test_two_ranks_agree_on_the_fall_back_and_on_refusing(tmp_path: Path) -> Non
     out = str(info.value)
     assert "reports from ranks [0, 1]" in out and out.count("holds no checkpoint to resume") == 1, out
     assert "Process 0 exit with status code 2" in out and "Process 1 exit with status code 2" in out, out
+
+
+@pytest.mark.timeout(300)
+def test_allowed_batch_change_resumes_and_the_allowance_is_not_inherited(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    common = ["--global-batch", "4", "--micro-batch", "2", "--set", "run.eval_interval=0", "--set",
+              "run.checkpoint_interval=1", "--set", "sample.tokens=2", *SMALLER, *QUIET]
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--max-steps", "1", *common]) == 0
+    again = ["train", "--out", str(run), "--resume", "--max-steps", "2", "--global-batch", "8"]
+    assert main(again) == 2
+    assert "batch.global_batch=4 in the checkpoint, 8 in this run" in capsys.readouterr().err
+    assert main([*again, "--set", "run.allow_batch_change=true"]) == 0
+    assert ckpt.read_meta(ckpt.latest_checkpoint(run))["config"]["batch"]["global_batch"] == 8
+    capsys.readouterr()
+    # the next resume inherits global_batch=8 from the saved config, not the allowance
+    assert main(["train", "--out", str(run), "--resume", "--max-steps", "3"]) == 0
+    assert main(["train", "--out", str(run), "--resume", "--max-steps", "4", "--global-batch", "4"]) == 2
+    assert "batch.global_batch=8 in the checkpoint, 4 in this run" in capsys.readouterr().err
