@@ -80,7 +80,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="override one key, e.g. --set optim.lr=3e-4 (repeatable; keys listed below)")
     for name, key in FLAG_KEYS.items():
         _add_key_flag(t, name, key, f"sets {key}")
-    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out that verifies (exit 2 when there is none, "
+                        "or when its global batch, seed, data, model shape or layout differ)")
 
     sp = sub.add_parser("sample", help="generate text from a checkpoint",
                         description="Generate text from a checkpoint folder or a run folder (its newest checkpoint).")

@@ -188,9 +188,10 @@ def save(s: RunSetup, model: GPT, optimizer: Any, step: int, losses: LossLog) ->
 def state_checksums(model: GPT, optimizer: Any) -> np.ndarray:
     """The sum of each model and optimizer variable's elements read as integers of their width (floats
     by their bits), in int64 -- exact, order-independent. Dropout seed states differ per rank by design
-    and are left out."""
+    and are left out, as is optimizer state sharded over the ranks (``zero_stage`` > 0)."""
     out = []
-    for v in [*model.variables, *optimizer.variables]:
+    sharded = getattr(optimizer, "zero_stage", 0)        # state split over the data-parallel ranks
+    for v in [*model.variables, *([] if sharded else optimizer.variables)]:
         if "seed_generator" in v.path:
             continue
         t = tf.convert_to_tensor(v)

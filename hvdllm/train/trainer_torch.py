@@ -124,9 +124,11 @@ def bit_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 def state_checksums(model: torch.nn.Module, optimizer: Any) -> np.ndarray:
-    """One :func:`bit_sum` per tensor of the model's state and the optimizer's state (replicas agree)."""
+    """One :func:`bit_sum` per tensor of the model's state and the optimizer's state (replicas agree;
+    an optimizer that shards its state over the data-parallel ranks, ``zero_stage`` > 0, counts only
+    with its parameters)."""
     tensors = list(model.state_dict().values())
-    for per_param in optimizer.state_dict()["state"].values():
+    for per_param in optimizer.state_dict()["state"].values() if not getattr(optimizer, "zero_stage", 0) else ():
         tensors += [v for _, v in sorted(per_param.items()) if torch.is_tensor(v)]
     return np.array([int(bit_sum(t)) for t in tensors], dtype=np.int64)
 
