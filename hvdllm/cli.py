@@ -80,7 +80,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="override one key, e.g. --set optim.lr=3e-4 (repeatable; keys listed below)")
     for name, key in FLAG_KEYS.items():
         _add_key_flag(t, name, key, f"sets {key}")
-    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out that verifies (exit 2 when there is none, "
+                        "or when its global batch, seed, data, model shape or layout differ)")
 
     sp = sub.add_parser("sample", help="generate text from a checkpoint",
                         description="Generate text from a checkpoint folder or a run folder (its newest checkpoint).")
@@ -154,8 +155,20 @@ def _bad_input(msg: str) -> int:
     return 2
 
 
+def check_launcher() -> None:
+    """A forced backend must be one there is (the trainers' init picks the real one; wrong environment
+    variables are bad input, not a traceback)."""
+    from hvdllm.core.backend import choose_backend
+
+    try:
+        choose_backend(lambda: True, lambda: True)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = train_config(args)
+    check_launcher()
     if cfg.run.framework == "tensorflow":
         from hvdllm.train import trainer_keras
 
@@ -203,7 +216,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if path is None:
         raise ConfigError(f"--checkpoint {args.checkpoint}: no checkpoint there (expected a checkpoints/step_N "
                           "folder or a run folder holding one)")
-    framework = ckpt.read_meta(path).get("framework", "torch")
+    framework = ckpt.verify(path).get("framework", "torch")       # CorruptCheckpoint: exit 2, one line
     kwargs = dict(prompt=args.prompt, **overrides)
     if framework == "tensorflow":
         from hvdllm.train import trainer_keras

@@ -5,10 +5,12 @@ package itself, which imports them: no cycle).
 """
 from __future__ import annotations
 
+import torch
+
 from hvdllm.core.frontend import Frontend
 from hvdllm.torch import backends
 
-_front = Frontend("torch", backends.create)
+_front = Frontend("torch", backends.create, is_tensor=torch.is_tensor)
 
 init, is_initialized, shutdown, collectives = _front.init, _front.is_initialized, _front.shutdown, _front.collectives
 rank, size, local_rank, local_size = _front.rank, _front.size, _front.local_rank, _front.local_size

@@ -23,6 +23,8 @@ import hvdllm.torch as hvd
 from hvdllm.data.tokenizer import TOKENIZER_FILE
 from hvdllm.models.gpt import GPTConfig
 from hvdllm.train import checkpoint as ckpt
+from hvdllm.train import replicas
+from hvdllm.train.resume import OPTIMIZER_FORMATS
 from hvdllm.train.metrics import LossLog
 from hvdllm.train.progress import peak_flops
 from hvdllm.train.run_setup import RunSetup, create_run_dir, setup_run
@@ -131,31 +133,34 @@ def gather_rows(t: torch.Tensor, s: RunSetup, runner: StepRunner) -> torch.Tenso
     return hvd.allgather(t.unsqueeze(0), name=runner.op_name("gather")) if s.size > 1 else t.unsqueeze(0)
 
 
-# How the optimizer state is stored: "index" = torch's state_dict of the whole model (data parallel);
-# "unsplit" = keyed by parameter name, moments of the unsplit model (any tp x pp layout loads it).
-OPTIMIZER_FORMATS = {False: "index", True: "unsplit"}
+# -- replica check ---------------------------------------------------------------------------------------
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def layout_text(dp: int, tp: int, pp: int) -> str:
-    return f"dp={dp} x tp={tp} x pp={pp}"
+def bit_sum(t: torch.Tensor) -> torch.Tensor:
+    """The sum of ``t``'s elements read as integers of their width (floats by their bits), in int64:
+    exact, so independent of summation order, threads and device."""
+    t = t.detach()
+    if t.is_floating_point():
+        t = t.contiguous().view(_BITS[t.element_size()])
+    return t.sum(dtype=torch.int64)
 
 
-def check_resume_layout(s: RunSetup) -> None:
-    """Refuse, before anything is written, a checkpoint whose optimizer state this layout cannot load:
-    data-parallel checkpoints resume data-parallel runs, model-parallel ones any tp x pp run."""
-    meta = ckpt.read_meta(s.resume_from)
-    par = meta.get("config", {}).get("parallel", {})
-    tp, pp = int(par.get("tp", 1)), int(par.get("pp", 1))
-    theirs = layout_text(int(meta.get("world_size", tp * pp)) // (tp * pp), tp, pp)
-    ours = layout_text(s.plan.dp_size, s.cfg.parallel.tp, s.cfg.parallel.pp)
-    saved = meta.get("optimizer_format") or ("index" if tp == pp == 1 else None)
-    if saved is None:      # written before model-parallel checkpoints held the whole optimizer state
-        raise ConfigError(f"--resume from {s.resume_from}: written by layout {theirs} with only rank 0's "
-                          f"optimizer shard; it cannot be resumed (this run is {ours})")
-    want = OPTIMIZER_FORMATS[s.cfg.parallel.tp * s.cfg.parallel.pp > 1]
-    if saved != want:
-        raise ConfigError(f"--resume from {s.resume_from}: written by layout {theirs}, this run is {ours}; "
-                          f"allowed: resume with --tp {tp} --pp {pp}")
+def state_checksums(model: torch.nn.Module, optimizer: Any) -> np.ndarray:
+    """One :func:`bit_sum` per tensor of the model's state and the optimizer's state (replicas agree;
+    an optimizer that shards its state over the data-parallel ranks, ``zero_stage`` > 0, counts only
+    with its parameters)."""
+    tensors = list(model.state_dict().values())
+    for per_param in optimizer.state_dict()["state"].values() if not getattr(optimizer, "zero_stage", 0) else ():
+        tensors += [v for _, v in sorted(per_param.items()) if torch.is_tensor(v)]
+    return np.array([int(bit_sum(t)) for t in tensors], dtype=np.int64)
+
+
+def check_replicas(s: RunSetup, runner: StepRunner, optimizer: Any, step: int) -> None:
+    """Compare this rank's state digest with its data-parallel peers' (a collective on every rank);
+    raises replicas.ReplicaMismatch naming the step and the ranks that differ."""
+    mine = torch.from_numpy(replicas.digest(state_checksums(runner.model, optimizer)))
+    replicas.check(step, gather_rows(mine, s, runner).numpy(), s.grid.all_members("dp"))
 
 
 def save(s: RunSetup, runner: StepRunner, optimizer: Any, step: int, device: torch.device, precision: Precision,
@@ -180,17 +185,12 @@ def save(s: RunSetup, runner: StepRunner, optimizer: Any, step: int, device: tor
     if precision.scaler is not None:
         precision_state = {k: v for k, v in precision.scaler.state_dict().items() if isinstance(v, (int, float))}
     meta = {
+        **s.checkpoint_meta(step),
         "framework": "torch",
-        "model": dataclasses.asdict(s.gpt),
-        "config": s.cfg.to_dict(),
-        "data_position": {"step": step, "samples": step * s.cfg.batch.global_batch,
-                          "epoch": s.windows.epoch_of(step, s.cfg.batch.global_batch),
-                          "n_tokens": s.windows.n_tokens},
         "optimizer": opt_skeleton,
         "optimizer_format": OPTIMIZER_FORMATS[sharded],
         "scaler": precision_state,
         "pending_losses": pending,
-        "world_size": s.size,
     }
     tok = (s.run_dir / TOKENIZER_FILE).read_bytes()
     if weights is None:
@@ -281,9 +281,7 @@ def train(cfg: TrainConfig) -> int:
         raise ConfigError("run.precision=fp16 needs DistributedOptimizer.synchronize/skip_synchronize; use bf16")
     losses = LossLog(size, lambda vec: hvd.allreduce(torch.from_numpy(vec), name=runner.op_name("loss")).numpy())
 
-    if s.resume_from is not None:
-        check_resume_layout(s)
-    elif s.init_weights is not None:             # --init-from: its weights, a fresh optimizer
+    if s.resume_from is None and s.init_weights is not None:   # --init-from: its weights, a fresh optimizer
         load_weights(runner, s.init_weights, f"--init-from {s.init_from}")
     # Nothing has been written so far; from here on, the run directory exists.
     create_run_dir(s)
@@ -333,7 +331,8 @@ def train(cfg: TrainConfig) -> int:
     runner.model.train()
     hooks = StepHooks(step=step, evaluate=lambda: evaluate(s, runner, device),
                       save=lambda i, ls: save(s, runner, optimizer, i, device, precision, ls),
-                      grad_norm=grad_norm, sample=sample)
+                      grad_norm=grad_norm, sample=sample,
+                      check_replicas=lambda i: check_replicas(s, runner, optimizer, i))
     run_training(s, hooks, losses, s.gpt.flops_per_token(), peak, size, note)
     if size > 1:
         hvd.barrier()

@@ -10,7 +10,8 @@ from hvdllm.train.config.layers import build
 from hvdllm.train.config.schema import TrainConfig, spec
 
 SAVED_CONFIG = "config.toml"
-NOT_INHERITED = ("run.resume", "run.exit_at_step", "run.out")
+NOT_INHERITED = ("run.resume", "run.exit_at_step", "run.out", "run.allow_data_change", "run.allow_batch_change",
+                 "run.allow_seed_change")
 
 
 def flatten(tree: Mapping[str, Any], where: str = "") -> dict[str, Any]:
