@@ -171,3 +171,18 @@ def test_metrics_resume_drops_rows_after_checkpoint(tmp_path: Path) -> None:
     rows = read_metrics(tmp_path / "metrics.csv")
     assert [r["step"] for r in rows] == ["1", "2", "3"] and rows[2]["loss"] == "0.5" and rows[1]["val_loss"] == "2.0"
     assert plot_loss(tmp_path).is_file()
+
+
+# -- evaluation split ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("n, dp, mb", [(3, 2, 1), (1, 2, 1), (5, 4, 2), (8, 2, 2), (2, 4, 3), (0, 2, 1)])
+def test_eval_batches_cover_every_window_once_and_pad_to_one_count(n: int, dp: int, mb: int) -> None:
+    from hvdllm.core.evaluation import eval_batches
+    windows = np.arange(100, 100 + n)
+    plans = [eval_batches(windows, r, dp, mb) for r in range(dp)]
+    assert len({len(p) for p in plans}) == 1                      # every rank runs as many forwards
+    counted = [int(i) for p in plans for ids, c in p if c for i in ids]
+    assert sorted(counted) == list(windows)                        # each window counted exactly once
+    assert all(1 <= len(ids) <= mb for p in plans for ids, _ in p)
+    assert all(not c for p in plans for _, c in p[next((k for k, (_, c) in enumerate(p) if not c), len(p)):])
+    with pytest.raises(ValueError, match="dp_rank=2, dp_size=2"):
+        eval_batches(windows, 2, 2, 1)

@@ -24,6 +24,7 @@ import tensorflow as tf
 import keras
 
 import hvdllm.tensorflow as hvd
+from hvdllm.core.evaluation import eval_batches
 from hvdllm.data.tokenizer import TOKENIZER_FILE
 from hvdllm.models.gpt_keras import GPT, GPTConfig, cross_entropy, load_torch_state_dict, torch_state_dict
 from hvdllm.train import checkpoint as ckpt
@@ -241,11 +242,12 @@ def restore(s: RunSetup, model: GPT, optimizer: Any, losses: LossLog) -> None:
 # -- the loop ---------------------------------------------------------------------------------------------
 def evaluate(s: RunSetup, steps: Steps) -> float:
     """Mean validation loss over run.eval_sequences fixed windows, split over the data-parallel ranks."""
-    ids = s.windows.val_windows(s.cfg.run.eval_sequences)[s.dp_rank::s.plan.dp_size]
+    windows = s.windows.val_windows(s.cfg.run.eval_sequences)
     total, count = 0.0, 0
-    mb = s.cfg.batch.micro_batch
-    for k in range(0, len(ids), mb):
-        x, y = s.windows.batch(ids[k: k + mb])
+    for ids, counted in eval_batches(windows, s.dp_rank, s.plan.dp_size, s.cfg.batch.micro_batch):
+        if not counted:             # no collective inside a Keras forward (data parallelism only): skip padding
+            continue
+        x, y = s.windows.batch(ids)
         total += float(steps.eval_sum(tf.constant(x, tf.int32), tf.constant(y, tf.int32)))
         count += int(y.shape[0])
     both = np.array([total, float(count)], dtype=np.float64)

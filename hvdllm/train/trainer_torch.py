@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 import hvdllm.torch as hvd
+from hvdllm.core.evaluation import eval_batches
 from hvdllm.data.tokenizer import TOKENIZER_FILE
 from hvdllm.models.gpt import GPTConfig
 from hvdllm.train import checkpoint as ckpt
@@ -236,15 +237,15 @@ def pick_device(cfg: TrainConfig) -> torch.device:
 
 def evaluate(s: RunSetup, runner: StepRunner, device: torch.device) -> float:
     """Mean validation loss over run.eval_sequences fixed windows, split over the data-parallel ranks."""
-    ids = s.windows.val_windows(s.cfg.run.eval_sequences)[s.dp_rank::s.plan.dp_size]
+    windows = s.windows.val_windows(s.cfg.run.eval_sequences)
     runner.model.eval()
     total, count = torch.zeros((), dtype=torch.float64), 0
-    mb = s.cfg.batch.micro_batch
-    for k in range(0, len(ids), mb):
-        x, y = s.windows.batch(ids[k: k + mb])
+    for ids, counted in eval_batches(windows, s.dp_rank, s.plan.dp_size, s.cfg.batch.micro_batch):
+        x, y = s.windows.batch(ids)
         part, n = runner.eval_loss_sum(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
-        total += part.double().cpu()
-        count += n
+        if counted:                 # (padding batches keep model-parallel collectives paired across dp ranks)
+            total += part.double().cpu()
+            count += n
     runner.model.train()
     both = torch.tensor([total.item(), float(count)], dtype=torch.float64)
     if s.size > 1:          # (ranks holding the same data slice add the same sum and count: the ratio holds)

@@ -179,6 +179,8 @@ class PipelineExecutor:
         self.next_rank = grid.rank_of(c.dp, c.tp, c.pp + 1) if c.pp < grid.pp - 1 else None
         self.prev_set = grid.link_group(rank, c.pp - 1) if self.prev_rank is not None else None
         self.next_set = grid.link_group(rank, c.pp + 1) if self.next_rank is not None else None
+        # Exchange names carry the link: a middle stage receives on one link and sends on the other.
+        self.link_prev, self.link_next = f"{self.prev_rank}-{rank}", f"{rank}-{self.next_rank}"
         self.pp_set = grid.pp_group(rank)
         self.last_rank = grid.rank_of(c.dp, c.tp, grid.pp - 1)
         shares = stage_module.tied_weight is not None or getattr(stage_module, "tied_head", None) is not None
@@ -222,10 +224,10 @@ class PipelineExecutor:
         h = x
         if not mod.is_first:
             buf = torch.zeros(mod.activation_shape(x), dtype=next(mod.parameters()).dtype)
-            h = self._exchange(buf, self.prev_rank, self.prev_set, "eval")
+            h = self._exchange(buf, self.prev_rank, self.prev_set, f"eval.{self.link_prev}")
         h = mod(h)
         if not mod.is_last:
-            self._exchange(h, self.rank, self.next_set, "eval")
+            self._exchange(h, self.rank, self.next_set, f"eval.{self.link_next}")
             total = torch.zeros((), dtype=torch.float64)
         else:
             total = mod.loss(h, y, reduction="none").mean(dim=1).sum().double()
@@ -245,8 +247,6 @@ class PipelineExecutor:
         out_grads: dict[int, torch.Tensor] = {}
         in_grads: dict[int, torch.Tensor] = {}
         total = torch.zeros((), dtype=torch.float64)
-        link_prev = f"{self.prev_rank}-{self.rank}"
-        link_next = f"{self.rank}-{self.next_rank}"
         owner, head = self.refresh_tied_head()
         actions = self.schedule(m).actions[self.stage]
         last_backward = max(i for i, a in enumerate(actions) if a.op == "backward")
@@ -254,7 +254,7 @@ class PipelineExecutor:
             mb = a.mb
             if a.op == "recv_act":
                 buf = torch.zeros(mod.activation_shape(inputs[mb]), dtype=dtype)
-                recv_in[mb] = self._exchange(buf, self.prev_rank, self.prev_set, link_prev).requires_grad_()
+                recv_in[mb] = self._exchange(buf, self.prev_rank, self.prev_set, self.link_prev).requires_grad_()
             elif a.op == "forward":
                 x = inputs[mb] if mod.is_first else recv_in[mb]
                 if self.meter is not None:
@@ -270,10 +270,10 @@ class PipelineExecutor:
                     total += out.detach().double()
                 outputs[mb] = out
             elif a.op == "send_act":
-                self._exchange(outputs[mb].detach(), self.rank, self.next_set, link_next)
+                self._exchange(outputs[mb].detach(), self.rank, self.next_set, self.link_next)
             elif a.op == "recv_grad":
                 buf = torch.zeros_like(outputs[mb], dtype=dtype)
-                out_grads[mb] = self._exchange(buf, self.next_rank, self.next_set, link_next)
+                out_grads[mb] = self._exchange(buf, self.next_rank, self.next_set, self.link_next)
             elif a.op == "backward":
                 out = outputs.pop(mb)
                 hook = None
@@ -287,7 +287,7 @@ class PipelineExecutor:
                     x = recv_in.pop(mb)
                     in_grads[mb] = x.grad if x.grad is not None else torch.zeros_like(x)
             elif a.op == "send_grad":
-                self._exchange(in_grads.pop(mb), self.rank, self.prev_set, link_prev)
+                self._exchange(in_grads.pop(mb), self.rank, self.prev_set, self.link_prev)
         if head is not None:
             g = head.weight.grad if head.weight.grad is not None else torch.zeros_like(head.weight)
             self._exchange(g, self.rank, self.emb_set, "emb")
