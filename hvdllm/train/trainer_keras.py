@@ -29,6 +29,8 @@ from hvdllm.data.tokenizer import TOKENIZER_FILE
 from hvdllm.models.gpt_keras import GPT, GPTConfig, cross_entropy, load_torch_state_dict, torch_state_dict
 from hvdllm.train import checkpoint as ckpt
 from hvdllm.train.metrics import LossLog
+from hvdllm.train.model_parallel import OPTIMIZER_FORMATS, check_resume_layout, grid_process_sets
+from hvdllm.train.model_parallel_keras import ModelParallelKeras
 from hvdllm.train.progress import peak_flops
 from hvdllm.train.run_setup import RunSetup, create_run_dir, setup_run
 from hvdllm.train.loop import StepHooks, run_training
@@ -160,6 +162,29 @@ def optimizer_arrays(optimizer: Any) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in store.items()}
 
 
+def checkpoint_meta(s: RunSetup, step: int, pending: list, **extra: Any) -> dict[str, Any]:
+    """meta.json of a Keras checkpoint of ``step`` (weights under PyTorch's names and layouts)."""
+    return {
+        "framework": "tensorflow",
+        "model": dataclasses.asdict(s.gpt),
+        "config": s.cfg.to_dict(),
+        "data_position": {"step": step, "samples": step * s.cfg.batch.global_batch,
+                          "epoch": s.windows.epoch_of(step, s.cfg.batch.global_batch),
+                          "n_tokens": s.windows.n_tokens},
+        "weights_layout": "torch",
+        "pending_losses": pending,
+        "world_size": s.size,
+        **extra,
+    }
+
+
+def write(s: RunSetup, step: int, files: dict[str, dict[str, np.ndarray]], meta: dict[str, Any]) -> Path:
+    """Write the checkpoint (rank 0), with the run's tokenizer."""
+    tok = (s.run_dir / TOKENIZER_FILE).read_bytes()
+    return ckpt.write_checkpoint(s.run_dir, step, files, meta, extra_files={TOKENIZER_FILE: tok},
+                                 keep=s.cfg.run.keep_checkpoints)
+
+
 def save(s: RunSetup, model: GPT, optimizer: Any, step: int, losses: LossLog) -> Path | None:
     """Write a checkpoint of ``step`` (a collective: every rank contributes its dropout RNG; rank 0 writes)."""
     pending = losses.pending()
@@ -170,24 +195,11 @@ def save(s: RunSetup, model: GPT, optimizer: Any, step: int, losses: LossLog) ->
         rng_arrays["keras_seed_generators"] = np.asarray(hvd.allgather(mine) if s.size > 1 else mine)
     if not s.is_root:
         return None
-    meta = {
-        "framework": "tensorflow",
-        "model": dataclasses.asdict(s.gpt),
-        "config": s.cfg.to_dict(),
-        "data_position": {"step": step, "samples": step * s.cfg.batch.global_batch,
-                          "epoch": s.windows.epoch_of(step, s.cfg.batch.global_batch),
-                          "n_tokens": s.windows.n_tokens},
-        "optimizer_variables": [v.path for v in optimizer.variables],
-        "weights_layout": "torch",
-        "pending_losses": pending,
-        "world_size": s.size,
-    }
+    meta = checkpoint_meta(s, step, pending, optimizer_variables=[v.path for v in optimizer.variables])
     files = {"model": torch_state_dict(model), "optimizer": optimizer_arrays(optimizer)}
     if rng_arrays:
         files["rng"] = rng_arrays
-    tok = (s.run_dir / TOKENIZER_FILE).read_bytes()
-    return ckpt.write_checkpoint(s.run_dir, step, files, meta, extra_files={TOKENIZER_FILE: tok},
-                                 keep=s.cfg.run.keep_checkpoints)
+    return write(s, step, files, meta)
 
 
 def load_weights(model: GPT, arrays: dict[str, np.ndarray], where: str) -> None:
@@ -245,18 +257,21 @@ def sample_text(model: GPT, tokenizer: Any, prompt: str, tokens: int, temperatur
 
 def train(cfg: TrainConfig) -> int:
     """Run (or resume) training as configured; returns the exit status (0). ConfigError -> the CLI's 2."""
-    hvd.init()
+    hvd.init(process_sets=grid_process_sets(cfg.parallel.tp, cfg.parallel.pp))
     rank, size = hvd.rank(), hvd.size()
     threads = cfg.run.threads or hvd.threads_per_rank()
     if cfg.run.precision == "fp16":
         raise ConfigError("run.precision=fp16 is not supported with --framework tensorflow; allowed: fp32, bf16")
-    if cfg.parallel.tp != 1 or cfg.parallel.pp != 1:
-        raise ConfigError(f"--tp {cfg.parallel.tp} --pp {cfg.parallel.pp}: model parallelism is not available "
-                          "with --framework tensorflow; use --tp 1 --pp 1 (or --framework torch)")
     gpu_name = configure_tensorflow(cfg, threads)
 
     s = setup_run(cfg, rank, size, hvd.broadcast_object)
     cfg = s.cfg
+    peak, peak_src = peak_flops(cfg.run.peak_flops, gpu_name, threads)
+    note = (f"Keras {keras.__version__} on TensorFlow {tf.__version__}, {gpu_name or 'CPU'}, "
+            f"{threads} thread(s) per rank, precision {cfg.run.precision}; "
+            f"MFU against {peak / 1e12:.3g} TFLOP/s per rank ({peak_src})")
+    if cfg.parallel.tp * cfg.parallel.pp > 1:
+        return train_model_parallel(s, peak, note)
     model = GPT(s.gpt, seed=cfg.run.seed)             # identical initial weights on every rank ...
     optimizer = make_optimizer(model, cfg, s.plan.accum)
     steps = Steps(model, optimizer)
@@ -273,10 +288,6 @@ def train(cfg: TrainConfig) -> int:
     if size > 1:
         hvd.barrier()
 
-    peak, peak_src = peak_flops(cfg.run.peak_flops, gpu_name, threads)
-    note = (f"Keras {keras.__version__} on TensorFlow {tf.__version__}, {gpu_name or 'CPU'}, "
-            f"{threads} thread(s) per rank, precision {cfg.run.precision}; "
-            f"MFU against {peak / 1e12:.3g} TFLOP/s per rank ({peak_src})")
     g = cfg.batch.global_batch
 
     def step(i: int, lr: float) -> float:
@@ -295,6 +306,46 @@ def train(cfg: TrainConfig) -> int:
     run_training(s, hooks, losses, s.gpt.flops_per_token(), peak, size, note)
     if size > 1:
         hvd.barrier()
+    return 0
+
+
+def train_model_parallel(s: RunSetup, peak: float, note: str) -> int:
+    """The training run of a tp x pp layout (hvdllm.train.model_parallel_keras); returns 0."""
+    run = ModelParallelKeras(s)
+    losses = LossLog(s.size, lambda vec: np.asarray(run.collectives.allreduce(
+        tf.constant(vec), hvd.Average, hvd.WORLD, name=run.op_name("loss"))))
+    if s.resume_from is not None:
+        check_resume_layout(s)
+    create_run_dir(s)                   # nothing has been written before; from here on, the run directory exists
+    if s.resume_from is not None:
+        files, meta = ckpt.read_checkpoint(s.resume_from)
+        losses.restore(meta.get("pending_losses", []))
+        run.restore(files, str(s.resume_from))
+    hvd.barrier()
+    g, cfg = s.cfg.batch.global_batch, s.cfg
+
+    def step(i: int, lr: float) -> float:
+        return run.step(s.windows.micro_batches(i, g, s.dp_rank, s.plan.dp_size, cfg.batch.micro_batch), lr)
+
+    def save_mp(i: int, ls: LossLog) -> Path | None:
+        pending = ls.pending()
+        files = {"model": run.layout.full_weights(), "optimizer": run.layout.optimizer_state(run.optimizer)}
+        if not s.is_root:
+            return None
+        return write(s, i, files, checkpoint_meta(s, i, pending, optimizer_format=OPTIMIZER_FORMATS[True]))
+
+    def sample(prompt: str, tokens: int, temperature: float, top_k: int, seed: int) -> str | None:
+        weights = run.layout.full_weights()             # (a collective)
+        if not s.is_root:
+            return None
+        model = GPT(s.gpt, seed=0)
+        load_weights(model, weights, "the gathered model")
+        return sample_text(model, s.tokenizer, prompt, tokens, temperature, top_k, seed)
+
+    hooks = StepHooks(step=step, evaluate=run.evaluate, save=save_mp, grad_norm=lambda: run.grad_norm,
+                      sample=sample)
+    run_training(s, hooks, losses, s.gpt.flops_per_token(), peak, s.size, note)
+    hvd.barrier()
     return 0
 
 

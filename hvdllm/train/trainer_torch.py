@@ -28,7 +28,8 @@ from hvdllm.train.progress import peak_flops
 from hvdllm.train.run_setup import RunSetup, create_run_dir, setup_run
 from hvdllm.train.config import ConfigError, TrainConfig
 from hvdllm.train.loop import StepHooks, run_training
-from hvdllm.train.model_parallel_torch import grid_process_sets, tensor_parallel_runner
+from hvdllm.train.model_parallel import OPTIMIZER_FORMATS, check_resume_layout, grid_process_sets
+from hvdllm.train.model_parallel_torch import tensor_parallel_runner
 from hvdllm.train.pipeline_torch import pipeline_runner
 from hvdllm.train.runner_torch import Precision, StepRunner, data_parallel_runner, make_precision
 
@@ -106,33 +107,6 @@ def load_model_arrays(model: torch.nn.Module, arrays: dict[str, np.ndarray], whe
 def gather_rows(t: torch.Tensor, s: RunSetup, runner: StepRunner) -> torch.Tensor:
     """Every rank's 1-d ``t`` stacked by rank (an allgather, named where the runner names its collectives)."""
     return hvd.allgather(t.unsqueeze(0), name=runner.op_name("gather")) if s.size > 1 else t.unsqueeze(0)
-
-
-# How the optimizer state is stored: "index" = torch's state_dict of the whole model (data parallel);
-# "unsplit" = keyed by parameter name, moments of the unsplit model (any tp x pp layout loads it).
-OPTIMIZER_FORMATS = {False: "index", True: "unsplit"}
-
-
-def layout_text(dp: int, tp: int, pp: int) -> str:
-    return f"dp={dp} x tp={tp} x pp={pp}"
-
-
-def check_resume_layout(s: RunSetup) -> None:
-    """Refuse, before anything is written, a checkpoint whose optimizer state this layout cannot load:
-    data-parallel checkpoints resume data-parallel runs, model-parallel ones any tp x pp run."""
-    meta = ckpt.read_meta(s.resume_from)
-    par = meta.get("config", {}).get("parallel", {})
-    tp, pp = int(par.get("tp", 1)), int(par.get("pp", 1))
-    theirs = layout_text(int(meta.get("world_size", tp * pp)) // (tp * pp), tp, pp)
-    ours = layout_text(s.plan.dp_size, s.cfg.parallel.tp, s.cfg.parallel.pp)
-    saved = meta.get("optimizer_format") or ("index" if tp == pp == 1 else None)
-    if saved is None:      # written before model-parallel checkpoints held the whole optimizer state
-        raise ConfigError(f"--resume from {s.resume_from}: written by layout {theirs} with only rank 0's "
-                          f"optimizer shard; it cannot be resumed (this run is {ours})")
-    want = OPTIMIZER_FORMATS[s.cfg.parallel.tp * s.cfg.parallel.pp > 1]
-    if saved != want:
-        raise ConfigError(f"--resume from {s.resume_from}: written by layout {theirs}, this run is {ours}; "
-                          f"allowed: resume with --tp {tp} --pp {pp}")
 
 
 def save(s: RunSetup, runner: StepRunner, optimizer: Any, step: int, device: torch.device, precision: Precision,
