@@ -8,6 +8,11 @@ max_grad_norm=...)``, which sums the ``accum`` local gradient sets, averages the
 ranks, clips the global norm and applies AdamW (hvdllm.tensorflow.optim: the core's math) once per step.
 So the update is the gradient of the mean loss over the whole global batch, whatever the number of ranks.
 
+Model parallelism (``--tp``/``--pp``): :class:`hvdllm.train.model_parallel_keras.ModelParallelKeras` runs
+this rank's tensor-parallel pipeline stage through the core's schedules, averages over the data-parallel
+group, clips on the unsplit model's norm and steps; its checkpoints hold the unsplit weights and Adam
+moments keyed by parameter name (``optimizer_format`` "unsplit"), which any tp x pp layout resumes.
+
 Checkpoints use the shared format (hvdllm.train.checkpoint) with the weights under PyTorch's parameter
 names and layouts (hvdllm.models.gpt_keras.torch_state_dict), so a Keras checkpoint also loads into the
 PyTorch GPT. Precision: fp32, or bf16 through Keras's ``mixed_bfloat16`` policy (float32 variables);
@@ -276,6 +281,8 @@ def train(cfg: TrainConfig) -> int:
     optimizer = make_optimizer(model, cfg, s.plan.accum)
     steps = Steps(model, optimizer)
     losses = LossLog(size, lambda vec: hvd.allreduce(tf.constant(vec), op=hvd.Average).numpy())
+    if s.resume_from is not None:
+        check_resume_layout(s)
 
     # Nothing has been written so far; from here on, the run directory exists.
     create_run_dir(s)
