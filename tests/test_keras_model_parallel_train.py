@@ -8,17 +8,15 @@ Each rank count is one launch of tests/workers/train_runs_worker.py (start-up do
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from hvdllm.train import checkpoint as ckpt
-from tests.multirank import ROOT, run_ranks
+from tests.multirank import run_ranks
 from tests.test_pipeline_train import ARGS as PP_ARGS
-from tests.train_runs import assert_resumed_equals, column, resume_runs
+from tests.train_runs import assert_bad_input, assert_resumed_equals, column, resume_runs
 
 # The torch pipeline tests' tiny config (clipping active, tied embeddings across the stages).
 ARGS = [*PP_ARGS, "--framework", "tensorflow", "--set", "run.eval_sequences=8"]
@@ -91,11 +89,4 @@ def test_tp2_pp2_on_four_ranks(reference: Path, tmp_path: Path) -> None:
     (["--set", "parallel.schedule=zigzag"], "parallel.schedule='zigzag'"),
 ])
 def test_bad_layouts_are_one_line_errors(tmp_path: Path, extra: list[str], words: str) -> None:
-    out = tmp_path / "run"
-    code = "import sys; from hvdllm.cli import main; sys.exit(main(sys.argv[1:]))"
-    p = subprocess.run([sys.executable, "-c", code, *ARGS, *extra, "--out", str(out)], cwd=str(ROOT),
-                       capture_output=True, text=True, timeout=130)
-    assert p.returncode == 2, p.stdout + p.stderr
-    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("hvdllm")]     # (TensorFlow logs its start-up)
-    assert len(lines) == 1 and words in lines[0] and "Traceback" not in p.stderr, p.stderr
-    assert not out.exists()
+    assert_bad_input(ARGS + extra, words, tmp_path / "run")

@@ -38,7 +38,7 @@ import tensorflow as tf
 
 from hvdllm.core.collectives import Collectives
 from hvdllm.core.grid import ProcessGrid
-from hvdllm.core.pipeline import SCHEDULES, PipelineSchedule, build_schedule, partition_layers
+from hvdllm.core.pipeline import StageProgram, partition_layers
 from hvdllm.core.process_sets import ProcessSet
 from hvdllm.models.gpt_keras import torch_names
 from hvdllm.tensorflow import basics
@@ -173,31 +173,20 @@ class GPTStage(Stage):
         return [(n, v, t) for n, v, t in torch_names(self.model) if id(v) in mine]
 
 
-class PipelineExecutor:
+class PipelineExecutor(StageProgram):
     """Runs this rank's stage of a pipeline over micro-batches with a GPipe or 1F1B schedule (see the
     module docstring); ``collectives`` defaults to ``hvdllm.tensorflow.collectives()``."""
 
     def __init__(self, stage: Stage, grid: ProcessGrid, rank: int, schedule: str = "1f1b",
                  collectives: Collectives | None = None) -> None:
-        if schedule.lower() not in SCHEDULES:
-            raise ValueError(f"unknown pipeline schedule {schedule!r}; allowed: {', '.join(SCHEDULES)}")
-        c = grid.coords(rank)
-        if stage.stage != c.pp or stage.num_stages != grid.pp:
+        super().__init__(grid, rank, schedule)
+        if stage.stage != self.stage or stage.num_stages != grid.pp:
             raise ValueError(f"stage {stage.stage}/{stage.num_stages} does not match {grid.describe(rank)}")
         self.collectives = collectives if collectives is not None else basics.collectives()
-        self.module, self.grid, self.rank = stage, grid, rank
-        self.kind, self.stage, self.num_stages = schedule.lower(), c.pp, grid.pp
-        self.prev_rank = grid.rank_of(c.dp, c.tp, c.pp - 1) if c.pp > 0 else None
-        self.next_rank = grid.rank_of(c.dp, c.tp, c.pp + 1) if c.pp < grid.pp - 1 else None
-        self.prev_set = grid.link_group(rank, c.pp - 1) if self.prev_rank is not None else None
-        self.next_set = grid.link_group(rank, c.pp + 1) if self.next_rank is not None else None
-        self.pp_set = grid.pp_group(rank)
-        self.first_rank, self.last_rank = grid.rank_of(c.dp, c.tp, 0), grid.rank_of(c.dp, c.tp, grid.pp - 1)
+        self.module = stage
         shares = stage.tied_weight is not None or stage.tied_head is not None
         self.emb_set = grid.embedding_group(rank) if shares else None
         self.variables = stage.trainable_variables
-        self._seq: dict[str, int] = {}
-        self._schedules: dict[int, PipelineSchedule] = {}
         self._forward = tf.function(self._run, autograph=False, reduce_retracing=True)
         self._eval = tf.function(self._run_eval, autograph=False, reduce_retracing=True)
 
@@ -219,16 +208,6 @@ class PipelineExecutor:
         return tf.reduce_sum(tf.reduce_mean(per, axis=1))
 
     # -- transport ---------------------------------------------------------------------------------------
-    def schedule(self, num_microbatches: int) -> PipelineSchedule:
-        if num_microbatches not in self._schedules:
-            self._schedules[num_microbatches] = build_schedule(self.kind, self.num_stages, num_microbatches)
-        return self._schedules[num_microbatches]
-
-    def _name(self, tag: str) -> str:
-        n = self._seq.get(tag, 0)
-        self._seq[tag] = n + 1
-        return f"hvdllm.pp.{tag}.{n}"
-
     def _exchange(self, x: Any, root: int, ps: ProcessSet, tag: str) -> tf.Tensor:
         return self.collectives.broadcast(tf.convert_to_tensor(x), root, ps, name=self._name(tag))
 

@@ -20,7 +20,7 @@ import tensorflow as tf
 from hvdllm.core.collectives import Collectives
 from hvdllm.core.grid import ProcessGrid
 from hvdllm.core.ops import Sum
-from hvdllm.core.shards import join_shards, shard_array
+from hvdllm.core.shards import join_shards, merge_stages, shard_array
 
 __all__ = ["ShardLayout"]
 
@@ -46,13 +46,7 @@ class ShardLayout:
     # -- unsplit <-> local --------------------------------------------------------------------------------
     def merge_stages(self, mine: dict[str, Any]) -> dict[str, Any]:
         """Every stage's entries merged, on every stage (a collective over the pp group)."""
-        if self.grid.pp == 1:
-            return dict(mine)
-        out: dict[str, Any] = {}
-        for p in range(self.grid.pp):
-            root = self.grid.rank_of(self.coords.dp, self.coords.tp, p)
-            out.update(self.collectives.broadcast_object(mine if root == self.rank else None, root, self.pp_set))
-        return out
+        return merge_stages(mine, self.grid, self.rank, self.collectives)
 
     def full(self, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Unsplit arrays of the whole model from this rank's shards (PyTorch names and layout), on every
