@@ -10,9 +10,13 @@ two-rank process sets) and micro-batch count; the difference is the per-micro-ba
 a torch autograd graph vs a ``tf.function`` forward under an eager ``GradientTape`` (the backward then
 runs the function's gradient graph).
 
-Measured on the shared 2-core machine (2026-12-01, tiny preset: 4 layers x 128, batch 16 = 8 micro-batches
-of 2 x 128 tokens, 1F1B, 30 steps, median of steps 6-30): see RESULT below (the figure is the run's
-output line, copied by hand; the machine was shared with other jobs, so the ratio is the stable part).
+Measured on the 2-core machine while other jobs ran on it (2026-12-01, load average ~11; tiny preset:
+4 layers x 128, global batch 16 = 8 micro-batches of 2 x 128 tokens, 1F1B, ``--steps 25``, median of
+steps 6-25):
+  hvdllm train --pp 2 (1f1b, -np 2): torch 5905 tokens/s, Keras 2519 tokens/s, Keras/torch = 0.43
+The absolute figures depend on the load; the ratio is the comparison. Keras pays per micro-batch for
+the eager tape around the ``tf.function`` call (its backward runs the function's gradient graph) and
+for the eager broadcasts' conversions, where torch's autograd runs its small kernels directly.
 """
 from __future__ import annotations
 
