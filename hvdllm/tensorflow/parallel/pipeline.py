@@ -45,7 +45,11 @@ from hvdllm.tensorflow import basics
 
 __all__ = ["Stage", "GPTStage", "PipelineExecutor", "split_layers", "gpt_stage_bounds"]
 
-_NO_TARGETS = tf.zeros([0], tf.int32)
+
+
+def _no_targets() -> tf.Tensor:
+    """What stages before the last pass for targets (created on use: importing must not start TensorFlow)."""
+    return tf.zeros([0], tf.int32)
 
 
 def _size(variables: Sequence[Any]) -> int:
@@ -258,7 +262,7 @@ class PipelineExecutor(StageProgram):
                                              link_prev)
             elif a.op == "forward":
                 x = tf.convert_to_tensor(inputs[mb]) if mod.is_first else recv_in[mb]
-                y = tf.convert_to_tensor(targets[mb]) if mod.is_last else _NO_TARGETS
+                y = tf.convert_to_tensor(targets[mb]) if mod.is_last else _no_targets()
                 tape = tf.GradientTape(watch_accessed_variables=False)
                 with tape:
                     tape.watch(sources if mod.is_first else [*sources, x])
@@ -297,7 +301,7 @@ class PipelineExecutor(StageProgram):
         self.refresh_tied_head()
         h = tf.convert_to_tensor(x) if mod.is_first else \
             self._exchange(tf.zeros(mod.activation_shape(x), mod.dtype), self.prev_rank, self.prev_set, "eval")
-        h = self._eval(h, tf.convert_to_tensor(y) if mod.is_last else _NO_TARGETS)
+        h = self._eval(h, tf.convert_to_tensor(y) if mod.is_last else _no_targets())
         if not mod.is_last:
             self._exchange(h, self.rank, self.next_set, "eval")
             h = tf.zeros([], tf.float64)
