@@ -46,7 +46,6 @@ from hvdllm.tensorflow import basics
 __all__ = ["Stage", "GPTStage", "PipelineExecutor", "split_layers", "gpt_stage_bounds"]
 
 
-
 def _no_targets() -> tf.Tensor:
     """What stages before the last pass for targets (created on use: importing must not start TensorFlow)."""
     return tf.zeros([0], tf.int32)
