@@ -4,16 +4,14 @@ run in one go; bad pipeline settings are one-line errors (exit 2, nothing writte
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from hvdllm.train import checkpoint as ckpt
-from tests.multirank import ROOT, run_ranks
-from tests.train_runs import assert_resumed_equals, column, resume_runs
+from tests.multirank import run_ranks
+from tests.train_runs import assert_bad_input, assert_resumed_equals, column, resume_runs
 
 QUIET = ["--set", "run.threads=1", "--set", "run.tensorboard=false", "--set", "run.progress=false"]
 # Two layers of width 32, four micro-batches per step; max_grad_norm 0.5 makes clipping (on the global
@@ -62,11 +60,4 @@ def test_pp2_train_logs_the_unsplit_losses(reference: Path, tmp_path: Path, sche
     (["--set", "parallel.schedule=zigzag"], "parallel.schedule='zigzag'"),
 ])
 def test_bad_pipeline_settings_are_one_line_errors(tmp_path: Path, extra: list[str], words: str) -> None:
-    out = tmp_path / "run"
-    code = "import sys; from hvdllm.cli import main; sys.exit(main(sys.argv[1:]))"
-    p = subprocess.run([sys.executable, "-c", code, *ARGS, *extra, "--out", str(out)], cwd=str(ROOT),
-                       capture_output=True, text=True, timeout=100)
-    assert p.returncode == 2, p.stdout + p.stderr
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and words in lines[0], p.stderr
-    assert not out.exists()
+    assert_bad_input(ARGS + extra, words, tmp_path / "run")

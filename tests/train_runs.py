@@ -1,7 +1,9 @@
-"""Helpers for the model-parallel `hvdllm train` tests: metrics columns, and the "stopped halfway and
-resumed == one go" runs and check (the runs go into one launch of tests/workers/train_runs_worker.py)."""
+"""Helpers for the model-parallel `hvdllm train` tests: metrics columns, bad input, and the "stopped halfway
+and resumed == one go" runs and check (the runs go into one launch of tests/workers/train_runs_worker.py)."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -34,3 +36,17 @@ def assert_resumed_equals(one_go: Path, halves: Path, at: int, tol: float = 1e-6
         assert fa[kind].keys() == fb[kind].keys(), kind
         for k in fa[kind]:
             np.testing.assert_allclose(fb[kind][k], fa[kind][k], rtol=tol, atol=1e-9, err_msg=f"{kind} {k}")
+
+
+def assert_bad_input(args: list[str], words: str, out: Path, timeout: float = 120) -> None:
+    """`hvdllm ARGS --out OUT` (one process) exits 2 with one line naming ``words`` (the only line starting
+    with "hvdllm"; TensorFlow logs its start-up) and no traceback, and writes nothing."""
+    from tests.multirank import ROOT
+
+    code = "import sys; from hvdllm.cli import main; sys.exit(main(sys.argv[1:]))"
+    p = subprocess.run([sys.executable, "-c", code, *args, "--out", str(out)], cwd=str(ROOT),
+                       capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 2, p.stdout + p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("hvdllm")]
+    assert len(lines) == 1 and words in lines[0] and "Traceback" not in p.stderr, p.stderr
+    assert not out.exists()

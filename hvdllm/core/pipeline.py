@@ -22,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
+from hvdllm.core.grid import ProcessGrid
+
 SCHEDULES = ("gpipe", "1f1b")
 COMPUTE = ("forward", "backward")
 OPS = ("forward", "backward", "send_act", "recv_act", "send_grad", "recv_grad")
@@ -240,3 +242,37 @@ def partition_layers(costs: Sequence[float], num_stages: int, first_extra: float
         bounds.append((i, j))
         j = i
     return bounds[::-1]
+
+
+class StageProgram:
+    """The framework-free part of a pipeline executor (torch's and Keras's subclass it): this rank's stage,
+    its neighbours and their two-rank process sets, the pipeline's process set, the schedule per
+    micro-batch count, and deterministic collective names (Horovod matches ops by name, and stages
+    issue different numbers of collectives)."""
+
+    def __init__(self, grid: ProcessGrid, rank: int, schedule: str) -> None:
+        if schedule.lower() not in SCHEDULES:
+            raise ValueError(f"unknown pipeline schedule {schedule!r}; allowed: {', '.join(SCHEDULES)}")
+        c = grid.coords(rank)
+        self.grid, self.rank = grid, rank
+        self.kind, self.stage, self.num_stages = schedule.lower(), c.pp, grid.pp
+        self.prev_rank = grid.rank_of(c.dp, c.tp, c.pp - 1) if c.pp > 0 else None
+        self.next_rank = grid.rank_of(c.dp, c.tp, c.pp + 1) if c.pp < grid.pp - 1 else None
+        self.prev_set = grid.link_group(rank, c.pp - 1) if self.prev_rank is not None else None
+        self.next_set = grid.link_group(rank, c.pp + 1) if self.next_rank is not None else None
+        # Exchange names carry the link: a middle stage receives on one link and sends on the other.
+        self.link_prev, self.link_next = f"{self.prev_rank}-{rank}", f"{rank}-{self.next_rank}"
+        self.pp_set = grid.pp_group(rank)
+        self.first_rank, self.last_rank = grid.rank_of(c.dp, c.tp, 0), grid.rank_of(c.dp, c.tp, grid.pp - 1)
+        self._seq: dict[str, int] = {}
+        self._schedules: dict[int, PipelineSchedule] = {}
+
+    def schedule(self, num_microbatches: int) -> PipelineSchedule:
+        if num_microbatches not in self._schedules:
+            self._schedules[num_microbatches] = build_schedule(self.kind, self.num_stages, num_microbatches)
+        return self._schedules[num_microbatches]
+
+    def _name(self, tag: str) -> str:
+        n = self._seq.get(tag, 0)
+        self._seq[tag] = n + 1
+        return f"hvdllm.pp.{tag}.{n}"

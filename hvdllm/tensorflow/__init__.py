@@ -4,6 +4,9 @@
     hvd.init()
     model.compile(optimizer=hvd.DistributedOptimizer(keras.optimizers.Adam(1e-3)), loss=...)
     model.fit(x, y, callbacks=[hvd.callbacks.BroadcastGlobalVariablesCallback(0)])
+
+Tensor and pipeline parallelism (Keras layers, GPT stages, GPipe/1F1B on process sets):
+:mod:`hvdllm.tensorflow.parallel`.
 """
 from __future__ import annotations
 

@@ -17,41 +17,15 @@ from typing import Any
 import torch
 
 import hvdllm.torch as hvd
-from hvdllm.core.backend import launched_size
-from hvdllm.core.grid import ProcessGrid
-from hvdllm.core.process_sets import ProcessSet
 from hvdllm.models.gpt import GPT
 from hvdllm.torch.parallel.gpt import parallelize_gpt
 from hvdllm.torch.parallel.shards import ShardLayout
 from hvdllm.torch.parallel.tensor import vocab_parallel_cross_entropy
+from hvdllm.train.model_parallel import check_tp
 from hvdllm.train.run_setup import RunSetup
-from hvdllm.train.config import ConfigError
 from hvdllm.train.runner_torch import Precision, StepRunner, accumulate_forward_backward
 
 
-def grid_process_sets(tp: int, pp: int, world_size: int | None = None) -> list[ProcessSet] | None:
-    """The process sets ``hvd.init`` must register for a tp x pp job: None for plain data parallelism
-    (``hvd.init()``'s defaults), [] when the grid does not fit (the trainer's validation then reports
-    that as bad input)."""
-    if tp == 1 and pp == 1:
-        return None
-    n = launched_size() if world_size is None else world_size
-    try:
-        grid = ProcessGrid.infer(n, tp=tp, pp=pp)
-    except ValueError:
-        return []
-    sets = grid.process_sets()
-    if grid.dp == 1:        # one-rank data-parallel groups: the DistributedOptimizer still gets a set
-        sets += [ProcessSet([r]) for r in range(n)]
-    return sets
-
-
-def check_tp(s: RunSetup) -> None:
-    """``--tp N`` must divide the attention heads and the vocabulary (a one-line ConfigError)."""
-    tp = s.cfg.parallel.tp
-    if s.gpt.n_head % tp or s.gpt.vocab_size % tp:
-        raise ConfigError(f"--tp {tp}: model.n_head={s.gpt.n_head} and model.vocab_size={s.gpt.vocab_size} "
-                          f"must both be divisible by it")
 
 
 def runner_parts(s: RunSetup, layout: ShardLayout, device: torch.device) -> dict[str, Any]:

@@ -24,7 +24,8 @@ from hvdllm.torch.parallel.pipeline import GPTStage, PipelineExecutor, gpt_stage
 from hvdllm.torch.parallel.shards import ShardLayout
 from hvdllm.train.run_setup import RunSetup
 from hvdllm.train.config import ConfigError
-from hvdllm.train.model_parallel_torch import check_tp, runner_parts
+from hvdllm.train.model_parallel import check_tp
+from hvdllm.train.model_parallel_torch import runner_parts
 from hvdllm.train.runner_torch import Batch, Precision, StepRunner
 
 

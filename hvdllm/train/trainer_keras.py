@@ -8,6 +8,11 @@ max_grad_norm=...)``, which sums the ``accum`` local gradient sets, averages the
 ranks, clips the global norm and applies AdamW (hvdllm.tensorflow.optim: the core's math) once per step.
 So the update is the gradient of the mean loss over the whole global batch, whatever the number of ranks.
 
+Model parallelism (``--tp``/``--pp``): :class:`hvdllm.train.model_parallel_keras.ModelParallelKeras` runs
+this rank's tensor-parallel pipeline stage through the core's schedules, averages over the data-parallel
+group, clips on the unsplit model's norm and steps; its checkpoints hold the unsplit weights and Adam
+moments keyed by parameter name (``optimizer_format`` "unsplit"), which any tp x pp layout resumes.
+
 Checkpoints use the shared format (hvdllm.train.checkpoint) with the weights under PyTorch's parameter
 names and layouts (hvdllm.models.gpt_keras.torch_state_dict), so a Keras checkpoint also loads into the
 PyTorch GPT. Precision: fp32, or bf16 through Keras's ``mixed_bfloat16`` policy (float32 variables);
@@ -30,6 +35,9 @@ from hvdllm.models.gpt_keras import GPT, GPTConfig, cross_entropy, load_torch_st
 from hvdllm.train import checkpoint as ckpt
 from hvdllm.train import replicas
 from hvdllm.train.metrics import LossLog
+from hvdllm.train.model_parallel import grid_process_sets
+from hvdllm.train.resume import OPTIMIZER_FORMATS
+from hvdllm.train.model_parallel_keras import ModelParallelKeras
 from hvdllm.train.progress import peak_flops
 from hvdllm.train.run_setup import RunSetup, create_run_dir, setup_run
 from hvdllm.train.loop import StepHooks, run_training
@@ -161,6 +169,19 @@ def optimizer_arrays(optimizer: Any) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in store.items()}
 
 
+def checkpoint_meta(s: RunSetup, step: int, pending: list, **extra: Any) -> dict[str, Any]:
+    """meta.json of a Keras checkpoint of ``step`` (weights under PyTorch's names and layouts)."""
+    return {**s.checkpoint_meta(step), "framework": "tensorflow", "weights_layout": "torch",
+            "pending_losses": pending, **extra}
+
+
+def write(s: RunSetup, step: int, files: dict[str, dict[str, np.ndarray]], meta: dict[str, Any]) -> Path:
+    """Write the checkpoint (rank 0), with the run's tokenizer."""
+    tok = (s.run_dir / TOKENIZER_FILE).read_bytes()
+    return ckpt.write_checkpoint(s.run_dir, step, files, meta, extra_files={TOKENIZER_FILE: tok},
+                                 keep=s.cfg.run.keep_checkpoints)
+
+
 def save(s: RunSetup, model: GPT, optimizer: Any, step: int, losses: LossLog) -> Path | None:
     """Write a checkpoint of ``step`` (a collective: every rank contributes its dropout RNG; rank 0 writes)."""
     pending = losses.pending()
@@ -171,19 +192,11 @@ def save(s: RunSetup, model: GPT, optimizer: Any, step: int, losses: LossLog) ->
         rng_arrays["keras_seed_generators"] = np.asarray(hvd.allgather(mine) if s.size > 1 else mine)
     if not s.is_root:
         return None
-    meta = {
-        **s.checkpoint_meta(step),
-        "framework": "tensorflow",
-        "optimizer_variables": [v.path for v in optimizer.variables],
-        "weights_layout": "torch",
-        "pending_losses": pending,
-    }
+    meta = checkpoint_meta(s, step, pending, optimizer_variables=[v.path for v in optimizer.variables])
     files = {"model": torch_state_dict(model), "optimizer": optimizer_arrays(optimizer)}
     if rng_arrays:
         files["rng"] = rng_arrays
-    tok = (s.run_dir / TOKENIZER_FILE).read_bytes()
-    return ckpt.write_checkpoint(s.run_dir, step, files, meta, extra_files={TOKENIZER_FILE: tok},
-                                 keep=s.cfg.run.keep_checkpoints)
+    return write(s, step, files, meta)
 
 
 def state_checksums(model: GPT, optimizer: Any) -> np.ndarray:
@@ -266,18 +279,21 @@ def sample_text(model: GPT, tokenizer: Any, prompt: str, tokens: int, temperatur
 
 def train(cfg: TrainConfig) -> int:
     """Run (or resume) training as configured; returns the exit status (0). ConfigError -> the CLI's 2."""
-    hvd.init()
+    hvd.init(process_sets=grid_process_sets(cfg.parallel.tp, cfg.parallel.pp))
     rank, size = hvd.rank(), hvd.size()
     threads = cfg.run.threads or hvd.threads_per_rank()
     if cfg.run.precision == "fp16":
         raise ConfigError("run.precision=fp16 is not supported with --framework tensorflow; allowed: fp32, bf16")
-    if cfg.parallel.tp != 1 or cfg.parallel.pp != 1:
-        raise ConfigError(f"--tp {cfg.parallel.tp} --pp {cfg.parallel.pp}: model parallelism is not available "
-                          "with --framework tensorflow; use --tp 1 --pp 1 (or --framework torch)")
     gpu_name = configure_tensorflow(cfg, threads)
 
     s = setup_run(cfg, rank, size, hvd.broadcast_object)
     cfg = s.cfg
+    peak, peak_src = peak_flops(cfg.run.peak_flops, gpu_name, threads)
+    note = (f"Keras {keras.__version__} on TensorFlow {tf.__version__}, {gpu_name or 'CPU'}, "
+            f"{threads} thread(s) per rank, precision {cfg.run.precision}; "
+            f"MFU against {peak / 1e12:.3g} TFLOP/s per rank ({peak_src})")
+    if cfg.parallel.tp * cfg.parallel.pp > 1:
+        return train_model_parallel(s, peak, note)
     model = GPT(s.gpt, seed=cfg.run.seed)             # identical initial weights on every rank ...
     optimizer = make_optimizer(model, cfg, s.plan.accum)
     steps = Steps(model, optimizer)
@@ -296,10 +312,6 @@ def train(cfg: TrainConfig) -> int:
     if size > 1:
         hvd.barrier()
 
-    peak, peak_src = peak_flops(cfg.run.peak_flops, gpu_name, threads)
-    note = (f"Keras {keras.__version__} on TensorFlow {tf.__version__}, {gpu_name or 'CPU'}, "
-            f"{threads} thread(s) per rank, precision {cfg.run.precision}; "
-            f"MFU against {peak / 1e12:.3g} TFLOP/s per rank ({peak_src})")
     g = cfg.batch.global_batch
 
     def step(i: int, lr: float) -> float:
@@ -319,6 +331,44 @@ def train(cfg: TrainConfig) -> int:
     run_training(s, hooks, losses, s.gpt.flops_per_token(), peak, size, note)
     if size > 1:
         hvd.barrier()
+    return 0
+
+
+def train_model_parallel(s: RunSetup, peak: float, note: str) -> int:
+    """The training run of a tp x pp layout (hvdllm.train.model_parallel_keras); returns 0."""
+    run = ModelParallelKeras(s)
+    losses = LossLog(s.size, lambda vec: np.asarray(run.collectives.allreduce(
+        tf.constant(vec), hvd.Average, hvd.WORLD, name=run.op_name("loss"))))
+    create_run_dir(s)                   # nothing has been written before; from here on, the run directory exists
+    if s.resume_from is not None:
+        files, meta = ckpt.read_checkpoint(s.resume_from)
+        losses.restore(meta.get("pending_losses", []))
+        run.restore(files, str(s.resume_from))
+    hvd.barrier()
+    g, cfg = s.cfg.batch.global_batch, s.cfg
+
+    def step(i: int, lr: float) -> float:
+        return run.step(s.windows.micro_batches(i, g, s.dp_rank, s.plan.dp_size, cfg.batch.micro_batch), lr)
+
+    def save_mp(i: int, ls: LossLog) -> Path | None:
+        pending = ls.pending()
+        files = {"model": run.layout.full_weights(), "optimizer": run.layout.optimizer_state(run.optimizer)}
+        if not s.is_root:
+            return None
+        return write(s, i, files, checkpoint_meta(s, i, pending, optimizer_format=OPTIMIZER_FORMATS[True]))
+
+    def sample(prompt: str, tokens: int, temperature: float, top_k: int, seed: int) -> str | None:
+        weights = run.layout.full_weights()             # (a collective)
+        if not s.is_root:
+            return None
+        model = GPT(s.gpt, seed=0)
+        load_weights(model, weights, "the gathered model")
+        return sample_text(model, s.tokenizer, prompt, tokens, temperature, top_k, seed)
+
+    hooks = StepHooks(step=step, evaluate=run.evaluate, save=save_mp, grad_norm=lambda: run.grad_norm,
+                      sample=sample)
+    run_training(s, hooks, losses, s.gpt.flops_per_token(), peak, s.size, note)
+    hvd.barrier()
     return 0
 
 

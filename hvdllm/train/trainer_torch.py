@@ -31,7 +31,8 @@ from hvdllm.train.progress import peak_flops
 from hvdllm.train.run_setup import RunSetup, create_run_dir, setup_run
 from hvdllm.train.config import ConfigError, TrainConfig
 from hvdllm.train.loop import StepHooks, run_training
-from hvdllm.train.model_parallel_torch import grid_process_sets, tensor_parallel_runner
+from hvdllm.train.model_parallel import grid_process_sets
+from hvdllm.train.model_parallel_torch import tensor_parallel_runner
 from hvdllm.train.pipeline_torch import pipeline_runner
 from hvdllm.train.runner_torch import Precision, StepRunner, data_parallel_runner, make_precision
 

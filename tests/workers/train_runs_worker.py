@@ -1,8 +1,10 @@
 """Several `hvdllm train` invocations in one launch (saves the launcher's start-up per run): argv[1] is a
-JSON list of argument lists. Reports each run's exit status and the last line it wrote to stderr."""
+JSON list of argument lists (all of one --framework). Reports each run's exit status and the last line it
+wrote to stderr."""
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import json
 import os
@@ -14,14 +16,15 @@ from tests.workers.common import report  # noqa: E402
 from hvdllm.cli import main  # noqa: E402
 
 codes, errors = [], []
-for argv in json.loads(sys.argv[1]):
+runs = json.loads(sys.argv[1])
+for argv in runs:
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         codes.append(main(argv))
     sys.stderr.write(err.getvalue())
     lines = err.getvalue().strip().splitlines()
     errors.append(lines[-1] if lines else "")
-import hvdllm.torch as hvd  # noqa: E402
+hvd = importlib.import_module("hvdllm.tensorflow" if "tensorflow" in runs[0] else "hvdllm.torch")
 
 report(hvd.rank(), {"codes": codes, "errors": errors, "rank": hvd.rank(), "size": hvd.size()})
 sys.exit(0)

@@ -26,7 +26,7 @@ from torch.nn import functional as F
 
 from hvdllm.core.collectives import Collectives
 from hvdllm.core.grid import ProcessGrid
-from hvdllm.core.pipeline import SCHEDULES, PipelineSchedule, build_schedule, partition_layers
+from hvdllm.core.pipeline import StageProgram, partition_layers
 from hvdllm.core.process_sets import ProcessSet
 from hvdllm.torch import basics
 
@@ -155,7 +155,7 @@ class _Saved:
         self.t = t
 
 
-class PipelineExecutor:
+class PipelineExecutor(StageProgram):
     """Runs one stage of a pipeline over micro-batches with a GPipe or 1F1B schedule.
 
     ``step(inputs, targets)`` does the forwards and backwards of all micro-batches, leaving in each
@@ -166,39 +166,15 @@ class PipelineExecutor:
 
     def __init__(self, stage_module: GPTStage, grid: ProcessGrid, rank: int, schedule: str = "1f1b",
                  collectives: Collectives | None = None, track_memory: bool = False) -> None:
-        if schedule.lower() not in SCHEDULES:
-            raise ValueError(f"unknown pipeline schedule {schedule!r}; allowed: {', '.join(SCHEDULES)}")
-        c = grid.coords(rank)
-        if stage_module.stage != c.pp or stage_module.num_stages != grid.pp:
+        super().__init__(grid, rank, schedule)
+        if stage_module.stage != self.stage or stage_module.num_stages != grid.pp:
             raise ValueError(f"stage module {stage_module.stage}/{stage_module.num_stages} does not match "
                              f"{grid.describe(rank)}")
         self.collectives = collectives if collectives is not None else basics.collectives()
-        self.module, self.grid, self.rank = stage_module, grid, rank
-        self.kind, self.stage, self.num_stages = schedule.lower(), c.pp, grid.pp
-        self.prev_rank = grid.rank_of(c.dp, c.tp, c.pp - 1) if c.pp > 0 else None
-        self.next_rank = grid.rank_of(c.dp, c.tp, c.pp + 1) if c.pp < grid.pp - 1 else None
-        self.prev_set = grid.link_group(rank, c.pp - 1) if self.prev_rank is not None else None
-        self.next_set = grid.link_group(rank, c.pp + 1) if self.next_rank is not None else None
-        # Exchange names carry the link: a middle stage receives on one link and sends on the other.
-        self.link_prev, self.link_next = f"{self.prev_rank}-{rank}", f"{rank}-{self.next_rank}"
-        self.pp_set = grid.pp_group(rank)
-        self.last_rank = grid.rank_of(c.dp, c.tp, grid.pp - 1)
+        self.module = stage_module
         shares = stage_module.tied_weight is not None or getattr(stage_module, "tied_head", None) is not None
         self.emb_set = grid.embedding_group(rank) if shares else None
-        self.first_rank = grid.rank_of(c.dp, c.tp, 0)
-        self._seq: dict[str, int] = {}
-        self._schedules: dict[int, PipelineSchedule] = {}
         self.meter = ActivationMeter(list(stage_module.parameters())) if track_memory else None
-
-    def schedule(self, num_microbatches: int) -> PipelineSchedule:
-        if num_microbatches not in self._schedules:
-            self._schedules[num_microbatches] = build_schedule(self.kind, self.num_stages, num_microbatches)
-        return self._schedules[num_microbatches]
-
-    def _name(self, tag: str) -> str:
-        n = self._seq.get(tag, 0)
-        self._seq[tag] = n + 1
-        return f"hvdllm.pp.{tag}.{n}"
 
     def _exchange(self, x: torch.Tensor, root: int, ps: ProcessSet, tag: str) -> torch.Tensor:
         return self.collectives.broadcast(x.contiguous(), root, ps, name=self._name(tag))

@@ -24,6 +24,7 @@ import torch.nn as nn
 from hvdllm.core.collectives import Collectives
 from hvdllm.core.grid import ProcessGrid
 from hvdllm.core.ops import Sum
+from hvdllm.core.shards import merge_stages
 from hvdllm.torch.parallel.gpt import TensorParallelGPT
 from hvdllm.torch.parallel.tensor import shard_tensor
 
@@ -52,13 +53,7 @@ class ShardLayout:
     # -- unsplit <-> local ---------------------------------------------------------------------------
     def merge_stages(self, mine: dict[str, Any]) -> dict[str, Any]:
         """Every stage's entries merged, on every stage (a collective over the pp group)."""
-        if self.grid.pp == 1:
-            return dict(mine)
-        out: dict[str, Any] = {}
-        for p in range(self.grid.pp):
-            root = self.grid.rank_of(self.coords.dp, self.coords.tp, p)
-            out.update(self.collectives.broadcast_object(mine if root == self.rank else None, root, self.pp_set))
-        return out
+        return merge_stages(mine, self.grid, self.rank, self.collectives)
 
     def full(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Unsplit CPU copies of tensors shaped and named like this rank's parameters, for the whole

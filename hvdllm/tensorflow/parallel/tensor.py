@@ -10,6 +10,12 @@ Y = X K + b):
 - :class:`RowParallelDense`: K = [K_1; ...; K_n] split by input rows; Y = sum_i X_i K_i + b with the
   sum an all-reduce in the forward (``reduce_from_group``: identity backward); b is added once.
 
+- :class:`VocabParallelEmbedding`: the vocabulary rows E = [E_1; ...; E_n]; rank i looks up the tokens
+  of its range (zero elsewhere) and the lookups are summed over the group.
+- :func:`vocab_parallel_cross_entropy`: softmax cross-entropy over logits split by vocabulary without
+  gathering them: m = max_j z_j (all-gathered maxima), loss = log(sum_j exp(z_j - m)) - (z_t - m) with
+  both sums over all shards (one all-reduce); dL/dz_j = softmax_j - [j == t] is local to each shard.
+
 A column layer followed by a row layer (an MLP, attention heads) costs one all-reduce forward and
 one backward. Each collective and its backward form one ``tf.custom_gradient``, so GradientTape,
 ``model.fit`` and ``tf.function`` all see correct gradients. All ranks of the group must call the
@@ -28,9 +34,9 @@ from hvdllm.core.grid import Group
 from hvdllm.core.ops import Sum
 from hvdllm.tensorflow.basics import allgather, allreduce
 
-__all__ = ["ColumnParallelDense", "RowParallelDense", "copy_to_group", "reduce_from_group",
+__all__ = ["ColumnParallelDense", "RowParallelDense", "VocabParallelEmbedding", "vocab_parallel_cross_entropy",
+           "copy_to_group", "reduce_from_group",
            "gather_from_group", "scatter_to_group", "Group"]
-
 
 
 def _allreduce_sum(x: tf.Tensor, group: Group) -> tf.Tensor:
@@ -183,3 +189,70 @@ class RowParallelDense(keras.layers.Layer):
             weights.append(np.asarray(dense.bias))
         layer.set_weights(weights)
         return layer
+
+
+class VocabParallelEmbedding(keras.layers.Layer):
+    """Embedding with the vocabulary rows split over ``group``: rank i holds rows
+    ``vocab_start .. vocab_start + vocab_size/size`` (``embeddings``, as ``keras.layers.Embedding``)."""
+
+    def __init__(self, vocab_size: int, units: int, group: Group, embeddings_initializer: Any = "uniform",
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        _check("vocab_size", vocab_size, group)
+        self.vocab_size, self.units, self.group = vocab_size, units, group
+        self.local_size = vocab_size // group.size
+        self.vocab_start = group.index * self.local_size
+        self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
+
+    def build(self, input_shape: Any = None) -> None:
+        self.embeddings = self.add_weight(name="embeddings", shape=(self.local_size, self.units),
+                                          initializer=self.embeddings_initializer)
+
+    def call(self, idx: Any) -> Any:
+        local = tf.cast(idx, tf.int32) - self.vocab_start
+        inside = (local >= 0) & (local < self.local_size)
+        rows = tf.gather(self.embeddings, tf.where(inside, local, 0))
+        rows = rows * tf.cast(inside, rows.dtype)[..., None]
+        return reduce_from_group(rows, self.group)
+
+    def compute_output_shape(self, input_shape: Any) -> tuple:
+        return (*input_shape, self.units)
+
+    @classmethod
+    def from_embedding(cls, embedding: keras.layers.Embedding, group: Group) -> "VocabParallelEmbedding":
+        """This rank's rows of a built ``keras.layers.Embedding``."""
+        table = np.asarray(embedding.embeddings)
+        layer = cls(table.shape[0], table.shape[1], group, name=embedding.name)
+        layer.build()
+        layer.embeddings.assign(np.split(table, group.size)[group.index])
+        return layer
+
+
+def vocab_parallel_cross_entropy(local_logits: Any, targets: Any, group: Group, vocab_start: int) -> tf.Tensor:
+    """Per-position cross-entropy (shaped like ``targets``, float32) from logits split by vocabulary:
+    ``local_logits`` holds the columns ``vocab_start ..`` of this rank (see the module docstring)."""
+    targets = tf.cast(targets, tf.int32)
+    z = tf.cast(local_logits, tf.float32)
+    if group.size == 1:
+        return tf.nn.sparse_softmax_cross_entropy_with_logits(targets, z)
+    width = z.shape[-1]
+
+    @tf.custom_gradient
+    def f(z: tf.Tensor) -> Any:
+        m = tf.reduce_max(allgather(tf.reduce_max(z, axis=-1)[None], group.process_set), axis=0)
+        shifted = z - m[..., None]
+        e = tf.exp(shifted)
+        local_t = targets - vocab_start
+        inside = (local_t >= 0) & (local_t < width)
+        safe = tf.where(inside, local_t, 0)
+        z_t = tf.where(inside, tf.gather(shifted, safe[..., None], batch_dims=2)[..., 0], 0.0)
+        sums = _allreduce_sum(tf.stack([tf.reduce_sum(e, axis=-1), z_t]), group)
+        loss = tf.math.log(sums[0]) - sums[1]
+
+        def grad(dy: tf.Tensor) -> tf.Tensor:
+            onehot = tf.one_hot(safe, width, dtype=e.dtype) * tf.cast(inside, e.dtype)[..., None]
+            return dy[..., None] * (e / sums[0][..., None] - onehot)
+
+        return loss, grad
+
+    return f(z)

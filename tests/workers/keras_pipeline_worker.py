@@ -1,0 +1,18 @@
+"""examples/keras_pipeline.py's main with --verify (the first step's loss and gradients equal the unsplit
+model's, else it exits non-zero), once per schedule in one launch; reports the final losses."""
+from __future__ import annotations
+
+import os
+import sys
+
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+from tests.workers.common import leave_together  # noqa: E402
+
+from keras_pipeline import main  # noqa: E402
+
+import hvdllm.tensorflow as hvd  # noqa: E402
+
+losses = {s: main(["--verify", "--steps", "4", "--schedule", s, *sys.argv[1:]]) for s in ("1f1b", "gpipe")}
+leave_together(hvd, hvd.rank(), {"losses": losses, "rank": hvd.rank()})
