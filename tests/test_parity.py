@@ -9,6 +9,9 @@ run, also into --tp 2 and --pp 2 torch runs): torch's step-0 validation loss equ
 """
 from __future__ import annotations
 
+import hashlib
+import json
+
 import os
 import shutil
 from pathlib import Path
@@ -112,6 +115,10 @@ def test_bad_init_from_exits_2_with_one_line_and_writes_nothing(runs: Path, tmp_
     arrays = ckpt.load_arrays(lacking / "model.safetensors")
     arrays.pop("ln_f.weight")
     save_file(arrays, str(lacking / "model.safetensors"))
+    meta = json.loads((lacking / "meta.json").read_text())   # re-sign it: a valid checkpoint lacking a tensor
+    data = (lacking / "model.safetensors").read_bytes()
+    meta["files"]["model.safetensors"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    (lacking / "meta.json").write_text(json.dumps(meta))
     cases = [(["--init-from", str(tmp_path / "missing")], "no such file"),
              (["--init-from", str(tmp_path / "empty")], "no checkpoint there"),
              (["--init-from", str(runs / "init"), "--set", "model.n_embd=64"], "model.n_embd=128 in the checkpoint"),

@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 import hvdllm.tensorflow as hvd
-from hvdllm.core.buckets import clip_coefficient
+from hvdllm.core.gradients import clip_coefficient_of
 from hvdllm.models.gpt_keras import GPT
 from hvdllm.tensorflow.parallel import GPTStage, PipelineExecutor, ShardLayout, gpt_stage_bounds, parallelize_gpt
 from hvdllm.train.config import ConfigError
@@ -74,7 +74,7 @@ class ModelParallelKeras:
         self.grad_norm = self.layout.grad_norm(grads, self.variables)
         max_norm = self.s.cfg.optim.max_grad_norm
         if max_norm is not None:
-            coef = clip_coefficient(self.grad_norm, max_norm)
+            coef = clip_coefficient_of(self.grad_norm, max_norm)
             if coef != 1.0:
                 grads = [g * coef for g in grads]
         self.optimizer.learning_rate = lr
