@@ -8,11 +8,11 @@ Exit status: 0 done; 2 bad input (one line on stderr, nothing written); 1 any ot
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import traceback
 from typing import Any
 
+from hvdllm.core.launch import LaunchError, detect
 from hvdllm.train import config as C
 from hvdllm.train.config import ConfigError
 
@@ -104,13 +104,7 @@ def train_config(args: argparse.Namespace) -> Any:
 
 
 def _rank() -> int:
-    for var in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID"):
-        if var in os.environ:
-            try:
-                return int(os.environ[var])
-            except ValueError:
-                pass
-    return 0
+    return detect().rank
 
 
 def _bad_input(msg: str) -> int:
@@ -165,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return cmd_train(args) if args.command == "train" else cmd_sample(args)
-    except ConfigError as e:
+    except (ConfigError, LaunchError) as e:
         return _bad_input(str(e))
     except KeyboardInterrupt:
         print("hvdllm: interrupted", file=sys.stderr)
