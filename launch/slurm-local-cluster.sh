@@ -5,9 +5,11 @@
 #   bash launch/slurm-local-cluster.sh down STATE   # kill everything, delete namespaces and STATE
 # Every daemon lives in its own network namespace (ctl 10.98.0.1, n1 .2, n2 .3, joined by a bridge in a
 # switch namespace; no address outside them) and its own mount + UTS namespace with its own hostname,
-# /etc/hosts and /tmp (as real nodes have; PMIx keeps per-node files in /tmp). STATE must be on a
-# filesystem every node sees, not under /tmp. One munged (a Unix socket in STATE) serves all nodes.
-# Needs root and Debian's slurmctld slurmd slurm-client munge (`bash launch/install.sh --test-tools`).
+# /etc/hosts, ssh client config and /tmp (as real nodes have; PMIx keeps per-node files in /tmp). n1 and
+# n2 run an sshd (keys made per cluster in STATE) so launchers inside an allocation can ssh between
+# nodes. STATE must be on a filesystem every node sees, not under /tmp. One munged (a Unix socket in
+# STATE) serves all nodes. Needs root, iproute2, util-linux, openssh-server and Debian's slurmctld
+# slurmd slurm-client munge (`bash launch/install.sh --test-tools`).
 set -euo pipefail
 
 usage() { echo "usage: $0 up|down STATE | exec STATE CMD..." >&2; exit 2; }
@@ -21,20 +23,31 @@ NODES=(ctl n1 n2)
 
 ns() { echo "$TAG-$1"; }
 
-# in_node NODE CMD...: CMD in NODE's network namespace with its own hostname, /etc/hosts and /tmp.
+# in_node NODE CMD...: CMD in NODE's network namespace with its own hostname, /etc/hosts, ssh config, /tmp.
 in_node() {
   local node="$1"
   shift
   # shellcheck disable=SC2016  # expanded by the inner sh
   nsenter --net="/run/netns/$(ns "$node")" unshare --uts --mount --propagation private \
-    sh -c 'hostname "$1" && mount --bind "$2/tmp/$1" /tmp && mount --bind "$2/hosts" /etc/hosts && shift 2 && exec "$@"' \
+    sh -c 'hostname "$1" && mount --bind "$2/tmp/$1" /tmp && mount --bind "$2/hosts" /etc/hosts && mount --bind "$2/ssh/ssh_config" /etc/ssh/ssh_config && shift 2 && exec "$@"' \
     sh "$node" "$STATE" "$@"
 }
 
 write_conf() {
   local n
-  mkdir -p "$STATE"/{munge,state,spool,log,run} "$STATE"/tmp/{ctl,n1,n2}
-  chmod 700 "$STATE/munge"
+  mkdir -p "$STATE"/{munge,state,spool,log,run,ssh} "$STATE"/tmp/{ctl,n1,n2}
+  chmod 700 "$STATE/munge" "$STATE/ssh"
+  ssh-keygen -q -t ed25519 -N "" -f "$STATE/ssh/id_ed25519"
+  ssh-keygen -q -t ed25519 -N "" -f "$STATE/ssh/host_key"
+  cp "$STATE/ssh/id_ed25519.pub" "$STATE/ssh/authorized_keys"
+  printf '%s\n' "Host *" "  IdentityFile $STATE/ssh/id_ed25519" "  IdentitiesOnly yes" "  StrictHostKeyChecking no" \
+    "  UserKnownHostsFile /dev/null" "  LogLevel ERROR" "  BatchMode yes" "  ConnectTimeout 10" >"$STATE/ssh/ssh_config"
+  for n in n1 n2; do
+    printf '%s\n' "ListenAddress $NET.$((${n#n} + 1))" "HostKey $STATE/ssh/host_key" "PidFile $STATE/run/sshd-$n.pid" \
+      "AuthorizedKeysFile $STATE/ssh/authorized_keys" "PermitRootLogin prohibit-password" "PasswordAuthentication no" \
+      "KbdInteractiveAuthentication no" "UsePAM no" "StrictModes no" "MaxStartups 100" "LogLevel ERROR" \
+      >"$STATE/ssh/sshd-$n.conf"
+  done
   {
     echo "127.0.0.1 localhost"
     for n in 0 1 2; do echo "$NET.$((n + 1)) ${NODES[$n]}"; done
@@ -74,7 +87,8 @@ EOF
 up() {
   case "$STATE" in /tmp|/tmp/*) echo "STATE must not be under /tmp (every node has its own /tmp)" >&2; exit 2 ;; esac
   local tool i n
-  for tool in ip nsenter unshare munged slurmctld slurmd sbatch; do
+  mkdir -p /run/sshd                     # sshd's privilege-separation directory
+  for tool in ip nsenter unshare munged slurmctld slurmd sbatch sshd ssh-keygen; do
     command -v "$tool" >/dev/null 2>&1 || PATH="$PATH:/usr/sbin" command -v "$tool" >/dev/null 2>&1 \
       || { echo "$tool is missing: run \`bash launch/install.sh --test-tools\`" >&2; exit 1; }
   done
@@ -100,6 +114,7 @@ up() {
   in_node ctl slurmctld -i -f "$SLURM_CONF" </dev/null >>"$STATE/log/slurmctld.out" 2>&1
   for n in n1 n2; do
     in_node "$n" slurmd -N "$n" -f "$SLURM_CONF" </dev/null >>"$STATE/log/slurmd-$n.out" 2>&1
+    in_node "$n" /usr/sbin/sshd -f "$STATE/ssh/sshd-$n.conf" -E "$STATE/log/sshd-$n.log"
   done
   for _ in $(seq 60); do
     if [ "$(in_node ctl sinfo -h -t idle -o '%D' 2>/dev/null)" = 2 ]; then

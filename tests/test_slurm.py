@@ -119,6 +119,7 @@ def test_requeued_job_resumes_to_the_uninterrupted_losses(cluster: Cluster, shar
     log = (shared / "job.out").read_text()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, log)
     assert "requeued (restart 1): resuming from the newest checkpoint" in log, log
+    assert log.count("hvdllm train: 2 rank(s), data-parallel 2") == 2, log
     got, want = columns(shared / "run"), columns(tmp_path / "uninterrupted")
     for c in want:
         assert [s for s, _ in got[c]] == [s for s, _ in want[c]], c
@@ -130,6 +131,26 @@ def test_requeued_job_resumes_to_the_uninterrupted_losses(cluster: Cluster, shar
 @pytest.mark.parametrize("extra", [[], ["--tp", "2"]], ids=["data-parallel", "tp2"])
 def test_srun_step_trains_like_one_process(cluster: Cluster, shared: Path, one_process: Path,
                                           extra: list[str]) -> None:
-    cluster.run(["srun", *NODES, "--mpi=pmix", "--export=ALL,OMP_NUM_THREADS=1", str(BIN / "hvdllm"), "train",
-                 *TRAIN, *extra, "--out", str(shared / "run")])
+    log = cluster.run(["srun", *NODES, "--mpi=pmix", "--export=ALL,OMP_NUM_THREADS=1", str(BIN / "hvdllm"),
+                       "train", *TRAIN, *extra, "--out", str(shared / "run")])
+    grid = "data-parallel 1, tp 2" if extra else "data-parallel 2, tp 1"
+    assert f"hvdllm train: 2 rank(s), {grid}" in log, log
     assert_same_losses(shared / "run", one_process, 1e-5 if not extra else 1e-4)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("launcher", ["horovodrun-gloo", "mpirun"])
+def test_launcher_inside_an_allocation_trains_like_one_process(cluster: Cluster, shared: Path, one_process: Path,
+                                                               launcher: str) -> None:
+    """A batch job that starts its own launcher: horovodrun (ssh between the allocated nodes, Gloo over
+    their network) or Open MPI's mpirun (which reads the allocation and starts its daemons with srun)."""
+    train = " ".join([str(BIN / "hvdllm"), "train", *TRAIN, "--out", str(shared / "run")])
+    if launcher == "mpirun":
+        cmd = f"mpirun -np 2 --bind-to none {train}"
+    else:
+        cmd = f"{BIN / 'horovodrun'} -np 2 -H n1:1,n2:1 --gloo --network-interfaces eth1 {train}"
+    job = cluster.run(["sbatch", "--parsable", *NODES, "-o", str(shared / "job.out"), "--wrap", cmd]).strip()
+    info, log = cluster.wait(job), (shared / "job.out").read_text()
+    assert info["JobState"] == "COMPLETED", log
+    assert "hvdllm train: 2 rank(s), data-parallel 2" in log, log
+    assert_same_losses(shared / "run", one_process, 1e-5)
