@@ -59,7 +59,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$STATE/munge/munge.sock,cred_expire=10
+AuthInfo=socket=$STATE/munge/munge.sock,cred_expire=5
 StateSaveLocation=$STATE/state
 SlurmdSpoolDir=$STATE/spool/%n
 SlurmctldPidFile=$STATE/run/slurmctld.pid
@@ -73,10 +73,11 @@ JobAcctGatherType=jobacct_gather/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=1,bf_interval=1
 MpiDefault=none
 ReturnToService=2
 JobRequeue=1
-KillWait=10
+KillWait=3
 MinJobAge=600
 NodeName=n1 NodeAddr=$NET.2 CPUs=1 State=UNKNOWN
 NodeName=n2 NodeAddr=$NET.3 CPUs=1 State=UNKNOWN

@@ -107,7 +107,7 @@ def test_requeued_job_resumes_to_the_uninterrupted_losses(cluster: Cluster, shar
                                                           tmp_path: Path) -> None:
     """`scontrol requeue` kills the running job after its first checkpoint; the requeued job (restart 1)
     resumes from it (slurm.sbatch adds --resume) and logs what an uninterrupted run logs."""
-    args = [*TRAIN, "--max-steps", "60", "--set", "run.checkpoint_interval=4", "--set", "run.eval_interval=20"]
+    args = [*TRAIN, "--max-steps", "40", "--set", "run.checkpoint_interval=4", "--set", "run.eval_interval=20"]
     assert main(["train", *args, "--out", str(tmp_path / "uninterrupted")]) == 0
     job = sbatch(cluster, shared, args)
     deadline = time.monotonic() + 300
@@ -124,7 +124,7 @@ def test_requeued_job_resumes_to_the_uninterrupted_losses(cluster: Cluster, shar
     for c in want:
         assert [s for s, _ in got[c]] == [s for s, _ in want[c]], c
         np.testing.assert_allclose([v for _, v in got[c]], [v for _, v in want[c]], rtol=1e-5, err_msg=c)
-    assert got["loss"][-1][0] == 60
+    assert got["loss"][-1][0] == 40
 
 
 @pytest.mark.timeout(600)
