@@ -1,7 +1,8 @@
 """A real two-node Slurm cluster on this machine (launch/slurm-local-cluster.sh: munge, slurmctld, two
 slurmd, each daemon in its own network namespace as its own node): `sbatch launch/slurm.sbatch` trains
 across both nodes like one process, a job requeued after a checkpoint resumes to the same losses as an
-uninterrupted run, and plain `srun` steps (data parallel and --tp 2) log the one-process losses."""
+uninterrupted run, plain `srun` steps (data parallel, --tp 2, --pp 2) and horovodrun / mpirun inside an
+allocation log the one-process losses."""
 from __future__ import annotations
 
 import os
@@ -128,12 +129,13 @@ def test_requeued_job_resumes_to_the_uninterrupted_losses(cluster: Cluster, shar
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("extra", [[], ["--tp", "2"]], ids=["data-parallel", "tp2"])
+@pytest.mark.parametrize("extra, grid", [([], "data-parallel 2, tp 1, pp 1"),
+                                         (["--tp", "2"], "data-parallel 1, tp 2, pp 1"),
+                                         (["--pp", "2"], "data-parallel 1, tp 1, pp 2")], ids=["dp", "tp2", "pp2"])
 def test_srun_step_trains_like_one_process(cluster: Cluster, shared: Path, one_process: Path,
-                                          extra: list[str]) -> None:
+                                          extra: list[str], grid: str) -> None:
     log = cluster.run(["srun", *NODES, "--mpi=pmix", "--export=ALL,OMP_NUM_THREADS=1", str(BIN / "hvdllm"),
                        "train", *TRAIN, *extra, "--out", str(shared / "run")])
-    grid = "data-parallel 1, tp 2" if extra else "data-parallel 2, tp 1"
     assert f"hvdllm train: 2 rank(s), {grid}" in log, log
     assert_same_losses(shared / "run", one_process, 1e-5 if not extra else 1e-4)
 
