@@ -33,11 +33,10 @@ class Cluster:
         self.state = state
         self.env = {"HVDLLM_SLURM_TAG": tag}       # the namespaces' prefix
 
-    def run(self, argv: list[str], timeout: float = 300, check: bool = True) -> str:
-        proc = subprocess.run(["bash", str(SCRIPT), "exec", str(self.state), *argv], env=base_env(self.env), cwd=str(ROOT),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
-        if check:
-            assert proc.returncode == 0, f"{' '.join(argv)}: exit {proc.returncode}\n{proc.stdout}\n{self.logs()}"
+    def run(self, argv: list[str], timeout: float = 300) -> str:
+        proc = subprocess.run(["bash", str(SCRIPT), "exec", str(self.state), *argv], env=base_env(self.env),
+                              cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+        assert proc.returncode == 0, f"{' '.join(argv)}: exit {proc.returncode}\n{proc.stdout}\n{self.logs()}"
         return proc.stdout
 
     def job(self, job_id: str) -> dict[str, str]:
