@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What the cluster tests need beyond launch/install.sh (idempotent; run by `install.sh --test-tools`):
-# sshd and ssh for the simulated hosts, Docker and debootstrap for the image test, shellcheck (Debian), and
+# sshd and ssh for the simulated hosts, Slurm + munge for the local cluster, Docker and debootstrap for the image test, shellcheck (Debian), and
 # into the venv the linters and schema
 # validators of launch/requirements-test.txt (hadolint, check-jsonschema, kubernetes-validate).
 set -euo pipefail
@@ -18,6 +18,11 @@ command -v unshare >/dev/null 2>&1 || need+=(util-linux)
 command -v dockerd >/dev/null 2>&1 || need+=(docker.io)
 command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)
 command -v git >/dev/null 2>&1 || need+=(git)
+# the local Slurm cluster (launch/slurm-local-cluster.sh)
+[ -x /usr/sbin/slurmctld ] || need+=(slurmctld)
+[ -x /usr/sbin/slurmd ] || need+=(slurmd)
+command -v sbatch >/dev/null 2>&1 || need+=(slurm-client)
+[ -x /usr/sbin/munged ] || need+=(munge)
 apt_install "${need[@]}"
 
 read -r -a PIP_ARGS <<< "${HVDLLM_PIP_ARGS:-}"
