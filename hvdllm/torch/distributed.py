@@ -328,6 +328,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._rt = _runtime()
         self._group_size = len(self._config.process_set.members(self._rt.world.size))
         self._synchronized, self._should_sync = False, True
+        self._plan_no = -1  # bucket names restart with the new backend, as in a worker that joins now
         self._build()
 
     def _check_idle(self, what: str) -> None:

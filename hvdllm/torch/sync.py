@@ -29,8 +29,11 @@ def _check_root(rt: Any, root_rank: int, process_set: ProcessSet) -> None:
 
 
 def _broadcast_tensors_(rt: Any, tensors: list[torch.Tensor], root_rank: int, process_set: ProcessSet,
-                        dedupe: bool) -> None:
-    """Overwrite ``tensors`` in place with the root's values: one fused broadcast per (dtype, device)."""
+                        dedupe: bool, name: str) -> None:
+    """Overwrite ``tensors`` in place with the root's values: one fused broadcast per (dtype, device).
+
+    Each broadcast is named (``name`` and its dtype): Horovod numbers unnamed ops per process, so a
+    worker that joins an elastic job late would never match the survivors' numbers."""
     groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
     seen: set[tuple[Any, ...]] = set()
     for t in tensors:
@@ -44,7 +47,7 @@ def _broadcast_tensors_(rt: Any, tensors: list[torch.Tensor], root_rank: int, pr
         for (dtype, _device), group in groups.items():
             flat = torch.cat([t.detach().reshape(-1) for t in group])
             wire = flat.to(torch.uint8) if dtype == torch.bool else flat
-            out = rt.broadcast(wire, root_rank, process_set).to(dtype)
+            out = rt.broadcast(wire, root_rank, process_set, name=f"{name}.{dtype}").to(dtype)
             off = 0
             for t in group:
                 n = t.numel()
@@ -69,7 +72,7 @@ def broadcast_parameters(params: Mapping[str, torch.Tensor] | Iterable[Any], roo
             raise ValueError(f"broadcast_parameters: {name or 'item'!s} is a {type(t).__name__}, not a tensor; "
                              "pass model.state_dict() or model.named_parameters()")
         tensors.append(t)
-    _broadcast_tensors_(rt, tensors, root_rank, process_set, dedupe=True)
+    _broadcast_tensors_(rt, tensors, root_rank, process_set, dedupe=True, name="hvdllm.broadcast_parameters")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +137,7 @@ def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int =
         device = next((p.device for g in optimizer.param_groups for p in g["params"]), torch.device("cpu"))
         slots = sorted(_slots(skeleton, []), key=lambda s: s.index)
         tensors = [torch.empty(s.shape, dtype=s.dtype, device=device) for s in slots]
-    _broadcast_tensors_(rt, tensors, root_rank, process_set, dedupe=False)
+    _broadcast_tensors_(rt, tensors, root_rank, process_set, dedupe=False,
+                        name="hvdllm.broadcast_optimizer_state")
     if not is_root:
         optimizer.load_state_dict(_fill(skeleton, tensors))
