@@ -27,8 +27,18 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--kill-at", nargs=2, metavar=("STEP", "MARKER"))
     p.add_argument("--grow", metavar="ALONE")
+    p.add_argument("--expect-refusal", action="store_true", help="mpi backend, several ranks: report run's error")
     a = p.parse_args()
     hvd.init()
+    if a.expect_refusal:
+        try:
+            hvd.elastic.run(lambda state: None)(hvd.elastic.ObjectState(epoch=0))
+            error = ""
+        except ValueError as e:
+            error = str(e)
+        hvd.barrier()
+        report(hvd.rank(), {"error": error})
+        return
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(N, 8, generator=g)
