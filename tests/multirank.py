@@ -80,3 +80,32 @@ def run_ranks(worker: str, np: int = 2, launcher: str = "gloo", args: list[str] 
                 f"{launcher} np={np} {worker} {' '.join(args or [])}: exit {proc.returncode}, "
                 f"reports from ranks {sorted(reports)} of {np}; output:\n{output}")
         return [reports[r] for r in range(np)]
+
+
+def run_elastic(worker: str, tmp: Path, extra: list[str], grow: bool, timeout: float = 300) -> tuple[list[dict], str]:
+    """Run ``tests/workers/<worker>`` under ``horovodrun -np 2 --min-np 1 --max-np 2 --gloo`` with a
+    discovery script listing two names of this machine (and a third, ``hostname``, once the worker
+    writes the file it gets as ``--grow``); every final worker's report by rank, and the output."""
+    alone = tmp / "alone"
+    script = tmp / "discover.sh"
+    script.write_text("#!/bin/sh\necho localhost:1\necho 127.0.0.1:1\n"
+                      + (f"[ -e {alone} ] && echo $(hostname):1\n" if grow else "") + "exit 0\n")
+    script.chmod(0o755)
+    out = tmp / "reports"
+    out.mkdir()
+    args = [*extra, *(["--grow", str(alone)] if grow else [])]
+    cmd = [str(BIN / "horovodrun"), "-np", "2", "--min-np", "1", "--max-np", "2", "--gloo",
+           "--host-discovery-script", str(script), str(BIN / "python"), str(ROOT / "tests" / "workers" / worker),
+           *args]
+    proc = subprocess.Popen(cmd, env=base_env({"HVDLLM_TEST_OUT": str(out)}), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=str(ROOT))
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        raise RankFailure(f"elastic job timed out after {timeout}s; output:\n{output}")
+    reports = {int(p.stem[4:]): json.loads(p.read_text()) for p in out.glob("rank*.json")}
+    if proc.returncode != 0 or not reports:
+        raise RankFailure(f"elastic job: exit {proc.returncode}, reports from {sorted(reports)}; output:\n{output}")
+    return [reports[r] for r in sorted(reports)], output

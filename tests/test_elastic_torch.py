@@ -8,10 +8,6 @@ walks the uninterrupted trajectory: only the order of the gradient mean's fp32 a
 """
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -19,10 +15,10 @@ import pytest
 import torch
 
 import hvdllm.torch as hvd
-from tests.multirank import BIN, ROOT, RankFailure, base_env, run_ranks
+from tests.multirank import run_elastic, run_ranks
 from tests.threads import one_torch_thread  # noqa: F401
 
-WORKER = str(ROOT / "tests" / "workers" / "elastic_torch_worker.py")
+WORKER = "elastic_torch_worker.py"
 RTOL = 1e-5
 
 
@@ -34,37 +30,9 @@ def reference() -> dict:
     return ref
 
 
-def _elastic(tmp: Path, extra: list[str], grow: bool, timeout: float = 300) -> tuple[list[dict], str]:
-    """horovodrun -np 2 --min-np 1 --max-np 2 --gloo with a discovery script listing two names of
-    this machine (and a third, ``hostname``, once the worker says it runs alone); every final
-    worker's report by rank, and the launcher's output."""
-    alone = tmp / "alone"
-    script = tmp / "discover.sh"
-    script.write_text("#!/bin/sh\necho localhost:1\necho 127.0.0.1:1\n"
-                      + (f"[ -e {alone} ] && echo $(hostname):1\n" if grow else "") + "exit 0\n")
-    script.chmod(0o755)
-    out = tmp / "reports"
-    out.mkdir()
-    args = [*extra, *(["--grow", str(alone)] if grow else [])]
-    cmd = [str(BIN / "horovodrun"), "-np", "2", "--min-np", "1", "--max-np", "2", "--gloo",
-           "--host-discovery-script", str(script), str(BIN / "python"), WORKER, *args]
-    proc = subprocess.Popen(cmd, env=base_env({"HVDLLM_TEST_OUT": str(out)}), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=str(ROOT))
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        raise RankFailure(f"elastic job timed out after {timeout}s; output:\n{output}")
-    reports = {int(p.stem[4:]): json.loads(p.read_text()) for p in out.glob("rank*.json")}
-    if proc.returncode != 0 or not reports:
-        raise RankFailure(f"elastic job: exit {proc.returncode}, reports from {sorted(reports)}; output:\n{output}")
-    return [reports[r] for r in sorted(reports)], output
-
-
 def test_kill_one_worker_survivor_finishes_on_the_curve(reference: dict) -> None:
     with tempfile.TemporaryDirectory(prefix="hvdllm-elastic-") as d:
-        reports, output = _elastic(Path(d), ["--kill-at", "5", f"{d}/killed"], grow=False)
+        reports, output = run_elastic(WORKER, Path(d), ["--kill-at", "5", f"{d}/killed"], grow=False)
         assert (Path(d) / "killed").exists(), output
     (survivor,) = reports  # one worker left at the end
     assert survivor["backend"] == "horovod" and survivor["size"] == 1, output
@@ -77,7 +45,7 @@ def test_kill_one_worker_survivor_finishes_on_the_curve(reference: dict) -> None
 
 def test_killed_worker_replaced_job_grows_back_to_two(reference: dict) -> None:
     with tempfile.TemporaryDirectory(prefix="hvdllm-elastic-") as d:
-        reports, output = _elastic(Path(d), ["--kill-at", "5", f"{d}/killed"], grow=True)
+        reports, output = run_elastic(WORKER, Path(d), ["--kill-at", "5", f"{d}/killed"], grow=True)
     assert [r["rank"] for r in reports] == [0, 1] and all(r["size"] == 2 for r in reports), output
     assert reports[0]["sizes"] == [[0, 2], [3, 1], [3, 2]] and reports[0]["resets"] == [1, 2], output
     assert reports[1]["sizes"] == [[3, 2]], output  # the newcomer starts from the commit at step 3

@@ -36,7 +36,7 @@ class _HostUpdateResult(enum.IntFlag):
     mixed = removed | added
 
 
-def _horovod_parts() -> tuple[type, type, Any, Any]:
+def horovod_parts() -> tuple[type, type, Any, Any]:
     """(HorovodInternalError, HostsUpdatedInterrupt, HostUpdateResult, notification manager or None)."""
     try:
         from horovod.common.elastic import notification_manager
@@ -83,7 +83,7 @@ class State:
 
     def check_host_updates(self) -> None:
         """Raise HostsUpdatedInterrupt (on every rank together) if a host change was announced."""
-        _, interrupt, result, _ = _horovod_parts()
+        _, interrupt, result, _ = horovod_parts()
         prev = last = self._last_updated_timestamp
         update = result.no_update
         while not self._host_messages.empty():
@@ -148,7 +148,7 @@ def run_fn(func: Callable[..., Any], reset: Callable[[], None], backend: Callabl
             raise ValueError(f"elastic training needs the horovod backend (horovodrun --min-np/--max-np "
                              f"--host-discovery-script, Gloo); this job runs on the {name!r} backend with "
                              f"{size()} ranks")
-        internal_error, interrupt, _, manager = _horovod_parts()
+        internal_error, interrupt, _, manager = horovod_parts()
         if not elastic_launch():
             state.sync()
             return func(state, *args, **kwargs)
