@@ -146,24 +146,24 @@ class TorchState(ObjectState):
             setattr(self, name, h.value)
         super().__init__(**{k: v for k, v in kwargs.items() if k not in handlers})
 
-    def save(self) -> None:
+    def _each(self, action: str) -> None:
         for h in self._handlers.values():
-            h.save()
+            getattr(h, action)()
+
+    def save(self) -> None:
+        self._each("save")
         super().save()
 
     def restore(self) -> None:
-        for h in self._handlers.values():
-            h.restore()
+        self._each("restore")
         super().restore()
 
     def sync(self) -> None:
-        for h in self._handlers.values():
-            h.sync()
+        self._each("sync")
         super().sync()
 
     def reset(self) -> None:
-        for h in self._handlers.values():
-            h.reset()
+        self._each("reset")
 
     def __setattr__(self, name: str, value: Any) -> None:
         handlers = self.__dict__.get("_handlers", {})

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 
 import numpy as np
@@ -18,7 +17,7 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import hvdllm.tensorflow as hvd  # noqa: E402
-from tests.workers.common import report  # noqa: E402
+from tests.workers.common import elastic_checkpoint, report  # noqa: E402
 
 GLOBAL, N, EPOCHS, COMMIT_EVERY = 16, 192, 2, 3
 
@@ -44,12 +43,7 @@ def main() -> None:
     @hvd.elastic.run
     def train(state: hvd.elastic.TensorFlowKerasState) -> None:
         while state.step < EPOCHS * per_epoch:
-            if not sizes or sizes[-1][1] != hvd.size():
-                sizes.append([state.step, hvd.size()])
-            if a.kill_at and state.step == int(a.kill_at[0]) and hvd.rank() == 1 \
-                    and not os.path.exists(a.kill_at[1]):
-                open(a.kill_at[1], "w").close()
-                os.kill(os.getpid(), signal.SIGKILL)
+            elastic_checkpoint(sizes, state.step, hvd.size(), hvd.rank(), a.kill_at)
             epoch, k = divmod(state.step, per_epoch)
             perm = np.random.default_rng(3 + epoch).permutation(N)
             idx = perm[k * GLOBAL:(k + 1) * GLOBAL][hvd.rank()::hvd.size()]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 import time
 
@@ -18,7 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 import hvdllm.torch as hvd  # noqa: E402
-from tests.workers.common import report  # noqa: E402
+from tests.workers.common import elastic_checkpoint, report  # noqa: E402
 
 GLOBAL, N, EPOCHS, COMMIT_EVERY = 16, 192, 3, 3
 
@@ -60,12 +59,7 @@ def main() -> None:
         loader = torch.utils.data.DataLoader(dataset, batch_size=local, sampler=state.sampler)
         for state.epoch in range(state.epoch, EPOCHS):
             for batch_idx, (xb, yb) in enumerate(loader):
-                if not sizes or sizes[-1][1] != hvd.size():
-                    sizes.append([state.step, hvd.size()])
-                if a.kill_at and state.step == int(a.kill_at[0]) and hvd.rank() == 1 \
-                        and not os.path.exists(a.kill_at[1]):
-                    open(a.kill_at[1], "w").close()
-                    os.kill(os.getpid(), signal.SIGKILL)
+                elastic_checkpoint(sizes, state.step, hvd.size(), hvd.rank(), a.kill_at)
                 if a.grow and hvd.size() == 1:
                     open(a.grow, "w").close()
                     deadline = time.monotonic() + 120
