@@ -57,6 +57,23 @@ def command(launcher: str, np: int, argv: list[str]) -> tuple[list[str], dict[st
     raise ValueError(f"unknown launcher {launcher!r}; allowed: {LAUNCHERS + ('python',)}")
 
 
+def _launch(cmd: list[str], env: dict[str, str], timeout: float, what: str) -> tuple[int, str]:
+    """Run ``cmd`` in its own session; (exit status, whole output). On timeout the session is killed."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True, cwd=str(ROOT))
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        raise RankFailure(f"{what} timed out after {timeout}s; output:\n{output}")
+    return proc.returncode, output
+
+
+def _reports(out: Path) -> dict[int, dict]:
+    return {int(p.stem[4:]): json.loads(p.read_text()) for p in out.glob("rank*.json")}
+
+
 def run_ranks(worker: str, np: int = 2, launcher: str = "gloo", args: list[str] | None = None,
               timeout: float = 240, env: dict[str, str] | None = None) -> list[dict]:
     """Run ``tests/workers/<worker>`` on ``np`` ranks; return each rank's report, ordered by rank."""
@@ -64,19 +81,32 @@ def run_ranks(worker: str, np: int = 2, launcher: str = "gloo", args: list[str] 
         script = str(ROOT / "tests" / "workers" / worker)
         cmd, extra = command(launcher, np, [script, *(args or [])])
         full_env = base_env({**extra, **(env or {}), "HVDLLM_TEST_OUT": out})
-        proc = subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, start_new_session=True, cwd=str(ROOT))
-        try:
-            output, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            output, _ = proc.communicate()
-            raise RankFailure(f"{launcher} np={np} {worker} timed out after {timeout}s; output:\n{output}")
-        reports = {}
-        for path in Path(out).glob("rank*.json"):
-            reports[int(path.stem[4:])] = json.loads(path.read_text())
-        if proc.returncode != 0 or sorted(reports) != list(range(np)):
+        returncode, output = _launch(cmd, full_env, timeout, f"{launcher} np={np} {worker}")
+        reports = _reports(Path(out))
+        if returncode != 0 or sorted(reports) != list(range(np)):
             raise RankFailure(
-                f"{launcher} np={np} {worker} {' '.join(args or [])}: exit {proc.returncode}, "
+                f"{launcher} np={np} {worker} {' '.join(args or [])}: exit {returncode}, "
                 f"reports from ranks {sorted(reports)} of {np}; output:\n{output}")
         return [reports[r] for r in range(np)]
+
+
+def run_elastic(worker: str, tmp: Path, extra: list[str], grow: bool, timeout: float = 300) -> tuple[list[dict], str]:
+    """Run ``tests/workers/<worker>`` under ``horovodrun -np 2 --min-np 1 --max-np 2 --gloo`` with a
+    discovery script listing two names of this machine (and a third, ``hostname``, once the worker
+    writes the file it gets as ``--grow``); every final worker's report by rank, and the output."""
+    alone = tmp / "alone"
+    script = tmp / "discover.sh"
+    script.write_text("#!/bin/sh\necho localhost:1\necho 127.0.0.1:1\n"
+                      + (f"[ -e {alone} ] && echo $(hostname):1\n" if grow else "") + "exit 0\n")
+    script.chmod(0o755)
+    out = tmp / "reports"
+    out.mkdir()
+    args = [*extra, *(["--grow", str(alone)] if grow else [])]
+    cmd = [str(BIN / "horovodrun"), "-np", "2", "--min-np", "1", "--max-np", "2", "--gloo",
+           "--host-discovery-script", str(script), str(BIN / "python"), str(ROOT / "tests" / "workers" / worker),
+           *args]
+    returncode, output = _launch(cmd, base_env({"HVDLLM_TEST_OUT": str(out)}), timeout, f"elastic {worker}")
+    reports = _reports(out)
+    if returncode != 0 or not reports:
+        raise RankFailure(f"elastic {worker}: exit {returncode}, reports from {sorted(reports)}; output:\n{output}")
+    return [reports[r] for r in sorted(reports)], output

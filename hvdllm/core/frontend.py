@@ -20,6 +20,7 @@ class Frontend:
     def __init__(self, framework: str, create: Callable[[Any], Any],
                  is_tensor: Callable[[Any], bool] | None = None) -> None:
         self._framework, self._create, self._backend = framework, create, None
+        self._process_sets: Any = None
         self._is_tensor = is_tensor
 
     def _tensor(self, op: str, tensor: Any) -> Any:
@@ -32,7 +33,7 @@ class Frontend:
     def init(self, process_sets: Sequence[ProcessSet | Sequence[int]] | None = None) -> None:
         """Start the backend (idempotent). ``process_sets`` lists rank subsets for later collectives."""
         if self._backend is None:
-            self._backend = self._create(process_sets)
+            self._backend, self._process_sets = self._create(process_sets), process_sets
 
     def is_initialized(self) -> bool:
         return self._backend is not None
@@ -48,6 +49,13 @@ class Frontend:
         if self._backend is not None:
             self._backend.shutdown()
             self._backend = None
+
+    def reinit(self) -> None:
+        """Shut the backend down and start it again with the same process sets: an elastic reset,
+        after which rank and size reflect the new set of workers."""
+        process_sets = self._process_sets
+        self.shutdown()
+        self.init(process_sets)
 
     def rank(self) -> int:
         return self.collectives().world.rank

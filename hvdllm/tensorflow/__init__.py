@@ -13,7 +13,7 @@ from __future__ import annotations
 from hvdllm.core.compression import Compression
 from hvdllm.core.ops import Average, ReduceOp, Sum
 from hvdllm.core.process_sets import WORLD, ProcessSet
-from hvdllm.tensorflow import callbacks, optim  # hvd.callbacks.*; hvd.optim.SGD/Adam/AdamW/LAMB, LearningRateSchedule
+from hvdllm.tensorflow import callbacks, elastic, optim  # hvd.elastic.*; hvd.callbacks.*; hvd.optim.SGD/Adam/AdamW/LAMB, LearningRateSchedule
 from hvdllm.tensorflow.basics import (add_process_set, allgather, allreduce, backend, barrier, broadcast,
                                       broadcast_object, collectives, grouped_allreduce, init, is_initialized,
                                       local_rank, local_size, rank, shutdown, size, threads_per_rank)
@@ -23,5 +23,5 @@ __all__ = [
     "init", "is_initialized", "shutdown", "rank", "size", "local_rank", "local_size", "backend", "threads_per_rank",
     "add_process_set", "collectives", "allreduce", "grouped_allreduce", "broadcast", "allgather", "barrier",
     "broadcast_object", "Average", "Sum", "ReduceOp", "Compression", "ProcessSet", "WORLD",
-    "DistributedGradientTape", "DistributedOptimizer", "broadcast_variables", "callbacks", "optim",
+    "DistributedGradientTape", "DistributedOptimizer", "broadcast_variables", "callbacks", "optim", "elastic",
 ]

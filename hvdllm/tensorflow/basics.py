@@ -15,4 +15,4 @@ rank, size, local_rank, local_size = _front.rank, _front.size, _front.local_rank
 backend, threads_per_rank, add_process_set = _front.backend, _front.threads_per_rank, _front.add_process_set
 allreduce, allreduce_async_, grouped_allreduce = _front.allreduce, _front.allreduce_async_, _front.grouped_allreduce
 broadcast, allgather, broadcast_object = _front.broadcast, _front.allgather, _front.broadcast_object
-barrier = _front.barrier
+barrier, reinit = _front.barrier, _front.reinit

@@ -37,6 +37,12 @@ def _in_xla_context() -> bool:
 _GRAPH_OPS = [0]
 
 
+def restart_op_names() -> None:
+    """Number graph collectives from 1 again: after an elastic reset every worker, old or new, traces
+    its functions afresh and must give the same collectives the same names."""
+    _GRAPH_OPS[0] = 0
+
+
 def _op_name(kind: str) -> str | None:
     """A rank-independent key for a collective built in a graph (None when eager, where order keys it).
 

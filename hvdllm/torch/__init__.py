@@ -13,7 +13,7 @@ import torch
 from hvdllm.core.compression import Compression
 from hvdllm.core.ops import Average, ReduceOp, Sum
 from hvdllm.core.process_sets import WORLD, ProcessSet
-from hvdllm.torch import optim  # hvd.optim.SGD/Adam/AdamW/LAMB, lr_scheduler
+from hvdllm.torch import elastic, optim  # hvd.elastic.run/TorchState/ElasticSampler; hvd.optim.SGD/Adam/AdamW/LAMB, lr_scheduler
 from hvdllm.torch.basics import (add_process_set, allgather, allreduce, allreduce_async_, backend, barrier, broadcast,
                                  broadcast_object, collectives, grouped_allreduce, init, is_initialized, local_rank,
                                  local_size, rank, shutdown, size, threads_per_rank)
@@ -33,5 +33,5 @@ __all__ = [
     "init", "is_initialized", "shutdown", "rank", "size", "local_rank", "local_size", "backend", "threads_per_rank",
     "add_process_set", "collectives", "allreduce", "allreduce_async_", "grouped_allreduce", "broadcast", "broadcast_",
     "allgather", "barrier", "broadcast_object", "Average", "Sum", "ReduceOp", "Compression", "ProcessSet", "WORLD",
-    "DistributedOptimizer", "broadcast_parameters", "broadcast_optimizer_state", "optim",
+    "DistributedOptimizer", "broadcast_parameters", "broadcast_optimizer_state", "optim", "elastic",
 ]

@@ -372,6 +372,15 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._check_idle("zero_grad()")
         self._inner.zero_grad(set_to_none=set_to_none)
 
+    def reset_world(self) -> None:
+        """Follow an elastic reset (hvdllm.torch.elastic): take the new backend and group size, drop any
+        reduction in flight (the failed peers' ops died with the old backend) and rebuild the buckets."""
+        self._rt = _runtime()
+        self._group_size = len(self._config.process_set.members(self._rt.world.size))
+        self._synchronized, self._should_sync = False, True
+        self._plan_no = -1  # bucket names restart with the new backend, as in a worker that joins now
+        self._build()
+
     def _check_idle(self, what: str) -> None:
         if self._tracker.pending:
             raise RuntimeError(f"{what} was called after backward() but before step() (or synchronize()); "

@@ -33,16 +33,20 @@ def _check_root(rt: Any, root_rank: int, process_set: ProcessSet) -> None:
 
 
 def _broadcast_tensors_(rt: Any, tensors: list[torch.Tensor], root_rank: int, process_set: ProcessSet,
-                        dedupe: bool) -> None:
-    """Overwrite ``tensors`` in place with the root's values: one fused broadcast per (device kind, dtype)."""
+                        dedupe: bool, name: str) -> None:
+    """Overwrite ``tensors`` in place with the root's values: one fused broadcast per (device kind, dtype).
+
+    Each broadcast is named (``name``, its bucket and dtype): Horovod numbers unnamed ops per process, so
+    a worker that joins an elastic job late would never match the survivors' numbers."""
     if dedupe:  # tied weights (the same storage under two names) travel once
         unique = {(t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device): t for t in tensors}
         tensors = list(unique.values())
     with torch.no_grad():
-        for bucket in buckets.plan(tensors, 0, [t.device.type for t in tensors]):
+        for i, bucket in enumerate(buckets.plan(tensors, 0, [t.device.type for t in tensors])):
             buffer = buckets.pack(bucket, tensors)
             wire = buffer.to(torch.uint8) if buffer.dtype == torch.bool else buffer
-            buckets.unpack_(rt.broadcast(wire, root_rank, process_set).to(buffer.dtype), bucket, tensors)
+            out = rt.broadcast(wire, root_rank, process_set, name=f"{name}.{i}.{buffer.dtype}")
+            buckets.unpack_(out.to(buffer.dtype), bucket, tensors)
 
 
 def broadcast_parameters(params: Mapping[str, torch.Tensor] | Iterable[Any], root_rank: int = 0,
@@ -62,7 +66,7 @@ def broadcast_parameters(params: Mapping[str, torch.Tensor] | Iterable[Any], roo
             raise ValueError(f"broadcast_parameters: {name or 'item'!s} is a {type(t).__name__}, not a tensor; "
                              "pass model.state_dict() or model.named_parameters()")
         tensors.append(t)
-    _broadcast_tensors_(rt, tensors, root_rank, process_set, dedupe=True)
+    _broadcast_tensors_(rt, tensors, root_rank, process_set, dedupe=True, name="hvdllm.broadcast_parameters")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +132,7 @@ def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int =
         device = next((p.device for g in optimizer.param_groups for p in g["params"]), torch.device("cpu"))
         slots = sorted(_slots(skeleton, []), key=lambda s: s.index)
         tensors = [torch.empty(s.shape, dtype=s.dtype, device="cpu" if s.on_cpu else device) for s in slots]
-    _broadcast_tensors_(rt, tensors, root_rank, process_set, dedupe=False)
+    _broadcast_tensors_(rt, tensors, root_rank, process_set, dedupe=False,
+                        name="hvdllm.broadcast_optimizer_state")
     if not is_root:
         optimizer.load_state_dict(_fill(skeleton, tensors))

@@ -22,3 +22,16 @@ def leave_together(hvd: Any, rank: int, data: dict[str, Any]) -> None:
     op pending in a process set it is not part of ends that op ('Horovod has been shut down')."""
     hvd.barrier()
     report(rank, data)
+
+
+def elastic_checkpoint(sizes: list[list[int]], step: int, size: int, rank: int, kill_at: list[str] | None) -> None:
+    """For the elastic workers: note ``[step, size]`` when the number of workers changed; and with
+    ``kill_at = [STEP, MARKER]``, SIGKILL this process if it is rank 1 at STEP and MARKER does not exist
+    yet (it is created first, so only the first attempt dies)."""
+    import signal
+
+    if not sizes or sizes[-1][1] != size:
+        sizes.append([step, size])
+    if kill_at and step == int(kill_at[0]) and rank == 1 and not os.path.exists(kill_at[1]):
+        open(kill_at[1], "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
