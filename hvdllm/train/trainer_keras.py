@@ -25,6 +25,7 @@ import tensorflow as tf
 import keras
 
 import hvdllm.tensorflow as hvd
+from hvdllm.core.preemption import EXIT_PREEMPTED
 from hvdllm.data.tokenizer import TOKENIZER_FILE
 from hvdllm.models.gpt_keras import GPT, GPTConfig, cross_entropy, load_torch_state_dict, torch_state_dict
 from hvdllm.train import checkpoint as ckpt
@@ -244,7 +245,8 @@ def sample_text(model: GPT, tokenizer: Any, prompt: str, tokens: int, temperatur
 
 
 def train(cfg: TrainConfig) -> int:
-    """Run (or resume) training as configured; returns the exit status (0). ConfigError -> the CLI's 2."""
+    """Run (or resume) training as configured; returns the exit status (0, or EXIT_PREEMPTED after an
+    agreed early stop). ConfigError -> the CLI's 2."""
     hvd.init()
     rank, size = hvd.rank(), hvd.size()
     threads = cfg.run.threads or hvd.threads_per_rank()
@@ -290,12 +292,16 @@ def train(cfg: TrainConfig) -> int:
     def sample(prompt: str, tokens: int, temperature: float, top_k: int, seed: int) -> str | None:
         return sample_text(model, s.tokenizer, prompt, tokens, temperature, top_k, seed) if s.is_root else None
 
+    def sum_over_ranks(vec: np.ndarray) -> np.ndarray:
+        return np.asarray(hvd.allreduce(tf.constant(vec), op=hvd.Sum))
+
     hooks = StepHooks(step=step, evaluate=lambda: evaluate(s, steps),
-                      save=lambda i, ls: save(s, model, optimizer, i, ls), grad_norm=grad_norm, sample=sample)
-    run_training(s, hooks, losses, s.gpt.flops_per_token(), peak, size, note)
+                      save=lambda i, ls: save(s, model, optimizer, i, ls), grad_norm=grad_norm, sample=sample,
+                      sum_over_ranks=sum_over_ranks)
+    end = run_training(s, hooks, losses, s.gpt.flops_per_token(), peak, size, note)
     if size > 1:
-        hvd.barrier()
-    return 0
+        hvd.barrier()              # (rank 0 has finished writing before any rank exits)
+    return EXIT_PREEMPTED if end.stopped else 0
 
 
 def sample_checkpoint(path: str, prompt: str | None, tokens: int | None, temperature: float | None = None,
