@@ -1,6 +1,7 @@
 """A user script on hvdllm.torch or hvdllm.tensorflow collectives for the failure tests.
 
-argv: framework (torch|tensorflow), steps, and optionally ``raise R S``: rank R raises at step S.
+argv: framework (torch|tensorflow), steps, and optionally ``raise R S`` (rank R raises at step S) or
+``stall R S`` (rank R stops issuing collectives at step S: sleeps for an hour).
 Each rank writes its pid to $HVDLLM_TEST_OUT/pid<rank> and prints ``worker rank R step S`` per step
 (one allreduce each, with a short pause so a kill lands mid-run).
 """
@@ -11,7 +12,8 @@ import sys
 import time
 
 framework, steps = sys.argv[1], int(sys.argv[2])
-fail_rank, fail_step = (int(sys.argv[4]), int(sys.argv[5])) if len(sys.argv) > 3 and sys.argv[3] == "raise" else (-1, -1)
+mode = sys.argv[3] if len(sys.argv) > 3 else None
+fail_rank, fail_step = (int(sys.argv[4]), int(sys.argv[5])) if mode else (-1, -1)
 
 if framework == "torch":
     import torch
@@ -38,6 +40,8 @@ with open(os.path.join(out, f".pid{rank}"), "w") as f:
 os.replace(os.path.join(out, f".pid{rank}"), os.path.join(out, f"pid{rank}"))
 for step in range(steps):
     if rank == fail_rank and step == fail_step:
+        if mode == "stall":
+            time.sleep(3600)
         raise RuntimeError(f"injected failure at step {step}")
     total = reduce_once(step)
     assert total == step * hvd.size(), total
