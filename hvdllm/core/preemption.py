@@ -10,6 +10,7 @@ same step, write one checkpoint and exit with :data:`EXIT_PREEMPTED`.
 from __future__ import annotations
 
 import signal
+import threading
 import time
 from types import FrameType
 from typing import Any, Callable, Sequence
@@ -37,7 +38,10 @@ class StopRequest:
             self.signal = signum
 
     def install(self, signals: Sequence[int] = STOP_SIGNALS) -> "StopRequest":
-        """Catch ``signals`` (main thread only) until :meth:`uninstall`; returns self."""
+        """Catch ``signals`` until :meth:`uninstall`; returns self. Python runs signal handlers on the
+        main thread only: elsewhere (a training loop in a thread) only the time budget applies."""
+        if threading.current_thread() is not threading.main_thread():
+            return self
         for sig in signals:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
