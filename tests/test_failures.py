@@ -173,12 +173,12 @@ def test_a_failed_rank_ends_the_job(launcher: str, tmp_path: Path) -> None:
 
         def block_checkpoints(job: Job, run: Path = run) -> None:
             job.wait_for(lambda: _metrics_steps(run) >= 1, timeout=STARTUP_S)
-            assert _metrics_steps(run) < 5 and not (run / "checkpoints").exists()
+            assert _metrics_steps(run) < 40 and not (run / "checkpoints").exists()
             (run / "checkpoints").write_text("a file where the checkpoints folder should be")
 
         seconds.append(_raise_trial(launcher, [*train, "--framework", fw, "--out", str(run), "--set",
-                                               "run.checkpoint_interval=5"], tmp_path / f"train-raise-{fw}-job",
-                                    r"hvdllm: rank 0 failed at step 5: \w+Error", f"{launcher} {fw} train, "
+                                               "run.checkpoint_interval=40"], tmp_path / f"train-raise-{fw}-job",
+                                    r"hvdllm: rank 0 failed at step 40: \w+Error", f"{launcher} {fw} train, "
                                     "rank 0 cannot write its checkpoint", before=block_checkpoints))
     print(f"{launcher}: {len(seconds)} trials ended in {min(seconds):.1f}-{max(seconds):.1f} s", file=sys.stderr)
 
