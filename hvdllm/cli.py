@@ -3,15 +3,17 @@
 The same command runs on one process (``hvdllm train ...``, ``python -m hvdllm.cli train ...``) or on
 many (``horovodrun -np N hvdllm train ...``, ``mpirun -np N hvdllm train ...``).
 
-Exit status: 0 done; 2 bad input (one line on stderr, nothing written); 1 any other failure.
+Exit status: 0 done; 2 bad input (one line on stderr, nothing written); 1 any other failure (in a
+multi-rank job the failing rank ends the whole job); 75 stopped early by SIGTERM/SIGUSR1 or
+run.max_minutes, with a checkpoint (continue with --resume).
 """
 from __future__ import annotations
 
 import argparse
 import sys
-import traceback
 from typing import Any
 
+from hvdllm.core.failure import report_failure
 from hvdllm.train import config as C
 from hvdllm.core.launch import LaunchError, detect
 from hvdllm.train.config import ConfigError
@@ -32,7 +34,8 @@ the global batches since the previous row, val_loss, lr, grad_norm, tokens_per_s
 loss.png, checkpoints/step_NNNNNNNN/ (safetensors weights, optimizer and RNG state) and sample.txt.
 MFU = 6N+attention FLOPs per token x tokens/s / (peak FLOP/s per rank x ranks); the peak comes from
 run.peak_flops, $HVDLLM_PEAK_FLOPS, a table of GPUs, or a rough CPU estimate (clock x FMA width).
-exit status: 0 done, 2 bad input (nothing written), 1 other failure.
+exit status: 0 done, 2 bad input (nothing written), 1 other failure (a failing rank ends the whole job),
+75 stopped early by SIGTERM/SIGUSR1 on any rank or run.max_minutes, checkpoint written (--resume).
 
 """
 
@@ -257,7 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         print("hvdllm: interrupted", file=sys.stderr)
         return 1
     except Exception as e:  # noqa: BLE001 - any other failure: status 1 with the traceback
-        traceback.print_exc()
+        # In a multi-rank job the rank's excepthook (hvdllm.core.failure) prints "hvdllm: rank R failed
+        # at step S: ..." and ends the job: a plain return would leave the peers waiting on this rank.
+        report_failure(e)
         print(f"hvdllm: failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
 

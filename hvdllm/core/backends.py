@@ -12,8 +12,10 @@ from typing import Any, Callable, Sequence
 from hvdllm.core import backend as core_backend
 from hvdllm.core import launch
 from hvdllm.core.collectives import NumpyCollectives, local_world, mpi_world
+from hvdllm.core.failure import install_abort_on_failure, uninstall_abort_on_failure
 from hvdllm.core.ops import Average, ReduceOp, parse_op
 from hvdllm.core.process_sets import WORLD, ProcessSet, normalize_process_sets
+from hvdllm.core.waiting import DEFAULT_WAIT_TIMEOUT_S, wait_timeout
 from hvdllm.core.world import World
 
 
@@ -26,13 +28,18 @@ from hvdllm.core.world import World
 # as model parallel when it passes ``process_sets`` to init at all, even an empty list: a pipeline of
 # two stages on two ranks needs no process set but sends latency-bound activations every micro-batch.
 CPU_CYCLE_TIME_MS = "20"
+# Horovod's stall inspector (rank 0) warns after HOROVOD_STALL_CHECK_TIME_SECONDS (60) when some ranks
+# submitted a tensor the others did not; its shutdown is off by default, which leaves such a job hung
+# forever. hvdllm turns it on with the same deadline as its own waits (hvdllm.core.waiting).
+STALL_SHUTDOWN_S = str(int(DEFAULT_WAIT_TIMEOUT_S))
 
 
 def horovod_env_defaults(has_accelerator: bool, model_parallel: bool) -> dict[str, str]:
     """Environment defaults hvdllm gives Horovod before its init; a value the user set always wins."""
-    if has_accelerator or model_parallel:
-        return {}
-    return {"HOROVOD_CYCLE_TIME": CPU_CYCLE_TIME_MS}
+    defaults = {"HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": STALL_SHUTDOWN_S}
+    if not (has_accelerator or model_parallel):
+        defaults["HOROVOD_CYCLE_TIME"] = CPU_CYCLE_TIME_MS
+    return defaults
 
 
 class HorovodBase:
@@ -49,6 +56,8 @@ class HorovodBase:
         hvd.init(process_sets=list(self._sets.values()) or None)
         self._sets[WORLD] = hvd.global_process_set
         self.world = World(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), backend="horovod")
+        self.wait_timeout = wait_timeout()
+        install_abort_on_failure(self.world.rank, self.world.size)
 
     def _ps(self, ps: ProcessSet) -> Any:
         if ps not in self._sets:
@@ -70,6 +79,7 @@ class HorovodBase:
             self._sets[ps] = self.hvd.add_process_set(list(ps.ranks))
 
     def shutdown(self) -> None:
+        uninstall_abort_on_failure()
         self.hvd.shutdown()
 
 
@@ -79,7 +89,8 @@ class NumpyBase:
     def __init__(self, name: str, process_sets: Sequence[ProcessSet]) -> None:
         self.name = name
         comm, self.world = mpi_world() if name == "mpi" else local_world()
-        self.impl = NumpyCollectives(comm, self.world, process_sets)
+        self.impl = NumpyCollectives(comm, self.world, process_sets, wait_timeout=wait_timeout())
+        install_abort_on_failure(self.world.rank, self.world.size)
 
     def barrier(self, process_set: ProcessSet = WORLD) -> None:
         self.impl.barrier(process_set)
@@ -97,7 +108,7 @@ class NumpyBase:
         self.impl.add_process_set(ps)
 
     def shutdown(self) -> None:
-        return None
+        uninstall_abort_on_failure()
 
 
 def create_backend(process_sets: Sequence[ProcessSet | Sequence[int]] | None,

@@ -13,6 +13,7 @@ import numpy as np
 
 from hvdllm.core.ops import Average, ReduceOp, parse_op
 from hvdllm.core.process_sets import WORLD, ProcessSet
+from hvdllm.core.waiting import wait_until
 from hvdllm.core.world import World
 
 
@@ -81,6 +82,9 @@ class SelfComm:
     def Bcast(self, buf: np.ndarray, root: int = 0) -> None:
         return None
 
+    def Ibcast(self, buf: np.ndarray, root: int = 0) -> "_DoneRequest":
+        return _DoneRequest()
+
     def Allgather(self, send: np.ndarray, recv: np.ndarray) -> None:
         recv[...] = send.reshape(recv.shape)
 
@@ -93,10 +97,16 @@ class SelfComm:
     def Barrier(self) -> None:
         return None
 
+    def Ibarrier(self) -> "_DoneRequest":
+        return _DoneRequest()
+
 
 class _DoneRequest:
     def Wait(self) -> None:
         return None
+
+    def Test(self) -> bool:
+        return True
 
 
 _IN_PLACE = object()
@@ -105,12 +115,12 @@ _IN_PLACE = object()
 class _Pending:
     """Completes an in-place MPI reduction: wait for it, then apply the op's scale."""
 
-    def __init__(self, request: Any, buf: np.ndarray, scale: float) -> None:
-        self._request, self._buf, self._scale = request, buf, scale
+    def __init__(self, request: Any, buf: np.ndarray, scale: float, timeout: float | None = None) -> None:
+        self._request, self._buf, self._scale, self._timeout = request, buf, scale, timeout
 
     def wait(self) -> np.ndarray:
         if self._request is not None:
-            self._request.Wait()
+            wait_until(self._request.Test, timeout=self._timeout, what="an MPI allreduce")
             self._request = None
             if self._scale != 1.0:
                 self._buf *= self._buf.dtype.type(self._scale)
@@ -124,8 +134,9 @@ class NumpyCollectives:
     given, so every rank must pass the same list (as with ``horovod.init(process_sets=...)``).
     """
 
-    def __init__(self, comm: Any, world: World, process_sets: Sequence[ProcessSet] = ()) -> None:
-        self.comm, self.world = comm, world
+    def __init__(self, comm: Any, world: World, process_sets: Sequence[ProcessSet] = (),
+                 wait_timeout: float | None = None) -> None:
+        self.comm, self.world, self.wait_timeout = comm, world, wait_timeout
         self._comms: dict[ProcessSet, Any] = {WORLD: comm}
         for ps in process_sets:
             self._comms[ps] = self._create(ps)
@@ -172,7 +183,7 @@ class NumpyCollectives:
         if not buf.flags.c_contiguous:
             raise ValueError("allreduce_async_ needs a contiguous buffer")
         request = comm.Iallreduce(self._in_place(), buf, op=self._sum_op())
-        return _Pending(request, buf, parse_op(op).postscale(comm.Get_size()))
+        return _Pending(request, buf, parse_op(op).postscale(comm.Get_size()), self.wait_timeout)
 
     def allreduce(self, x: np.ndarray, op: ReduceOp = Average, process_set: ProcessSet = WORLD) -> np.ndarray:
         out = np.ascontiguousarray(x).copy()
@@ -182,8 +193,12 @@ class NumpyCollectives:
         comm = self.comm_for(process_set)
         root = process_set.rank_of(root_rank, self.world.size)
         out = np.ascontiguousarray(x).copy()
-        comm.Bcast(out, root=root)
+        self._wait(comm.Ibcast(out, root=root), "an MPI broadcast")
         return out
+
+    def _wait(self, request: Any, what: str) -> None:
+        """Poll a non-blocking MPI request (signal handlers run; a dead peer ends in a timeout)."""
+        wait_until(request.Test, timeout=self.wait_timeout, what=what)
 
     def allgather(self, x: np.ndarray, process_set: ProcessSet = WORLD) -> np.ndarray:
         """Concatenate every rank's array along the first dimension (first dims may differ)."""
@@ -204,7 +219,7 @@ class NumpyCollectives:
         return out
 
     def barrier(self, process_set: ProcessSet = WORLD) -> None:
-        self.comm_for(process_set).Barrier()
+        self._wait(self.comm_for(process_set).Ibarrier(), "an MPI barrier")
 
     def broadcast_object(self, obj: Any, root_rank: int = 0, process_set: ProcessSet = WORLD) -> Any:
         comm = self.comm_for(process_set)

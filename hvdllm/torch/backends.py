@@ -91,8 +91,9 @@ class HorovodTorch(HorovodBase):
         return self._wait(self.hvd.allgather_async(x, name=name, process_set=self._ps(process_set)))
 
     def _wait(self, handle: Any) -> torch.Tensor:
-        """The op's result; sleeps between polls where Horovod's synchronize() would spin (core.waiting)."""
-        wait_until(lambda: self.hvd.poll(handle))
+        """The op's result; sleeps between polls where Horovod's synchronize() would spin, with a deadline
+        (core.waiting)."""
+        wait_until(lambda: self.hvd.poll(handle), timeout=self.wait_timeout, what="a Horovod collective")
         return self.hvd.synchronize(handle)
 
     def barrier(self, process_set: ProcessSet = WORLD) -> None:

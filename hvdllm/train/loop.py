@@ -6,6 +6,12 @@ learning rate of each step from the core's schedule, the metrics rows (loss = me
 batch), the progress bar, periodic eval and checkpoints, ``--exit-at-step``, the loss plot and the
 final sample. Every hook that communicates is called on every rank at the same point, so the ranks
 issue the same collectives in the same order.
+
+Failures and preemption: an exception leaving the loop carries the step it interrupted
+(hvdllm.core.failure.mark_step: the failing rank's last line names it). Every
+``run.stop_check_interval`` steps the ranks agree, with one tiny allreduce, whether any of them got
+SIGTERM/SIGUSR1 or spent ``run.max_minutes`` (hvdllm.core.preemption); if so all checkpoint that step
+and the run ends :attr:`RunEnd.stopped` (the trainers exit with EXIT_PREEMPTED).
 """
 from __future__ import annotations
 
@@ -14,6 +20,10 @@ import math
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
+from hvdllm.core.failure import mark_step
+from hvdllm.core.preemption import StopRequest, agreed_stop
 from hvdllm.core.schedules import LRSchedule
 from hvdllm.train import replicas
 from hvdllm.train.config import TrainConfig
@@ -62,6 +72,7 @@ class StepHooks:
     ``sample(prompt, tokens, temperature, top_k, seed)``: called on every rank at the end; rank 0 returns
     the generated text (model-parallel runs gather the model collectively first).
     ``check_replicas(step)``: raise when the data-parallel replicas differ (hvdllm.train.replicas).
+    ``sum_over_ranks(vector)``: the element-wise sum of a small float64 vector over all ranks (a collective).
     """
 
     step: Callable[[int, float], float]
@@ -69,31 +80,45 @@ class StepHooks:
     save: Callable[[int, LossLog], Path | None]
     grad_norm: Callable[[], float | None]
     sample: Callable[[str, int, float, int, int], str | None]
+    sum_over_ranks: Callable[[np.ndarray], np.ndarray]
     check_replicas: Callable[[int], None] | None = None   # compare data-parallel replicas (a collective)
 
 
+@dataclasses.dataclass(frozen=True)
+class RunEnd:
+    """How :func:`run_training` ended: the last step done; ``stopped`` names who asked the run to stop
+    early and why (None: it ran to --max-steps or --exit-at-step)."""
+
+    step: int
+    stopped: str | None = None
+
+
 def run_training(s: RunSetup, hooks: StepHooks, losses: LossLog, flops_per_token: float, peak: float,
-                 ranks: int, note: str) -> int:
-    """Train from ``s.start_step`` to ``--max-steps`` (or ``--exit-at-step``); returns the last step done."""
+                 ranks: int, note: str) -> RunEnd:
+    """Train from ``s.start_step`` to ``--max-steps`` (or ``--exit-at-step``, or an agreed stop)."""
     cfg = s.cfg
+    stop = StopRequest(cfg.run.max_minutes * 60 if cfg.run.max_minutes is not None else None).install()
     metrics = MetricsLogger(s.run_dir, enabled=s.is_root,
                             resume_step=s.start_step if s.resume_from is not None else None,
                             tensorboard=cfg.run.tensorboard)
     tput = Throughput(flops_per_token, peak, ranks)
     progress = Progress(cfg.run.max_steps, s.start_step, enabled=s.is_root and cfg.run.progress)
     progress.note(note)
-    if s.resume_from is None and cfg.run.eval_interval > 0:
-        val0 = hooks.evaluate()
-        metrics.log({"step": 0, "val_loss": val0})
-        progress.note(f"step 0: val loss {val0:.4f}")
-
-    schedule = make_schedule(cfg)
-    tokens_per_step = cfg.batch.global_batch * s.windows.seq_len
     step = s.start_step
     try:
+        if s.resume_from is None and cfg.run.eval_interval > 0:
+            val0 = hooks.evaluate()
+            metrics.log({"step": 0, "val_loss": val0})
+            progress.note(f"step 0: val loss {val0:.4f}")
+
+        schedule = make_schedule(cfg)
+        tokens_per_step = cfg.batch.global_batch * s.windows.seq_len
         while step < cfg.run.max_steps:
             lr = float(schedule(step))
-            losses.add(hooks.step(step, lr))
+            try:
+                losses.add(hooks.step(step, lr))
+            except BaseException as e:
+                raise mark_step(e, step + 1)
             step += 1
             tput.add(tokens_per_step)
             progress.step()
@@ -112,20 +137,29 @@ def run_training(s: RunSetup, hooks: StepHooks, losses: LossLog, flops_per_token
                 metrics.log({"step": step, "val_loss": val, "lr": lr})
                 progress.note(f"step {step}: val loss {val:.4f}")
 
-            if hooks.check_replicas is not None and replicas.due(step, cfg, should_checkpoint(step, cfg)):
+            saved = should_checkpoint(step, cfg)
+            if hooks.check_replicas is not None and replicas.due(step, cfg, saved):
                 hooks.check_replicas(step)               # before a checkpoint: never save diverged replicas
-            if should_checkpoint(step, cfg):
-                path = hooks.save(step, losses)
-                if path is not None:
-                    progress.note(f"checkpoint {path}")
-            if cfg.run.exit_at_step is not None and step == cfg.run.exit_at_step and step < cfg.run.max_steps:
+            if saved:
+                _save(hooks, step, losses, progress)
+            stopped = None
+            if step < cfg.run.max_steps and step % cfg.run.stop_check_interval == 0:
+                stopped = agreed_stop(stop.code(), s.rank, s.size, hooks.sum_over_ranks)
+            if stopped is not None and not saved:
+                _save(hooks, step, losses, progress)
+            if stopped is not None or (cfg.run.exit_at_step is not None and step == cfg.run.exit_at_step
+                                       and step < cfg.run.max_steps):
                 progress.close()
                 metrics.close()
                 if s.is_root:
                     plot_loss(s.run_dir)
-                    say(f"exiting after step {step} (--exit-at-step); continue with --resume")
-                return step
+                    why = f"stopping early ({stopped})" if stopped else "exiting (--exit-at-step)"
+                    say(f"hvdllm: {why} after step {step}, checkpoint written; continue with --resume")
+                return RunEnd(step, stopped)
+    except BaseException as e:
+        raise mark_step(e, step)
     finally:
+        stop.uninstall()
         progress.close()
 
     metrics.close()
@@ -135,4 +169,10 @@ def run_training(s: RunSetup, hooks: StepHooks, losses: LossLog, flops_per_token
         plot_loss(s.run_dir)
         write_sample(s.run_dir, sp.prompt, text or "")
         say(f"done: {step} steps in {tput.elapsed():.0f} s; run directory {s.run_dir}")
-    return step
+    return RunEnd(step)
+
+
+def _save(hooks: StepHooks, step: int, losses: LossLog, progress: Progress) -> None:
+    path = hooks.save(step, losses)
+    if path is not None:
+        progress.note(f"checkpoint {path}")

@@ -30,6 +30,7 @@ import keras
 
 import hvdllm.tensorflow as hvd
 from hvdllm.core.evaluation import eval_batches
+from hvdllm.core.preemption import EXIT_PREEMPTED
 from hvdllm.data.tokenizer import TOKENIZER_FILE
 from hvdllm.models.gpt_keras import GPT, GPTConfig, cross_entropy, load_torch_state_dict, torch_state_dict
 from hvdllm.train import checkpoint as ckpt
@@ -278,7 +279,8 @@ def sample_text(model: GPT, tokenizer: Any, prompt: str, tokens: int, temperatur
 
 
 def train(cfg: TrainConfig) -> int:
-    """Run (or resume) training as configured; returns the exit status (0). ConfigError -> the CLI's 2."""
+    """Run (or resume) training as configured; returns the exit status (0, or EXIT_PREEMPTED after an
+    agreed early stop). ConfigError -> the CLI's 2."""
     hvd.init(process_sets=grid_process_sets(cfg.parallel.tp, cfg.parallel.pp))
     rank, size = hvd.rank(), hvd.size()
     threads = cfg.run.threads or hvd.threads_per_rank()
@@ -325,17 +327,21 @@ def train(cfg: TrainConfig) -> int:
     def sample(prompt: str, tokens: int, temperature: float, top_k: int, seed: int) -> str | None:
         return sample_text(model, s.tokenizer, prompt, tokens, temperature, top_k, seed) if s.is_root else None
 
+    def sum_over_ranks(vec: np.ndarray) -> np.ndarray:
+        return np.asarray(hvd.allreduce(tf.constant(vec), op=hvd.Sum))
+
     hooks = StepHooks(step=step, evaluate=lambda: evaluate(s, steps),
                       save=lambda i, ls: save(s, model, optimizer, i, ls), grad_norm=grad_norm, sample=sample,
+                      sum_over_ranks=sum_over_ranks,
                       check_replicas=lambda i: check_replicas(s, model, optimizer, i))
-    run_training(s, hooks, losses, s.gpt.flops_per_token(), peak, size, note)
+    end = run_training(s, hooks, losses, s.gpt.flops_per_token(), peak, size, note)
     if size > 1:
-        hvd.barrier()
-    return 0
+        hvd.barrier()              # (rank 0 has finished writing before any rank exits)
+    return EXIT_PREEMPTED if end.stopped else 0
 
 
 def train_model_parallel(s: RunSetup, peak: float, note: str) -> int:
-    """The training run of a tp x pp layout (hvdllm.train.model_parallel_keras); returns 0."""
+    """The training run of a tp x pp layout (hvdllm.train.model_parallel_keras); returns the exit status."""
     run = ModelParallelKeras(s)
     losses = LossLog(s.size, lambda vec: np.asarray(run.collectives.allreduce(
         tf.constant(vec), hvd.Average, hvd.WORLD, name=run.op_name("loss"))))
@@ -365,11 +371,14 @@ def train_model_parallel(s: RunSetup, peak: float, note: str) -> int:
         load_weights(model, weights, "the gathered model")
         return sample_text(model, s.tokenizer, prompt, tokens, temperature, top_k, seed)
 
+    def sum_over_ranks(vec: np.ndarray) -> np.ndarray:
+        return np.asarray(run.collectives.allreduce(tf.constant(vec), hvd.Sum, hvd.WORLD, name=run.op_name("stop")))
+
     hooks = StepHooks(step=step, evaluate=run.evaluate, save=save_mp, grad_norm=lambda: run.grad_norm,
-                      sample=sample)
-    run_training(s, hooks, losses, s.gpt.flops_per_token(), peak, s.size, note)
+                      sample=sample, sum_over_ranks=sum_over_ranks)
+    end = run_training(s, hooks, losses, s.gpt.flops_per_token(), peak, s.size, note)
     hvd.barrier()
-    return 0
+    return EXIT_PREEMPTED if end.stopped else 0
 
 
 def sample_checkpoint(path: str, prompt: str | None, tokens: int | None, temperature: float | None = None,

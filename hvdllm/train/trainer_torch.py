@@ -21,6 +21,7 @@ import torch
 
 import hvdllm.torch as hvd
 from hvdllm.core.evaluation import eval_batches
+from hvdllm.core.preemption import EXIT_PREEMPTED
 from hvdllm.data.tokenizer import TOKENIZER_FILE
 from hvdllm.models.gpt import GPTConfig
 from hvdllm.train import checkpoint as ckpt
@@ -266,7 +267,8 @@ def sample_text(runner: StepRunner, tokenizer: Any, prompt: str, tokens: int, te
 
 
 def train(cfg: TrainConfig) -> int:
-    """Run (or resume) training as configured; returns the exit status (0). ConfigError -> the CLI's 2."""
+    """Run (or resume) training as configured; returns the exit status (0, or EXIT_PREEMPTED after an
+    agreed early stop). ConfigError -> the CLI's 2."""
     hvd.init(process_sets=grid_process_sets(cfg.parallel.tp, cfg.parallel.pp))
     rank, size = hvd.rank(), hvd.size()
     threads = cfg.run.threads or hvd.threads_per_rank()
@@ -331,14 +333,18 @@ def train(cfg: TrainConfig) -> int:
         return sample_text(sampler, s.tokenizer, prompt, tokens, temperature, top_k, seed, device)
 
     runner.model.train()
+
+    def sum_over_ranks(vec: np.ndarray) -> np.ndarray:
+        return hvd.allreduce(torch.from_numpy(vec), op=hvd.Sum, name=runner.op_name("stop")).numpy()
+
     hooks = StepHooks(step=step, evaluate=lambda: evaluate(s, runner, device),
                       save=lambda i, ls: save(s, runner, optimizer, i, device, precision, ls),
-                      grad_norm=grad_norm, sample=sample,
+                      grad_norm=grad_norm, sample=sample, sum_over_ranks=sum_over_ranks,
                       check_replicas=lambda i: check_replicas(s, runner, optimizer, i))
-    run_training(s, hooks, losses, s.gpt.flops_per_token(), peak, size, note)
+    end = run_training(s, hooks, losses, s.gpt.flops_per_token(), peak, size, note)
     if size > 1:
-        hvd.barrier()
-    return 0
+        hvd.barrier()              # (rank 0 has finished writing before any rank exits)
+    return EXIT_PREEMPTED if end.stopped else 0
 
 
 def sample_checkpoint(path: str, prompt: str | None, tokens: int | None, temperature: float | None = None,

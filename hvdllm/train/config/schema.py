@@ -101,6 +101,11 @@ class RunSection:
     max_steps: int = knob(300, "optimizer steps of the run and of the LR schedule", ge=1)
     exit_at_step: int | None = knob(None, "checkpoint and exit after this step, schedule unchanged "
                                           "(<= run.max_steps)", ge=1, none="run to the end")
+    max_minutes: float | None = knob(None, "wall-clock budget of this invocation: past it every rank finishes "
+                                           "the step, checkpoints and exits 75 (leave a margin for the "
+                                           "checkpoint)", gt=0, none="no budget")
+    stop_check_interval: int = knob(1, "steps between the ranks' agreement on stopping (SIGTERM/SIGUSR1 on "
+                                       "any rank, run.max_minutes): one tiny allreduce", ge=1)
     resume: bool = knob(False, "continue from the newest checkpoint in run.out that verifies (an error when "
                                "run.out holds none)")
     init_from: str | None = knob(None, "start from the weights (and tokenizer) of a run directory or checkpoint "

@@ -1,0 +1,119 @@
+"""A rank that fails ends the whole job instead of hanging it.
+
+Why jobs hang: when one rank raises while its peers wait in a collective, the failing process's
+normal exit runs the communication library's shutdown (mpi4py's ``MPI_Finalize``, which in Open MPI
+waits for every rank; Horovod's shutdown), while its peers wait for the collective it will never
+issue. The rule here: a failing rank of a multi-rank job prints one line naming itself and the step
+(:func:`failure_line`), then ends its process without a clean shutdown — ``MPI_Abort`` where MPI is
+initialised in the process (mpirun with the mpi4py backend, ``horovodrun --mpi``), ``os._exit``
+otherwise — and the launcher, seeing a rank die, ends the others. Ranks that no launcher ends stop at
+their bounded waits (hvdllm.core.waiting) or at Horovod's stall shutdown.
+
+The step travels with the exception (:func:`mark_step`), so nothing global tracks it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import traceback
+from types import TracebackType
+from typing import Any, Callable
+
+EXIT_FAILED = 1
+_STEP_ATTR = "hvdllm_step"
+
+ExceptHook = Callable[[type, BaseException, "TracebackType | None"], Any]
+
+
+def mark_step(exc: BaseException, step: int) -> BaseException:
+    """Record on ``exc`` the training step it interrupted (the innermost mark wins); returns ``exc``."""
+    if getattr(exc, _STEP_ATTR, None) is None:
+        try:
+            setattr(exc, _STEP_ATTR, step)
+        except AttributeError:     # an exception type with __slots__: the line then names no step
+            pass
+    return exc
+
+
+def step_of(exc: BaseException) -> int | None:
+    return getattr(exc, _STEP_ATTR, None)
+
+
+def failure_line(rank: int, exc: BaseException) -> str:
+    """``hvdllm: rank R failed at step S: Type: message`` (without the step when none was marked)."""
+    step = step_of(exc)
+    where = f" at step {step}" if step is not None else ""
+    text = " ".join(str(exc).split())
+    return f"hvdllm: rank {rank} failed{where}: {type(exc).__name__}{': ' + text if text else ''}"
+
+
+def abort_process(code: int) -> None:
+    """End this process now, skipping the clean shutdown that would wait for peers.
+
+    ``MPI_Abort`` when MPI is initialised here (it ends every rank of the communicator, whatever the
+    launcher does), else ``os._exit``: mpirun and horovodrun end the job when a rank exits non-zero.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is None and _horovod_uses_mpi():
+        try:
+            from mpi4py import MPI as mpi   # Horovod initialised MPI itself; mpi4py attaches to it
+        except Exception:  # noqa: BLE001 - no mpi4py: os._exit below still ends the job under mpirun
+            mpi = None
+    if mpi is not None:
+        try:
+            if mpi.Is_initialized() and not mpi.Is_finalized():
+                mpi.COMM_WORLD.Abort(code)
+        except Exception:  # noqa: BLE001
+            pass
+    os._exit(code)
+
+
+def _horovod_uses_mpi() -> bool:
+    """Horovod is loaded in a job launched by MPI (its MPI controller initialised MPI in this process)."""
+    launched_by_mpi = any(v in os.environ for v in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"))
+    return launched_by_mpi and "horovod.common.basics" in sys.modules
+
+
+@dataclasses.dataclass(frozen=True)
+class AbortOnFailure:
+    """A ``sys.excepthook``: the usual traceback, the failure line, then (several ranks) the job ends."""
+
+    rank: int
+    size: int
+    previous: ExceptHook = sys.__excepthook__
+    abort: Callable[[int], None] = abort_process
+
+    def __call__(self, etype: type, exc: BaseException, tb: TracebackType | None) -> None:
+        self.previous(etype, exc, tb)
+        if isinstance(exc, KeyboardInterrupt) and self.size == 1:
+            return
+        print(failure_line(self.rank, exc), file=sys.stderr, flush=True)
+        if self.size > 1:
+            self.abort(EXIT_FAILED)
+
+
+def install_abort_on_failure(rank: int, size: int) -> AbortOnFailure:
+    """Make an uncaught exception of this rank end the whole job (see the module docstring)."""
+    current = sys.excepthook
+    previous = current.previous if isinstance(current, AbortOnFailure) else current
+    hook = AbortOnFailure(rank, size, previous)
+    sys.excepthook = hook
+    return hook
+
+
+def uninstall_abort_on_failure() -> None:
+    if isinstance(sys.excepthook, AbortOnFailure):
+        sys.excepthook = sys.excepthook.previous
+
+
+def report_failure(exc: BaseException) -> None:
+    """What an uncaught ``exc`` does (the installed excepthook), for code that caught it: a CLI that
+    maps failures to exit statuses must still end a multi-rank job rather than exit into a hang."""
+    hook = sys.excepthook
+    if isinstance(hook, AbortOnFailure):
+        hook(type(exc), exc, exc.__traceback__)
+    else:
+        traceback.print_exception(type(exc), exc, exc.__traceback__)
