@@ -31,8 +31,9 @@ class _Immediate:
     ops, so the reduction runs now and the handle's ``wait()`` returns its result."""
 
     def allreduce_async_(self, x: tf.Tensor, op: ReduceOp = Average, process_set: ProcessSet = WORLD,
-                         name: str | None = None) -> Done:
-        return Done(self.allreduce(x, op, process_set, name))  # type: ignore[attr-defined]
+                         name: str | None = None, prescale_factor: float = 1.0, postscale_factor: float = 1.0) -> Done:
+        return Done(self.allreduce(x, op, process_set, name, prescale_factor,  # type: ignore[attr-defined]
+                                   postscale_factor))
 
 
 class HorovodTF(_Immediate, HorovodBase):
@@ -45,11 +46,12 @@ class HorovodTF(_Immediate, HorovodBase):
                          model_parallel=model_parallel)
 
     def allreduce(self, x: tf.Tensor, op: ReduceOp = Average, process_set: ProcessSet = WORLD,
-                  name: str | None = None) -> tf.Tensor:
-        return self.grouped_allreduce([x], op, process_set, name=name)[0]
+                  name: str | None = None, prescale_factor: float = 1.0, postscale_factor: float = 1.0) -> tf.Tensor:
+        return self.grouped_allreduce([x], op, process_set, name, prescale_factor, postscale_factor)[0]
 
     def grouped_allreduce(self, xs: Sequence[tf.Tensor], op: ReduceOp = Average,
-                          process_set: ProcessSet = WORLD, name: str | None = None) -> list[tf.Tensor]:
+                          process_set: ProcessSet = WORLD, name: str | None = None,
+                          prescale_factor: float = 1.0, postscale_factor: float = 1.0) -> list[tf.Tensor]:
         """Horovod's TF ops have no bf16: such tensors travel as fp32.
 
         ``name`` (graph mode) keys the op across ranks regardless of name scopes; without it Horovod
@@ -59,6 +61,7 @@ class HorovodTF(_Immediate, HorovodBase):
         xs = [tf.convert_to_tensor(x) for x in xs]
         wire = [tf.cast(x, tf.float32) if x.dtype == tf.bfloat16 else x for x in xs]
         named = {"name": name, "ignore_name_scope": True} if name else {}
+        named.update(prescale_factor=prescale_factor, postscale_factor=postscale_factor)
         if len(wire) == 1:
             out = [self.hvd.allreduce(wire[0], op=self._op(op), process_set=self._ps(process_set), **named)]
         else:
@@ -103,15 +106,17 @@ class NumpyTF(_Immediate, NumpyBase):
         return tf.cast(out, dtype) if dtype == tf.bfloat16 else out
 
     def allreduce(self, x: tf.Tensor, op: ReduceOp = Average, process_set: ProcessSet = WORLD,
-                  name: str | None = None) -> tf.Tensor:
+                  name: str | None = None, prescale_factor: float = 1.0, postscale_factor: float = 1.0) -> tf.Tensor:
         """``name`` is accepted for API parity with Horovod; MPI matches collectives by order."""
         op = parse_op(op)
-        return self._call(lambda a: self.impl.allreduce(a, op, process_set), x)
+        return self._call(lambda a: self.impl.allreduce(a, op, process_set, prescale_factor, postscale_factor), x)
 
     def grouped_allreduce(self, xs: Sequence[tf.Tensor], op: ReduceOp = Average,
-                          process_set: ProcessSet = WORLD, name: str | None = None) -> list[tf.Tensor]:
+                          process_set: ProcessSet = WORLD, name: str | None = None,
+                          prescale_factor: float = 1.0, postscale_factor: float = 1.0) -> list[tf.Tensor]:
         """One reduction over the tensors packed into a flat buffer per dtype."""
-        return packed(xs, lambda flat: self.allreduce(flat, op, process_set))
+        return packed(xs, lambda flat: self.allreduce(flat, op, process_set, None, prescale_factor,
+                                                      postscale_factor))
 
     def broadcast(self, x: tf.Tensor, root_rank: int, process_set: ProcessSet = WORLD,
                   name: str | None = None) -> tf.Tensor:
