@@ -21,28 +21,27 @@ EVERY_RANK = set(REDUCE) | {
 IN_SUBSET = {"ps_allreduce_max", "ps_allreduce_async", "ps_allgather", "ps_reducescatter", "ps_alltoall", "ps_object"}
 JOIN = {"join_sums", "join_last"}
 
-CASES = [("python", 1, "local"), ("gloo", 2, "horovod"), ("gloo", 3, "horovod"), ("mpirun", 2, "mpi"),
-         ("mpirun", 3, "mpi")]
+CASES = [("python", 1, "local"), ("gloo", 2, "horovod"), ("gloo", 3, "horovod"), ("horovod-mpi", 2, "horovod"),
+         ("mpirun", 2, "mpi"), ("mpirun", 3, "mpi")]
 
 
-def expected_cases(rank: int, size: int, backend: str) -> set[str]:
+def expected_cases(launcher: str, rank: int, size: int, backend: str) -> set[str]:
     cases = set(EVERY_RANK)
     if rank < max(1, size - 1):
         cases |= IN_SUBSET
     cases |= {"join_error"} if backend == "mpi" and size > 1 else JOIN
-    if backend != "horovod":
+    if launcher == "horovod-mpi":
+        cases |= {"adasum"} if size == 2 else set()
+    else:
         cases.add("adasum_error")
-    elif size == 2:
-        cases.add("adasum")
     return cases
 
 
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("launcher,np,backend", CASES, ids=[f"{l}-np{n}" for l, n, _ in CASES])
 def test_horovod_api(launcher: str, np: int, backend: str) -> None:
-    reports = run_ranks("horovod_api_worker.py", np=np, launcher=launcher, timeout=360,
-                        env={"HVDLLM_TEST_LAUNCHER": launcher})
+    reports = run_ranks("horovod_api_worker.py", np=np, launcher=launcher, timeout=360)
     for rank, rep in enumerate(reports):
         assert (rep["rank"], rep["size"], rep["backend"]) == (rank, np, backend)
         assert rep["failures"] == [], (rank, rep["failures"])
-        assert set(rep["checked"]) == expected_cases(rank, np, backend), (rank, sorted(rep["checked"]))
+        assert set(rep["checked"]) == expected_cases(launcher, rank, np, backend), (rank, sorted(rep["checked"]))

@@ -49,7 +49,7 @@ class HorovodBase:
         self._sets[WORLD] = hvd.global_process_set
         self.world = World(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), backend="horovod",
                            cross_rank=hvd.cross_rank(), cross_size=hvd.cross_size(),
-                           homogeneous=hvd.is_homogeneous())
+                           homogeneous=hvd.mpi_ops.is_homogeneous())   # horovod.torch exports it there only
 
     def _ps(self, ps: ProcessSet) -> Any:
         if ps not in self._sets:
@@ -57,11 +57,19 @@ class HorovodBase:
         return self._sets[ps]
 
     def _op(self, op: ReduceOp) -> Any:
-        return getattr(self.hvd, parse_op(op).name.capitalize())   # hvd.Average, hvd.Sum, hvd.Min, ...
+        op = parse_op(op)
+        if op is ReduceOp.ADASUM and not self.hvd.mpi_enabled():
+            raise ValueError("hvd.Adasum needs Horovod's MPI controller (horovodrun --mpi); this job runs Gloo")
+        return getattr(self.hvd, op.name.capitalize())   # hvd.Average, hvd.Sum, hvd.Min, ...
 
     def allgather_object(self, obj: Any, process_set: ProcessSet = WORLD, name: str | None = None) -> list:
-        return self.hvd.allgather_object(obj, name=name or "hvdllm.allgather_object",
-                                         process_set=self._ps(process_set))
+        """horovod.torch's allgather_object has no process set: inside one, each member broadcasts."""
+        name = name or "hvdllm.allgather_object"
+        if process_set == WORLD:
+            return self.hvd.allgather_object(obj, name=name)
+        self._ps(process_set)
+        return [self.broadcast_object(obj if root == self.world.rank else None, root, process_set, f"{name}.{root}")
+                for root in process_set.members(self.world.size)]
 
     def remove_process_set(self, ps: ProcessSet) -> bool:
         if ps == WORLD or ps not in self._sets:
@@ -72,7 +80,7 @@ class HorovodBase:
         return bool(getattr(self.hvd, f"{controller}_enabled")())
 
     def mpi_threads_supported(self) -> bool:
-        return bool(self.hvd.mpi_threads_supported())
+        return bool(self.hvd.mpi_enabled() and self.hvd.mpi_threads_supported())   # Horovod raises under Gloo
 
     def broadcast_object(self, obj: Any, root_rank: int = 0, process_set: ProcessSet = WORLD,
                          name: str | None = None) -> Any:

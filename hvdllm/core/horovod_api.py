@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from hvdllm.core.collectives import Collectives, Handle
-from hvdllm.core.ops import Average, ReduceOp, resolve_op
+from hvdllm.core.ops import Average, ReduceOp, require_scatterable, resolve_op
 from hvdllm.core.process_sets import WORLD, ProcessSet
 
 
@@ -29,6 +29,8 @@ class HorovodApi:
     def _reduce(self, kind: str, tensors: Any, average: Any, name: str | None, op: Any, prescale_factor: float,
                 postscale_factor: float, process_set: Any, default: ReduceOp = Average) -> Any:
         op = resolve_op(op, average, default)
+        if "reducescatter" in kind:
+            require_scatterable(op)
         return self.collectives().start(kind, tensors, op, _ps(process_set), name, prescale_factor, postscale_factor)
 
     def allreduce_async(self, tensor: Any, average: Any = None, name: str | None = None, op: Any = None,

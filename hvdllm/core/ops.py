@@ -70,3 +70,10 @@ def require_native(op: ReduceOp, backend: str) -> ReduceOp:
         raise ValueError(f"hvd.Adasum is not available on the {backend} backend: it needs the horovod "
                          "backend (horovodrun with Horovod installed)")
     return op
+
+
+def require_scatterable(op: ReduceOp) -> ReduceOp:
+    """Horovod's reducescatter reduces with Average or Sum only; every backend keeps that contract."""
+    if op not in (Average, Sum):
+        raise ValueError(f"reducescatter supports op=hvd.Average or hvd.Sum, got {op!r}")
+    return op
