@@ -178,6 +178,15 @@ def built(query: str, horovod_module: Callable[[], Any]) -> bool:
     return query == "mpi_built" and core_backend.module_available("mpi4py")
 
 
+def build_query(query: str, horovod_module: Callable[[], Any]) -> Callable[[], bool]:
+    """The adapter's module function ``query`` (e.g. ``hvd.mpi_built``), see :func:`built`."""
+    def answer() -> bool:
+        return built(query, horovod_module)
+
+    answer.__name__ = answer.__qualname__ = query
+    return answer
+
+
 def create_backend(process_sets: Sequence[ProcessSet | Sequence[int]] | None,
                    horovod_available: Callable[[], bool],
                    horovod_cls: Callable[[Sequence[ProcessSet], bool], Any],

@@ -5,7 +5,7 @@ package itself, which imports them: no cycle).
 """
 from __future__ import annotations
 
-from hvdllm.core.backends import built
+from hvdllm.core.backends import BUILD_QUERIES, build_query
 from hvdllm.core.errors import HorovodInternalError
 from hvdllm.core.frontend import Frontend
 from hvdllm.core.process_sets import WORLD
@@ -33,33 +33,7 @@ poll, synchronize, join, barrier = _front.poll, _front.synchronize, _front.join,
 broadcast_object, allgather_object = _front.broadcast_object, _front.allgather_object
 mpi_enabled, gloo_enabled, mpi_threads_supported = _front.mpi_enabled, _front.gloo_enabled, _front.mpi_threads_supported
 
-
-def mpi_built() -> bool:
-    return built("mpi_built", backends.horovod_module)
-
-
-def gloo_built() -> bool:
-    return built("gloo_built", backends.horovod_module)
-
-
-def nccl_built() -> bool:
-    return built("nccl_built", backends.horovod_module)
-
-
-def ddl_built() -> bool:
-    return built("ddl_built", backends.horovod_module)
-
-
-def ccl_built() -> bool:
-    return built("ccl_built", backends.horovod_module)
-
-
-def cuda_built() -> bool:
-    return built("cuda_built", backends.horovod_module)
-
-
-def rocm_built() -> bool:
-    return built("rocm_built", backends.horovod_module)
-
+mpi_built, gloo_built, nccl_built, ddl_built, ccl_built, cuda_built, rocm_built = (
+    build_query(q, backends.horovod_module) for q in BUILD_QUERIES)
 
 __all__ = ["HorovodInternalError"]  # the rest is re-exported by name from hvdllm.torch

@@ -1,7 +1,8 @@
-"""Every Horovod collective of hvdllm.torch against a numpy reference of the same inputs.
+"""Every Horovod collective of hvdllm.torch / hvdllm.tensorflow against a numpy reference of the same inputs.
 
 Each rank rebuilds every rank's inputs from seeds, so it computes the exact expected result itself and
-reports the cases it checked and any mismatch. Run as `<launcher> python horovod_api_worker.py`.
+reports the cases it checked and any mismatch. Run as `<launcher> python horovod_api_worker.py torch|tensorflow`
+(TF has Horovod's TF names only: no async handles or in-place forms).
 """
 from __future__ import annotations
 
@@ -14,15 +15,23 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from tests.workers.common import leave_together  # noqa: E402
 
-import torch  # noqa: E402
-
-import hvdllm.torch as hvd  # noqa: E402
 from hvdllm.core.collectives import split_rows  # noqa: E402
+
+TORCH = sys.argv[1:] != ["tensorflow"]
+if TORCH:
+    import torch
+
+    import hvdllm.torch as hvd
+else:
+    import tensorflow as tf
+
+    import hvdllm.tensorflow as hvd
 
 size = int(next((os.environ[v] for v in ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE") if v in os.environ), "1"))
 SUBSET = list(range(max(1, size - 1)))          # ranks [0..n-2]: a proper subset from 2 ranks on
 hvd.init(process_sets=[SUBSET])
-torch.set_num_threads(1)
+if TORCH:
+    torch.set_num_threads(1)
 r, n = hvd.rank(), hvd.size()
 PS = hvd.ProcessSet(SUBSET)
 checked: list[str] = []
@@ -60,8 +69,8 @@ def check(name: str, got, want) -> None:
         failures.append(f"{name}: {type(e).__name__}: {e}")
 
 
-def t(a: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(a.copy())
+def t(a: np.ndarray):
+    return torch.from_numpy(a.copy()) if TORCH else tf.constant(a)
 
 
 def run(name: str, fn) -> None:
@@ -110,7 +119,8 @@ def reduce_cases() -> None:
     sl = lambda m, q: m[sum(split_rows(len(m), n)[:q]):sum(split_rows(len(m), n)[:q + 1])]  # noqa: E731
     check("grouped_reducescatter", hvd.grouped_reducescatter([t(a[r]), t(b[r])], op=hvd.Sum),
           [sl(a.sum(0), r), sl(b.sum(0), r)])
-    check("reducescatter_async", hvd.synchronize(hvd.reducescatter_async(t(a[r]))), sl(a.mean(0), r))
+    if TORCH:
+        check("reducescatter_async", hvd.synchronize(hvd.reducescatter_async(t(a[r]))), sl(a.mean(0), r))
     if n == 2 and hvd.backend() == "horovod" and hvd.mpi_enabled():   # Adasum of two vectors, Horovod's formula
         x, y = xs[0].ravel(), xs[1].ravel()
         d = x @ y
@@ -129,6 +139,9 @@ def reduce_cases() -> None:
 def async_cases() -> None:
     xs = np.stack(all_inputs(lambda q: (4,), 500))
     ys = np.stack(all_inputs(lambda q: (2, 3), 501))
+    check("grouped_allreduce", hvd.grouped_allreduce([t(xs[r]), t(ys[r])], op=hvd.Sum), [xs.sum(0), ys.sum(0)])
+    if not TORCH:
+        return
     h = hvd.allreduce_async(t(xs[r]), op=hvd.Sum, name="api.async")
     hvd.poll(h)   # may be True or False; must not fail
     check("allreduce_async", hvd.synchronize(h), xs.sum(0))
@@ -138,7 +151,6 @@ def async_cases() -> None:
     inplace = t(xs[r])
     hvd.synchronize(hvd.allreduce_async_(inplace, op=hvd.Min))
     check("allreduce_async_", inplace, xs.min(0))
-    check("grouped_allreduce", hvd.grouped_allreduce([t(xs[r]), t(ys[r])], op=hvd.Sum), [xs.sum(0), ys.sum(0)])
     check("grouped_allreduce_async",
           hvd.synchronize(hvd.grouped_allreduce_async([t(xs[r]), t(ys[r])])), [xs.mean(0), ys.mean(0)])
     pair = [t(xs[r]), t(ys[r])]
@@ -153,8 +165,14 @@ def gather_cases() -> None:
     gs = all_inputs(lambda q: (q + 1, 2), 600)           # uneven first dimensions
     hs = all_inputs(lambda q: (2 * q + 1,), 601)
     check("allgather_uneven", hvd.allgather(t(gs[r])), np.concatenate(gs))
-    check("allgather_async", hvd.synchronize(hvd.allgather_async(t(gs[r]))), np.concatenate(gs))
     check("grouped_allgather", hvd.grouped_allgather([t(gs[r]), t(hs[r])]), [np.concatenate(gs), np.concatenate(hs)])
+    objs = hvd.allgather_object({"rank": r, "sq": r * r})
+    checked.append("allgather_object")
+    if objs != [{"rank": q, "sq": q * q} for q in range(n)]:
+        failures.append(f"allgather_object: {objs}")
+    if not TORCH:
+        return
+    check("allgather_async", hvd.synchronize(hvd.allgather_async(t(gs[r]))), np.concatenate(gs))
     check("grouped_allgather_async", hvd.synchronize(hvd.grouped_allgather_async([t(hs[r])])), [np.concatenate(hs)])
     bs = all_inputs(lambda q: (3,), 610)
     check("broadcast_async", hvd.synchronize(hvd.broadcast_async(t(bs[r]), root_rank=n - 1)), bs[n - 1])
@@ -164,10 +182,6 @@ def gather_cases() -> None:
     mine = t(bs[r])
     hvd.broadcast_(mine, n - 1)
     check("broadcast_", mine, bs[n - 1])
-    objs = hvd.allgather_object({"rank": r, "sq": r * r})
-    checked.append("allgather_object")
-    if objs != [{"rank": q, "sq": q * q} for q in range(n)]:
-        failures.append(f"allgather_object: {objs}")
 
 
 def alltoall_cases() -> None:
@@ -180,6 +194,8 @@ def alltoall_cases() -> None:
     offs = lambda src, dst: sum(split(src, d) for d in range(dst))  # noqa: E731
     want = np.concatenate([ys[s][offs(s, r):offs(s, r) + split(s, r)] for s in range(n)])
     check("alltoall_splits", [out, received], [want, np.array([split(s, r) for s in range(n)])])
+    if not TORCH:
+        return
     out, received = hvd.synchronize(hvd.alltoall_async(t(ys[r]), splits=torch.tensor([split(r, d) for d in range(n)],
                                                                                       dtype=torch.int32)))
     check("alltoall_async", [out, received], [want, np.array([split(s, r) for s in range(n)])])
@@ -191,7 +207,9 @@ def process_set_cases() -> None:
     m = len(SUBSET)
     xs = np.stack(all_inputs(lambda q: (3,), 800, SUBSET))
     check("ps_allreduce_max", hvd.allreduce(t(xs[r]), op=hvd.Max, process_set=PS), xs.max(0))
-    check("ps_allreduce_async", hvd.synchronize(hvd.allreduce_async(t(xs[r]), op=hvd.Sum, process_set=PS)), xs.sum(0))
+    if TORCH:
+        check("ps_allreduce_async", hvd.synchronize(hvd.allreduce_async(t(xs[r]), op=hvd.Sum, process_set=PS)),
+              xs.sum(0))
     gs = all_inputs(lambda q: (q + 1,), 801, SUBSET)
     check("ps_allgather", hvd.allgather(t(gs[r]), process_set=PS), np.concatenate(gs))
     rs = np.stack(all_inputs(lambda q: (m + 1, 2), 802, SUBSET))
@@ -214,7 +232,7 @@ def join_cases() -> None:
             if "horovod backend" not in str(e):
                 failures.append(f"join_error: unclear message {e}")
         return
-    sums = [hvd.allreduce(torch.ones(2, dtype=torch.float64), op=hvd.Sum, name=f"join.step{k}").tolist()
+    sums = [np.asarray(hvd.allreduce(t(np.ones(2)), op=hvd.Sum, name=f"join.step{k}")).tolist()
             for k in range(r + 1)]
     last = hvd.join()
     check("join_sums", np.array(sums), np.array([[float(n - k)] * 2 for k in range(r + 1)]))
