@@ -1,6 +1,7 @@
 """hvdllm.torch's backends: Horovod's torch ops, or the core's numpy collectives (mpi, local)."""
 from __future__ import annotations
 
+from functools import partialmethod
 from typing import Any, Sequence
 
 import torch
@@ -64,10 +65,25 @@ class HorovodTorch(HorovodBase):
         return {"name": name, "op": self._op(op), "process_set": self._ps(process_set),
                 "prescale_factor": prescale_factor, "postscale_factor": postscale_factor}
 
-    def _start_allreduce(self, x: torch.Tensor, op: ReduceOp = Average, process_set: ProcessSet = WORLD,
-                         name: str | None = None, prescale_factor: float = 1.0, postscale_factor: float = 1.0):
+    def _start_reduction(self, hvd_op: str, x: torch.Tensor, op: ReduceOp = Average,
+                         process_set: ProcessSet = WORLD, name: str | None = None, prescale_factor: float = 1.0,
+                         postscale_factor: float = 1.0):
+        """allreduce/reducescatter of one tensor (``hvd_op``: Horovod's async function)."""
         kw = self._reduce_kw(op, process_set, name, prescale_factor, postscale_factor)
-        return self.hvd.allreduce_async(_wire(x), **kw), lambda out: out.to(x.dtype)
+        return getattr(self.hvd, hvd_op)(_wire(x), **kw), lambda out: out.to(x.dtype)
+
+    def _start_grouped_reduction(self, hvd_op: str, xs: Sequence[torch.Tensor], op: ReduceOp = Average,
+                                 process_set: ProcessSet = WORLD, name: str | None = None,
+                                 prescale_factor: float = 1.0, postscale_factor: float = 1.0):
+        """grouped allreduce/reducescatter (``hvd_op``: Horovod's async function)."""
+        kw = self._reduce_kw(op, process_set, name, prescale_factor, postscale_factor)
+        handle = getattr(self.hvd, hvd_op)([_wire(x) for x in xs], **kw)
+        return handle, lambda out: [o.to(x.dtype) for o, x in zip(out, xs)]
+
+    _start_allreduce = partialmethod(_start_reduction, "allreduce_async")
+    _start_reducescatter = partialmethod(_start_reduction, "reducescatter_async")
+    _start_grouped_allreduce = partialmethod(_start_grouped_reduction, "grouped_allreduce_async")
+    _start_grouped_reducescatter = partialmethod(_start_grouped_reduction, "grouped_reducescatter_async")
 
     def _start_allreduce_(self, x: torch.Tensor, op: ReduceOp = Average, process_set: ProcessSet = WORLD,
                           name: str | None = None, prescale_factor: float = 1.0, postscale_factor: float = 1.0):
@@ -77,13 +93,6 @@ class HorovodTorch(HorovodBase):
         handle = self.hvd.allreduce_async_(buf, **self._reduce_kw(op, process_set, name, prescale_factor,
                                                                   postscale_factor))
         return handle, lambda _: (_copy_into([x], [buf]), x)[1]
-
-    def _start_grouped_allreduce(self, xs: Sequence[torch.Tensor], op: ReduceOp = Average,
-                                 process_set: ProcessSet = WORLD, name: str | None = None,
-                                 prescale_factor: float = 1.0, postscale_factor: float = 1.0):
-        kw = self._reduce_kw(op, process_set, name, prescale_factor, postscale_factor)
-        handle = self.hvd.grouped_allreduce_async([_wire(x) for x in xs], **kw)
-        return handle, lambda out: [o.to(x.dtype) for o, x in zip(out, xs)]
 
     def _start_grouped_allreduce_(self, xs: Sequence[torch.Tensor], op: ReduceOp = Average,
                                   process_set: ProcessSet = WORLD, name: str | None = None,
@@ -119,18 +128,6 @@ class HorovodTorch(HorovodBase):
                         name: str | None = None):
         handle = self.hvd.alltoall_async(_wire(x), splits, name=name, process_set=self._ps(process_set))
         return handle, lambda out: (out[0].to(x.dtype), out[1])
-
-    def _start_reducescatter(self, x: torch.Tensor, op: ReduceOp = Average, process_set: ProcessSet = WORLD,
-                             name: str | None = None, prescale_factor: float = 1.0, postscale_factor: float = 1.0):
-        kw = self._reduce_kw(op, process_set, name, prescale_factor, postscale_factor)
-        return self.hvd.reducescatter_async(_wire(x), **kw), lambda out: out.to(x.dtype)
-
-    def _start_grouped_reducescatter(self, xs: Sequence[torch.Tensor], op: ReduceOp = Average,
-                                     process_set: ProcessSet = WORLD, name: str | None = None,
-                                     prescale_factor: float = 1.0, postscale_factor: float = 1.0):
-        kw = self._reduce_kw(op, process_set, name, prescale_factor, postscale_factor)
-        handle = self.hvd.grouped_reducescatter_async([_wire(x) for x in xs], **kw)
-        return handle, lambda out: [o.to(x.dtype) for o, x in zip(out, xs)]
 
     def allreduce(self, x: torch.Tensor, op: ReduceOp = Average, process_set: ProcessSet = WORLD,
                   name: str | None = None, prescale_factor: float = 1.0, postscale_factor: float = 1.0
