@@ -77,3 +77,12 @@ def require_scatterable(op: ReduceOp) -> ReduceOp:
     if op not in (Average, Sum):
         raise ValueError(f"reducescatter supports op=hvd.Average or hvd.Sum, got {op!r}")
     return op
+
+
+def gradient_op(op: object) -> ReduceOp:
+    """The op of a gradient reduction (DistributedOptimizer/GradientTape): Average or Sum, as in Horovod
+    (its Adasum optimizer is a different algorithm, not an op of these reductions)."""
+    parsed = parse_op(op)
+    if parsed not in (Average, Sum):
+        raise ValueError(f"unsupported reduce op {op!r} for gradients; allowed: hvd.Average, hvd.Sum")
+    return parsed

@@ -6,7 +6,6 @@ package itself, which imports them: no cycle).
 from __future__ import annotations
 
 from hvdllm.core.backends import BUILD_QUERIES, build_query
-from hvdllm.core.errors import HorovodInternalError
 from hvdllm.core.frontend import Frontend
 from hvdllm.core.process_sets import WORLD
 from hvdllm.tensorflow import backends
@@ -26,5 +25,3 @@ grouped_reducescatter, join, allgather_object = _front.grouped_reducescatter, _f
 mpi_enabled, gloo_enabled, mpi_threads_supported = _front.mpi_enabled, _front.gloo_enabled, _front.mpi_threads_supported
 mpi_built, gloo_built, nccl_built, ddl_built, ccl_built, cuda_built, rocm_built = (
     build_query(q, backends.horovod_module) for q in BUILD_QUERIES)
-
-__all__ = ["HorovodInternalError"]  # the rest is re-exported by name from hvdllm.tensorflow

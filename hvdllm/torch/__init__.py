@@ -11,11 +11,12 @@ from __future__ import annotations
 import torch
 
 from hvdllm.core.compression import Compression
+from hvdllm.core.errors import horovod_internal_error
 from hvdllm.core.ops import Adasum, Average, Max, Min, Product, ReduceOp, Sum
 from hvdllm.core.process_sets import WORLD, ProcessSet
 from hvdllm.torch import optim  # hvd.optim.SGD/Adam/AdamW/LAMB, lr_scheduler
 from hvdllm.torch.basics import (
-    HorovodInternalError, add_process_set, allgather, allgather_async, allgather_object, allreduce, allreduce_,
+    add_process_set, allgather, allgather_async, allgather_object, allreduce, allreduce_,
     allreduce_async, allreduce_async_, alltoall, alltoall_async, backend, barrier, broadcast, broadcast_async,
     broadcast_async_, broadcast_object, ccl_built, collectives, cross_rank, cross_size, cuda_built, ddl_built,
     gloo_built, gloo_enabled, global_process_set, grouped_allgather, grouped_allgather_async, grouped_allreduce,
@@ -31,6 +32,14 @@ def broadcast_(tensor: torch.Tensor, root_rank: int, name: str | None = None,
                process_set: ProcessSet = WORLD) -> torch.Tensor:
     """In-place broadcast, as horovod.torch.broadcast_ (same argument order)."""
     return broadcast_async_(tensor, root_rank, name, process_set).wait()
+
+
+def __getattr__(name: str) -> type[Exception]:
+    """``hvd.HorovodInternalError`` is Horovod's own class, resolved on first use (importing Horovod's
+    package costs ~0.5 s that scripts which never catch it should not pay)."""
+    if name == "HorovodInternalError":
+        return horovod_internal_error()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
