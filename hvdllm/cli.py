@@ -1,4 +1,4 @@
-"""The ``hvdllm`` command: ``hvdllm train`` and ``hvdllm sample``.
+"""The ``hvdllm`` command: ``hvdllm train``, ``hvdllm sample``, ``hvdllm export``, ``hvdllm sweep`` and ``hvdllm plan``.
 
 The same command runs on one process (``hvdllm train ...``, ``python -m hvdllm.cli train ...``) or on
 many (``horovodrun -np N hvdllm train ...``, ``mpirun -np N hvdllm train ...``).
@@ -8,12 +8,12 @@ Exit status: 0 done; 2 bad input (one line on stderr, nothing written); 1 any ot
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import traceback
 from typing import Any
 
 from hvdllm.train import config as C
+from hvdllm.core.launch import LaunchError, detect
 from hvdllm.train.config import ConfigError
 
 EPILOG_TRAIN = """\
@@ -48,11 +48,11 @@ class _Parser(argparse.ArgumentParser):
 FLAG_KEYS = {
     "framework": "run.framework", "preset": "model.preset", "data": "data.path", "out": "run.out",
     "max_steps": "run.max_steps", "global_batch": "batch.global_batch", "micro_batch": "batch.micro_batch",
-    "tp": "parallel.tp", "pp": "parallel.pp", "exit_at_step": "run.exit_at_step",
+    "tp": "parallel.tp", "pp": "parallel.pp", "exit_at_step": "run.exit_at_step", "init_from": "run.init_from",
 }
 TRAIN_FLAGS = {key: f"--{name.replace('_', '-')}" for name, key in {**FLAG_KEYS, "resume": "run.resume"}.items()}
 SAMPLE_FLAGS = ("tokens", "temperature", "top_k", "seed")   # `hvdllm sample` overrides of sample.*
-METAVARS = {"data": "PATH", "out": "DIR", "framework": "NAME", "preset": "NAME"}
+METAVARS = {"data": "PATH", "init_from": "PATH", "out": "DIR", "framework": "NAME", "preset": "NAME"}
 
 
 def _add_key_flag(parser: argparse.ArgumentParser, name: str, key: str, note: str) -> None:
@@ -80,7 +80,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="override one key, e.g. --set optim.lr=3e-4 (repeatable; keys listed below)")
     for name, key in FLAG_KEYS.items():
         _add_key_flag(t, name, key, f"sets {key}")
-    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out that verifies (exit 2 when there is none, "
+                        "or when its global batch, seed, data, model shape or layout differ)")
 
     sp = sub.add_parser("sample", help="generate text from a checkpoint",
                         description="Generate text from a checkpoint folder or a run folder (its newest checkpoint).")
@@ -88,7 +89,48 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--prompt", help="text to continue (default: the run's sample.prompt)")
     for name in SAMPLE_FLAGS:
         _add_key_flag(sp, name, f"sample.{name}", f"default: the run's sample.{name}")
+
+    from hvdllm.models.export import FORMATS
+
+    ex = sub.add_parser("export", help="write a checkpoint as a Hugging Face GPT-2 folder or a nanoGPT ckpt.pt",
+                        description="Export a checkpoint (either framework) to a format other tools load.")
+    ex.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoints/step_N folder or run folder")
+    ex.add_argument("--format", required=True, choices=FORMATS,
+                    help="hf: config.json + model.safetensors (GPT2LMHeadModel); nanogpt: ckpt.pt")
+    ex.add_argument("--out", required=True, metavar="DIR", help="folder to create (must not exist)")
+    _add_sweep(sub)
+    _add_plan(sub)
     return p
+
+
+def _add_sweep(sub: Any) -> None:
+    sw = sub.add_parser("sweep", help="hyper-parameter search: each trial an `hvdllm train` run",
+                        description="Search config keys (grid, random, or TPE with early stopping; Optuna). "
+                                    "Arguments after -- go to every trial's `hvdllm train`.",
+                        epilog="space file (TOML or YAML): optim.lr = {log_uniform = [1e-4, 3e-3]}, "
+                               "x = {uniform = [a, b]}, n = {int_uniform = [a, b]}, key = [v1, v2] (categorical "
+                               "or grid). example: hvdllm sweep --space space.toml --out sweeps/lr --trials 8 "
+                               "-- --preset tiny --max-steps 100")
+    sw.add_argument("--space", required=True, metavar="FILE", help="search space, .toml or .yaml")
+    sw.add_argument("--out", required=True, metavar="DIR", help="sweep directory (sweep.csv, leaderboard.md, "
+                                                                "PNGs, trials/NNN run directories)")
+    sw.add_argument("--trials", type=int, metavar="N", help="trials to run (default: the grid's size, else 10)")
+    sw.add_argument("--sampler", default="random", metavar="grid|random|tpe",
+                    help="grid: every combination; random; tpe: model-based (default random)")
+    sw.add_argument("--seed", type=int, default=0, metavar="S", help="sampler seed: same seed, same trials")
+    sw.add_argument("--parallel", type=int, default=1, metavar="K", help="trials running at once (default 1)")
+    sw.add_argument("--np", type=int, default=1, metavar="K", help="ranks per trial (horovodrun -np K --gloo)")
+    sw.add_argument("--resume", action="store_true", help="continue the sweep in --out; ended trials never rerun")
+    sw.add_argument("train_args", nargs="*", metavar="-- TRAIN_ARGS", help="hvdllm train arguments for every trial")
+
+
+def _add_plan(sub: Any) -> None:
+    from hvdllm.plan.cli import add_arguments
+
+    add_arguments(sub.add_parser("plan", help="rank parallel layouts (dp x tp x pp, micro-batch, schedule) "
+                                              "by predicted step time and memory",
+                                 description="Measure this machine, predict step time and memory of every "
+                                             "layout for --ranks, and print them ranked."))
 
 
 def train_config(args: argparse.Namespace) -> Any:
@@ -104,13 +146,7 @@ def train_config(args: argparse.Namespace) -> Any:
 
 
 def _rank() -> int:
-    for var in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID"):
-        if var in os.environ:
-            try:
-                return int(os.environ[var])
-            except ValueError:
-                pass
-    return 0
+    return detect().rank
 
 
 def _bad_input(msg: str) -> int:
@@ -119,8 +155,20 @@ def _bad_input(msg: str) -> int:
     return 2
 
 
+def check_launcher() -> None:
+    """A forced backend must be one there is (the trainers' init picks the real one; wrong environment
+    variables are bad input, not a traceback)."""
+    from hvdllm.core.backend import choose_backend
+
+    try:
+        choose_backend(lambda: True, lambda: True)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = train_config(args)
+    check_launcher()
     if cfg.run.framework == "tensorflow":
         from hvdllm.train import trainer_keras
 
@@ -128,6 +176,35 @@ def cmd_train(args: argparse.Namespace) -> int:
     from hvdllm.train import trainer_torch
 
     return int(trainer_torch.train(cfg) or 0)
+
+
+def check_train_args(argv: list[str]) -> None:
+    """Raise ConfigError if ``hvdllm train ARGV`` is bad input (parsing and config validation only)."""
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            args = _parser().parse_args(["train", *argv])
+    except SystemExit:
+        why = err.getvalue().strip().splitlines()
+        raise ConfigError(f"train arguments {' '.join(argv)!r}: {why[-1] if why else 'not accepted'}") from None
+    train_config(args)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from hvdllm.sweep import SweepOptions, run_sweep
+
+    opts = SweepOptions(space=args.space, out=args.out, trials=args.trials, sampler=args.sampler, seed=args.seed,
+                        parallel=args.parallel, np=args.np, resume=args.resume, train_args=args.train_args)
+    return run_sweep(opts, check_train_args)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from hvdllm.plan.cli import run
+
+    return run(args, check_train_args)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -139,7 +216,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if path is None:
         raise ConfigError(f"--checkpoint {args.checkpoint}: no checkpoint there (expected a checkpoints/step_N "
                           "folder or a run folder holding one)")
-    framework = ckpt.read_meta(path).get("framework", "torch")
+    framework = ckpt.verify(path).get("framework", "torch")       # CorruptCheckpoint: exit 2, one line
     kwargs = dict(prompt=args.prompt, **overrides)
     if framework == "tensorflow":
         from hvdllm.train import trainer_keras
@@ -150,6 +227,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
         text = trainer_torch.sample_checkpoint(str(path), **kwargs)
     print(text)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from hvdllm.train.export import export_checkpoint
+
+    print(f"hvdllm export: wrote {export_checkpoint(args.checkpoint, args.format, args.out)}")
     return 0
 
 
@@ -164,8 +248,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return cmd_train(args) if args.command == "train" else cmd_sample(args)
-    except ConfigError as e:
+        commands = {"train": cmd_train, "sample": cmd_sample, "export": cmd_export, "sweep": cmd_sweep,
+                    "plan": cmd_plan}
+        return commands[args.command](args)
+    except (ConfigError, LaunchError) as e:
         return _bad_input(str(e))
     except KeyboardInterrupt:
         print("hvdllm: interrupted", file=sys.stderr)

@@ -225,3 +225,130 @@ def test_wraps_hvdllm_optimizers(name: str, fused: bool) -> None:
         ref_opt.step()
     for a, b in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def _in_buckets(opt, p_or_grad) -> bool:
+    g = p_or_grad.grad if isinstance(p_or_grad, nn.Parameter) else p_or_grad
+    return any(b.buffer.data_ptr() <= g.data_ptr() < b.buffer.data_ptr() + b.buffer.numel() * b.buffer.element_size()
+               for b in opt._buckets)
+
+
+@pytest.mark.parametrize("fused", [None, False, True], ids=["torch", "hvdllm", "hvdllm-fused"])
+def test_grads_stay_bucket_views_and_the_fused_optimizer_reads_them(fused) -> None:
+    """After step 1, zero_grad(set_to_none=True) + backward accumulate straight into the buckets (no copy
+    in), the fused optimizer steps on them (no copy out), and results equal torch.optim.AdamW's."""
+    from hvdllm.torch import optim as hopt
+
+    model = net()
+    ref = copy.deepcopy(model)
+    accumulated_into = {}  # where autograd put each gradient (this hook runs before the wrapper's)
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(lambda t: accumulated_into.__setitem__(id(t), t.grad))
+    kw = dict(lr=0.01, weight_decay=0.1)
+    inner = torch.optim.AdamW(model.parameters(), **kw) if fused is None else hopt.AdamW(model.parameters(), fused=fused, **kw)
+    opt = hvd.DistributedOptimizer(inner, named_parameters=model.named_parameters(), bucket_cap_mb=0.0002)
+    ref_opt = torch.optim.AdamW(ref.parameters(), **kw)
+    assert len(opt._buckets) > 1
+    for step in range(5):
+        opt.zero_grad(set_to_none=True)
+        if step:
+            assert all(p.grad is None for p in model.parameters()) or fused
+        loss_of(model, step).backward()
+        if step:
+            assert all(_in_buckets(opt, accumulated_into[id(p)]) for p in model.parameters()), step
+        opt.step()
+        assert all(_in_buckets(opt, p) for p in model.parameters())
+        ref_opt.zero_grad()
+        loss_of(ref, step).backward()
+        ref_opt.step()
+        if fused and not step:
+            own = [f.grad.clone() for flats in inner._flats for f in flats]
+    if fused:  # its own gradient buffers are not touched after the first step
+        assert all(torch.equal(a, f.grad) for a, f in zip(own, (f for flats in inner._flats for f in flats)))
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-6)
+
+
+def test_predivide_and_wire_scales_and_grad_norm_hook() -> None:
+    """gradient_predivide_factor (Horovod's) and 16-bit wires keep the product prescale x postscale;
+    grad_norm_fn replaces the norm the clipping and grad_norm use."""
+    from hvdllm.core.gradients import ReductionConfig
+
+    cfg = ReductionConfig.create(gradient_predivide_factor=4.0)
+    assert cfg.scales(8) == (0.25, 0.5) and ReductionConfig.create().scales(8) == (1.0, 0.125)
+    assert ReductionConfig.create().scales(8, "float16") == (0.125, 1.0)      # fp16 sums cannot overflow
+    assert cfg.scales(8, "float16") == (0.25, 0.5)                            # an explicit factor wins
+    assert ReductionConfig.create(op=hvd.Sum).scales(8, "float16") == (1.0, 1.0)
+    with pytest.raises(ValueError, match="gradient_predivide_factor=2.0 needs op=hvd.Average"):
+        hvd.DistributedOptimizer(torch.optim.SGD(net().parameters(), lr=0.1), op=hvd.Sum, gradient_predivide_factor=2.0)
+    with pytest.raises(ValueError, match="grad_norm_fn=3"):
+        hvd.DistributedOptimizer(torch.optim.SGD(net().parameters(), lr=0.1), grad_norm_fn=3)
+    model, ref = net(), net()
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), gradient_predivide_factor=3.0,
+                                   max_grad_norm=0.05, grad_norm_fn=lambda: 10.0)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for step in range(3):
+        opt.zero_grad()
+        loss_of(model, step).backward()
+        opt.step()
+        assert opt.grad_norm == 10.0
+        ref_opt.zero_grad()
+        loss_of(ref, step).backward()
+        for p in ref.parameters():
+            p.grad.mul_(0.05 / (10.0 + 1e-6))
+        ref_opt.step()
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_backend_wire_dtype_widens_16bit_gradients_mpi_cannot_sum() -> None:
+    from hvdllm.core.gradients import backend_wire_dtype
+
+    assert backend_wire_dtype("float16", Compression.none, "mpi") == ("float32", None)
+    assert backend_wire_dtype("bfloat16", Compression.none, "horovod") == ("float32", None)
+    assert backend_wire_dtype("float16", Compression.none, "horovod") == ("float16", None)
+    wire, warning = backend_wire_dtype("float16", Compression.bf16, "mpi")
+    assert wire == "float32" and "bfloat16" in warning
+
+
+def test_fp16_update_unscales_once_then_clips_by_the_global_norm() -> None:
+    """The trainer's fp16 step: reduce, unscale, one clip by the optimizer's global norm (grad_norm_fn:
+    here a tensor-parallel peer shard adds 3.0**2 to the squared norm), then the scaler's step."""
+    from hvdllm.train.trainer_torch import apply_update
+
+    model, ref = net(), net()
+    peer_sq = 9.0
+
+    def global_norm() -> float:
+        return float(torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters()) + peer_sq))
+
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), grad_norm_fn=global_norm)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    for step in range(3):
+        opt.zero_grad()
+        scaler.scale(loss_of(model, step)).backward()
+        apply_update(opt, scaler, max_grad_norm=1.0)
+        ref_opt.zero_grad()
+        loss_of(ref, step).backward()
+        norm = float(torch.sqrt(sum((p.grad.double() ** 2).sum() for p in ref.parameters()) + peer_sq))
+        assert opt.grad_norm == pytest.approx(norm, rel=1e-5)
+        for p in ref.parameters():
+            p.grad.mul_(min(1.0, 1.0 / (norm + 1e-6)))
+        ref_opt.step()
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_unfreezing_a_parameter_replans_the_buckets() -> None:
+    model = net()
+    model[2].weight.requires_grad_(False)
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), named_parameters=model.named_parameters())
+    assert id(model[2].weight) not in [id(p) for b in opt._buckets for p in b.params]
+    loss_of(model, 0).backward()
+    opt.step()
+    model[2].weight.requires_grad_(True)
+    opt.zero_grad()
+    loss_of(model, 1).backward()
+    opt.step()
+    assert id(model[2].weight) in [id(p) for b in opt._buckets for p in b.params] and _in_buckets(opt, model[2].weight)

@@ -2,37 +2,32 @@
 
 The choice is made once, at ``init()``:
 - ``HVDLLM_BACKEND=horovod|mpi|local`` forces one;
-- otherwise Horovod when the job was launched (horovodrun, mpirun, Slurm srun) and Horovod is
-  importable and built for the framework; mpi4py under ``mpirun`` without Horovod; else local.
+- otherwise Horovod when the job was launched (horovodrun, mpirun/mpiexec, srun with PMI; see
+  hvdllm.core.launch) and Horovod is importable and built for the framework; mpi4py under an MPI
+  launcher without Horovod; else local. A launch hvdllm cannot join (torchrun, srun without PMI) is an
+  error naming the fix.
 """
 from __future__ import annotations
 
 import os
 from typing import Callable, Mapping
 
+from hvdllm.core import launch
+
 BACKENDS = ("horovod", "mpi", "local")
 
-# Variables that launchers (horovodrun, Open MPI, MPICH/PMI, PMIx) set to the world size in every rank.
-_SIZE_VARS = ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
-_MPI_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "PMI_RANK")
-
-
 def launched_by(env: Mapping[str, str] | None = None) -> str | None:
-    """Name of the launcher that started this process, or None for a plain ``python script.py``."""
-    env = os.environ if env is None else env
-    if "HOROVOD_RANK" in env or "HOROVOD_GLOO_RENDEZVOUS_ADDR" in env:
-        return "horovodrun"
-    if any(v in env for v in _MPI_VARS):
-        return "mpirun"
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        return "srun"
-    return None
+    """Name of the launcher that started this process (see hvdllm.core.launch), or None for a plain
+    ``python script.py`` (and a one-task srun step: nothing to join)."""
+    found = launch.detect(env)
+    if found.launcher == "srun" and found.size <= 1:
+        return None
+    return found.launcher
 
 
 def launched_size(env: Mapping[str, str] | None = None) -> int:
     """The number of ranks the launcher started (1 for a plain ``python``), readable before ``init``."""
-    env = os.environ if env is None else env
-    return next((int(env[v]) for v in _SIZE_VARS if env.get(v, "").isdigit()), 1)
+    return launch.detect(env).size
 
 
 def choose_backend(
@@ -42,6 +37,7 @@ def choose_backend(
 ) -> str:
     """Pick the backend name. The probes are called lazily: they may import heavy modules."""
     env = os.environ if env is None else env
+    launch.check(launch.detect(env))          # torchrun, srun without PMI: an error naming the fix
     forced = env.get("HVDLLM_BACKEND", "").strip().lower()
     if forced:
         if forced not in BACKENDS:
@@ -59,7 +55,7 @@ def choose_backend(
         return "local"
     if horovod_available():
         return "horovod"
-    if launcher in ("mpirun", "srun") and mpi_available():
+    if launcher != "horovodrun" and mpi_available():
         return "mpi"
     raise RuntimeError(
         f"launched by {launcher} but neither Horovod (for this framework) nor mpi4py is importable; "

@@ -10,6 +10,7 @@ import os
 from typing import Any, Callable, Sequence
 
 from hvdllm.core import backend as core_backend
+from hvdllm.core import launch
 from hvdllm.core.collectives import Done, Handle, NumpyCollectives, local_world, mpi_world
 from hvdllm.core.ops import Average, ReduceOp, parse_op, require_native
 from hvdllm.core.process_sets import WORLD, ProcessSet, normalize_process_sets
@@ -195,5 +196,9 @@ def create_backend(process_sets: Sequence[ProcessSet | Sequence[int]] | None,
     sets = normalize_process_sets(process_sets)
     name = core_backend.choose_backend(horovod_available, lambda: core_backend.module_available("mpi4py"))
     if name == "horovod":
-        return horovod_cls(sets, process_sets is not None)   # init(process_sets=...) marks a grid job
-    return numpy_cls(name, sets)
+        runtime = horovod_cls(sets, process_sets is not None)   # init(process_sets=...) marks a grid job
+    else:
+        runtime = numpy_cls(name, sets)
+    if name != "local":      # a backend that joined fewer ranks than were launched: independent jobs
+        launch.check_world(launch.detect(), runtime.world.size, name)
+    return runtime

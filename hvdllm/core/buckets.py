@@ -9,7 +9,7 @@ rank, which is what keeps the ranks' collectives matched.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Hashable, Sequence
 
 import numpy as np
 
@@ -48,27 +48,34 @@ def itemsize(dtype: str) -> int:
     try:
         return _ITEMSIZE[dtype]
     except KeyError:
-        raise ValueError(f"unsupported gradient dtype {dtype!r}; allowed: {sorted(_ITEMSIZE)}") from None
+        raise ValueError(f"unsupported dtype {dtype!r}; allowed: {sorted(_ITEMSIZE)}") from None
 
 
-def plan_buckets(specs: Sequence[TensorSpec], cap_bytes: int) -> list[Bucket]:
-    """Group tensors into buckets (see module docstring). ``cap_bytes <= 0`` means one bucket per dtype."""
+def plan_buckets(specs: Sequence[TensorSpec], cap_bytes: int, groups: Sequence[Hashable] | None = None
+                 ) -> list[Bucket]:
+    """Group tensors into buckets (see module docstring). ``cap_bytes <= 0`` means one bucket per dtype.
+
+    ``groups`` (one key per tensor: a param group, a device) keeps tensors of different keys in
+    different buckets; inside a key the order is the same, so a capped plan's buckets are consecutive
+    slices of the uncapped plan's buffer.
+    """
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
         raise ValueError(f"duplicate parameter names {dup}: every parameter needs a unique name")
-    open_: dict[str, list[int]] = {}
-    sizes: dict[str, int] = {}
+    open_: dict[tuple[Hashable, str], list[int]] = {}
+    sizes: dict[tuple[Hashable, str], int] = {}
     done: list[list[int]] = []
     for i in reversed(range(len(specs))):
         s = specs[i]
-        cur = open_.setdefault(s.dtype, [])
-        if cur and cap_bytes > 0 and sizes[s.dtype] + s.nbytes > cap_bytes:
+        key = (groups[i] if groups is not None else None, s.dtype)
+        cur = open_.setdefault(key, [])
+        if cur and cap_bytes > 0 and sizes[key] + s.nbytes > cap_bytes:
             done.append(cur)
-            cur = open_[s.dtype] = []
-            sizes[s.dtype] = 0
+            cur = open_[key] = []
+            sizes[key] = 0
         cur.append(i)
-        sizes[s.dtype] = sizes.get(s.dtype, 0) + s.nbytes
+        sizes[key] = sizes.get(key, 0) + s.nbytes
     done.extend(b for b in open_.values() if b)
     buckets = []
     for idx in done:
@@ -79,13 +86,6 @@ def plan_buckets(specs: Sequence[TensorSpec], cap_bytes: int) -> list[Bucket]:
         buckets.append(Bucket(specs[idx[0]].dtype, tuple(idx), tuple(offsets), total))
     # Order by the position of each bucket's first-ready tensor, so launch order is the same everywhere.
     return sorted(buckets, key=lambda b: -b.indices[0])
-
-
-def clip_coefficient(total_norm: float, max_norm: float, eps: float = 1e-6) -> float:
-    """Scale factor for gradients whose global L2 norm is ``total_norm`` (as torch.nn.utils.clip_grad_norm_)."""
-    if max_norm <= 0:
-        raise ValueError(f"max_grad_norm={max_norm} must be > 0")
-    return min(1.0, max_norm / (total_norm + eps))
 
 
 class LaunchTracker:

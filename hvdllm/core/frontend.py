@@ -18,8 +18,17 @@ from hvdllm.core.process_sets import WORLD, ProcessSet
 class Frontend(HorovodApi):
     """One adapter's Horovod-style API over the backend its ``init`` starts (``create(process_sets)``)."""
 
-    def __init__(self, framework: str, create: Callable[[Any], Any]) -> None:
+    def __init__(self, framework: str, create: Callable[[Any], Any],
+                 is_tensor: Callable[[Any], bool] | None = None) -> None:
         self._framework, self._create, self._backend = framework, create, None
+        self._is_tensor = is_tensor
+
+    def _tensor(self, op: str, tensor: Any) -> Any:
+        """``tensor`` when the adapter accepts it for ``op``; else a TypeError naming what was passed."""
+        if self._is_tensor is not None and not self._is_tensor(tensor):
+            raise TypeError(f"hvd.{op}: expected a {self._framework} tensor, got {type(tensor).__name__} "
+                            f"{str(tensor)[:40]}")
+        return tensor
 
     def init(self, process_sets: Sequence[ProcessSet | Sequence[int]] | None = None) -> None:
         """Start the backend (idempotent). ``process_sets`` lists rank subsets for later collectives."""
@@ -67,16 +76,16 @@ class Frontend(HorovodApi):
                   average: Any = None, prescale_factor: float = 1.0, postscale_factor: float = 1.0) -> Any:
         """Reduce ``tensor`` over the ranks (Average by default); returns a new tensor. Horovod's
         deprecated ``average=`` (also as a bool second argument) and scale factors are accepted."""
-        return self.collectives().allreduce(tensor, resolve_op(op, average), _ps(process_set), name,
-                                            prescale_factor, postscale_factor)
+        return self.collectives().allreduce(self._tensor("allreduce", tensor), resolve_op(op, average),
+                                            _ps(process_set), name, prescale_factor, postscale_factor)
 
     def allreduce_async_(self, tensor: Any, op: Any = None, process_set: Any = WORLD,
                          name: str | None = None, *, average: Any = None, prescale_factor: float = 1.0,
                          postscale_factor: float = 1.0) -> Handle:
         """Start a reduction of ``tensor`` (in place where the framework's tensors are mutable); the
         returned handle's ``wait()`` (or ``synchronize(handle)``) completes it and returns the result."""
-        return self.collectives().allreduce_async_(tensor, resolve_op(op, average), _ps(process_set), name,
-                                                   prescale_factor, postscale_factor)
+        return self.collectives().allreduce_async_(self._tensor("allreduce_async_", tensor), resolve_op(op, average),
+                                                   _ps(process_set), name, prescale_factor, postscale_factor)
 
     def grouped_allreduce(self, tensors: Sequence[Any], op: Any = None, process_set: Any = WORLD,
                           name: str | None = None, *, average: Any = None, prescale_factor: float = 1.0,
@@ -87,11 +96,11 @@ class Frontend(HorovodApi):
 
     def broadcast(self, tensor: Any, root_rank: int, process_set: ProcessSet = WORLD, name: str | None = None) -> Any:
         """Return root_rank's value of ``tensor`` on every rank."""
-        return self.collectives().broadcast(tensor, root_rank, process_set, name=name)
+        return self.collectives().broadcast(self._tensor("broadcast", tensor), root_rank, process_set, name=name)
 
     def allgather(self, tensor: Any, process_set: ProcessSet = WORLD, name: str | None = None) -> Any:
         """Concatenate the ranks' tensors along the first dimension (sizes there may differ)."""
-        return self.collectives().allgather(tensor, process_set, name=name)
+        return self.collectives().allgather(self._tensor("allgather", tensor), process_set, name=name)
 
     def barrier(self, process_set: ProcessSet = WORLD) -> None:
         self.collectives().barrier(process_set)

@@ -77,15 +77,19 @@ class ReductionConfig:
         """Factor applied to the sum of the k local gradients before the reduction (1 or 1/k)."""
         return 1.0 / self.backward_passes_per_step if self.average_aggregated_gradients else 1.0
 
-    def scales(self, size: int) -> tuple[float, float]:
+    def scales(self, size: int, wire_dtype: str | None = None) -> tuple[float, float]:
         """``(prescale, postscale)`` around the **sum** on the wire over ``size`` ranks: the one
         data-parallel semantics of both adapters.
 
         prescale = local_scale / f and postscale = f / size for Average (1 for Sum), with f Horovod's
         ``gradient_predivide_factor``: f = size divides before the sum (no fp16 overflow as ranks grow),
-        f = 1 after it. Their product is always local_scale x op.postscale(size).
+        f = 1 after it. A 16-bit ``wire_dtype`` takes f = size unless f was given, so its sum cannot
+        overflow. Their product is always local_scale x op.postscale(size).
         """
-        return reduction_scales(self.op, size, self.gradient_predivide_factor, self.local_scale)
+        f = self.gradient_predivide_factor
+        if wire_dtype in _16BIT and f == 1.0 and self.op is Average:
+            f = float(size)
+        return reduction_scales(self.op, size, f, self.local_scale)
 
 
 def reduction_scales(op: ReduceOp, size: int, predivide: float = 1.0,
@@ -109,6 +113,7 @@ def wire_dtype(grad_dtype: str, compression: CompressionSpec) -> str:
     return effective_wire_dtype(grad_dtype, compression, None)[0]
 
 
+_16BIT = ("float16", "bfloat16")
 # The 16-bit wire dtypes each backend can sum: Horovod's CPU ops lack bf16, MPI has no fp16/bf16 sum.
 REDUCIBLE_16BIT: dict[str, frozenset[str]] = {
     "horovod": frozenset({"float16"}),
@@ -121,21 +126,27 @@ def backend_wire_dtype(grad_dtype: str, compression: CompressionSpec, backend: s
     """The wire dtype on ``backend``, and a warning when compression falls back to the gradient's dtype.
 
     A backend that cannot sum the compressed 16-bit type reduces the gradient in its own dtype (exact,
-    no bandwidth saving) rather than in a wider type after rounding, so the fallback never loses accuracy.
+    no bandwidth saving) rather than in a wider type after rounding, so the fallback never loses accuracy;
+    a 16-bit *gradient* such a backend cannot sum travels as float32.
     """
-    wire, fell_back = effective_wire_dtype(grad_dtype, compression, REDUCIBLE_16BIT.get(backend))
-    if not fell_back:
-        return wire, None
-    return grad_dtype, (f"{compression!r}: the {backend} backend cannot reduce {compression.wire_dtype}; "
-                        f"{grad_dtype} gradients are reduced uncompressed")
+    supported = REDUCIBLE_16BIT.get(backend)
+    wire, fell_back = effective_wire_dtype(grad_dtype, compression, supported)
+    warning = None if not fell_back else (
+        f"{compression!r}: the {backend} backend cannot reduce {compression.wire_dtype}; "
+        f"{grad_dtype} gradients are reduced uncompressed")
+    if supported is not None and wire in _16BIT and wire not in supported:
+        wire = "float32"
+    return wire, warning
 
 
-def clip_coefficient_of(total_norm: Any, max_norm: float, maximum: Callable[[Any, Any], Any],
+def clip_coefficient_of(total_norm: Any, max_norm: float, maximum: Callable[[Any, Any], Any] = max,
                         eps: float = 1e-6) -> Any:
-    """Array form of :func:`hvdllm.core.buckets.clip_coefficient`, for values that stay on a device/graph.
+    """The one clipping rule: the factor for gradients whose global L2 norm is ``total_norm``, as
+    torch.nn.utils.clip_grad_norm_'s ``min(1, max_norm / (total_norm + eps))``.
 
-    ``max_norm / max(max_norm, total_norm + eps)`` equals ``min(1, max_norm / (total_norm + eps))``;
-    ``maximum`` is the framework's elementwise maximum (np.maximum, tf.maximum, torch.maximum).
+    Written ``max_norm / maximum(total_norm + eps, max_norm)`` so that it also works on values that stay
+    on a device or in a graph: ``maximum`` is the framework's elementwise maximum (np.maximum,
+    tf.maximum, torch.maximum; Python's ``max`` for floats).
     """
     if max_norm <= 0:
         raise ValueError(f"max_grad_norm={max_norm} must be > 0")

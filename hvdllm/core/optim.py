@@ -74,10 +74,18 @@ def check_positive(name: str, value: Any) -> float:
     return float(value)
 
 
-def check_sgd(lr: Any, momentum: Any, nesterov: Any, weight_decay: Any) -> None:
-    """Validate SGD hyperparameters (``lr`` may be non-numeric, e.g. a schedule, and is then skipped)."""
+def check_lr(lr: Any) -> None:
+    """A number must be finite and >= 0; a string is a TypeError; anything else (a tensor, a Keras
+    schedule) is the framework's to check."""
+    if isinstance(lr, (str, bytes)):
+        raise TypeError(f"lr={lr!r} is invalid; expected a finite float >= 0 (or a schedule)")
     if _is_number(lr) or isinstance(lr, bool):
         check_nonneg("lr", lr)
+
+
+def check_sgd(lr: Any, momentum: Any, nesterov: Any, weight_decay: Any) -> None:
+    """Validate SGD hyperparameters (``lr`` may be non-numeric, e.g. a schedule, and is then skipped)."""
+    check_lr(lr)
     check_unit("momentum", momentum)
     check_nonneg("weight_decay", weight_decay)
     if not isinstance(nesterov, (bool, np.bool_)):
@@ -88,8 +96,7 @@ def check_sgd(lr: Any, momentum: Any, nesterov: Any, weight_decay: Any) -> None:
 
 def check_adam(lr: Any, betas: Sequence[Any], eps: Any, weight_decay: Any) -> None:
     """Validate Adam/AdamW/LAMB hyperparameters (non-numeric ``lr`` is skipped)."""
-    if _is_number(lr) or isinstance(lr, bool):
-        check_nonneg("lr", lr)
+    check_lr(lr)
     try:
         beta1, beta2 = betas
     except (TypeError, ValueError):

@@ -50,10 +50,14 @@ def _tokenizer_file(path: str) -> Tokenizer:
         p = p / TOKENIZER_FILE
     if not p.is_file():
         raise ValueError(f"data.tokenizer_file={path}: no such file")
-    blob = json.loads(p.read_text(encoding="utf-8"))
-    if isinstance(blob, dict) and "kind" in blob:
-        return tokenizer_from_dict(blob)
-    return BPETokenizer.from_json(json.dumps(blob))       # a plain `tokenizers` JSON file
+    try:
+        blob = json.loads(p.read_text(encoding="utf-8"))
+        if isinstance(blob, dict) and "kind" in blob:
+            return tokenizer_from_dict(blob)
+        return BPETokenizer.from_json(json.dumps(blob))       # a plain `tokenizers` JSON file
+    except Exception as e:  # noqa: BLE001 - json's, ours and `tokenizers`' errors alike: one line
+        raise ValueError(f"data.tokenizer_file={path}: not a tokenizer file ({' '.join(str(e).split())[:120]}); "
+                         "allowed: an hvdllm tokenizer.json or a `tokenizers` JSON file") from None
 
 
 def make_tokenizer(data_cfg: Any) -> Tokenizer:

@@ -13,6 +13,7 @@ batch, and the data position to resume from is the step itself.
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Sequence
 
@@ -80,6 +81,15 @@ class TokenWindows:
 
     def epoch_of(self, step: int, global_batch: int) -> float:
         return step * global_batch / len(self.train_ids)
+
+    def fingerprint(self) -> dict[str, object]:
+        """What identifies the token stream: per-file token counts and a sha256 over all tokens (as
+        little-endian uint16, read in chunks), so a resume can tell whether it trains on the same data."""
+        h = hashlib.sha256()
+        for a in self.arrays:
+            for k in range(0, len(a), 1 << 24):
+                h.update(np.asarray(a[k: k + (1 << 24)]).astype("<u2", copy=False).tobytes())
+        return {"tokens": self.n_tokens, "files": len(self.arrays), "sha256": h.hexdigest()}
 
     # -- validation ---------------------------------------------------------------------------------
     def val_windows(self, count: int) -> np.ndarray:

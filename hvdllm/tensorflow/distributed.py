@@ -89,19 +89,21 @@ def reduce_gradients(grads: Sequence[Any], variables: Sequence[Any], config: Red
                              "(jit_compile=True); allowed: jit_compile=False, e.g. model.compile(..., jit_compile=False)")
         grads = [tf.zeros(v.shape, tf.as_dtype(v.dtype)) if g is None else g for g, v in zip(grads, variables)]
     idx = [i for i, g in enumerate(grads) if g is not None]
-    prescale, postscale = config.scales(size)
 
     def reduce(flat: tf.Tensor) -> tf.Tensor:
+        wire = _wire(flat.dtype.name, config, rt.name) if size > 1 else flat.dtype.name
+        prescale, postscale = config.scales(size, wire)
         if prescale != 1.0:  # in the gradient's dtype, before a 16-bit wire can overflow
             flat = flat * tf.cast(prescale, flat.dtype)
         if size > 1:
-            wire = tf.as_dtype(_wire(flat.dtype.name, config, rt.name))
-            summed = rt.allreduce(tf.cast(flat, wire), Sum, config.process_set, name=_op_name("grads"))
-            flat = tf.cast(summed, flat.dtype)
+            summed = rt.allreduce(tf.cast(flat, tf.as_dtype(wire)), Sum, config.process_set, name=_op_name("grads"))
+            if postscale != 1.0:  # on the wire buffer: a widened (fp32) sum of 16-bit gradients fits after it
+                summed = summed * tf.cast(postscale, summed.dtype)
+            return tf.cast(summed, flat.dtype)
         return flat * tf.cast(postscale, flat.dtype) if postscale != 1.0 else flat
 
     out: list[Any] = list(grads)
-    if idx and (size > 1 or (prescale, postscale) != (1.0, 1.0)):
+    if idx and (size > 1 or config.scales(1) != (1.0, 1.0)):
         for i, g in zip(idx, packed([_dense(grads[i]) for i in idx], reduce, config.bucket_cap_bytes)):
             out[i] = g
     if idx and config.max_grad_norm is not None:

@@ -5,12 +5,14 @@ package itself, which imports them: no cycle).
 """
 from __future__ import annotations
 
+import torch
+
 from hvdllm.core.backends import BUILD_QUERIES, build_query
 from hvdllm.core.frontend import Frontend
 from hvdllm.core.process_sets import WORLD
 from hvdllm.torch import backends
 
-_front = Frontend("torch", backends.create)
+_front = Frontend("torch", backends.create, is_tensor=torch.is_tensor)
 
 init, is_initialized, shutdown, collectives = _front.init, _front.is_initialized, _front.shutdown, _front.collectives
 rank, size, local_rank, local_size = _front.rank, _front.size, _front.local_rank, _front.local_size

@@ -3,24 +3,28 @@
 How a step runs (the semantics are the core's, :mod:`hvdllm.core.gradients`):
 
 - At construction the optimizer's parameters are planned into buckets (:func:`plan_buckets`: one
-  dtype each, up to ``bucket_cap_mb``, in reverse registration order). Each bucket owns one flat
-  buffer; after its first reduction a parameter's ``.grad`` *is* a view into that buffer, so later
-  backward passes accumulate straight into it (no copies in or out).
+  param group and dtype each, up to ``bucket_cap_mb``, in reverse registration order). Each bucket
+  owns one flat buffer (:mod:`hvdllm.torch.buckets`) and a parameter's ``.grad`` *is* a view into it:
+  after ``zero_grad(set_to_none=True)`` a hook re-attaches the (zeroed) view just before autograd
+  accumulates, so backward accumulates straight into the bucket (no copies in or out), and a fused
+  :mod:`hvdllm.torch.optim` optimizer steps on the bucket itself.
 - A post-accumulate-grad hook counts each parameter's backward passes; once every parameter of a
-  bucket has its ``backward_passes_per_step`` passes, the bucket's summed reduction starts
-  asynchronously, while backward keeps computing the earlier layers (overlap). On the mpi backend
-  buckets start strictly in plan order (MPI matches collectives by order); Horovod matches them by
-  name, so there a bucket starts as soon as it is ready.
+  bucket has its ``backward_passes_per_step`` passes, the bucket is multiplied by the prescale and its
+  summed reduction starts asynchronously, while backward keeps computing the earlier layers
+  (overlap). On the mpi backend buckets start strictly in plan order (MPI matches collectives by
+  order); Horovod matches them by name, so there a bucket starts as soon as it is ready.
 - ``step()`` starts every bucket not started yet (gradients missing on this rank travel as zeros, so
-  no rank can hang), waits, then scales once by ``op``'s postscale times the clip coefficient (the
-  global norm is taken after the reduction, so it is identical everywhere) and steps the wrapped
-  optimizer. Each bucket carries one presence flag per parameter: a parameter that got no gradient on
-  *any* rank keeps ``grad=None`` (the optimizer skips it, as it would in one process).
+  no rank can hang), waits, multiplies by the postscale, clips by the global norm (the norm is taken
+  after the reduction, so it is identical everywhere; tensor/pipeline parallelism passes
+  ``grad_norm_fn`` for the unsplit model's norm) and steps the wrapped optimizer. Each bucket carries
+  one presence flag per parameter: a parameter that got no gradient on *any* rank keeps
+  ``grad=None`` (the optimizer skips it, as it would in one process).
+- A parameter whose ``requires_grad`` changed since the plan (frozen, then unfrozen) re-plans the
+  buckets at the start of the next step, on every rank alike, so its gradient is averaged too.
 
-Compression: ``Compression.fp16`` casts each bucket to fp16 for the wire. Backends that cannot reduce
-a 16-bit type (Horovod's CPU ops have no bf16; MPI has neither fp16 nor bf16) reduce in the
-gradient's dtype instead, after one warning. The local backend (one process) sends nothing and casts
-nothing.
+Compression: ``Compression.fp16`` casts each bucket to fp16 for the wire (see
+:func:`backend_wire_dtype` for what each backend can sum). The local backend (one process) sends
+nothing and casts nothing.
 """
 from __future__ import annotations
 
@@ -32,11 +36,12 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from hvdllm.core.buckets import LaunchTracker, TensorSpec, clip_coefficient, plan_buckets
+from hvdllm.core.buckets import Bucket, LaunchTracker
 from hvdllm.core.compression import Compression
-from hvdllm.core.gradients import ReductionConfig, backend_wire_dtype
+from hvdllm.core.gradients import ReductionConfig, backend_wire_dtype, clip_coefficient_of
 from hvdllm.core.ops import Average, Sum
 from hvdllm.core.process_sets import WORLD, ProcessSet
+from hvdllm.torch import buckets
 from hvdllm.torch.basics import collectives
 
 __all__ = ["DistributedOptimizer"]
@@ -44,31 +49,24 @@ __all__ = ["DistributedOptimizer"]
 _instances = itertools.count()
 _warned: set[tuple[str, str]] = set()
 
-# 16-bit dtypes each backend can reduce (None: no communication at all).
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
 
 _runtime = collectives  # the backend (hvdllm.core.collectives.Collectives)
 
 
 class _Bucket:
-    """One planned bucket: its parameters, their views into the flat buffer, the wire buffer."""
+    """One planned bucket: its parameters, their views into the flat buffer, the wire buffer, the scales."""
 
-    def __init__(self, index: int, params: list[torch.nn.Parameter], positions: list[int],
-                 dtype: torch.dtype, wire: torch.dtype | None) -> None:
-        self.index, self.params, self.positions = index, params, positions
-        self.numel = sum(p.numel() for p in params)
-        device = params[0].device
+    def __init__(self, plan: Bucket, params: list[torch.nn.Parameter], wire: torch.dtype | None,
+                 scales: tuple[float, float]) -> None:
+        self.params, self.positions, self.numel = [params[i] for i in plan.indices], list(plan.indices), plan.numel
+        first = self.params[0]
         # The gradients, then one presence flag per parameter (summed over ranks like the gradients).
-        self.buffer = torch.zeros(self.numel + len(params), dtype=dtype, device=device)
-        self.views, off = [], 0
-        for p in params:
-            self.views.append(self.buffer[off:off + p.numel()].view_as(p))
-            off += p.numel()
+        self.buffer = torch.zeros(self.numel + len(self.params), dtype=first.dtype, device=first.device)
+        self.views = buckets.views(self.buffer, plan, params)
         self.grads = self.buffer[:self.numel]
-        self.flags = [0.0] * len(params)
-        self.wire = None if wire is None else torch.empty(self.buffer.numel(), dtype=wire, device=device)
+        self.flags = [0.0] * len(self.params)
+        self.wire = None if wire is None else torch.empty(self.buffer.numel(), dtype=wire, device=first.device)
+        self.prescale, self.postscale = scales
         self.handle: Any = None
 
 
@@ -76,14 +74,16 @@ class _DistributedOptimizer(torch.optim.Optimizer):
     """The wrapper's behaviour; :func:`DistributedOptimizer` mixes it into the wrapped optimizer's class."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, named_parameters: Iterable[Any] | None,
-                 config: ReductionConfig) -> None:
+                 config: ReductionConfig, grad_norm_fn: Callable[[], float] | None = None) -> None:
         # torch.optim.Optimizer.__init__ is deliberately not called: param_groups, state and defaults
         # are the wrapped optimizer's (see the properties below).
         self._inner = optimizer
         self._config = config
+        self._grad_norm_fn = grad_norm_fn
         self._rt = _runtime()
         self._id = next(_instances)
         self._hooks: list[Any] = []
+        self._retired: list[Any] = []
         self._plan_no = -1
         self._should_sync = True
         self._synchronized = False
@@ -161,17 +161,19 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             out.setdefault(id(p), (len(out), name))  # a tied parameter keeps its first name
         return out
 
-    def _build(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
-        params: list[torch.nn.Parameter] = []
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        """The optimizer's parameters that require a gradient, each once, in param-group order."""
         seen: set[int] = set()
-        for group in self._inner.param_groups:
-            for p in group["params"]:
-                if p.requires_grad and id(p) not in seen:
-                    seen.add(id(p))
-                    params.append(p)
+        return [p for group in self._inner.param_groups for p in group["params"]
+                if p.requires_grad and not (id(p) in seen or seen.add(id(p)))]
+
+    def _build(self) -> None:
+        # Old hooks ignore calls once the plan number moves on; they are removed outside backward
+        # (removing hooks from inside a running hook would mutate the dict autograd is iterating).
+        self._retired, self._hooks = self._retired + self._hooks, []
+        params = self._trainable()
+        self._planned = [id(p) for p in params]
+        group_of = {id(p): g for g, group in enumerate(self._inner.param_groups) for p in group["params"]}
         if self._names is not None:
             missing = [p for p in params if id(p) not in self._names]
             if missing:
@@ -190,31 +192,53 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             if p.is_sparse or p.layout != torch.strided:
                 raise ValueError(f"parameter {names[params.index(p)]!r} has layout {p.layout}; only dense "
                                  "(strided) parameters are supported")
-        specs = [TensorSpec(n, tuple(p.shape), _dtype_name(p.dtype)) for n, p in zip(names, params)]
-        plan = plan_buckets(specs, self._config.bucket_cap_bytes)
+        plan = buckets.plan(params, self._config.bucket_cap_bytes, [group_of[id(p)] for p in params], names)
         self._params, self._param_names = params, names
+        self._index = {id(p): i for i, p in enumerate(params)}
         self._plan_no += 1
         self._buckets: list[_Bucket] = []
         self._where: list[tuple[int, int]] = [(-1, -1)] * len(params)  # param -> (bucket, position)
         for b, bk in enumerate(plan):
-            dtype = params[bk.indices[0]].dtype
             wire_name, warning = backend_wire_dtype(bk.dtype, self._config.compression, self._rt.name)
             key = (self._rt.name, f"{self._config.compression.wire_dtype}<-{bk.dtype}")
             if warning and key not in _warned:  # once per process and kind of fallback
                 _warned.add(key)
                 warnings.warn(f"hvdllm: {warning}", RuntimeWarning, stacklevel=3)
             wire = getattr(torch, wire_name) if wire_name != bk.dtype else None
-            self._buckets.append(_Bucket(b, [params[i] for i in bk.indices], list(bk.indices), dtype, wire))
+            self._buckets.append(_Bucket(bk, params, wire, self._config.scales(self._group_size, wire_name)))
             for pos, i in enumerate(bk.indices):
                 self._where[i] = (b, pos)
         self._tracker = LaunchTracker(plan, len(params), self._config.backward_passes_per_step,
                                       ordered=self._rt.name != "horovod")
         ref = weakref.ref(self)
-        for i, p in enumerate(params):
-            self._hooks.append(p.register_post_accumulate_grad_hook(_make_hook(ref, i)))
+        for p in params:
+            self._hooks.append(p.register_hook(_make_hook(ref, id(p), self._plan_no, _DistributedOptimizer._attach)))
+            self._hooks.append(p.register_post_accumulate_grad_hook(
+                _make_hook(ref, id(p), self._plan_no, _DistributedOptimizer._on_grad)))
+
+    def _replan_if_changed(self) -> None:
+        """At the start of a step: re-plan if a parameter was frozen or unfrozen since the plan (every
+        rank runs the same model code, so every rank re-plans at the same step)."""
+        if not self._tracker.active and [id(p) for p in self._trainable()] != self._planned:
+            self._build()
 
     # --- during backward -----------------------------------------------------------------------
-    def _on_grad(self, i: int) -> None:
+    def _attach(self, pid: int) -> None:
+        """Before autograd accumulates a gradient into ``.grad=None``: make ``.grad`` the zeroed bucket
+        view, so autograd accumulates into the bucket instead of allocating a tensor to copy in later."""
+        self._replan_if_changed()
+        i = self._index.get(pid)
+        if i is not None and self._params[i].grad is None:
+            b, pos = self._where[i]
+            view = self._buckets[b].views[pos]
+            view.zero_()
+            self._params[i].grad = view
+
+    def _on_grad(self, pid: int) -> None:
+        """After autograd accumulated a gradient: count it; launch the buckets that became ready."""
+        i = self._index.get(pid)
+        if i is None:
+            return
         self._synchronized = False
         complete, launch = self._tracker.mark(i)
         if complete:
@@ -250,6 +274,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         if bucket.wire is not None:
             bucket.wire.copy_(bucket.buffer)
             target = bucket.wire
+        if bucket.prescale != 1.0:  # (the flags stay > 0)
+            target.mul_(bucket.prescale)
         bucket.handle = self._rt.allreduce_async_(target, Sum, self._config.process_set,
                                                   name=f"hvdllm.dp{self._id}.{self._plan_no}.bucket{b}")
 
@@ -258,30 +284,28 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         """Finish every bucket's reduction, then scale (average, clip) the gradients in place.
 
         step() calls it; call it yourself to inspect or modify the reduced gradients, then step inside
-        ``with optimizer.skip_synchronize():`` (Horovod's pattern).
+        ``with optimizer.skip_synchronize():`` (Horovod's pattern; e.g. fp16: unscale, then
+        :meth:`clip_grad_norm_`).
         """
+        self._replan_if_changed()
         for b in self._tracker.remaining():
             for i in self._buckets[b].positions:
                 if not self._tracker.complete(i):
                     self._pack(i)
             self._launch(b)
         for bucket in self._buckets:
-            if bucket.handle is not None:
+            # Postscale (Average's f/size, 1/k for average_aggregated_gradients), on the wire before the
+            # cast back: the sum may not fit the gradient's dtype (fp16 summed as fp32 on MPI).
+            if bucket.handle is None:  # the local backend: nothing travelled
+                post, reduced = bucket.prescale * bucket.postscale, bucket.grads
+            else:
                 bucket.handle.wait()
                 bucket.handle = None
-                if bucket.wire is not None:
-                    bucket.buffer.copy_(bucket.wire)
-        # Average's 1/size (and 1/k for average_aggregated_gradients), applied once, fused with clipping.
-        postscale = self._config.op.postscale(self._group_size) * self._config.local_scale
-        norms = [torch.linalg.vector_norm(bk.grads, dtype=torch.float32) for bk in self._buckets]
-        summed = float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
-        self.grad_norm = summed * postscale
-        coef = postscale
-        if self._config.max_grad_norm is not None:
-            coef *= clip_coefficient(self.grad_norm, self._config.max_grad_norm)
-        for bucket in self._buckets:
-            if coef != 1.0:
-                bucket.grads.mul_(coef)
+                post, reduced = bucket.postscale, bucket.wire if bucket.wire is not None else bucket.grads
+            if post != 1.0:
+                reduced.mul_(post)  # (the flags stay > 0)
+            if reduced is bucket.wire:
+                bucket.buffer.copy_(bucket.wire)
             present = bucket.buffer[bucket.numel:].tolist()
             for pos, p in enumerate(bucket.params):
                 if present[pos] > 0:
@@ -290,7 +314,33 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                 else:
                     p.grad = None
         self._tracker.reset()
+        for h in self._retired:
+            h.remove()
+        self._retired = []
+        if self._config.max_grad_norm is not None:
+            self.clip_grad_norm_(self._config.max_grad_norm)
+        else:
+            self.grad_norm = self._global_norm()
         self._synchronized = True
+
+    def _global_norm(self) -> float:
+        """The L2 norm of the whole model's reduced gradient: ``grad_norm_fn()`` when given (tensor/pipeline
+        parallelism: the unsplit model's), else the norm over this optimizer's buckets."""
+        if self._grad_norm_fn is not None:
+            return float(self._grad_norm_fn())
+        norms = [torch.linalg.vector_norm(bk.grads, dtype=torch.float32) for bk in self._buckets]
+        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        """Scale the reduced gradients by the core's clipping rule for their global norm; returns that
+        norm (also kept in ``grad_norm``). step() calls it when ``max_grad_norm`` is set; call it yourself
+        between synchronize() and a ``skip_synchronize()`` step (fp16: after the loss scaler's unscale_)."""
+        self.grad_norm = self._global_norm()
+        coef = clip_coefficient_of(self.grad_norm, max_norm)
+        if coef != 1.0:
+            for bucket in self._buckets:
+                bucket.grads.mul_(coef)
+        return self.grad_norm
 
     @contextlib.contextmanager
     def skip_synchronize(self) -> Iterator[None]:
@@ -328,15 +378,16 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                                "the gradients' reduction is in flight: call step() first")
 
     def __del__(self) -> None:
-        for h in getattr(self, "_hooks", []):
+        for h in getattr(self, "_hooks", []) + getattr(self, "_retired", []):
             h.remove()
 
 
-def _make_hook(ref: "weakref.ReferenceType[_DistributedOptimizer]", i: int) -> Callable[[torch.Tensor], None]:
-    def hook(_param: torch.Tensor) -> None:
+def _make_hook(ref: "weakref.ReferenceType[_DistributedOptimizer]", pid: int, plan_no: int,
+               method: Callable[[_DistributedOptimizer, int], None]) -> Callable[[torch.Tensor], None]:
+    def hook(_tensor: torch.Tensor) -> None:
         opt = ref()
-        if opt is not None:
-            opt._on_grad(i)
+        if opt is not None and opt._plan_no == plan_no:
+            method(opt, pid)
 
     return hook
 
@@ -344,13 +395,18 @@ def _make_hook(ref: "weakref.ReferenceType[_DistributedOptimizer]", i: int) -> C
 def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Iterable[Any] | None = None,
                          compression: Any = Compression.none, backward_passes_per_step: int = 1,
                          op: Any = Average, bucket_cap_mb: float = 25, max_grad_norm: float | None = None,
-                         process_set: ProcessSet = WORLD, average_aggregated_gradients: bool = False
+                         process_set: ProcessSet = WORLD, average_aggregated_gradients: bool = False,
+                         gradient_predivide_factor: float = 1.0, grad_norm_fn: Callable[[], float] | None = None
                          ) -> torch.optim.Optimizer:
     """Wrap ``optimizer`` so that step() uses gradients reduced (averaged by default) over the ranks.
 
     The result is an instance of the wrapped optimizer's class (isinstance checks and LR schedulers
     keep working) whose param_groups, state, state_dict and load_state_dict are the wrapped one's.
     After each step, ``grad_norm`` holds the global gradient norm (after averaging, before clipping).
+    ``gradient_predivide_factor`` f is Horovod's: gradients are divided by f before the sum and by
+    size/f after it (op=Average only). ``grad_norm_fn``: the hook through which tensor/pipeline
+    parallelism supplies the global norm (a collective returning the unsplit model's gradient norm,
+    called after the reduction) used by the clipping and reported as ``grad_norm``.
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -359,7 +415,9 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Ite
     config = ReductionConfig.create(op=op, compression=compression, backward_passes_per_step=backward_passes_per_step,
                                     average_aggregated_gradients=average_aggregated_gradients,
                                     max_grad_norm=max_grad_norm, bucket_cap_mb=bucket_cap_mb,
-                                    process_set=process_set)
+                                    process_set=process_set, gradient_predivide_factor=gradient_predivide_factor)
     base = type(optimizer)
     cls = type(base.__name__, (_DistributedOptimizer, base), {"__module__": __name__})
-    return cls(optimizer, named_parameters, config)
+    if grad_norm_fn is not None and not callable(grad_norm_fn):
+        raise ValueError(f"grad_norm_fn={grad_norm_fn!r} must be a callable returning the global gradient norm")
+    return cls(optimizer, named_parameters, config, grad_norm_fn)

@@ -8,18 +8,20 @@ L2 vs decoupled weight decay, where Adam's epsilon sits) are the core's, which f
 PyTorch's own: see :mod:`hvdllm.core.optim`.
 
 ``fused=True``: every param group keeps its parameters of one dtype/device, their gradients and the
-optimizer state in flat contiguous buffers. Parameters are re-pointed (``p.data``) at views of the
-flat parameter buffer and ``p.grad`` at views of the flat gradient buffer, so autograd accumulates
-straight into the flat buffer and a step is a few large ops over whole buffers, not thousands of
-small ones. The elementwise pass over each flat buffer runs torch's native fused multi-tensor
+optimizer state in flat contiguous buffers (:mod:`hvdllm.torch.buckets`, in the core's bucket order).
+Parameters are re-pointed (``p.data``) at views of the flat parameter buffer and ``p.grad`` at views
+of the flat gradient buffer, so autograd accumulates straight into the flat buffer and a step is a few
+large ops over whole buffers, not thousands of small ones. The step reads the gradients wherever they
+live, in runs that lie back to back in memory: under ``hvd.DistributedOptimizer`` those are its
+buckets (same order), read in place. The elementwise pass runs torch's native fused multi-tensor
 kernel where that kernel computes exactly the core's formula (SGD with momentum/Nesterov and L2
 decay, Adam, AdamW; equality with the core rule is tested), and the core rule itself otherwise
 (LAMB, and anything else). Consequences of fusing, as in apex / DeepSpeed flat buffers:
 
-* ``zero_grad()`` zeroes the flat gradient buffer in place whatever ``set_to_none`` says, so a
-  parameter that received no gradient gets a zero gradient (like ``set_to_none=False``) instead of
-  being skipped. If some code sets a ``p.grad`` to ``None``, that step falls back to per-tensor
-  updates for the group (correct, slower); a ``p.grad`` replaced by another tensor is copied back in.
+* ``zero_grad()`` zeroes the gradients in place (wherever they live) whatever ``set_to_none`` says,
+  so a parameter that received no gradient gets a zero gradient (like ``set_to_none=False``) instead
+  of being skipped. If some code sets a ``p.grad`` to ``None``, that step falls back to per-tensor
+  updates for the group (correct, slower); a non-contiguous ``p.grad`` is copied back in.
 * Create the optimizer *after* moving the model to its device/dtype; ``model.to(...)`` afterwards
   would detach the parameters from the flat buffers.
 * Parameters with ``requires_grad=False`` at construction stay outside the flat buffers.
@@ -32,16 +34,19 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from hvdllm.core import optim as core
+from hvdllm.core.buckets import Bucket
 from hvdllm.core.schedules import LRSchedule
+from hvdllm.torch import buckets as flat_buffers
 
 _NATIVE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 @dataclass
 class _Flat:
-    """One group's parameters of one dtype/device, with their flat buffers."""
+    """One group's parameters of one dtype/device (in the core's bucket order), with their flat buffers."""
 
     params: List[torch.nn.Parameter]
+    plan: Bucket
     param: torch.Tensor
     grad: torch.Tensor
     state: Dict[str, torch.Tensor] = field(default_factory=dict)
@@ -49,13 +54,38 @@ class _Flat:
     count: float = 0.0  # the same count as a python float (no device sync to read it)
     uniform: bool = True  # False once some params were stepped without the others
 
-    def views(self, flat: torch.Tensor) -> List[torch.Tensor]:
-        out, offset = [], 0
-        for p in self.params:
-            n = p.numel()
-            out.append(flat[offset:offset + n].view_as(p))
-            offset += n
+    def views(self, buffer: torch.Tensor) -> List[torch.Tensor]:
+        return flat_buffers.views(buffer, self.plan, self.params)
+
+    def pieces(self) -> Optional[List["_Piece"]]:
+        """The step's operands: one piece per run of gradients lying back to back in memory (one run
+        for our own buffer, one per bucket under DistributedOptimizer); None if a grad is None."""
+        grads = [p.grad for p in self.params]
+        if any(g is None for g in grads):
+            return None
+        runs = flat_buffers.contiguous_runs(grads)
+        if runs is None:  # a non-contiguous grad: back into our own buffer
+            for p, gv in zip(self.params, self.views(self.grad)):
+                if p.grad.data_ptr() != gv.data_ptr():
+                    gv.copy_(p.grad)
+                    p.grad = gv
+            runs = [(0, len(self.params), self.grad)]
+        out = []
+        for start, stop, grad in runs:
+            lo = self.plan.offsets[start]
+            sl = slice(lo, lo + grad.numel())
+            out.append(_Piece(self.params[start:stop], self.param[sl], grad, {k: v[sl] for k, v in self.state.items()}))
         return out
+
+
+@dataclass
+class _Piece:
+    """Parameters whose flat parameter, gradient and state slices line up (the unit of a fused update)."""
+
+    params: List[torch.nn.Parameter]
+    param: torch.Tensor
+    grad: torch.Tensor
+    state: Dict[str, torch.Tensor]
 
 
 def _new_step(device: Optional[torch.device] = None) -> torch.Tensor:
@@ -87,10 +117,10 @@ class _CoreOptimizer(torch.optim.Optimizer):
                        state: Dict[str, Any], step: float) -> None:
         raise NotImplementedError
 
-    def _flat_update(self, group: Dict[str, Any], flat: _Flat, step: float) -> None:
-        # Default: the core rule over the whole flat buffers (one call, a few big ops).
-        fake: Dict[str, Any] = dict(flat.state)
-        self._tensor_update(group, flat.param, flat.grad, fake, step)
+    def _flat_update(self, group: Dict[str, Any], flat: _Flat, pieces: List[_Piece], step: float) -> None:
+        # Default: the core rule over each piece's flat buffers (a few big ops per piece).
+        for piece in pieces:
+            self._tensor_update(group, piece.param, piece.grad, dict(piece.state), step)
 
     # ---------------------------------------------------------------- param groups, flat buffers
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
@@ -101,23 +131,20 @@ class _CoreOptimizer(torch.optim.Optimizer):
             self._flats.append(self._flatten(group))
 
     def _flatten(self, group: Dict[str, Any]) -> List[_Flat]:
-        by_kind: Dict[Tuple[torch.dtype, torch.device], List[torch.nn.Parameter]] = {}
-        for p in group["params"]:
-            if p.requires_grad and not p.is_sparse:
-                by_kind.setdefault((p.dtype, p.device), []).append(p)
+        ps = [p for p in group["params"] if p.requires_grad and not p.is_sparse]
         flats = []
         with torch.no_grad():
-            for (dtype, device), ps in by_kind.items():
-                total = sum(p.numel() for p in ps)
-                flat = _Flat(ps, torch.empty(total, dtype=dtype, device=device),
-                             torch.zeros(total, dtype=dtype, device=device))
-                for p, pv, gv in zip(ps, flat.views(flat.param), flat.views(flat.grad)):
-                    pv.copy_(p.detach())
+            for bucket in flat_buffers.plan(ps, 0, [p.device for p in ps]):
+                first = ps[bucket.indices[0]]
+                own = Bucket(bucket.dtype, tuple(range(len(bucket.indices))), bucket.offsets, bucket.numel)
+                f = _Flat([ps[i] for i in bucket.indices], own, flat_buffers.pack(bucket, ps),
+                          torch.zeros(bucket.numel, dtype=first.dtype, device=first.device))
+                for p, pv, gv in zip(f.params, f.views(f.param), f.views(f.grad)):
                     if p.grad is not None:
                         gv.copy_(p.grad)
                     p.data = pv
                     p.grad = gv
-                flats.append(flat)
+                flats.append(f)
         return flats
 
     def _init_flat_state(self, group: Dict[str, Any], flat: _Flat) -> None:
@@ -130,17 +157,6 @@ class _CoreOptimizer(torch.optim.Optimizer):
         views = {k: flat.views(v) for k, v in flat.state.items()}
         for i, p in enumerate(flat.params):  # own step tensors: no aliasing across params
             self.state[p] = {"step": _new_step(flat.param.device), **{k: views[k][i] for k in keys}}
-
-    def _sync_grads(self, flat: _Flat) -> bool:
-        """Make every ``p.grad`` a view of the flat grad buffer; False if some grad is None."""
-        for p, gv in zip(flat.params, flat.views(flat.grad)):
-            g = p.grad
-            if g is None:
-                return False
-            if g.data_ptr() != gv.data_ptr() or g.shape != gv.shape:
-                gv.copy_(g)
-                p.grad = gv
-        return True
 
     # ---------------------------------------------------------------- the step
     @torch.no_grad()
@@ -156,11 +172,12 @@ class _CoreOptimizer(torch.optim.Optimizer):
                 for flat in self._flats[gi]:
                     if flat.step is None:
                         self._init_flat_state(group, flat)
-                    if flat.uniform and self._sync_grads(flat):
+                    pieces = flat.pieces() if flat.uniform else None
+                    if pieces is not None:
                         flat.step.add_(1.0)
                         flat.count += 1.0
                         torch._foreach_add_([self.state[p]["step"] for p in flat.params], 1.0)
-                        self._flat_update(group, flat, flat.count)
+                        self._flat_update(group, flat, pieces, flat.count)
                         done.update(id(p) for p in flat.params)
                     elif any(p.grad is None for p in flat.params):
                         flat.uniform = False
@@ -179,16 +196,19 @@ class _CoreOptimizer(torch.optim.Optimizer):
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Unfused: as ``torch.optim``. Fused: zero the flat gradient buffers in place (see module doc)."""
+        """Unfused: as ``torch.optim``. Fused: zero the gradients in place, wherever they live (see module doc)."""
         if not self.fused:
             return super().zero_grad(set_to_none)
         flat_ids = set()
         for flats in self._flats:
-            for flat in flats:
-                flat.grad.zero_()
-                for p, gv in zip(flat.params, flat.views(flat.grad)):
-                    p.grad = gv
+            for f in flats:
+                for p, gv in zip(f.params, f.views(f.grad)):
+                    if p.grad is None:  # back to its slot in our buffer
+                        p.grad = gv
                     flat_ids.add(id(p))
+                runs = flat_buffers.contiguous_runs([p.grad for p in f.params])
+                for g in ([run for _, _, run in runs] if runs is not None else [p.grad for p in f.params]):
+                    g.zero_()
         for group in self.param_groups:
             for p in group["params"]:
                 if id(p) in flat_ids or p.grad is None:
@@ -256,11 +276,11 @@ class SGD(_CoreOptimizer):
         if buf is not None:
             buf.copy_(new_buf)
 
-    def _flat_update(self, group, flat, step):
+    def _flat_update(self, group, flat, pieces, step):
         if flat.param.dtype not in _NATIVE_DTYPES:
-            return super()._flat_update(group, flat, step)
-        bufs = [flat.state["momentum_buffer"]] if group["momentum"] else []
-        torch._fused_sgd_([flat.param], [flat.grad], bufs, weight_decay=float(group["weight_decay"]),
+            return super()._flat_update(group, flat, pieces, step)
+        bufs = [pc.state["momentum_buffer"] for pc in pieces] if group["momentum"] else []
+        torch._fused_sgd_([pc.param for pc in pieces], [pc.grad for pc in pieces], bufs, weight_decay=float(group["weight_decay"]),
                           momentum=float(group["momentum"]), lr=float(group["lr"]), dampening=0.0,
                           nesterov=bool(group["nesterov"]), maximize=False, is_first_step=False)
 
@@ -306,14 +326,14 @@ class Adam(_AdamFamily):
     def _tensor_update(self, group, p, grad, state, step):
         self._moments_update(core.adam_step, group, p, grad, state, step, decoupled=self._decoupled)
 
-    def _flat_update(self, group, flat, step):
+    def _flat_update(self, group, flat, pieces, step):
         if flat.param.dtype not in _NATIVE_DTYPES:
-            return super()._flat_update(group, flat, step)
+            return super()._flat_update(group, flat, pieces, step)
         kernel = torch._fused_adamw_ if self._decoupled else torch._fused_adam_
         beta1, beta2 = group["betas"]
-        kernel([flat.param], [flat.grad], [flat.state["exp_avg"]], [flat.state["exp_avg_sq"]], [],
-               [flat.step], lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2),
-               weight_decay=float(group["weight_decay"]), eps=float(group["eps"]), amsgrad=False,
+        kernel([pc.param for pc in pieces], [pc.grad for pc in pieces], [pc.state["exp_avg"] for pc in pieces],
+               [pc.state["exp_avg_sq"] for pc in pieces], [], [flat.step] * len(pieces), lr=float(group["lr"]),
+               beta1=float(beta1), beta2=float(beta2), weight_decay=float(group["weight_decay"]), eps=float(group["eps"]), amsgrad=False,
                maximize=False)
 
 
@@ -341,19 +361,21 @@ class LAMB(_AdamFamily):
     def _tensor_update(self, group, p, grad, state, step):
         self._moments_update(core.lamb_step, group, p, grad, state, step)
 
-    def _flat_update(self, group, flat, step):
+    def _flat_update(self, group, flat, pieces, step):
         beta1, beta2 = group["betas"]
-        update, m, v = core.lamb_direction(torch, flat.param, flat.grad, flat.state["exp_avg"],
-                                           flat.state["exp_avg_sq"], step=step, beta1=beta1, beta2=beta2,
-                                           eps=group["eps"], weight_decay=group["weight_decay"])
-        flat.state["exp_avg"].copy_(m)
-        flat.state["exp_avg_sq"].copy_(v)
-        param_norms = torch.stack(torch._foreach_norm(flat.views(flat.param)))
-        update_norms = torch.stack(torch._foreach_norm(flat.views(update)))
-        ratios = core.lamb_trust_ratio(torch, param_norms, update_norms)
-        counts = torch.tensor([p.numel() for p in flat.params], device=ratios.device)
-        scale = torch.repeat_interleave(ratios * float(group["lr"]), counts)
-        flat.param.sub_(scale * update)
+        for pc in pieces:
+            update, m, v = core.lamb_direction(torch, pc.param, pc.grad, pc.state["exp_avg"], pc.state["exp_avg_sq"],
+                                               step=step, beta1=beta1, beta2=beta2, eps=group["eps"],
+                                               weight_decay=group["weight_decay"])
+            pc.state["exp_avg"].copy_(m)
+            pc.state["exp_avg_sq"].copy_(v)
+            sizes = [p.numel() for p in pc.params]
+            param_norms = torch.stack(torch._foreach_norm(torch.split(pc.param, sizes)))
+            update_norms = torch.stack(torch._foreach_norm(torch.split(update, sizes)))
+            ratios = core.lamb_trust_ratio(torch, param_norms, update_norms)
+            counts = torch.tensor(sizes, device=ratios.device)
+            scale = torch.repeat_interleave(ratios * float(group["lr"]), counts)
+            pc.param.sub_(scale * update)
 
 
 class _ScheduleLR(torch.optim.lr_scheduler.LRScheduler):

@@ -1,8 +1,11 @@
 """Make every rank start from the root's model and optimizer state (Horovod's broadcast_* helpers).
 
-Tensors travel fused: one flat broadcast per dtype, not one per tensor. The optimizer state goes as
-its structure (a picklable skeleton, broadcast_object) plus its tensors (fused broadcasts), and every
-other rank loads the result with ``load_state_dict``. So it also works before the first step, when
+Tensors travel fused: one flat broadcast (:mod:`hvdllm.torch.buckets`) per dtype and device kind, not one
+per tensor. The optimizer state goes as its structure (a picklable skeleton holding each tensor's shape,
+dtype and device kind, broadcast_object) plus its tensors (fused broadcasts): every other rank allocates
+its receiving tensors from the root's metadata, not from its own state, so root and receivers plan the
+same broadcasts even when the state spans dtypes and devices (torch.optim.Adam keeps ``step`` on the
+CPU, the moments on the parameter's device). Every other rank loads the result with ``load_state_dict``. So it also works before the first step, when
 e.g. Adam's state is still empty: the other ranks' states become empty too, and no dummy step runs
 (Horovod's dummy step changes AdamW's parameters and advances Adam's step count).
 """
@@ -14,6 +17,7 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from hvdllm.core.process_sets import WORLD, ProcessSet
+from hvdllm.torch import buckets
 from hvdllm.torch.basics import collectives
 
 __all__ = ["broadcast_parameters", "broadcast_optimizer_state"]
@@ -30,26 +34,15 @@ def _check_root(rt: Any, root_rank: int, process_set: ProcessSet) -> None:
 
 def _broadcast_tensors_(rt: Any, tensors: list[torch.Tensor], root_rank: int, process_set: ProcessSet,
                         dedupe: bool) -> None:
-    """Overwrite ``tensors`` in place with the root's values: one fused broadcast per (dtype, device)."""
-    groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
-    seen: set[tuple[Any, ...]] = set()
-    for t in tensors:
-        if dedupe:  # tied weights (the same storage under two names) travel once
-            key = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device)
-            if key in seen:
-                continue
-            seen.add(key)
-        groups.setdefault((t.dtype, t.device), []).append(t)
+    """Overwrite ``tensors`` in place with the root's values: one fused broadcast per (device kind, dtype)."""
+    if dedupe:  # tied weights (the same storage under two names) travel once
+        unique = {(t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device): t for t in tensors}
+        tensors = list(unique.values())
     with torch.no_grad():
-        for (dtype, _device), group in groups.items():
-            flat = torch.cat([t.detach().reshape(-1) for t in group])
-            wire = flat.to(torch.uint8) if dtype == torch.bool else flat
-            out = rt.broadcast(wire, root_rank, process_set).to(dtype)
-            off = 0
-            for t in group:
-                n = t.numel()
-                t.copy_(out[off:off + n].view(t.shape))
-                off += n
+        for bucket in buckets.plan(tensors, 0, [t.device.type for t in tensors]):
+            buffer = buckets.pack(bucket, tensors)
+            wire = buffer.to(torch.uint8) if buffer.dtype == torch.bool else buffer
+            buckets.unpack_(rt.broadcast(wire, root_rank, process_set).to(buffer.dtype), bucket, tensors)
 
 
 def broadcast_parameters(params: Mapping[str, torch.Tensor] | Iterable[Any], root_rank: int = 0,
@@ -79,13 +72,14 @@ class _Slot:
     index: int
     shape: tuple[int, ...]
     dtype: torch.dtype
+    on_cpu: bool  # else on the parameters' device
 
 
 def _strip(obj: Any, tensors: list[torch.Tensor]) -> Any:
     """The state dict with each tensor replaced by a _Slot (appending the tensor to ``tensors``)."""
     if isinstance(obj, torch.Tensor):
         tensors.append(obj)
-        return _Slot(len(tensors) - 1, tuple(obj.shape), obj.dtype)
+        return _Slot(len(tensors) - 1, tuple(obj.shape), obj.dtype, obj.device.type == "cpu")
     if isinstance(obj, dict):
         return {k: _strip(v, tensors) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -133,7 +127,7 @@ def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int =
     if not is_root:
         device = next((p.device for g in optimizer.param_groups for p in g["params"]), torch.device("cpu"))
         slots = sorted(_slots(skeleton, []), key=lambda s: s.index)
-        tensors = [torch.empty(s.shape, dtype=s.dtype, device=device) for s in slots]
+        tensors = [torch.empty(s.shape, dtype=s.dtype, device="cpu" if s.on_cpu else device) for s in slots]
     _broadcast_tensors_(rt, tensors, root_rank, process_set, dedupe=False)
     if not is_root:
         optimizer.load_state_dict(_fill(skeleton, tensors))

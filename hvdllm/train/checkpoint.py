@@ -5,7 +5,8 @@ Layout of ``<run>/checkpoints/step_00000100/``:
     optimizer.safetensors  optimizer tensors (flattened names, see the trainer)
     rng.safetensors        RNG states (per rank where they differ)
     tokenizer.json         how to decode samples
-    meta.json              step, data position, config, model shape, framework, optimizer scalars; written last
+    meta.json              step, data position, config, model shape, framework, optimizer scalars, and
+                           ``files``: the sha256 and size of every other file; written last
 
 Atomicity: everything is written into ``.tmp-step_...`` next to the final name, each file fsync'ed,
 then the directory is renamed (``os.replace`` for a leftover older directory of the same step) and the
@@ -13,25 +14,37 @@ parent fsync'ed. A reader only ever sees complete checkpoints: a directory count
 is ``step_<N>`` and it holds ``meta.json``. A process killed mid-write leaves a ``.tmp-*`` folder that
 the next writer removes, and the previous checkpoint untouched.
 
+Verification: :func:`verify` (and :func:`read_checkpoint`, which hashes the bytes it loads) checks every
+file against ``meta.json``; a checkpoint that does not verify raises :class:`CorruptCheckpoint` naming the
+file. :func:`newest_verified` is what ``--resume`` uses: the newest checkpoint that verifies, warning once
+per newer one skipped (so keep ``run.keep_checkpoints`` >= 2 to have one to fall back to).
+
 Framework-free: arrays are numpy; the trainers convert.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
+
+from hvdllm.train.config import ConfigError
 
 CHECKPOINTS = "checkpoints"
 META = "meta.json"
 _NAME = re.compile(r"^step_(\d{8,})$")
 # Test hook: seconds to sleep after each file of a checkpoint (lets a test kill a writer mid-save).
 _DELAY_ENV = "HVDLLM_CHECKPOINT_WRITE_DELAY"
+
+
+class CorruptCheckpoint(ConfigError):
+    """A checkpoint whose files do not match the sizes and sha256 sums its ``meta.json`` records."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -60,14 +73,23 @@ def _pause() -> None:
         time.sleep(delay)
 
 
-def save_arrays(path: Path, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> None:
-    """Write a safetensors file (contiguous copies; bool/0-d arrays are fine) and fsync it."""
+def _digest(data: bytes) -> dict[str, Any]:
+    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+def arrays_bytes(arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> bytes:
+    """The safetensors encoding of ``arrays`` (contiguous copies; bool/0-d arrays are fine)."""
     from safetensors.numpy import save
 
     # (np.ascontiguousarray would turn 0-d arrays into 1-d ones)
     tensors = {k: np.asarray(v) if np.asarray(v).flags.c_contiguous else np.asarray(v).copy(order="C")
                for k, v in arrays.items()}
-    _write_bytes(path, save(tensors, metadata=dict(metadata) if metadata else None))
+    return save(tensors, metadata=dict(metadata) if metadata else None)
+
+
+def save_arrays(path: Path, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> None:
+    """Write a safetensors file and fsync it."""
+    _write_bytes(path, arrays_bytes(arrays, metadata))
 
 
 def load_arrays(path: Path) -> dict[str, np.ndarray]:
@@ -87,7 +109,8 @@ def write_checkpoint(run_dir: str | Path, step: int, files: Mapping[str, Mapping
 
     ``files`` maps a file stem to its arrays (``{"model": {...}, "optimizer": {...}}`` ->
     ``model.safetensors`` ...); ``extra_files`` are raw bytes (e.g. ``tokenizer.json``); ``meta`` is
-    JSON-able and written last. With ``keep``, older checkpoints beyond the newest ``keep`` are removed.
+    JSON-able and written last, with the sha256 and size of every other file under ``"files"``. With
+    ``keep``, older checkpoints beyond the newest ``keep`` are removed.
     """
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
@@ -96,12 +119,13 @@ def write_checkpoint(run_dir: str | Path, step: int, files: Mapping[str, Mapping
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{step_dir_name(step)}-{os.getpid()}"
     tmp.mkdir()
-    for stem, arrays in files.items():
-        save_arrays(tmp / f"{stem}.safetensors", arrays)
-        _pause()
-    for name, data in (extra_files or {}).items():
+    blobs = {f"{stem}.safetensors": arrays_bytes(arrays) for stem, arrays in files.items()}
+    sums = {}
+    for name, data in {**blobs, **(extra_files or {})}.items():
         _write_bytes(tmp / name, data)
-    _write_bytes(tmp / META, json.dumps({**meta, "step": step}, indent=1, sort_keys=True).encode())
+        sums[name] = _digest(data)
+        _pause()
+    _write_bytes(tmp / META, json.dumps({**meta, "step": step, "files": sums}, indent=1, sort_keys=True).encode())
     _pause()
     _fsync_dir(tmp)
     if final.exists():                          # same step written again: swap, then drop the old one
@@ -153,14 +177,74 @@ def prune(run_dir: str | Path, keep: int) -> None:
 
 
 def read_meta(ckpt: str | Path) -> dict[str, Any]:
-    return json.loads((Path(ckpt) / META).read_text(encoding="utf-8"))
+    """The checkpoint's ``meta.json`` (CorruptCheckpoint when it is not a JSON object with a file list)."""
+    path = Path(ckpt) / META
+    try:
+        meta = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CorruptCheckpoint(f"checkpoint file {path} is unreadable ({type(e).__name__})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("files"), dict) or not meta["files"]:
+        raise CorruptCheckpoint(f"checkpoint file {path} records no file checksums")
+    return meta
+
+
+def _checked_bytes(ckpt: Path, name: str, meta: Mapping[str, Any]) -> bytes:
+    """The bytes of ``ckpt/name`` when they match the size and sha256 in ``meta``; else CorruptCheckpoint."""
+    path = ckpt / name
+    want = meta["files"].get(name)
+    if not isinstance(want, dict) or "sha256" not in want or "bytes" not in want:
+        raise CorruptCheckpoint(f"checkpoint file {ckpt / META} records no checksum for {name}")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CorruptCheckpoint(f"checkpoint file {path} is unreadable ({e.strerror or type(e).__name__})") from None
+    if len(data) != want["bytes"]:
+        raise CorruptCheckpoint(f"checkpoint file {path} has {len(data)} bytes, meta.json records {want['bytes']}")
+    got = hashlib.sha256(data).hexdigest()
+    if got != want["sha256"]:
+        raise CorruptCheckpoint(f"checkpoint file {path} has sha256 {got[:16]}..., meta.json records "
+                                f"{str(want['sha256'])[:16]}...")
+    return data
+
+
+def verify(ckpt: str | Path) -> dict[str, Any]:
+    """Check every file of a checkpoint against its ``meta.json``; returns the meta, else CorruptCheckpoint."""
+    p = Path(ckpt)
+    meta = read_meta(p)
+    for name in sorted(meta["files"]):
+        _checked_bytes(p, name, meta)
+    return meta
 
 
 def read_checkpoint(ckpt: str | Path) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
-    """All safetensors files of a checkpoint (by stem) and its metadata."""
+    """All safetensors files of a checkpoint (by stem) and its metadata, each file verified as it is read."""
+    from safetensors.numpy import load
+
     p = Path(ckpt)
-    files = {f.name[: -len(".safetensors")]: load_arrays(f) for f in sorted(p.glob("*.safetensors"))}
-    return files, read_meta(p)
+    meta = read_meta(p)
+    files = {}
+    for name in sorted(n for n in meta["files"] if n.endswith(".safetensors")):
+        data = _checked_bytes(p, name, meta)
+        try:
+            files[name[: -len(".safetensors")]] = load(data)
+        except Exception as e:  # noqa: BLE001 - a checksummed file safetensors cannot parse is still corrupt
+            raise CorruptCheckpoint(f"checkpoint file {p / name} does not parse ({' '.join(str(e).split())})") from None
+    return files, meta
+
+
+def newest_verified(run_dir: str | Path, warn: Callable[[str], None]) -> tuple[Path | None, list[Path]]:
+    """The newest checkpoint in ``run_dir`` that verifies (or None) and the newer ones that did not;
+    ``warn`` gets one line per skipped checkpoint, naming the bad file."""
+    bad = []
+    for _, d in reversed(list_checkpoints(run_dir)):
+        try:
+            verify(d)
+        except CorruptCheckpoint as e:
+            warn(f"{e}; skipping it")
+            bad.append(d)
+            continue
+        return d, bad
+    return None, bad
 
 
 # -- nested state <-> flat arrays + JSON (for optimizer state dicts) -----------------------------------

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from hvdllm.core.schedules import LRSchedule
+from hvdllm.train import replicas
 from hvdllm.train.config import TrainConfig
 from hvdllm.train.metrics import LossLog, MetricsLogger, plot_loss
 from hvdllm.train.progress import Progress, Throughput, say
@@ -60,6 +61,7 @@ class StepHooks:
     ``grad_norm()``: the global gradient norm of the last step (after averaging, before clipping) or None.
     ``sample(prompt, tokens, temperature, top_k, seed)``: called on every rank at the end; rank 0 returns
     the generated text (model-parallel runs gather the model collectively first).
+    ``check_replicas(step)``: raise when the data-parallel replicas differ (hvdllm.train.replicas).
     """
 
     step: Callable[[int, float], float]
@@ -67,6 +69,7 @@ class StepHooks:
     save: Callable[[int, LossLog], Path | None]
     grad_norm: Callable[[], float | None]
     sample: Callable[[str, int, float, int, int], str | None]
+    check_replicas: Callable[[int], None] | None = None   # compare data-parallel replicas (a collective)
 
 
 def run_training(s: RunSetup, hooks: StepHooks, losses: LossLog, flops_per_token: float, peak: float,
@@ -109,6 +112,8 @@ def run_training(s: RunSetup, hooks: StepHooks, losses: LossLog, flops_per_token
                 metrics.log({"step": step, "val_loss": val, "lr": lr})
                 progress.note(f"step {step}: val loss {val:.4f}")
 
+            if hooks.check_replicas is not None and replicas.due(step, cfg, should_checkpoint(step, cfg)):
+                hooks.check_replicas(step)               # before a checkpoint: never save diverged replicas
             if should_checkpoint(step, cfg):
                 path = hooks.save(step, losses)
                 if path is not None:

@@ -4,21 +4,20 @@
 The trainer stays data-parallel in shape: this module gives it (1) the process sets of the
 dp x tp x pp grid to register at ``hvd.init``, (2) a :class:`StepRunner` whose model is this rank's
 tensor-parallel shard of the same seeded GPT the one-process run builds, (3) the data-parallel group
-for the DistributedOptimizer, and (4) gradient clipping on the *global* norm (sharded weights summed
-over the tensor-parallel group, replicated ones counted once), so the update equals the unsplit one.
+for the DistributedOptimizer, and (4) the *global* gradient norm for its ``grad_norm_fn`` hook (sharded
+weights summed over the tensor-parallel group, replicated ones counted once), so clipping, hence the
+update, equals the unsplit one.
 Checkpoints and the final sample use the gathered, unsplit model; checkpoints also hold the unsplit
 optimizer state, which :class:`ShardLayout` cuts back into every rank's shards on ``--resume``.
 """
 from __future__ import annotations
 
-import types
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 import hvdllm.torch as hvd
 from hvdllm.core.backend import launched_size
-from hvdllm.core.buckets import clip_coefficient
 from hvdllm.core.grid import ProcessGrid
 from hvdllm.core.process_sets import ProcessSet
 from hvdllm.models.gpt import GPT
@@ -47,28 +46,6 @@ def grid_process_sets(tp: int, pp: int, world_size: int | None = None) -> list[P
     return sets
 
 
-def add_global_norm_clipping(optimizer: Any, model: torch.nn.Module, norm_fn: Callable[[], float],
-                             max_grad_norm: float | None) -> Any:
-    """Make ``optimizer.synchronize()`` (which ``step()`` calls) clip on ``norm_fn()``, the unsplit
-    model's norm, after the data-parallel average; ``optimizer.grad_norm`` then holds that norm. The
-    DistributedOptimizer must be built with ``max_grad_norm=None`` (its own norm would be this part's)."""
-    reduce_and_average = optimizer.synchronize
-
-    def synchronize(self: Any) -> None:
-        reduce_and_average()
-        norm = norm_fn()
-        self.grad_norm = norm
-        if max_grad_norm is not None:
-            coef = clip_coefficient(norm, max_grad_norm)
-            if coef != 1.0:
-                for p in model.parameters():
-                    if p.grad is not None:
-                        p.grad.mul_(coef)
-
-    optimizer.synchronize = types.MethodType(synchronize, optimizer)
-    return optimizer
-
-
 def check_tp(s: RunSetup) -> None:
     """``--tp N`` must divide the attention heads and the vocabulary (a one-line ConfigError)."""
     tp = s.cfg.parallel.tp
@@ -78,8 +55,8 @@ def check_tp(s: RunSetup) -> None:
 
 
 def runner_parts(s: RunSetup, layout: ShardLayout, device: torch.device) -> dict[str, Any]:
-    """The StepRunner fields every model-parallel layout shares: the gathered unsplit model, global-norm
-    clipping, the data-parallel group and the layout itself (checkpoints: unsplit optimizer state)."""
+    """The StepRunner fields every model-parallel layout shares: the gathered unsplit model, the global
+    gradient norm, the data-parallel group and the layout itself (checkpoints: unsplit optimizer state)."""
 
     def full_model() -> GPT:
         """The unsplit GPT with the current weights, on every rank (a collective)."""
@@ -87,13 +64,10 @@ def runner_parts(s: RunSetup, layout: ShardLayout, device: torch.device) -> dict
         plain.load_state_dict(layout.full_state_dict())
         return plain.to(device)
 
-    def prepare_optimizer(optimizer: Any) -> Any:
-        return add_global_norm_clipping(optimizer, layout.module, layout.grad_norm, s.cfg.optim.max_grad_norm)
-
     def generate(*args: Any, **kwargs: Any) -> torch.Tensor:
         raise RuntimeError("sample from runner.full_model(): a model-parallel rank cannot generate alone")
 
-    return {"model": layout.module, "full_model": full_model, "prepare_optimizer": prepare_optimizer,
+    return {"model": layout.module, "full_model": full_model, "grad_norm": layout.grad_norm,
             "generate": generate, "dp_group": layout.grid.dp_group(layout.rank), "shards": layout}
 
 

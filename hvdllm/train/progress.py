@@ -11,6 +11,11 @@ def say(msg: str) -> None:
     print(msg, flush=True)
 
 
+def warn(msg: str) -> None:
+    """One line on stderr: something the user should know that does not stop the run."""
+    print(f"hvdllm: warning: {' '.join(msg.split())}", file=sys.stderr, flush=True)
+
+
 # Dense bf16/fp16 tensor-core peaks (FLOP/s, no sparsity) from the vendors' data sheets.
 GPU_PEAK_FLOPS = {
     "H200": 989e12, "H100": 989e12, "GH200": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,

@@ -12,14 +12,17 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 from hvdllm.data import (TokenWindows, Tokenizer, check_source, load_windows, make_tokenizer, max_token,
                          save_tokenizer, tokenizer_from_dict)
 from hvdllm.data.tokenizer import TOKENIZER_FILE
 from hvdllm.core.grid import ProcessGrid
 from hvdllm.models.config import GPTConfig
 from hvdllm.train import checkpoint as ckpt
+from hvdllm.train import resume
 from hvdllm.train.config import SAVED_CONFIG, ConfigError, Plan, TrainConfig, plan, resolved, to_toml
-from hvdllm.train.progress import say
+from hvdllm.train.progress import say, warn
 
 
 @dataclasses.dataclass
@@ -36,6 +39,9 @@ class RunSetup:
     start_step: int
     rank: int
     size: int
+    data: dict[str, Any]       # the token stream's fingerprint (TokenWindows.fingerprint), checked on resume
+    init_from: Path | None = None                     # --init-from's checkpoint (fresh starts only)
+    init_weights: dict[str, np.ndarray] | None = None  # its weights, PyTorch names and layouts
 
     @property
     def is_root(self) -> bool:
@@ -51,14 +57,23 @@ class RunSetup:
         """This rank's data-parallel index: which slice of the global batch it reads."""
         return self.grid.coords(self.rank).dp
 
+    def checkpoint_meta(self, step: int) -> dict[str, Any]:
+        """What a checkpoint of ``step`` records about this run (checked by the next --resume)."""
+        return resume.run_meta(self.cfg, self.gpt, self.data, step, len(self.windows.train_ids), self.size)
 
-def _shape_mismatch(saved: dict[str, Any], gpt: GPTConfig) -> str | None:
-    for f in dataclasses.fields(GPTConfig):
-        if f.name in ("dropout",):
+
+def check_writable(run_dir: Path) -> None:
+    """ConfigError unless ``run_dir`` is, or can be created as, a writable directory (the nearest existing
+    ancestor must be a writable directory)."""
+    for d in (run_dir, *run_dir.absolute().parents):
+        if not d.exists():
             continue
-        if f.name in saved and saved[f.name] != getattr(gpt, f.name):
-            return f"model.{f.name}={saved[f.name]} in the checkpoint, {getattr(gpt, f.name)} in this run"
-    return None
+        if not d.is_dir():
+            where = "exists" if d == run_dir else f"{d} exists"
+            raise ConfigError(f"--out {run_dir}: {where} and is not a directory; allowed: a directory path")
+        if not os.access(d, os.W_OK | os.X_OK):
+            raise ConfigError(f"--out {run_dir}: {d} is not writable by this user")
+        return
 
 
 def setup_run(cfg: TrainConfig, rank: int, size: int,
@@ -74,26 +89,25 @@ def setup_run(cfg: TrainConfig, rank: int, size: int,
         check_source(cfg.data.path)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"--out {run_dir}: exists and is not a directory")
+    check_writable(run_dir)
 
     resume_from, meta = None, None
-    if cfg.run.resume:
-        resume_from = ckpt.latest_checkpoint(run_dir)
-        if resume_from is not None:
-            meta = ckpt.read_meta(resume_from)
-            if meta.get("framework", cfg.run.framework) != cfg.run.framework:
-                raise ConfigError(f"--resume: {resume_from} was written by --framework {meta['framework']}, "
-                                  f"this run uses --framework {cfg.run.framework}")
+    if cfg.run.resume:          # the newest checkpoint that verifies (rank 0 checks and warns; all agree)
+        resume_from, meta = resume.agree_on_checkpoint(run_dir, rank, size, warn, broadcast_object)
+        resume.check_layout(meta, resume_from, cfg, p)
     elif ckpt.list_checkpoints(run_dir):
         raise ConfigError(f"--out {run_dir}: already holds checkpoints; pass --resume to continue that run "
                           "or choose another --out")
 
-    # Tokenizer: the checkpoint's when resuming; otherwise built once (a BPE is trained on rank 0 only).
+    init_from, init_meta = (None, None) if resume_from is not None else _init_checkpoint(cfg.run.init_from)
+
+    # Tokenizer: the checkpoint's when resuming or starting from one (unless data.tokenizer_file names
+    # another); otherwise built once (a BPE is trained on rank 0 only).
     try:
-        if resume_from is not None and (resume_from / TOKENIZER_FILE).is_file():
+        given = resume_from or (init_from if not cfg.data.tokenizer_file else None)
+        if given is not None and (given / TOKENIZER_FILE).is_file():
             import json
-            tok: Tokenizer = tokenizer_from_dict(json.loads((resume_from / TOKENIZER_FILE).read_text()))
+            tok: Tokenizer = tokenizer_from_dict(json.loads((given / TOKENIZER_FILE).read_text()))
         elif cfg.data.tokenizer == "bpe" and not cfg.data.tokenizer_file and broadcast_object is not None and size > 1:
             blob = make_tokenizer(cfg.data).to_dict() if rank == 0 else {}   # (same type on every rank)
             tok = tokenizer_from_dict(broadcast_object(blob, 0))
@@ -110,9 +124,13 @@ def setup_run(cfg: TrainConfig, rank: int, size: int,
     if seq_len > gpt.block_size:
         raise ConfigError(f"data.seq_len={seq_len} is longer than the model's context (model.block_size={gpt.block_size})")
     if meta is not None:
-        bad = _shape_mismatch(meta.get("model", {}), gpt)
+        resume.check_framework_and_shape(meta, resume_from, cfg, gpt)
+    init_weights = None
+    if init_meta is not None:
+        bad = resume.shape_mismatch(init_meta.get("model", {}), gpt)
         if bad:
-            raise ConfigError(f"--resume from {resume_from}: {bad}")
+            raise ConfigError(f"--init-from {cfg.run.init_from}: {bad}")
+        init_weights = ckpt.read_checkpoint(init_from)[0][MODEL_FILE[: -len('.safetensors')]]
 
     try:
         windows = load_windows(cfg.data, tok, seq_len, cfg.run.seed)
@@ -122,10 +140,30 @@ def setup_run(cfg: TrainConfig, rank: int, size: int,
         top = max_token(windows)
         if top >= gpt.vocab_size:
             raise ConfigError(f"--data {cfg.data.path}: holds token id {top}, beyond model.vocab_size={gpt.vocab_size}")
+    data = windows.fingerprint()
+    if meta is not None:
+        resume.check_run(meta, resume_from, cfg, data)
 
     return RunSetup(cfg=resolved(cfg, gpt.vocab_size), gpt=gpt, plan=p, tokenizer=tok, windows=windows,
                     run_dir=run_dir, resume_from=resume_from, start_step=int(meta["step"]) if meta else 0,
-                    rank=rank, size=size)
+                    rank=rank, size=size, data=data, init_from=init_from, init_weights=init_weights)
+
+
+MODEL_FILE = "model.safetensors"
+
+
+def _init_checkpoint(path: str | None) -> tuple[Path | None, dict[str, Any] | None]:
+    """The checkpoint ``--init-from`` names (a checkpoint folder, or a run folder's newest) and its meta."""
+    if not path:
+        return None, None
+    if not Path(path).exists():
+        raise ConfigError(f"--init-from {path}: no such file or directory; allowed: a run directory or a "
+                          "checkpoints/step_N folder, of either framework")
+    found = ckpt.resolve_checkpoint(path)
+    if found is None or not (found / MODEL_FILE).is_file():
+        raise ConfigError(f"--init-from {path}: no checkpoint there; allowed: a run directory or a "
+                          "checkpoints/step_N folder, of either framework")
+    return found, ckpt.read_meta(found)
 
 
 def create_run_dir(s: RunSetup) -> None:
@@ -145,4 +183,6 @@ def create_run_dir(s: RunSetup) -> None:
         f"({len(s.windows.train_ids)} train / {len(s.windows.val_ids)} validation windows)")
     if s.resume_from is not None:
         say(f"resuming from {s.resume_from} (step {s.start_step})")
+    elif s.init_from is not None:
+        say(f"initial weights from {s.init_from}")
     say(f"resolved config (saved as {s.run_dir / SAVED_CONFIG}):\n{text}")

@@ -58,10 +58,11 @@ class StepRunner:
     eval_loss_sum: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, int]]
     generate: Callable[..., torch.Tensor]
     # Model-parallel layouts (hvdllm.train.model_parallel_torch): a collective returning the unsplit GPT
-    # (checkpoints, sampling), a hook adjusting the DistributedOptimizer (global-norm clipping), and the
-    # data-parallel process set the gradients are averaged over (None: the whole world).
+    # (checkpoints, sampling), one returning the unsplit model's gradient norm (the DistributedOptimizer's
+    # grad_norm_fn: clipping by the global norm), and the data-parallel process set the gradients are
+    # averaged over (None: the whole world).
     full_model: Callable[[], torch.nn.Module] | None = None
-    prepare_optimizer: Callable[[Any], Any] | None = None
+    grad_norm: Callable[[], float] | None = None
     dp_group: ProcessSet | None = None
     # Pipeline parallel: a fresh deterministic op name per call, for every collective the loop issues
     # (stages issue different numbers of collectives, and Horovod numbers unnamed ones per process).

@@ -15,7 +15,6 @@ fp16 loss scaling is left to the torch trainer.
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ import hvdllm.tensorflow as hvd
 from hvdllm.data.tokenizer import TOKENIZER_FILE
 from hvdllm.models.gpt_keras import GPT, GPTConfig, cross_entropy, load_torch_state_dict, torch_state_dict
 from hvdllm.train import checkpoint as ckpt
+from hvdllm.train import replicas
 from hvdllm.train.metrics import LossLog
 from hvdllm.train.progress import peak_flops
 from hvdllm.train.run_setup import RunSetup, create_run_dir, setup_run
@@ -171,16 +171,11 @@ def save(s: RunSetup, model: GPT, optimizer: Any, step: int, losses: LossLog) ->
     if not s.is_root:
         return None
     meta = {
+        **s.checkpoint_meta(step),
         "framework": "tensorflow",
-        "model": dataclasses.asdict(s.gpt),
-        "config": s.cfg.to_dict(),
-        "data_position": {"step": step, "samples": step * s.cfg.batch.global_batch,
-                          "epoch": s.windows.epoch_of(step, s.cfg.batch.global_batch),
-                          "n_tokens": s.windows.n_tokens},
         "optimizer_variables": [v.path for v in optimizer.variables],
         "weights_layout": "torch",
         "pending_losses": pending,
-        "world_size": s.size,
     }
     files = {"model": torch_state_dict(model), "optimizer": optimizer_arrays(optimizer)}
     if rng_arrays:
@@ -188,6 +183,30 @@ def save(s: RunSetup, model: GPT, optimizer: Any, step: int, losses: LossLog) ->
     tok = (s.run_dir / TOKENIZER_FILE).read_bytes()
     return ckpt.write_checkpoint(s.run_dir, step, files, meta, extra_files={TOKENIZER_FILE: tok},
                                  keep=s.cfg.run.keep_checkpoints)
+
+
+def state_checksums(model: GPT, optimizer: Any) -> np.ndarray:
+    """The sum of each model and optimizer variable's elements read as integers of their width (floats
+    by their bits), in int64 -- exact, order-independent. Dropout seed states differ per rank by design
+    and are left out, as is optimizer state sharded over the ranks (``zero_stage`` > 0)."""
+    out = []
+    sharded = getattr(optimizer, "zero_stage", 0)        # state split over the data-parallel ranks
+    for v in [*model.variables, *([] if sharded else optimizer.variables)]:
+        if "seed_generator" in v.path:
+            continue
+        t = tf.convert_to_tensor(v)
+        if t.dtype.is_floating:
+            t = tf.bitcast(t, {2: tf.int16, 4: tf.int32, 8: tf.int64}[t.dtype.size])
+        out.append(int(tf.reduce_sum(tf.cast(t, tf.int64))))
+    return np.array(out, dtype=np.int64)
+
+
+def check_replicas(s: RunSetup, model: GPT, optimizer: Any, step: int) -> None:
+    """Compare this rank's state digest with the other replicas' (an allgather on every rank); raises
+    replicas.ReplicaMismatch naming the step and the ranks that differ."""
+    mine = replicas.digest(state_checksums(model, optimizer))[None]
+    rows = np.asarray(hvd.allgather(tf.constant(mine))) if s.size > 1 else mine
+    replicas.check(step, rows, s.grid.all_members("dp"))
 
 
 def load_weights(model: GPT, arrays: dict[str, np.ndarray], where: str) -> None:
@@ -262,6 +281,8 @@ def train(cfg: TrainConfig) -> int:
     steps = Steps(model, optimizer)
     losses = LossLog(size, lambda vec: hvd.allreduce(tf.constant(vec), op=hvd.Average).numpy())
 
+    if s.resume_from is None and s.init_weights is not None:     # --init-from: its weights, a fresh optimizer
+        load_weights(model, s.init_weights, f"--init-from {s.init_from}")
     # Nothing has been written so far; from here on, the run directory exists.
     create_run_dir(s)
     if s.resume_from is not None:
@@ -291,7 +312,8 @@ def train(cfg: TrainConfig) -> int:
         return sample_text(model, s.tokenizer, prompt, tokens, temperature, top_k, seed) if s.is_root else None
 
     hooks = StepHooks(step=step, evaluate=lambda: evaluate(s, steps),
-                      save=lambda i, ls: save(s, model, optimizer, i, ls), grad_norm=grad_norm, sample=sample)
+                      save=lambda i, ls: save(s, model, optimizer, i, ls), grad_norm=grad_norm, sample=sample,
+                      check_replicas=lambda i: check_replicas(s, model, optimizer, i))
     run_training(s, hooks, losses, s.gpt.flops_per_token(), peak, size, note)
     if size > 1:
         hvd.barrier()

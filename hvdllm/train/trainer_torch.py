@@ -23,6 +23,8 @@ import hvdllm.torch as hvd
 from hvdllm.data.tokenizer import TOKENIZER_FILE
 from hvdllm.models.gpt import GPTConfig
 from hvdllm.train import checkpoint as ckpt
+from hvdllm.train import replicas
+from hvdllm.train.resume import OPTIMIZER_FORMATS
 from hvdllm.train.metrics import LossLog
 from hvdllm.train.progress import peak_flops
 from hvdllm.train.run_setup import RunSetup, create_run_dir, setup_run
@@ -57,17 +59,29 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, accum: int, runner:
                   weight_decay=cfg.optim.weight_decay, fused=cfg.optim.fused)
     compression = {"none": hvd.Compression.none, "fp16": hvd.Compression.fp16,
                    "bf16": hvd.Compression.bf16}[cfg.run.compression]
-    if runner is not None and runner.prepare_optimizer is not None:   # model parallel: clipping by the runner
-        opt = hvd.DistributedOptimizer(inner, named_parameters=model.named_parameters(), compression=compression,
-                                       backward_passes_per_step=accum, op=hvd.Average,
-                                       bucket_cap_mb=cfg.run.bucket_cap_mb, max_grad_norm=None,
-                                       process_set=runner.dp_group if runner.dp_group is not None else hvd.WORLD)
-        return runner.prepare_optimizer(opt)
-    # fp16: the reduced gradients are still loss-scaled, so the loop clips after unscaling instead.
+    # fp16: the reduced gradients are still loss-scaled, so the loop clips after unscaling (apply_update).
     clip = None if cfg.run.precision == "fp16" else cfg.optim.max_grad_norm
+    dp_group = runner.dp_group if runner is not None and runner.dp_group is not None else hvd.WORLD
     return hvd.DistributedOptimizer(inner, named_parameters=model.named_parameters(), compression=compression,
                                     backward_passes_per_step=accum, op=hvd.Average,
-                                    bucket_cap_mb=cfg.run.bucket_cap_mb, max_grad_norm=clip)
+                                    bucket_cap_mb=cfg.run.bucket_cap_mb, max_grad_norm=clip, process_set=dp_group,
+                                    grad_norm_fn=runner.grad_norm if runner is not None else None)
+
+
+def apply_update(optimizer: Any, scaler: Any, max_grad_norm: float | None) -> None:
+    """The optimizer step after backward. fp16 (a loss ``scaler``): reduce, unscale once, clip once by the
+    global norm (the optimizer's, so the unsplit model's under tensor parallelism), then the scaler's
+    step (which skips it on inf/nan, alike on every rank since the gradients were reduced first)."""
+    if scaler is None:
+        optimizer.step()
+        return
+    optimizer.synchronize()
+    scaler.unscale_(optimizer)
+    if max_grad_norm is not None:
+        optimizer.clip_grad_norm_(max_grad_norm)
+    with optimizer.skip_synchronize():
+        scaler.step(optimizer)
+    scaler.update()
 
 
 # -- checkpoint state <-> torch ----------------------------------------------------------------------------
@@ -103,36 +117,50 @@ def load_model_arrays(model: torch.nn.Module, arrays: dict[str, np.ndarray], whe
             t.copy_(torch.from_numpy(a))
 
 
+def load_weights(runner: StepRunner, arrays: dict[str, np.ndarray], where: str) -> None:
+    """Unsplit weights (PyTorch names, from either framework's checkpoint) into this rank's model or shards."""
+    if runner.shards is None:
+        load_model_arrays(runner.model, arrays, where)
+        return
+    try:
+        runner.shards.load_full_state(arrays, where)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def gather_rows(t: torch.Tensor, s: RunSetup, runner: StepRunner) -> torch.Tensor:
     """Every rank's 1-d ``t`` stacked by rank (an allgather, named where the runner names its collectives)."""
     return hvd.allgather(t.unsqueeze(0), name=runner.op_name("gather")) if s.size > 1 else t.unsqueeze(0)
 
 
-# How the optimizer state is stored: "index" = torch's state_dict of the whole model (data parallel);
-# "unsplit" = keyed by parameter name, moments of the unsplit model (any tp x pp layout loads it).
-OPTIMIZER_FORMATS = {False: "index", True: "unsplit"}
+# -- replica check ---------------------------------------------------------------------------------------
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def layout_text(dp: int, tp: int, pp: int) -> str:
-    return f"dp={dp} x tp={tp} x pp={pp}"
+def bit_sum(t: torch.Tensor) -> torch.Tensor:
+    """The sum of ``t``'s elements read as integers of their width (floats by their bits), in int64:
+    exact, so independent of summation order, threads and device."""
+    t = t.detach()
+    if t.is_floating_point():
+        t = t.contiguous().view(_BITS[t.element_size()])
+    return t.sum(dtype=torch.int64)
 
 
-def check_resume_layout(s: RunSetup) -> None:
-    """Refuse, before anything is written, a checkpoint whose optimizer state this layout cannot load:
-    data-parallel checkpoints resume data-parallel runs, model-parallel ones any tp x pp run."""
-    meta = ckpt.read_meta(s.resume_from)
-    par = meta.get("config", {}).get("parallel", {})
-    tp, pp = int(par.get("tp", 1)), int(par.get("pp", 1))
-    theirs = layout_text(int(meta.get("world_size", tp * pp)) // (tp * pp), tp, pp)
-    ours = layout_text(s.plan.dp_size, s.cfg.parallel.tp, s.cfg.parallel.pp)
-    saved = meta.get("optimizer_format") or ("index" if tp == pp == 1 else None)
-    if saved is None:      # written before model-parallel checkpoints held the whole optimizer state
-        raise ConfigError(f"--resume from {s.resume_from}: written by layout {theirs} with only rank 0's "
-                          f"optimizer shard; it cannot be resumed (this run is {ours})")
-    want = OPTIMIZER_FORMATS[s.cfg.parallel.tp * s.cfg.parallel.pp > 1]
-    if saved != want:
-        raise ConfigError(f"--resume from {s.resume_from}: written by layout {theirs}, this run is {ours}; "
-                          f"allowed: resume with --tp {tp} --pp {pp}")
+def state_checksums(model: torch.nn.Module, optimizer: Any) -> np.ndarray:
+    """One :func:`bit_sum` per tensor of the model's state and the optimizer's state (replicas agree;
+    an optimizer that shards its state over the data-parallel ranks, ``zero_stage`` > 0, counts only
+    with its parameters)."""
+    tensors = list(model.state_dict().values())
+    for per_param in optimizer.state_dict()["state"].values() if not getattr(optimizer, "zero_stage", 0) else ():
+        tensors += [v for _, v in sorted(per_param.items()) if torch.is_tensor(v)]
+    return np.array([int(bit_sum(t)) for t in tensors], dtype=np.int64)
+
+
+def check_replicas(s: RunSetup, runner: StepRunner, optimizer: Any, step: int) -> None:
+    """Compare this rank's state digest with its data-parallel peers' (a collective on every rank);
+    raises replicas.ReplicaMismatch naming the step and the ranks that differ."""
+    mine = torch.from_numpy(replicas.digest(state_checksums(runner.model, optimizer)))
+    replicas.check(step, gather_rows(mine, s, runner).numpy(), s.grid.all_members("dp"))
 
 
 def save(s: RunSetup, runner: StepRunner, optimizer: Any, step: int, device: torch.device, precision: Precision,
@@ -157,17 +185,12 @@ def save(s: RunSetup, runner: StepRunner, optimizer: Any, step: int, device: tor
     if precision.scaler is not None:
         precision_state = {k: v for k, v in precision.scaler.state_dict().items() if isinstance(v, (int, float))}
     meta = {
+        **s.checkpoint_meta(step),
         "framework": "torch",
-        "model": dataclasses.asdict(s.gpt),
-        "config": s.cfg.to_dict(),
-        "data_position": {"step": step, "samples": step * s.cfg.batch.global_batch,
-                          "epoch": s.windows.epoch_of(step, s.cfg.batch.global_batch),
-                          "n_tokens": s.windows.n_tokens},
         "optimizer": opt_skeleton,
         "optimizer_format": OPTIMIZER_FORMATS[sharded],
         "scaler": precision_state,
         "pending_losses": pending,
-        "world_size": s.size,
     }
     tok = (s.run_dir / TOKENIZER_FILE).read_bytes()
     if weights is None:
@@ -183,14 +206,13 @@ def restore(s: RunSetup, runner: StepRunner, optimizer: Any, precision: Precisio
     files, meta = ckpt.read_checkpoint(s.resume_from)
     losses.restore(meta.get("pending_losses", []))
     state = ckpt.unflatten_state(files["optimizer"], meta["optimizer"], to_tensor=lambda a: torch.from_numpy(a.copy()))
-    if runner.shards is not None:           # this rank's shards of the unsplit weights and moments
+    load_weights(runner, files["model"], str(s.resume_from))
+    if runner.shards is not None:           # this rank's shards of the unsplit moments
         try:
-            runner.shards.load_full_state(files["model"], str(s.resume_from))
             runner.shards.load_optimizer_state(optimizer, state, str(s.resume_from))
         except ValueError as e:
             raise ConfigError(str(e)) from None
     else:
-        load_model_arrays(runner.model, files["model"], str(s.resume_from))
         optimizer.load_state_dict(state)
     rng = files.get("rng", {})
     if "torch_cpu" in rng:
@@ -259,8 +281,8 @@ def train(cfg: TrainConfig) -> int:
         raise ConfigError("run.precision=fp16 needs DistributedOptimizer.synchronize/skip_synchronize; use bf16")
     losses = LossLog(size, lambda vec: hvd.allreduce(torch.from_numpy(vec), name=runner.op_name("loss")).numpy())
 
-    if s.resume_from is not None:
-        check_resume_layout(s)
+    if s.resume_from is None and s.init_weights is not None:   # --init-from: its weights, a fresh optimizer
+        load_weights(runner, s.init_weights, f"--init-from {s.init_from}")
     # Nothing has been written so far; from here on, the run directory exists.
     create_run_dir(s)
     if s.resume_from is not None:
@@ -289,17 +311,7 @@ def train(cfg: TrainConfig) -> int:
         micro = [(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
                  for x, y in s.windows.micro_batches(i, g, s.dp_rank, s.plan.dp_size, cfg.batch.micro_batch)]
         loss = runner.forward_backward(micro)
-        if precision.scaler is not None:
-            optimizer.synchronize()                  # averaged (still scaled) gradients, equal on every rank
-            precision.scaler.unscale_(optimizer)     # so every rank finds the same inf/nan and skips alike
-            if cfg.optim.max_grad_norm is not None:
-                params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-                optimizer.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm))
-            with optimizer.skip_synchronize():
-                precision.scaler.step(optimizer)
-            precision.scaler.update()
-        else:
-            optimizer.step()
+        apply_update(optimizer, precision.scaler, cfg.optim.max_grad_norm)
         optimizer.zero_grad(set_to_none=True)
         return float(loss)
 
@@ -319,7 +331,8 @@ def train(cfg: TrainConfig) -> int:
     runner.model.train()
     hooks = StepHooks(step=step, evaluate=lambda: evaluate(s, runner, device),
                       save=lambda i, ls: save(s, runner, optimizer, i, device, precision, ls),
-                      grad_norm=grad_norm, sample=sample)
+                      grad_norm=grad_norm, sample=sample,
+                      check_replicas=lambda i: check_replicas(s, runner, optimizer, i))
     run_training(s, hooks, losses, s.gpt.flops_per_token(), peak, size, note)
     if size > 1:
         hvd.barrier()

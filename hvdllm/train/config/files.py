@@ -10,7 +10,8 @@ from hvdllm.train.config.layers import build
 from hvdllm.train.config.schema import TrainConfig, spec
 
 SAVED_CONFIG = "config.toml"
-NOT_INHERITED = ("run.resume", "run.exit_at_step", "run.out")
+NOT_INHERITED = ("run.resume", "run.exit_at_step", "run.out", "run.allow_data_change", "run.allow_batch_change",
+                 "run.allow_seed_change")
 
 
 def flatten(tree: Mapping[str, Any], where: str = "") -> dict[str, Any]:
@@ -29,24 +30,25 @@ def flatten(tree: Mapping[str, Any], where: str = "") -> dict[str, Any]:
     return out
 
 
-def _read_tree(p: Path, path: str) -> Any:
+def read_tree(p: Path, path: str, flag: str = "--config") -> Any:
+    """The parsed tree of a ``.toml`` or ``.yaml``/``.yml`` file (ConfigError naming ``flag`` if unreadable)."""
     if p.suffix == ".toml":
         import tomllib
 
         try:
             return tomllib.loads(p.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"--config {path}: not valid TOML ({str(e).splitlines()[0]})") from None
+            raise ConfigError(f"{flag} {path}: not valid TOML ({str(e).splitlines()[0]})") from None
     if p.suffix in (".yaml", ".yml"):
         try:
             import yaml
         except ImportError:
-            raise ConfigError(f"--config {path}: reading YAML needs PyYAML (pip install pyyaml)") from None
+            raise ConfigError(f"{flag} {path}: reading YAML needs PyYAML (pip install pyyaml)") from None
         try:
             return yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"--config {path}: not valid YAML ({' '.join(str(e).split())})") from None
-    raise ConfigError(f"--config {path}: unknown format; allowed: .toml, .yaml, .yml")
+            raise ConfigError(f"{flag} {path}: not valid YAML ({' '.join(str(e).split())})") from None
+    raise ConfigError(f"{flag} {path}: unknown format; allowed: .toml, .yaml, .yml")
 
 
 def load_file(path: str) -> dict[str, Any]:
@@ -54,7 +56,7 @@ def load_file(path: str) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"--config {path}: no such file")
-    tree = _read_tree(p, path)
+    tree = read_tree(p, path)
     if not isinstance(tree, Mapping):
         raise ConfigError(f"--config {path}: the top level must be a mapping of sections")
     return flatten(tree, f" in {path}")

@@ -101,7 +101,18 @@ class RunSection:
     max_steps: int = knob(300, "optimizer steps of the run and of the LR schedule", ge=1)
     exit_at_step: int | None = knob(None, "checkpoint and exit after this step, schedule unchanged "
                                           "(<= run.max_steps)", ge=1, none="run to the end")
-    resume: bool = knob(False, "continue from the newest checkpoint in run.out")
+    resume: bool = knob(False, "continue from the newest checkpoint in run.out that verifies (an error when "
+                               "run.out holds none)")
+    init_from: str | None = knob(None, "start from the weights (and tokenizer) of a run directory or checkpoint "
+                                       "folder of either framework: step 0, fresh optimizer (ignored when "
+                                       "--resume finds a checkpoint)", none="the seeded initialisation")
+    allow_data_change: bool = knob(False, "let --resume continue on other data than the checkpoint's (token count "
+                                          "and sha256 differ); not inherited by later resumes")
+    allow_batch_change: bool = knob(False, "let --resume continue with another batch.global_batch; not inherited")
+    allow_seed_change: bool = knob(False, "let --resume continue with another run.seed; not inherited")
+    check_replicas_every: int = knob(1000, "steps between checks that every data-parallel replica holds the same "
+                                           "parameters and optimizer state (also at every checkpoint; 0: never)",
+                                     ge=0)
     seed: int = knob(1337, "weights, data order (and dropout: seed + rank)", ge=0, le=MAX_SEED)
     log_interval: int = knob(10, "steps between metrics.csv rows (the last step is always logged)", ge=1)
     eval_interval: int = knob(50, "steps between validation losses (0: only at the end)", ge=0)

@@ -1,0 +1,276 @@
+"""A cost model of one training step of a GPT on a dp x tp x pp layout: memory per rank and step time.
+
+Pure functions over small dataclasses (no framework); ``hvdllm plan`` feeds them a measured
+:class:`Machine` and ranks the layouts. Notation: V vocabulary, T sequence length, L layers, d width,
+h heads, b micro-batch (sequences), B global batch, m = B / (dp * b) micro-batches per rank and step,
+p pipeline stages, t tensor-parallel degree, n data-parallel degree, 4 bytes per fp32 value.
+
+Memory per rank (the largest pipeline stage; what the rank holds at the peak of a step):
+
+- weights W = 4 * P_stage / t, with P_stage the parameters of the stage's blocks (split as the
+  pipeline does, :func:`hvdllm.core.pipeline.partition_layers`) plus the token and position
+  embeddings on the first stage and the final norm (and a tied head's copy when p > 1) on the last;
+- gradients G = W (ZeRO-2: W / n); Adam moments O = 2 W (ZeRO-1 and 2: 2 W / n);
+- a fused-allreduce bucket min(bucket_cap, G) when n > 1;
+- activations saved for backward, per micro-batch and token (fp32 values, counted on torch's
+  autograd graph of hvdllm.models.gpt): per block 4 + h/t + 4 d + 12 d / t (norm inputs and
+  statistics, residual, and the tensor-parallel-split q, k, v, attention output, MLP hidden and GELU
+  output; scaled-dot-product attention keeps no T x T matrix), on the last stage V / t + 2 d + 5
+  (logits, log-softmax, final norm). A stage holds the activations of ``in_flight`` micro-batches at
+  once: GPipe all m; 1F1B min(m, p - s) for stage s (stage 0: min(m, p)); no pipeline: 1.
+
+Step time (seconds; the slowest stage sets the pace):
+
+- compute per micro-batch and stage c = F_stage * b * T / R(b), with F_stage the training FLOPs per
+  token of the stage on one rank (6 x its parameters / t + 12 L_s d T / t attention, 6 V d / t for the
+  head on the last stage) and R(b) the measured FLOP/s of one rank at micro-batch b;
+- pipeline: (m + p - 1) slots of c; the bubble is the (p - 1) idle slots, the fraction
+  (p - 1) / (m + p - 1) of the pipelined time (GPipe and 1F1B alike);
+- tensor parallelism: per block and micro-batch 4 all-reduces (2 forward, 2 backward) of b T d
+  values within the t ranks, on the pipelined critical path ((m + p - 1) slots);
+- pipeline transfers: per slot one activation and one gradient of b T d values, each
+  alpha_p2p + bytes / beta_p2p;
+- data parallelism: a ring all-reduce of the stage's gradients, 2 (n - 1) / n * G / beta +
+  max(2 (n - 1) alpha per bucket, cycle) (ZeRO-1/2: reduce-scatter + all-gather, the same volume),
+  where ``cycle`` is the negotiation period of a data-parallel job (hvdllm gives Horovod 20 ms on CPU
+  hosts: the last bucket waits for it); a share ``overlap`` of it hides behind the backward of the
+  last micro-batch (2/3 of c);
+- optimizer: P_rank * s_param (ZeRO-1/2: P_rank / n), s_param the measured seconds per parameter.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Iterator, Mapping
+
+from hvdllm.core.pipeline import ideal_bubble, partition_layers
+
+BYTES = 4                      # fp32 weights, gradients, moments and activations
+SCHEDULES = ("1f1b", "gpipe")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelShape:
+    """The GPT's shape as the cost model needs it (hvdllm.models.config.GPTConfig's fields)."""
+
+    vocab_size: int
+    seq_len: int
+    n_layer: int
+    n_head: int
+    n_embd: int
+    block_size: int = 0          # position-embedding rows (default: seq_len)
+    bias: bool = True
+    tie_embeddings: bool = True
+
+    @property
+    def block_params(self) -> int:
+        """Parameters of one transformer block: 2 norms, qkv, attention projection, MLP."""
+        d, b = self.n_embd, 1 if self.bias else 0
+        return 2 * (1 + b) * d + 3 * d * d + 3 * d * b + d * d + d * b + 4 * d * d + 4 * d * b + 4 * d * d + d * b
+
+    @property
+    def embedding_params(self) -> int:
+        return (self.vocab_size + (self.block_size or self.seq_len)) * self.n_embd
+
+    @property
+    def head_params(self) -> int:
+        """Final norm plus an untied head (a tied head reuses the embedding)."""
+        d = self.n_embd
+        return (2 if self.bias else 1) * d + (0 if self.tie_embeddings else self.vocab_size * d)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """One way to run the job: dp x tp x pp ranks, ZeRO stage, micro-batch and pipeline schedule."""
+
+    dp: int
+    tp: int
+    pp: int
+    zero: int
+    micro_batch: int
+    schedule: str
+    global_batch: int
+
+    @property
+    def ranks(self) -> int:
+        return self.dp * self.tp * self.pp
+
+    @property
+    def microbatches(self) -> int:
+        """m: micro-batches per rank per optimizer step (the gradient accumulation)."""
+        return self.global_batch // (self.dp * self.micro_batch)
+
+
+@dataclasses.dataclass(frozen=True)
+class Machine:
+    """Measured (or assumed) figures of one rank of the machine; see hvdllm.plan.measure."""
+
+    flops_per_s: Mapping[int, float]      # micro-batch -> achieved training FLOP/s of one rank
+    allreduce_latency_s: float            # alpha per ring hop
+    allreduce_bw: float                   # beta, bytes/s per link
+    p2p_latency_s: float
+    p2p_bw: float
+    optimizer_s_per_param: float
+    memory_bytes: float                   # usable memory per rank
+    overlap: float = 0.0                  # share of the data-parallel all-reduce hidden by backward
+    dp_cycle_s: float = 0.0               # collective cycle of a data-parallel job (Horovod's cycle time)
+
+    def rate(self, micro_batch: int) -> float:
+        """R(b): the measured rate at b, else at the nearest measured micro-batch (log distance)."""
+        if micro_batch in self.flops_per_s:
+            return float(self.flops_per_s[micro_batch])
+        near = min(self.flops_per_s, key=lambda k: (abs(math.log(k / micro_batch)), k))
+        return float(self.flops_per_s[near])
+
+
+@dataclasses.dataclass(frozen=True)
+class Memory:
+    weights: float
+    grads: float
+    optimizer: float
+    buckets: float
+    activations: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.grads + self.optimizer + self.buckets + self.activations
+
+
+@dataclasses.dataclass(frozen=True)
+class StepTime:
+    compute: float          # m slots of the slowest stage
+    bubble: float           # (p - 1) idle slots
+    tp_comm: float
+    pp_comm: float
+    dp_comm: float          # exposed (not hidden by backward)
+    optimizer: float
+
+    @property
+    def total(self) -> float:
+        return self.compute + self.bubble + self.tp_comm + self.pp_comm + self.dp_comm + self.optimizer
+
+    @property
+    def bottleneck(self) -> str:
+        parts = {"compute": self.compute, "bubble": self.bubble, "tp-comm": self.tp_comm,
+                 "pp-comm": self.pp_comm, "dp-comm": self.dp_comm, "optimizer": self.optimizer}
+        return max(parts, key=lambda k: parts[k])
+
+
+def ring_allreduce_s(nbytes: float, n: int, latency_s: float, bw: float, buckets: int = 1) -> float:
+    """Ring all-reduce of ``nbytes`` over n ranks: 2 (n-1)/n * nbytes / bw + 2 (n-1) * latency per bucket."""
+    if n <= 1:
+        return 0.0
+    return 2 * (n - 1) / n * nbytes / bw + 2 * (n - 1) * latency_s * max(1, buckets)
+
+
+def stage_layers(shape: ModelShape, pp: int) -> list[int]:
+    """Blocks per pipeline stage, split as hvdllm's pipeline splits them (balanced parameter counts)."""
+    bounds = partition_layers([shape.block_params] * shape.n_layer, pp, first_extra=shape.embedding_params,
+                              last_extra=shape.head_params)
+    return [j - i for i, j in bounds]
+
+
+def stage_params(shape: ModelShape, pp: int) -> list[int]:
+    """Parameters held by each pipeline stage (a tied head's copy counts on the last stage when p > 1)."""
+    out = []
+    for s, n in enumerate(stage_layers(shape, pp)):
+        p = n * shape.block_params
+        if s == 0:
+            p += shape.embedding_params
+        if s == pp - 1:
+            p += shape.head_params + (shape.vocab_size * shape.n_embd if shape.tie_embeddings and pp > 1 else 0)
+        out.append(p)
+    return out
+
+
+def in_flight(schedule: str, microbatches: int, pp: int, stage: int) -> int:
+    """Micro-batches whose activations stage ``stage`` holds at once (GPipe: m; 1F1B: min(m, p - s))."""
+    if pp == 1:
+        return 1
+    return microbatches if schedule == "gpipe" else min(microbatches, pp - stage)
+
+
+def activation_values_per_token(shape: ModelShape, layers: int, tp: int, last: bool) -> float:
+    """fp32 values saved for backward per token on a stage of ``layers`` blocks (see the module docstring)."""
+    d = shape.n_embd
+    per_block = 4 + shape.n_head / tp + 4 * d + 12 * d / tp
+    return layers * per_block + ((shape.vocab_size / tp + 2 * d + 5) if last else 0.0)
+
+
+def memory(shape: ModelShape, layout: Layout, bucket_cap_bytes: float = 25 * 2**20) -> Memory:
+    """Bytes per rank at the peak of a step on the most loaded pipeline stage."""
+    worst = None
+    params, layers = stage_params(shape, layout.pp), stage_layers(shape, layout.pp)
+    for s in range(layout.pp):
+        w = BYTES * params[s] / layout.tp
+        g = w / layout.dp if layout.zero >= 2 else w
+        o = 2 * w / layout.dp if layout.zero >= 1 else 2 * w
+        buckets = min(bucket_cap_bytes, g) if layout.dp > 1 else 0.0
+        per_mb = BYTES * layout.micro_batch * shape.seq_len * activation_values_per_token(
+            shape, layers[s], layout.tp, last=s == layout.pp - 1)
+        m = Memory(w, g, o, buckets, per_mb * in_flight(layout.schedule, layout.microbatches, layout.pp, s))
+        if worst is None or m.total > worst.total:
+            worst = m
+    assert worst is not None
+    return worst
+
+
+def stage_flops_per_token(shape: ModelShape, layers: int, tp: int, first: bool, last: bool) -> float:
+    """Training FLOPs per token of one rank of a stage: 6 x matmul parameters + attention, over t."""
+    f = 6 * layers * shape.block_params + 12 * layers * shape.n_embd * shape.seq_len
+    if last:
+        f += 6 * shape.vocab_size * shape.n_embd
+    return f / tp
+
+
+def step_time(shape: ModelShape, layout: Layout, machine: Machine, bucket_cap_bytes: float = 25 * 2**20) -> StepTime:
+    """Predicted seconds per optimizer step of ``layout`` on ``machine`` (see the module docstring)."""
+    p, t, n, b = layout.pp, layout.tp, layout.dp, layout.micro_batch
+    m = layout.microbatches
+    layers = stage_layers(shape, p)
+    tokens = b * shape.seq_len
+    slot = max(stage_flops_per_token(shape, layers[s], t, s == 0, s == p - 1) for s in range(p)) * tokens \
+        / machine.rate(b)
+    act_bytes = BYTES * tokens * shape.n_embd
+    tp_slot = 4 * max(layers) * ring_allreduce_s(act_bytes, t, machine.allreduce_latency_s, machine.allreduce_bw)
+    pp_slot = 2 * (machine.p2p_latency_s + act_bytes / machine.p2p_bw) if p > 1 else 0.0
+    grads = BYTES * max(stage_params(shape, p)) / t
+    dp_full = ring_allreduce_s(grads, n, machine.allreduce_latency_s, machine.allreduce_bw,
+                               buckets=math.ceil(grads / bucket_cap_bytes))
+    if n > 1 and t == 1 and p == 1:     # a plain data-parallel job runs at the data-parallel cycle
+        dp_full += max(0.0, machine.dp_cycle_s - 2 * (n - 1) * machine.allreduce_latency_s)
+    dp_exposed = dp_full - min(dp_full, machine.overlap * 2 / 3 * slot)
+    opt_params = max(stage_params(shape, p)) / t / (n if layout.zero >= 1 else 1)
+    return StepTime(compute=m * slot, bubble=(p - 1) * slot, tp_comm=(m + p - 1) * tp_slot,
+                    pp_comm=(m + p - 1) * pp_slot, dp_comm=dp_exposed,
+                    optimizer=opt_params * machine.optimizer_s_per_param)
+
+
+def bubble_fraction(layout: Layout) -> float:
+    """(p - 1) / (m + p - 1)."""
+    return ideal_bubble(layout.pp, layout.microbatches)
+
+
+def divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def layouts(ranks: int, shape: ModelShape, global_batch: int, zero_stages: tuple[int, ...] = (0,),
+            schedules: tuple[str, ...] = SCHEDULES) -> Iterator[Layout]:
+    """Every valid layout for ``ranks``: dp x tp x pp = ranks, t dividing the heads and the vocabulary
+    (as hvdllm's tensor parallelism needs), p <= L, b dividing
+    B / dp; schedules only with p > 1 (else the default "1f1b"); ZeRO stages > 0 only with dp > 1."""
+    for tp in divisors(ranks):
+        if shape.n_head % tp or shape.vocab_size % tp:
+            continue
+        for pp in divisors(ranks // tp):
+            if pp > shape.n_layer:
+                continue
+            dp = ranks // (tp * pp)
+            if global_batch % dp:
+                continue
+            for micro in divisors(global_batch // dp):
+                for schedule in (schedules if pp > 1 else ("1f1b",)):
+                    for zero in (z for z in zero_stages if z == 0 or dp > 1):
+                        yield Layout(dp=dp, tp=tp, pp=pp, zero=zero, micro_batch=micro, schedule=schedule,
+                                     global_batch=global_batch)

@@ -1,0 +1,214 @@
+"""Measure the machine for the cost model: FLOP/s at the model's shapes, optimizer speed, collectives, memory.
+
+Run by ``hvdllm plan`` on every rank of its job. Under ``horovodrun -np N hvdllm plan`` every rank
+measures at once (so the ranks share the cores as in training) and the collectives run over the real
+backend (hvdllm.torch: Horovod, mpi4py), initialised as a model-parallel job (Horovod's 1 ms cycle, the
+latency tensor- and pipeline-parallel collectives see). On one process planning for ``--ranks N``, each rank's
+compute is measured with cores / N threads and scaled by 1 / max(1, N / cores) when the ranks would
+oversubscribe the cores; the collectives are *assumed*: a shared-memory link whose bandwidth is the
+measured memory-copy bandwidth / 2 (a send and a receive copy) and a latency of ASSUMED_LATENCY_S
+(Gloo on one host, order of magnitude). The profile says which figures were assumed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from hvdllm.core.costmodel import Machine
+from hvdllm.models.config import GPTConfig
+
+ASSUMED_LATENCY_S = 1e-4
+PROFILE_VERSION = 1
+SMALL, LARGE = 4 * 1024, 4 * 2**20        # message sizes (bytes) for the latency / bandwidth fit
+
+
+def _median_time(fn: Callable[[], Any], reps: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _probe_model(gpt: GPTConfig) -> GPTConfig:
+    """The model with at most 2 blocks: the same shapes per block at a fraction of the cost."""
+    return dataclasses.replace(gpt, n_layer=min(gpt.n_layer, 2), dropout=0.0)
+
+
+def compute_rates(gpt: GPTConfig, seq_len: int, micro_batches: list[int], reps: int = 3) -> dict[int, float]:
+    """Training FLOP/s (6N + attention per token, as MFU counts them) of a forward+backward per micro-batch."""
+    import torch
+
+    from hvdllm.models.gpt import GPT
+
+    cfg = _probe_model(gpt)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    flops_per_token = 6 * cfg.num_params(False) + 12 * cfg.n_layer * cfg.n_embd * seq_len
+    out = {}
+    for b in sorted(set(micro_batches)):
+        idx = torch.randint(0, cfg.vocab_size, (b, seq_len))
+
+        def step() -> None:
+            model.zero_grad(set_to_none=True)
+            _, loss = model(idx, idx)
+            loss.backward()
+
+        out[b] = flops_per_token * b * seq_len / _median_time(step, reps)
+    return out
+
+
+def optimizer_s_per_param(gpt: GPTConfig, reps: int = 3) -> float:
+    """Seconds per parameter of one AdamW step (hvdllm.torch.optim, as the trainer uses it)."""
+    import torch
+
+    from hvdllm.models.gpt import GPT
+    from hvdllm.torch.optim import AdamW
+
+    model = GPT(_probe_model(gpt))
+    params = [p for p in model.parameters()]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    opt = AdamW(params, lr=1e-4)
+    return _median_time(opt.step, reps) / sum(p.numel() for p in params)
+
+
+def copy_bandwidth(nbytes: int = 16 * 2**20, reps: int = 3) -> float:
+    import torch
+
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    return nbytes / _median_time(lambda: dst.copy_(src), reps)
+
+
+def collective_fit(hvd: Any, kind: str, cap_bw: float, reps: int = 5) -> tuple[float, float]:
+    """(latency per ring hop, link bytes/s) from the timed ``kind`` ("allreduce"|"broadcast") of two sizes.
+
+    An all-reduce of S bytes on n ranks takes 2 (n-1) alpha + 2 (n-1)/n S / beta; a broadcast (the
+    pipeline's point-to-point on a two-rank set) alpha + S / beta, fitted here on the world. Noise can
+    make the fitted bandwidth absurd: it is capped at ``cap_bw`` (the host's copy bandwidth / 2).
+    """
+    import torch
+
+    n = hvd.size()
+
+    def run(nbytes: int) -> float:
+        x = torch.ones(nbytes // 4)
+        fn = (lambda: hvd.allreduce(x, op=hvd.Sum)) if kind == "allreduce" else (lambda: hvd.broadcast(x, 0))
+        hvd.barrier()
+        return _median_time(fn, reps, warmup=2)
+
+    t_small, t_large = run(SMALL), run(LARGE)
+    dt = max(t_large - t_small, 1e-9)
+    if kind == "allreduce":
+        hops = 2 * (n - 1)
+        return t_small / hops, min(cap_bw, 2 * (n - 1) / n * (LARGE - SMALL) / dt)
+    return t_small, min(cap_bw, (LARGE - SMALL) / dt)
+
+
+def dp_cycle_s(has_accelerator: bool) -> float:
+    """Horovod's cycle time in a data-parallel job: the user's HOROVOD_CYCLE_TIME, else hvdllm's default."""
+    from hvdllm.core.runtime_base import horovod_env_defaults
+
+    ms = os.environ.get("HOROVOD_CYCLE_TIME") or horovod_env_defaults(has_accelerator, False).get(
+        "HOROVOD_CYCLE_TIME", "1")
+    return float(ms) / 1000
+
+
+def available_memory() -> float:
+    try:
+        import psutil
+
+        return float(psutil.virtual_memory().available)
+    except ImportError:
+        return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def measure(gpt: GPTConfig, seq_len: int, micro_batches: list[int], ranks: int, hvd: Any | None,
+            note: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """The profile (a JSON-able dict) of this machine for ``ranks`` ranks; ``hvd`` an initialised
+    hvdllm.torch module when running under a multi-rank launch, else None (assumed collectives)."""
+    import torch
+
+    cores = os.cpu_count() or 1
+    local = hvd.local_size() if hvd is not None else min(ranks, cores)
+    threads = max(1, cores // max(1, local))
+    torch.set_num_threads(threads)
+    assumed = []
+    note(f"measuring FLOP/s at micro-batches {sorted(set(micro_batches))} ({threads} thread(s) per rank)")
+    rates = compute_rates(gpt, seq_len, micro_batches)
+    if hvd is None and ranks > cores:
+        rates = {b: r * cores / ranks for b, r in rates.items()}
+        assumed.append(f"flops_per_s scaled by {cores}/{ranks}: {ranks} ranks share {cores} cores")
+    s_param = optimizer_s_per_param(gpt)
+    bw = copy_bandwidth() / 2
+    if hvd is not None and hvd.size() > 1:
+        note(f"measuring allreduce and broadcast over {hvd.size()} ranks ({hvd.backend()})")
+        ar_lat, ar_bw = collective_fit(hvd, "allreduce", bw)
+        p2p_lat, p2p_bw = collective_fit(hvd, "broadcast", bw)
+        backend = hvd.backend()
+    else:
+        ar_lat = p2p_lat = ASSUMED_LATENCY_S
+        ar_bw = p2p_bw = bw
+        backend = "assumed"
+        if ranks > 1:
+            assumed.append(f"collectives not measured (one process): latency {ASSUMED_LATENCY_S} s, bandwidth = "
+                           "memory-copy bandwidth / 2; run under horovodrun -np N to measure them")
+    mem = available_memory() / max(1, local if hvd is not None else ranks)
+    accel = torch.cuda.device_count() > 0
+    return {"version": PROFILE_VERSION, "host": platform.node(), "cpu_count": cores, "ranks": ranks,
+            "backend": backend, "threads_per_rank": threads, "seq_len": seq_len,
+            "model": dataclasses.asdict(gpt),
+            "flops_per_s": {str(b): r for b, r in rates.items()}, "optimizer_s_per_param": s_param,
+            "allreduce_latency_s": ar_lat, "allreduce_bw": ar_bw, "p2p_latency_s": p2p_lat, "p2p_bw": p2p_bw,
+            "memory_bytes": mem, "overlap": 0.5 if accel else 0.0, "dp_cycle_s": dp_cycle_s(accel),
+            "assumed": assumed}
+
+
+def machine(profile: dict[str, Any]) -> Machine:
+    """The cost model's Machine from a profile dict."""
+    return Machine(flops_per_s={int(k): float(v) for k, v in profile["flops_per_s"].items()},
+                   allreduce_latency_s=float(profile["allreduce_latency_s"]), allreduce_bw=float(profile["allreduce_bw"]),
+                   p2p_latency_s=float(profile["p2p_latency_s"]), p2p_bw=float(profile["p2p_bw"]),
+                   optimizer_s_per_param=float(profile["optimizer_s_per_param"]),
+                   memory_bytes=float(profile["memory_bytes"]), overlap=float(profile.get("overlap", 0.0)),
+                   dp_cycle_s=float(profile.get("dp_cycle_s", 0.0)))
+
+
+REQUIRED = ("flops_per_s", "allreduce_latency_s", "allreduce_bw", "p2p_latency_s", "p2p_bw",
+            "optimizer_s_per_param", "memory_bytes")
+
+
+def load_profile(path: str) -> dict[str, Any]:
+    """A profile JSON written by ``hvdllm plan --profile`` (ValueError naming what is wrong)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"--profile {path}: not a readable JSON profile ({e})") from None
+    missing = [k for k in REQUIRED if not isinstance(data, dict) or k not in data]
+    if missing:
+        raise ValueError(f"--profile {path}: missing {', '.join(missing)}")
+    try:
+        m = machine(data)
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"--profile {path}: bad value ({e})") from None
+    if not m.flops_per_s or min(m.flops_per_s.values()) <= 0 or m.allreduce_bw <= 0 or m.p2p_bw <= 0:
+        raise ValueError(f"--profile {path}: flops_per_s and bandwidths must be > 0")
+    return data
+
+
+def save_profile(profile: dict[str, Any], path: str) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp")
+    tmp.write_text(json.dumps(profile, indent=1), encoding="utf-8")
+    os.replace(tmp, p)

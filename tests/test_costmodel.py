@@ -1,0 +1,160 @@
+"""hvdllm.core.costmodel: the planner's formulas against hand-computed cases, the pipeline schedules and
+the model's real parameter, gradient, optimizer-state and saved-activation bytes."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+
+from tests.threads import one_torch_thread  # noqa: F401  (autouse fixture)
+
+from hvdllm.core import costmodel as CM
+from hvdllm.core.pipeline import build_schedule
+from hvdllm.models.config import PRESETS, GPTConfig
+
+# V=16, T=4, L=2, h=2, d=8, bias, tied: a block has 2*2*8 + (3*64+24) + (64+8) + (256+32) + (256+8) = 872 params
+SMALL = CM.ModelShape(vocab_size=16, seq_len=4, n_layer=2, n_head=2, n_embd=8)
+MACHINE = CM.Machine(flops_per_s={1: 1e9, 4: 2e9}, allreduce_latency_s=1e-4, allreduce_bw=1e9, p2p_latency_s=1e-5,
+                     p2p_bw=2e9, optimizer_s_per_param=1e-8, memory_bytes=1e6)
+
+
+def shape(g: GPTConfig) -> CM.ModelShape:
+    return CM.ModelShape(vocab_size=g.vocab_size, seq_len=g.block_size, n_layer=g.n_layer, n_head=g.n_head,
+                         n_embd=g.n_embd, block_size=g.block_size, bias=g.bias, tie_embeddings=g.tie_embeddings)
+
+
+def lay(dp=1, tp=1, pp=1, zero=0, micro=1, schedule="1f1b", gb=8) -> CM.Layout:
+    return CM.Layout(dp=dp, tp=tp, pp=pp, zero=zero, micro_batch=micro, schedule=schedule, global_batch=gb)
+
+
+def test_parameter_counts_match_the_model_config() -> None:
+    assert SMALL.block_params == 872
+    assert SMALL.embedding_params == (16 + 4) * 8 and SMALL.head_params == 16
+    for g in [*PRESETS.values(), dataclasses.replace(PRESETS["tiny"], bias=False, tie_embeddings=False)]:
+        s = shape(g)
+        assert s.embedding_params + g.n_layer * s.block_params + s.head_params == g.num_params()
+        assert sum(CM.stage_params(s, 1)) == g.num_params()
+
+
+def test_ring_allreduce_and_bubble_by_hand() -> None:
+    # 2 (n-1)/n * S / bw + 2 (n-1) * alpha * buckets = 1.5e-3 + 6e-4
+    assert CM.ring_allreduce_s(1e6, 4, 1e-4, 1e9) == pytest.approx(2.1e-3)
+    assert CM.ring_allreduce_s(1e6, 4, 1e-4, 1e9, buckets=3) == pytest.approx(1.5e-3 + 1.8e-3)
+    assert CM.ring_allreduce_s(1e6, 1, 1e-4, 1e9) == 0.0
+    assert CM.bubble_fraction(lay(pp=4, micro=1, gb=8)) == pytest.approx(3 / 11)
+    assert CM.bubble_fraction(lay(pp=1, micro=1, gb=8)) == 0.0
+
+
+def test_memory_by_hand() -> None:
+    P = 20 * 8 + 2 * 872 + 16                     # 1920 parameters
+    act_per_token = 2 * (4 + 2 + 16 * 8) + 16 + 2 * 8 + 5     # 305 values
+    m = CM.memory(SMALL, lay(dp=2, micro=2, gb=8), bucket_cap_bytes=1000)
+    assert (m.weights, m.grads, m.optimizer, m.buckets) == (4 * P, 4 * P, 8 * P, 1000)
+    assert m.activations == 4 * 2 * 4 * act_per_token
+    z1 = CM.memory(SMALL, lay(dp=2, zero=1, micro=2, gb=8), bucket_cap_bytes=1000)
+    z2 = CM.memory(SMALL, lay(dp=2, zero=2, micro=2, gb=8), bucket_cap_bytes=1000)
+    assert (z1.grads, z1.optimizer) == (4 * P, 4 * P) and (z2.grads, z2.optimizer) == (2 * P, 4 * P)
+    # tensor parallel 2: weights halve; per block 4 + h/2 + 4d + 12d/2 values, the head V/2 + 2d + 5
+    t2 = CM.memory(SMALL, lay(tp=2, micro=1, gb=8))
+    assert t2.weights == 2 * P and t2.buckets == 0
+    assert t2.activations == 4 * 4 * (2 * (4 + 1 + 32 + 48) + 8 + 16 + 5)
+
+
+def test_pipeline_memory_by_hand() -> None:
+    # pp=2: stage 0 = embeddings + block 0, stage 1 = block 1 + norm + tied head copy (16*8)
+    assert CM.stage_layers(SMALL, 2) == [1, 1]
+    assert CM.stage_params(SMALL, 2) == [160 + 872, 872 + 16 + 128]
+    per_block, head = 4 + 2 + 16 * 8, 16 + 16 + 5
+    g = CM.memory(SMALL, lay(pp=2, micro=1, schedule="gpipe", gb=8))     # m=8 in flight on both stages
+    assert g.activations == max(8 * 4 * 4 * per_block, 8 * 4 * 4 * (per_block + head))
+    assert g.weights == 4 * (872 + 16 + 128)
+    f = CM.memory(SMALL, lay(pp=2, micro=1, schedule="1f1b", gb=8))     # 1F1B: 2 on stage 0, 1 on stage 1
+    s0 = 4 * (160 + 872) * 4 + 2 * 4 * 4 * per_block
+    s1 = 4 * (872 + 144) * 4 + 1 * 4 * 4 * (per_block + head)
+    assert f.total == max(s0, s1)
+
+
+@pytest.mark.parametrize("kind", ["1f1b", "gpipe"])
+@pytest.mark.parametrize("p,m", [(2, 1), (2, 4), (4, 4), (4, 8), (3, 2)])
+def test_in_flight_equals_the_schedules_peak(kind: str, p: int, m: int) -> None:
+    sched = build_schedule(kind, p, m)
+    assert [CM.in_flight(kind, m, p, s) for s in range(p)] == [sched.peak_in_flight(s) for s in range(p)]
+
+
+def test_step_time_by_hand() -> None:
+    # dp=2, tp=1, pp=1, micro 4, B=8 -> m=1; flops/token = 6*(2*872) + 12*2*8*4 + 6*16*8 = 12000
+    t = CM.step_time(SMALL, lay(dp=2, micro=4, gb=8), MACHINE, bucket_cap_bytes=1e9)
+    slot = 12000 * 4 * 4 / 2e9
+    assert t.compute == pytest.approx(slot) and t.bubble == 0 and t.tp_comm == 0 and t.pp_comm == 0
+    assert t.dp_comm == pytest.approx(2 * 1 / 2 * 4 * 1920 / 1e9 + 2 * 1e-4)
+    assert t.optimizer == pytest.approx(1920 * 1e-8)
+    # pp=2, micro 1 (rate 1e9), m=8: 9 slots; slowest stage = block 1 + head: 6*872 + 12*8*4 + 6*16*8
+    t = CM.step_time(SMALL, lay(pp=2, micro=1, gb=8), MACHINE)
+    slot = (6 * 872 + 12 * 8 * 4 + 6 * 16 * 8) * 4 / 1e9
+    assert t.compute == pytest.approx(8 * slot) and t.bubble == pytest.approx(slot)
+    assert t.pp_comm == pytest.approx(9 * 2 * (1e-5 + 4 * 4 * 8 / 2e9))
+    assert t.bubble / (t.compute + t.bubble) == pytest.approx(CM.bubble_fraction(lay(pp=2, micro=1, gb=8)))
+    # tp=2, m=2: per slot 4 all-reduces per block of b*T*d*4 bytes over 2 ranks
+    t = CM.step_time(SMALL, lay(tp=2, micro=4, gb=8), MACHINE)
+    assert t.tp_comm == pytest.approx(2 * 4 * 2 * CM.ring_allreduce_s(4 * 4 * 4 * 8, 2, 1e-4, 1e9))
+    assert t.compute == pytest.approx(2 * 12000 / 2 * 16 / 2e9)
+    assert t.total == pytest.approx(t.compute + t.tp_comm + t.optimizer)
+    # a plain data-parallel job waits for the data-parallel cycle (20 ms) instead of 2 (n-1) alpha
+    cyc = dataclasses.replace(MACHINE, dp_cycle_s=0.02)
+    t = CM.step_time(SMALL, lay(dp=2, micro=4, gb=8), cyc, bucket_cap_bytes=1e9)
+    assert t.dp_comm == pytest.approx(4 * 1920 / 1e9 + 0.02)
+    assert CM.step_time(SMALL, lay(dp=1, tp=2, micro=4, gb=8), cyc).dp_comm == 0
+
+
+def test_machine_rate_uses_the_nearest_measured_micro_batch() -> None:
+    assert MACHINE.rate(4) == 2e9 and MACHINE.rate(1) == 1e9
+    assert MACHINE.rate(8) == 2e9 and MACHINE.rate(2) == 1e9      # log-distance tie -> the smaller
+
+
+def test_layout_counts() -> None:
+    tiny = shape(PRESETS["tiny"])                 # 4 heads, 4 layers
+    assert len(list(CM.layouts(1, tiny, 16))) == 5                  # micro in 1, 2, 4, 8, 16
+    # dp2: 4 micro; tp2: 5; pp2: 5 micro x 2 schedules
+    assert len(list(CM.layouts(2, tiny, 16))) == 4 + 5 + 10
+    # with ZeRO 0/1/2 (dp > 1 only): dp4 3x3, dp2pp2 4x2x3, pp4 5x2, dp2tp2 4x3, tp2pp2 5x2, tp4 5
+    assert len(list(CM.layouts(4, tiny, 16, zero_stages=(0, 1, 2)))) == 9 + 24 + 10 + 12 + 10 + 5
+    assert list(CM.layouts(5, tiny, 16)) == []                       # 5 ranks: no divisor fits
+    odd_vocab = dataclasses.replace(tiny, vocab_size=255)            # tp must divide the vocabulary too
+    assert {x.tp for x in CM.layouts(2, odd_vocab, 16)} == {1}
+    three = list(CM.layouts(3, tiny, 16))                            # only pp=3 (3 does not divide 4 heads nor 16)
+    assert {(x.dp, x.tp, x.pp) for x in three} == {(1, 1, 3)} and len(three) == 10
+    for x in CM.layouts(4, tiny, 16, zero_stages=(0, 1, 2)):
+        assert x.ranks == 4 and x.microbatches * x.micro_batch * x.dp == 16 and 4 % x.tp == 0
+
+
+@pytest.mark.parametrize("preset,micro", [("tiny", 1), ("tiny", 4), ("small", 2)])
+def test_memory_prediction_matches_the_models_real_bytes(preset: str, micro: int) -> None:
+    """Weights, grads, AdamW moments and autograd's saved activations of a real step, within 15%."""
+    import torch
+
+    from hvdllm.models.gpt import GPT
+    from hvdllm.torch.optim import AdamW
+
+    torch.manual_seed(0)
+    g = PRESETS[preset]
+    model = GPT(g)
+    opt = AdamW(model.parameters(), lr=1e-4)
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    idx = torch.randint(0, g.vocab_size, (micro, g.block_size))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _, loss = model(idx, idx)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    activations = sum(n for ptr, n in saved.items() if ptr not in params)
+    loss.backward()
+    opt.step()
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    measured = (activations + nbytes(model.parameters()) + nbytes(p.grad for p in model.parameters())
+                + nbytes(v for st in opt.state.values() for v in st.values() if torch.is_tensor(v) and v.dim() > 0))
+    predicted = CM.memory(shape(g), lay(micro=micro, gb=micro)).total
+    assert math.isclose(predicted, measured, rel_tol=0.15), (predicted, measured)

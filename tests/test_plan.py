@@ -1,0 +1,127 @@
+"""`hvdllm plan`: --json rows (DESIGN.md keys), the table and best flags, a measured profile reused with
+--profile, --verify on one rank, and bad input (exit 2, one line, nothing written)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hvdllm.cli import main
+from hvdllm.plan.measure import load_profile
+
+KEYS = {"dp", "tp", "pp", "zero", "micro_batch", "schedule", "fits", "memory_bytes_per_rank", "predicted_step_s"}
+PROFILE = {"flops_per_s": {"1": 2e8, "2": 3e8, "4": 4e8, "8": 5e8, "16": 5e8}, "allreduce_latency_s": 1e-4,
+           "allreduce_bw": 2e9, "p2p_latency_s": 1e-4, "p2p_bw": 2e9, "optimizer_s_per_param": 2e-9,
+           "memory_bytes": 4e9, "backend": "test", "host": "test"}
+
+
+def _profile(tmp: Path, **over) -> str:
+    p = tmp / "profile.json"
+    p.write_text(json.dumps({**PROFILE, **over}))
+    return str(p)
+
+
+def _json_rows(out: str) -> list[dict]:
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def test_json_rows_have_the_design_keys_and_are_ranked(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["plan", "--preset", "tiny", "--ranks", "2", "--profile", _profile(tmp_path), "--json"]) == 0
+    rows = _json_rows(capsys.readouterr().out)
+    assert len(rows) == 19
+    for r in rows:
+        assert KEYS <= set(r) and "measured_step_s" not in r
+        assert r["dp"] * r["tp"] * r["pp"] == 2 and isinstance(r["fits"], bool)
+        assert r["memory_bytes_per_rank"] > 0 and r["predicted_step_s"] > 0
+    times = [r["predicted_step_s"] for r in rows]
+    assert times == sorted(times)
+    assert {(r["dp"], r["tp"], r["pp"]) for r in rows} == {(2, 1, 1), (1, 2, 1), (1, 1, 2)}
+
+
+def test_too_little_memory_marks_layouts_and_ranks_fitting_first(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # 20 MiB per rank: only the small-micro-batch layouts of the tiny model fit
+    assert main(["plan", "--preset", "tiny", "--ranks", "2", "--profile", _profile(tmp_path, memory_bytes=20 * 2**20),
+                 "--json"]) == 0
+    rows = _json_rows(capsys.readouterr().out)
+    fits = [r["fits"] for r in rows]
+    assert any(fits) and not all(fits) and fits == sorted(fits, reverse=True)
+    assert all((r["memory_bytes_per_rank"] <= 20 * 2**20) == r["fits"] for r in rows)
+
+
+def test_table_and_best_flags(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["plan", "--preset", "small", "--global-batch", "8", "--ranks", "4", "--profile",
+                 _profile(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[1].split()[:4] == ["#", "dp", "tp", "pp"]
+    best = [line for line in lines if line.startswith("best: horovodrun -np 4 hvdllm train ")]
+    assert len(best) == 1 and "--preset small --global-batch 8 --micro-batch" in best[0]
+
+
+def test_measure_writes_a_profile_that_is_reused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    prof = tmp_path / "p" / "machine.json"
+    assert main(["plan", "--preset", "tiny", "--global-batch", "4", "--ranks", "1", "--profile", str(prof),
+                 "--json"]) == 0
+    first = _json_rows(capsys.readouterr().out)
+    data = load_profile(str(prof))
+    assert sorted(int(k) for k in data["flops_per_s"]) == [1, 2, 4]
+    assert all(v > 0 for v in data["flops_per_s"].values()) and data["optimizer_s_per_param"] > 0
+    stamp = prof.stat().st_mtime_ns
+    assert main(["plan", "--preset", "tiny", "--global-batch", "4", "--ranks", "1", "--profile", str(prof),
+                 "--json"]) == 0
+    assert _json_rows(capsys.readouterr().out) == first      # same profile, same predictions, not re-measured
+    assert prof.stat().st_mtime_ns == stamp
+
+
+def test_verify_adds_measured_step_time(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["plan", "--preset", "tiny", "--global-batch", "4", "--ranks", "1", "--profile", _profile(tmp_path),
+                 "--verify", "1", "--json"]) == 0
+    rows = _json_rows(capsys.readouterr().out)
+    assert rows[0]["measured_step_s"] > 0
+    assert all("measured_step_s" not in r for r in rows[1:])
+
+
+def test_bad_input_exits_2_one_line_nothing_written(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps({"flops_per_s": {"1": 1e9}}))
+    new = tmp_path / "new" / "profile.json"
+    cases = [
+        (["--ranks", "0"], "--ranks 0"),
+        (["--ranks", "5"], "no layout of 5 ranks"),
+        (["--global-batch", "0"], "--global-batch 0"),
+        (["--preset", "huge"], "huge"),
+        (["--verify", "-1"], "--verify -1"),
+        (["--config", str(tmp_path / "missing.toml")], "missing.toml"),
+        (["--profile", str(broken)], "broken.json"),
+        (["--profile", str(partial)], "missing allreduce_latency_s"),
+        (["--ranks", "abc"], "abc"),
+    ]
+    for args, needle in cases:
+        code = main(["plan", *args, *([] if "--profile" in args else ["--profile", str(new)])])
+        err = capsys.readouterr().err
+        assert code == 2, (args, err)
+        assert err.count("\n") == 1 and needle in err, (args, err)
+        assert not new.exists() and not new.parent.exists(), args
+
+
+def test_two_ranks_are_measured_under_horovodrun(tmp_path: Path) -> None:
+    """`hvdllm plan --ranks 2` from one process measures on 2 real ranks (horovodrun --gloo): the
+    collectives' latency and bandwidth over Horovod, the compute with the ranks sharing the cores."""
+    import subprocess
+    import sys
+
+    from tests.multirank import ROOT, base_env
+
+    prof = tmp_path / "two.json"
+    r = subprocess.run([sys.executable, "-m", "hvdllm.cli", "plan", "--preset", "tiny", "--global-batch", "4",
+                        "--ranks", "2", "--profile", str(prof), "--json"], cwd=ROOT, env=base_env(),
+                       capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout + r.stderr
+    data = load_profile(str(prof))
+    assert data["backend"] == "horovod" and data["ranks"] == 2 and data["assumed"] == []
+    assert data["allreduce_latency_s"] > 0 and data["p2p_latency_s"] > 0 and data["allreduce_bw"] > 0
+    rows = _json_rows(r.stdout)
+    assert len(rows) == 2 + 3 + 6 and all(x["dp"] * x["tp"] * x["pp"] == 2 for x in rows)
