@@ -69,8 +69,8 @@ def test_launched_by() -> None:
 def test_ops() -> None:
     assert parse_op("average") is Average and parse_op("SUM") is Sum and parse_op(Sum) is Sum
     assert Average.postscale(4) == 0.25 and Sum.postscale(4) == 1.0
-    with pytest.raises(ValueError, match="allowed: hvd.Average, hvd.Sum"):
-        parse_op("max")
+    with pytest.raises(ValueError, match="allowed: hvd.Average, hvd.Sum, hvd.Min"):
+        parse_op("median")
 
 
 def test_compression_names() -> None:
@@ -139,8 +139,11 @@ class _FakeHorovod:
 
         self.env_at_init["HOROVOD_CYCLE_TIME"] = os.environ.get("HOROVOD_CYCLE_TIME")
 
-    rank = local_rank = staticmethod(lambda: 0)
-    size = local_size = staticmethod(lambda: 1)
+    rank = local_rank = cross_rank = staticmethod(lambda: 0)
+    size = local_size = cross_size = staticmethod(lambda: 1)
+
+    class mpi_ops:  # noqa: N801 - Horovod's module name
+        is_homogeneous = staticmethod(lambda: True)
 
 
 @pytest.mark.parametrize("user,accel,sets,want", [(None, False, None, "20"), ("3", False, None, "3"),

@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 
 from hvdllm.core import backend as core_backend
 from hvdllm.core import launch
-from hvdllm.core.collectives import NumpyCollectives, local_world, mpi_world
+from hvdllm.core.collectives import Done, Handle, NumpyCollectives, local_world, mpi_world
 from hvdllm.core.failure import install_abort_on_failure, uninstall_abort_on_failure
 from hvdllm.core.ops import Average, ReduceOp, parse_op
 from hvdllm.core.process_sets import WORLD, ProcessSet, normalize_process_sets
@@ -55,7 +55,9 @@ class HorovodBase:
         self._sets = {ps: hvd.ProcessSet(list(ps.ranks)) for ps in process_sets}
         hvd.init(process_sets=list(self._sets.values()) or None)
         self._sets[WORLD] = hvd.global_process_set
-        self.world = World(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), backend="horovod")
+        self.world = World(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), backend="horovod",
+                           cross_rank=hvd.cross_rank(), cross_size=hvd.cross_size(),
+                           homogeneous=hvd.mpi_ops.is_homogeneous())   # horovod.torch exports it there only
         self.wait_timeout = wait_timeout()
         install_abort_on_failure(self.world.rank, self.world.size)
 
@@ -65,7 +67,30 @@ class HorovodBase:
         return self._sets[ps]
 
     def _op(self, op: ReduceOp) -> Any:
-        return self.hvd.Average if parse_op(op) is Average else self.hvd.Sum
+        op = parse_op(op)
+        if op is ReduceOp.ADASUM and not self.hvd.mpi_enabled():
+            raise ValueError("hvd.Adasum needs Horovod's MPI controller (horovodrun --mpi); this job runs Gloo")
+        return getattr(self.hvd, op.name.capitalize())   # hvd.Average, hvd.Sum, hvd.Min, ...
+
+    def allgather_object(self, obj: Any, process_set: ProcessSet = WORLD, name: str | None = None) -> list:
+        """horovod.torch's allgather_object has no process set: inside one, each member broadcasts."""
+        name = name or "hvdllm.allgather_object"
+        if process_set == WORLD:
+            return self.hvd.allgather_object(obj, name=name)
+        self._ps(process_set)
+        return [self.broadcast_object(obj if root == self.world.rank else None, root, process_set, f"{name}.{root}")
+                for root in process_set.members(self.world.size)]
+
+    def remove_process_set(self, ps: ProcessSet) -> bool:
+        if ps == WORLD or ps not in self._sets:
+            return False
+        return bool(self.hvd.remove_process_set(self._sets.pop(ps)))
+
+    def controller_enabled(self, controller: str) -> bool:
+        return bool(getattr(self.hvd, f"{controller}_enabled")())
+
+    def mpi_threads_supported(self) -> bool:
+        return bool(self.hvd.mpi_enabled() and self.hvd.mpi_threads_supported())   # Horovod raises under Gloo
 
     def broadcast_object(self, obj: Any, root_rank: int = 0, process_set: ProcessSet = WORLD,
                          name: str | None = None) -> Any:
@@ -96,9 +121,49 @@ class NumpyBase:
         self.impl.barrier(process_set)
 
     def grouped_allreduce(self, xs: Sequence[Any], op: ReduceOp = Average, process_set: ProcessSet = WORLD,
-                          name: str | None = None) -> list:
+                          name: str | None = None, prescale_factor: float = 1.0,
+                          postscale_factor: float = 1.0) -> list:
         """One reduction per tensor, in order (MPI matches them by order, as one group would)."""
-        return [self.allreduce(x, op, process_set) for x in xs]
+        return [self.allreduce(x, op, process_set, None, prescale_factor, postscale_factor) for x in xs]
+
+    def grouped_allgather(self, xs: Sequence[Any], process_set: ProcessSet = WORLD, name: str | None = None) -> list:
+        return [self.allgather(x, process_set) for x in xs]
+
+    def grouped_reducescatter(self, xs: Sequence[Any], op: ReduceOp = Average, process_set: ProcessSet = WORLD,
+                              name: str | None = None, prescale_factor: float = 1.0,
+                              postscale_factor: float = 1.0) -> list:
+        return [self.reducescatter(x, op, process_set, None, prescale_factor, postscale_factor) for x in xs]
+
+    def start(self, kind: str, *args: Any, **kwargs: Any) -> Handle:
+        """MPI's blocking collectives complete here; the handle holds the result (in-place kinds are the
+        adapter's ``_in_place``)."""
+        if kind.endswith("_"):
+            return Done(self._in_place(kind[:-1], *args, **kwargs))
+        return Done(getattr(self, kind)(*args, **kwargs))
+
+    def allgather_object(self, obj: Any, process_set: ProcessSet = WORLD, name: str | None = None) -> list:
+        return self.impl.allgather_object(obj, process_set)
+
+    def join(self, device: int = -1) -> int:
+        """The last rank to join; one process is trivially that rank."""
+        if self.world.size == 1:
+            return 0
+        raise RuntimeError(f"join() is not available on the {self.name} backend with {self.world.size} ranks: "
+                           "it needs the horovod backend (horovodrun), whose coordinator feeds zeros for "
+                           "joined ranks")
+
+    def remove_process_set(self, ps: ProcessSet) -> bool:
+        return self.impl.remove_process_set(ps)
+
+    def controller_enabled(self, controller: str) -> bool:
+        return controller == "mpi" and self.name == "mpi"
+
+    def mpi_threads_supported(self) -> bool:
+        if self.name != "mpi":
+            return False
+        from mpi4py import MPI
+
+        return MPI.Query_thread() == MPI.THREAD_MULTIPLE
 
     def broadcast_object(self, obj: Any, root_rank: int = 0, process_set: ProcessSet = WORLD,
                          name: str | None = None) -> Any:
@@ -109,6 +174,29 @@ class NumpyBase:
 
     def shutdown(self) -> None:
         uninstall_abort_on_failure()
+
+
+BUILD_QUERIES = ("mpi_built", "gloo_built", "nccl_built", "ddl_built", "ccl_built", "cuda_built", "rocm_built")
+
+
+def built(query: str, horovod_module: Callable[[], Any]) -> bool:
+    """Horovod's ``*_built()`` answer where Horovod is installed for the framework (``horovod_module()``
+    returns it, or None); without Horovod only MPI (mpi4py, the mpi backend) can be built."""
+    if query not in BUILD_QUERIES:
+        raise ValueError(f"unknown build query {query!r}; allowed: {', '.join(BUILD_QUERIES)}")
+    hvd = horovod_module()
+    if hvd is not None and bool(getattr(hvd, query)()):
+        return True
+    return query == "mpi_built" and core_backend.module_available("mpi4py")
+
+
+def build_query(query: str, horovod_module: Callable[[], Any]) -> Callable[[], bool]:
+    """The adapter's module function ``query`` (e.g. ``hvd.mpi_built``), see :func:`built`."""
+    def answer() -> bool:
+        return built(query, horovod_module)
+
+    answer.__name__ = answer.__qualname__ = query
+    return answer
 
 
 def create_backend(process_sets: Sequence[ProcessSet | Sequence[int]] | None,

@@ -7,11 +7,11 @@ framework-specific.
 from __future__ import annotations
 
 import pickle
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from hvdllm.core.ops import Average, ReduceOp, parse_op
+from hvdllm.core.ops import Average, ReduceOp, parse_op, require_native
 from hvdllm.core.process_sets import WORLD, ProcessSet
 from hvdllm.core.waiting import wait_until
 from hvdllm.core.world import World
@@ -32,6 +32,24 @@ class Done:
     def wait(self) -> Any:
         return self._result
 
+    def poll(self) -> bool:
+        return True
+
+
+class Deferred:
+    """The handle of an in-flight collective: ``finish()`` completes it (once), ``ready()`` polls it."""
+
+    def __init__(self, finish: Callable[[], Any], ready: Callable[[], bool] = lambda: True) -> None:
+        self._finish, self._ready, self._result, self._done = finish, ready, None, False
+
+    def wait(self) -> Any:
+        if not self._done:
+            self._result, self._done = self._finish(), True
+        return self._result
+
+    def poll(self) -> bool:
+        return self._done or self._ready()
+
 
 @runtime_checkable
 class Collectives(Protocol):
@@ -48,17 +66,37 @@ class Collectives(Protocol):
     world: World
 
     def allreduce(self, x: Any, op: ReduceOp = Average, process_set: ProcessSet = WORLD,
-                  name: str | None = None) -> Any: ...
+                  name: str | None = None, prescale_factor: float = 1.0, postscale_factor: float = 1.0) -> Any: ...
     def allreduce_async_(self, x: Any, op: ReduceOp = Average, process_set: ProcessSet = WORLD,
-                         name: str | None = None) -> Handle: ...
+                         name: str | None = None, prescale_factor: float = 1.0,
+                         postscale_factor: float = 1.0) -> Handle: ...
     def grouped_allreduce(self, xs: Sequence[Any], op: ReduceOp = Average, process_set: ProcessSet = WORLD,
-                          name: str | None = None) -> list: ...
+                          name: str | None = None, prescale_factor: float = 1.0,
+                          postscale_factor: float = 1.0) -> list: ...
     def broadcast(self, x: Any, root_rank: int, process_set: ProcessSet = WORLD, name: str | None = None) -> Any: ...
     def allgather(self, x: Any, process_set: ProcessSet = WORLD, name: str | None = None) -> Any: ...
+    def grouped_allgather(self, xs: Sequence[Any], process_set: ProcessSet = WORLD,
+                          name: str | None = None) -> list: ...
+    def alltoall(self, x: Any, splits: Any = None, process_set: ProcessSet = WORLD,
+                 name: str | None = None) -> tuple[Any, Any]: ...
+    def reducescatter(self, x: Any, op: ReduceOp = Average, process_set: ProcessSet = WORLD, name: str | None = None,
+                      prescale_factor: float = 1.0, postscale_factor: float = 1.0) -> Any: ...
+    def grouped_reducescatter(self, xs: Sequence[Any], op: ReduceOp = Average, process_set: ProcessSet = WORLD,
+                              name: str | None = None, prescale_factor: float = 1.0,
+                              postscale_factor: float = 1.0) -> list: ...
+    def start(self, kind: str, *args: Any, **kwargs: Any) -> Handle:
+        """The asynchronous form of the collective method ``kind`` (same arguments); a trailing ``_``
+        (``allreduce_``, ``grouped_allreduce_``, ``broadcast_``) writes the result into the inputs."""
+        ...
     def barrier(self, process_set: ProcessSet = WORLD) -> None: ...
     def broadcast_object(self, obj: Any, root_rank: int = 0, process_set: ProcessSet = WORLD,
                          name: str | None = None) -> Any: ...
+    def allgather_object(self, obj: Any, process_set: ProcessSet = WORLD, name: str | None = None) -> list: ...
+    def join(self, device: int = -1) -> int: ...
     def add_process_set(self, ps: ProcessSet) -> None: ...
+    def remove_process_set(self, ps: ProcessSet) -> bool: ...
+    def controller_enabled(self, controller: str) -> bool: ...
+    def mpi_threads_supported(self) -> bool: ...
     def shutdown(self) -> None: ...
 
 
@@ -88,6 +126,18 @@ class SelfComm:
     def Allgather(self, send: np.ndarray, recv: np.ndarray) -> None:
         recv[...] = send.reshape(recv.shape)
 
+    def Allgatherv(self, send: np.ndarray, recv: list) -> None:
+        recv[0][...] = send.reshape(recv[0].shape)
+
+    def Alltoallv(self, send: list, recv: list) -> None:
+        recv[0][...] = send[0].reshape(recv[0].shape)
+
+    def Reduce_scatter(self, send: np.ndarray, recv: np.ndarray, recvcounts: Any = None, op: Any = None) -> None:
+        recv[...] = send.reshape(recv.shape)
+
+    def alltoall(self, objs: list) -> list:
+        return list(objs)
+
     def allgather(self, obj: Any) -> list:
         return [obj]
 
@@ -112,6 +162,17 @@ class _DoneRequest:
 _IN_PLACE = object()
 
 
+def split_rows(rows: int, parts: int) -> list[int]:
+    """Horovod's reducescatter split of a first dimension: as even as possible, earlier ranks get the
+    extra rows."""
+    return [rows // parts + (1 if i < rows % parts else 0) for i in range(parts)]
+
+
+def _scale(buf: np.ndarray, factor: float) -> None:
+    if factor != 1.0:
+        np.multiply(buf, factor, out=buf, casting="unsafe")
+
+
 class _Pending:
     """Completes an in-place MPI reduction: wait for it, then apply the op's scale."""
 
@@ -122,8 +183,7 @@ class _Pending:
         if self._request is not None:
             wait_until(self._request.Test, timeout=self._timeout, what="an MPI allreduce")
             self._request = None
-            if self._scale != 1.0:
-                self._buf *= self._buf.dtype.type(self._scale)
+            _scale(self._buf, self._scale)
         return self._buf
 
 
@@ -163,12 +223,23 @@ class NumpyCollectives:
             raise ValueError(f"rank {self.world.rank} is not a member of process set {list(process_set.ranks)}")
         return comm
 
-    def _sum_op(self) -> Any:
+    def remove_process_set(self, ps: ProcessSet) -> bool:
+        """Forget a registered set (a collective call over the whole world); False if it was unknown."""
+        if ps == WORLD or ps not in self._comms:
+            return False
+        comm = self._comms.pop(ps)
+        if comm is not None and comm is not self.comm:
+            comm.Free()
+        return True
+
+    def _mpi_op(self, op: ReduceOp) -> Any:
+        """The MPI reduction realising ``op`` (Average reduces with SUM and is scaled after)."""
+        op = require_native(parse_op(op), self.world.backend)
         if isinstance(self.comm, SelfComm):
             return None
         from mpi4py import MPI
 
-        return MPI.SUM
+        return {ReduceOp.MIN: MPI.MIN, ReduceOp.MAX: MPI.MAX, ReduceOp.PRODUCT: MPI.PROD}.get(op, MPI.SUM)
 
     def _in_place(self) -> Any:
         if isinstance(self.comm, SelfComm):
@@ -177,17 +248,71 @@ class NumpyCollectives:
 
         return MPI.IN_PLACE
 
-    def allreduce_async_(self, buf: np.ndarray, op: ReduceOp = Average, process_set: ProcessSet = WORLD) -> _Pending:
-        """Start an in-place reduction of a contiguous array; ``wait()`` finishes and scales it."""
+    def allreduce_async_(self, buf: np.ndarray, op: ReduceOp = Average, process_set: ProcessSet = WORLD,
+                         prescale_factor: float = 1.0, postscale_factor: float = 1.0) -> _Pending:
+        """Start an in-place reduction of a contiguous array; ``wait()`` finishes and scales it.
+
+        As in Horovod, ``buf`` is multiplied by ``prescale_factor`` before the reduction and the result
+        by ``postscale_factor`` (and 1/size for Average) after it."""
         comm = self.comm_for(process_set)
         if not buf.flags.c_contiguous:
             raise ValueError("allreduce_async_ needs a contiguous buffer")
-        request = comm.Iallreduce(self._in_place(), buf, op=self._sum_op())
-        return _Pending(request, buf, parse_op(op).postscale(comm.Get_size()), self.wait_timeout)
+        mpi_op = self._mpi_op(op)
+        _scale(buf, prescale_factor)
+        request = comm.Iallreduce(self._in_place(), buf, op=mpi_op)
+        return _Pending(request, buf, postscale_factor * parse_op(op).postscale(comm.Get_size()), self.wait_timeout)
 
-    def allreduce(self, x: np.ndarray, op: ReduceOp = Average, process_set: ProcessSet = WORLD) -> np.ndarray:
+    def allreduce(self, x: np.ndarray, op: ReduceOp = Average, process_set: ProcessSet = WORLD,
+                  prescale_factor: float = 1.0, postscale_factor: float = 1.0) -> np.ndarray:
         out = np.ascontiguousarray(x).copy()
-        return self.allreduce_async_(out, op, process_set).wait()
+        return self.allreduce_async_(out, op, process_set, prescale_factor, postscale_factor).wait()
+
+    def reducescatter(self, x: np.ndarray, op: ReduceOp = Average, process_set: ProcessSet = WORLD,
+                      prescale_factor: float = 1.0, postscale_factor: float = 1.0) -> np.ndarray:
+        """Reduce ``x`` (same shape on every rank) and return this rank's rows of the result: the first
+        dimension split as Horovod does (:func:`split_rows`)."""
+        comm = self.comm_for(process_set)
+        x = np.ascontiguousarray(x).copy()
+        if x.ndim == 0:
+            raise ValueError("reducescatter needs a tensor with at least one dimension, got a scalar")
+        mpi_op = self._mpi_op(op)
+        _scale(x, prescale_factor)
+        n, me = comm.Get_size(), comm.Get_rank()
+        rows = split_rows(x.shape[0], n)
+        row = int(np.prod(x.shape[1:], dtype=np.int64))
+        out = np.empty((rows[me],) + x.shape[1:], dtype=x.dtype)
+        comm.Reduce_scatter(x, out, recvcounts=[r * row for r in rows], op=mpi_op)
+        _scale(out, postscale_factor * parse_op(op).postscale(n))
+        return out
+
+    def alltoall(self, x: np.ndarray, splits: Sequence[int] | None = None,
+                 process_set: ProcessSet = WORLD) -> tuple[np.ndarray, np.ndarray]:
+        """Send rows ``splits[i]`` of ``x`` (first dimension, in order) to the set's i-th rank; return
+        the received rows concatenated in rank order and how many came from each rank (int32)."""
+        comm = self.comm_for(process_set)
+        x = np.ascontiguousarray(x)
+        n = comm.Get_size()
+        if x.ndim == 0:
+            raise ValueError("alltoall needs a tensor with at least one dimension, got a scalar")
+        if splits is None:
+            if x.shape[0] % n:
+                raise ValueError(f"alltoall without splits needs a first dimension divisible by {n} ranks, "
+                                 f"got {x.shape[0]}")
+            splits = [x.shape[0] // n] * n
+        splits = [int(v) for v in np.asarray(splits).reshape(-1)]
+        if len(splits) != n or min(splits) < 0 or sum(splits) != x.shape[0]:
+            raise ValueError(f"alltoall splits {splits} must be {n} non-negative counts summing to the first "
+                             f"dimension {x.shape[0]}")
+        received = [int(v) for v in comm.alltoall(splits)]
+        row = int(np.prod(x.shape[1:], dtype=np.int64))
+        out = np.empty((sum(received),) + x.shape[1:], dtype=x.dtype)
+        send_counts, recv_counts = [s * row for s in splits], [r * row for r in received]
+        comm.Alltoallv([x, (send_counts, _offsets(send_counts))], [out, (recv_counts, _offsets(recv_counts))])
+        return out, np.asarray(received, dtype=np.int32)
+
+    def allgather_object(self, obj: Any, process_set: ProcessSet = WORLD) -> list:
+        """Every rank's picklable ``obj``, in rank order."""
+        return list(self.comm_for(process_set).allgather(obj))
 
     def broadcast(self, x: np.ndarray, root_rank: int, process_set: ProcessSet = WORLD) -> np.ndarray:
         comm = self.comm_for(process_set)
@@ -215,7 +340,7 @@ class NumpyCollectives:
             return out
         counts = [int(np.prod(s)) for s in shapes]
         out = np.empty((sum(s[0] for s in shapes),) + x.shape[1:], dtype=x.dtype)
-        comm.Allgatherv(x, [out, counts])
+        comm.Allgatherv(x, [out, (counts, _offsets(counts))])
         return out
 
     def barrier(self, process_set: ProcessSet = WORLD) -> None:
@@ -226,14 +351,22 @@ class NumpyCollectives:
         return comm.bcast(obj, root=process_set.rank_of(root_rank, self.world.size))
 
 
+def _offsets(counts: Sequence[int]) -> list[int]:
+    return [int(v) for v in np.concatenate([[0], np.cumsum(counts)[:-1]])]
+
+
 def mpi_world() -> tuple[Any, World]:
     """mpi4py's world communicator and this process's World (local ranks via a shared-memory split)."""
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
     local = comm.Split_type(MPI.COMM_TYPE_SHARED)
-    world = World(comm.Get_rank(), comm.Get_size(), local.Get_rank(), local.Get_size(), backend="mpi")
+    cross = comm.Split(local.Get_rank(), comm.Get_rank())   # one rank per host: Horovod's cross communicator
+    homogeneous = len(set(comm.allgather(local.Get_size()))) == 1
+    world = World(comm.Get_rank(), comm.Get_size(), local.Get_rank(), local.Get_size(), backend="mpi",
+                  cross_rank=cross.Get_rank(), cross_size=cross.Get_size(), homogeneous=homogeneous)
     local.Free()
+    cross.Free()
     return comm, world
 
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 from hvdllm.core.collectives import Collectives, Handle
-from hvdllm.core.ops import Average, ReduceOp, parse_op
+from hvdllm.core.horovod_api import HorovodApi, _ps
+from hvdllm.core.ops import resolve_op
 from hvdllm.core.process_sets import WORLD, ProcessSet
 
 
-class Frontend:
+class Frontend(HorovodApi):
     """One adapter's Horovod-style API over the backend its ``init`` starts (``create(process_sets)``)."""
 
     def __init__(self, framework: str, create: Callable[[Any], Any],
@@ -79,21 +80,27 @@ class Frontend:
 
     # ``name``: Horovod matches ops across ranks by name (unnamed ones are numbered per process, so ranks
     # that issue different numbers of ops must name the ones they share); mpi/local match by call order.
-    def allreduce(self, tensor: Any, op: ReduceOp = Average, process_set: ProcessSet = WORLD,
-                  name: str | None = None) -> Any:
-        """Reduce ``tensor`` over the ranks (Average by default); returns a new tensor."""
-        return self.collectives().allreduce(self._tensor("allreduce", tensor), parse_op(op), process_set, name=name)
+    def allreduce(self, tensor: Any, op: Any = None, process_set: Any = WORLD, name: str | None = None, *,
+                  average: Any = None, prescale_factor: float = 1.0, postscale_factor: float = 1.0) -> Any:
+        """Reduce ``tensor`` over the ranks (Average by default); returns a new tensor. Horovod's
+        deprecated ``average=`` (also as a bool second argument) and scale factors are accepted."""
+        return self.collectives().allreduce(self._tensor("allreduce", tensor), resolve_op(op, average),
+                                            _ps(process_set), name, prescale_factor, postscale_factor)
 
-    def allreduce_async_(self, tensor: Any, op: ReduceOp = Average, process_set: ProcessSet = WORLD,
-                         name: str | None = None) -> Handle:
+    def allreduce_async_(self, tensor: Any, op: Any = None, process_set: Any = WORLD,
+                         name: str | None = None, *, average: Any = None, prescale_factor: float = 1.0,
+                         postscale_factor: float = 1.0) -> Handle:
         """Start a reduction of ``tensor`` (in place where the framework's tensors are mutable); the
-        returned handle's ``wait()`` completes it and returns the result."""
-        return self.collectives().allreduce_async_(self._tensor("allreduce_async_", tensor), parse_op(op), process_set, name=name)
+        returned handle's ``wait()`` (or ``synchronize(handle)``) completes it and returns the result."""
+        return self.collectives().allreduce_async_(self._tensor("allreduce_async_", tensor), resolve_op(op, average),
+                                                   _ps(process_set), name, prescale_factor, postscale_factor)
 
-    def grouped_allreduce(self, tensors: Sequence[Any], op: ReduceOp = Average, process_set: ProcessSet = WORLD,
-                          name: str | None = None) -> list:
+    def grouped_allreduce(self, tensors: Sequence[Any], op: Any = None, process_set: Any = WORLD,
+                          name: str | None = None, *, average: Any = None, prescale_factor: float = 1.0,
+                          postscale_factor: float = 1.0) -> list:
         """Reduce several tensors as one operation; returns the reduced tensors in order."""
-        return self.collectives().grouped_allreduce(list(tensors), parse_op(op), process_set, name=name)
+        return self.collectives().grouped_allreduce(list(tensors), resolve_op(op, average), _ps(process_set), name,
+                                                    prescale_factor, postscale_factor)
 
     def broadcast(self, tensor: Any, root_rank: int, process_set: ProcessSet = WORLD, name: str | None = None) -> Any:
         """Return root_rank's value of ``tensor`` on every rank."""

@@ -21,7 +21,7 @@ import math
 from typing import Any, Callable
 
 from hvdllm.core.compression import CompressionSpec, effective_wire_dtype, parse_compression
-from hvdllm.core.ops import Average, ReduceOp, parse_op
+from hvdllm.core.ops import Average, ReduceOp, gradient_op
 from hvdllm.core.process_sets import WORLD, ProcessSet
 
 
@@ -60,7 +60,7 @@ class ReductionConfig:
         f = gradient_predivide_factor
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or f <= 0:
             raise ValueError(f"gradient_predivide_factor={f!r} must be a finite number > 0")
-        parsed_op = parse_op(op)
+        parsed_op = gradient_op(op)
         if f != 1.0 and parsed_op is not Average:
             raise ValueError(f"gradient_predivide_factor={f!r} needs op=hvd.Average (got {parsed_op!r}); "
                              "with other ops leave it at 1.0")

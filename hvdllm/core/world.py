@@ -7,13 +7,16 @@ import os
 
 @dataclasses.dataclass(frozen=True)
 class World:
-    """This process's place in the job. ``local_*`` count the ranks on this host."""
+    """This process's place in the job. ``local_*`` count the ranks on this host, ``cross_*`` the hosts."""
 
     rank: int = 0
     size: int = 1
     local_rank: int = 0
     local_size: int = 1
     backend: str = "local"
+    cross_rank: int = 0       # this host's index among the hosts (Horovod's cross_rank)
+    cross_size: int = 1       # hosts with a rank of this local rank (Horovod's cross_size)
+    homogeneous: bool = True  # every host runs the same number of ranks
 
     def __post_init__(self) -> None:
         if self.size < 1 or not 0 <= self.rank < self.size:

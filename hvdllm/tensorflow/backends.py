@@ -17,22 +17,32 @@ from hvdllm.core.backends import HorovodBase, NumpyBase, create_backend
 from hvdllm.tensorflow.buckets import packed
 
 
-def horovod_available() -> bool:
-    """Horovod is installed *and* built with TensorFlow support."""
+def horovod_module() -> Any:
+    """horovod.tensorflow when Horovod is installed *and* built with TensorFlow support, else None."""
     try:
-        import horovod.tensorflow  # noqa: F401
+        import horovod.tensorflow
     except Exception:
-        return False
-    return True
+        return None
+    return horovod.tensorflow
+
+
+def horovod_available() -> bool:
+    return horovod_module() is not None
 
 
 class _Immediate:
-    """``allreduce_async_`` for TF: its tensors are immutable and Horovod's TF API has no asynchronous
-    ops, so the reduction runs now and the handle's ``wait()`` returns its result."""
+    """Asynchronous forms for TF: its tensors are immutable and Horovod's TF API has no asynchronous
+    ops, so each op runs now and the handle's ``wait()`` returns its result."""
+
+    def start(self, kind: str, *args: Any, **kwargs: Any) -> Done:
+        if kind.endswith("_"):
+            raise ValueError(f"{kind} writes into its inputs; TensorFlow tensors are immutable: use {kind[:-1]}")
+        return Done(getattr(self, kind)(*args, **kwargs))
 
     def allreduce_async_(self, x: tf.Tensor, op: ReduceOp = Average, process_set: ProcessSet = WORLD,
-                         name: str | None = None) -> Done:
-        return Done(self.allreduce(x, op, process_set, name))  # type: ignore[attr-defined]
+                         name: str | None = None, prescale_factor: float = 1.0, postscale_factor: float = 1.0) -> Done:
+        return Done(self.allreduce(x, op, process_set, name, prescale_factor,  # type: ignore[attr-defined]
+                                   postscale_factor))
 
 
 class HorovodTF(_Immediate, HorovodBase):
@@ -45,11 +55,12 @@ class HorovodTF(_Immediate, HorovodBase):
                          model_parallel=model_parallel)
 
     def allreduce(self, x: tf.Tensor, op: ReduceOp = Average, process_set: ProcessSet = WORLD,
-                  name: str | None = None) -> tf.Tensor:
-        return self.grouped_allreduce([x], op, process_set, name=name)[0]
+                  name: str | None = None, prescale_factor: float = 1.0, postscale_factor: float = 1.0) -> tf.Tensor:
+        return self.grouped_allreduce([x], op, process_set, name, prescale_factor, postscale_factor)[0]
 
     def grouped_allreduce(self, xs: Sequence[tf.Tensor], op: ReduceOp = Average,
-                          process_set: ProcessSet = WORLD, name: str | None = None) -> list[tf.Tensor]:
+                          process_set: ProcessSet = WORLD, name: str | None = None,
+                          prescale_factor: float = 1.0, postscale_factor: float = 1.0) -> list[tf.Tensor]:
         """Horovod's TF ops have no bf16: such tensors travel as fp32.
 
         ``name`` (graph mode) keys the op across ranks regardless of name scopes; without it Horovod
@@ -59,6 +70,7 @@ class HorovodTF(_Immediate, HorovodBase):
         xs = [tf.convert_to_tensor(x) for x in xs]
         wire = [tf.cast(x, tf.float32) if x.dtype == tf.bfloat16 else x for x in xs]
         named = {"name": name, "ignore_name_scope": True} if name else {}
+        named.update(prescale_factor=prescale_factor, postscale_factor=postscale_factor)
         if len(wire) == 1:
             out = [self.hvd.allreduce(wire[0], op=self._op(op), process_set=self._ps(process_set), **named)]
         else:
@@ -77,6 +89,41 @@ class HorovodTF(_Immediate, HorovodBase):
             x = tf.reshape(x, [1])
         named = {"name": name, "ignore_name_scope": True} if name else {}
         return self.hvd.allgather(x, process_set=self._ps(process_set), **named)
+
+    def grouped_allgather(self, xs: Sequence[tf.Tensor], process_set: ProcessSet = WORLD,
+                          name: str | None = None) -> list[tf.Tensor]:
+        named = {"name": name, "ignore_name_scope": True} if name else {}
+        return list(self.hvd.grouped_allgather([tf.convert_to_tensor(x) for x in xs],
+                                               process_set=self._ps(process_set), **named))
+
+    def alltoall(self, x: tf.Tensor, splits: Any = None, process_set: ProcessSet = WORLD,
+                 name: str | None = None) -> tuple[tf.Tensor, tf.Tensor]:
+        x = tf.convert_to_tensor(x)
+        if splits is None:   # explicit splits make Horovod return the received ones too
+            n = process_set.size(self.world.size)
+            splits = [x.shape[0] // n] * n
+        named = {"name": name, "ignore_name_scope": True} if name else {}
+        out, received = self.hvd.alltoall(x, splits=tf.cast(splits, tf.int32), process_set=self._ps(process_set),
+                                          **named)
+        return out, received
+
+    def reducescatter(self, x: tf.Tensor, op: ReduceOp = Average, process_set: ProcessSet = WORLD,
+                      name: str | None = None, prescale_factor: float = 1.0, postscale_factor: float = 1.0
+                      ) -> tf.Tensor:
+        named = {"name": name, "ignore_name_scope": True} if name else {}
+        return self.hvd.reducescatter(tf.convert_to_tensor(x), op=self._op(op), process_set=self._ps(process_set),
+                                      prescale_factor=prescale_factor, postscale_factor=postscale_factor, **named)
+
+    def grouped_reducescatter(self, xs: Sequence[tf.Tensor], op: ReduceOp = Average,
+                              process_set: ProcessSet = WORLD, name: str | None = None,
+                              prescale_factor: float = 1.0, postscale_factor: float = 1.0) -> list[tf.Tensor]:
+        return list(self.hvd.grouped_reducescatter([tf.convert_to_tensor(x) for x in xs], op=self._op(op),
+                                                   process_set=self._ps(process_set),
+                                                   prescale_factor=prescale_factor,
+                                                   postscale_factor=postscale_factor))
+
+    def join(self, device: int = -1) -> int:
+        return int(self.hvd.join())
 
     def barrier(self, process_set: ProcessSet = WORLD) -> None:
         """horovod.tensorflow has no barrier op: a tiny blocking allreduce synchronises the same way."""
@@ -103,15 +150,17 @@ class NumpyTF(_Immediate, NumpyBase):
         return tf.cast(out, dtype) if dtype == tf.bfloat16 else out
 
     def allreduce(self, x: tf.Tensor, op: ReduceOp = Average, process_set: ProcessSet = WORLD,
-                  name: str | None = None) -> tf.Tensor:
+                  name: str | None = None, prescale_factor: float = 1.0, postscale_factor: float = 1.0) -> tf.Tensor:
         """``name`` is accepted for API parity with Horovod; MPI matches collectives by order."""
         op = parse_op(op)
-        return self._call(lambda a: self.impl.allreduce(a, op, process_set), x)
+        return self._call(lambda a: self.impl.allreduce(a, op, process_set, prescale_factor, postscale_factor), x)
 
     def grouped_allreduce(self, xs: Sequence[tf.Tensor], op: ReduceOp = Average,
-                          process_set: ProcessSet = WORLD, name: str | None = None) -> list[tf.Tensor]:
+                          process_set: ProcessSet = WORLD, name: str | None = None,
+                          prescale_factor: float = 1.0, postscale_factor: float = 1.0) -> list[tf.Tensor]:
         """One reduction over the tensors packed into a flat buffer per dtype."""
-        return packed(xs, lambda flat: self.allreduce(flat, op, process_set))
+        return packed(xs, lambda flat: self.allreduce(flat, op, process_set, None, prescale_factor,
+                                                      postscale_factor))
 
     def broadcast(self, x: tf.Tensor, root_rank: int, process_set: ProcessSet = WORLD,
                   name: str | None = None) -> tf.Tensor:
@@ -123,6 +172,33 @@ class NumpyTF(_Immediate, NumpyBase):
             x = tf.reshape(x, [1])
         return self._call(lambda a: self.impl.allgather(a, process_set), x,
                           out_shape=tf.TensorShape([None]).concatenate(x.shape[1:]))
+
+    def reducescatter(self, x: tf.Tensor, op: ReduceOp = Average, process_set: ProcessSet = WORLD,
+                      name: str | None = None, prescale_factor: float = 1.0, postscale_factor: float = 1.0
+                      ) -> tf.Tensor:
+        x = tf.convert_to_tensor(x)
+        return self._call(lambda a: self.impl.reducescatter(a, op, process_set, prescale_factor, postscale_factor),
+                          x, out_shape=tf.TensorShape([None]).concatenate(x.shape[1:]))
+
+    def alltoall(self, x: tf.Tensor, splits: Any = None, process_set: ProcessSet = WORLD,
+                 name: str | None = None) -> tuple[tf.Tensor, tf.Tensor]:
+        x = tf.convert_to_tensor(x)
+        if x.dtype == tf.bfloat16:
+            out, received = _numpy_alltoall(self.impl, tf.cast(x, tf.float32), splits, process_set)
+            return tf.cast(out, tf.bfloat16), received
+        return _numpy_alltoall(self.impl, x, splits, process_set)
+
+
+def _numpy_alltoall(impl: Any, x: tf.Tensor, splits: Any, process_set: ProcessSet) -> tuple[tf.Tensor, tf.Tensor]:
+    """The core's alltoall, eagerly or as a numpy_function (two outputs: rows, received splits)."""
+    counts = None if splits is None else [int(v) for v in np.asarray(splits).reshape(-1)]
+    if tf.executing_eagerly():
+        out, received = impl.alltoall(x.numpy(), counts, process_set)
+        return tf.convert_to_tensor(out), tf.convert_to_tensor(received)
+    out, received = tf.numpy_function(lambda a: impl.alltoall(a, counts, process_set), [x], [x.dtype, tf.int32],
+                                      stateful=True)
+    out.set_shape(tf.TensorShape([None]).concatenate(x.shape[1:]))
+    return out, received
 
 
 def create(process_sets: Sequence[ProcessSet | Sequence[int]] | None = None) -> HorovodTF | NumpyTF:
