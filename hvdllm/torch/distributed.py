@@ -378,6 +378,9 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._rt = _runtime()
         self._group_size = len(self._config.process_set.members(self._rt.world.size))
         self._synchronized, self._should_sync = False, True
+        for h in self._hooks + self._retired:  # the old plan's hooks would share the restarted plan number
+            h.remove()
+        self._hooks, self._retired = [], []
         self._plan_no = -1  # bucket names restart with the new backend, as in a worker that joins now
         self._build()
 
