@@ -129,3 +129,17 @@ def test_cycle_detection_sees_late_package_imports() -> None:
     assert _targets("hvdllm.torch.sync", source, False, known) == {"hvdllm.torch"}
     assert _targets("hvdllm.train.x", "from hvdllm.torch.parallel import tensor", False, known) == {
         "hvdllm.torch", "hvdllm.torch.parallel", "hvdllm.torch.parallel.tensor"}
+
+
+def test_every_hvdllm_import_names_a_module_that_exists() -> None:
+    """Late imports inside functions are not run by the other tests: a renamed module must not leave one
+    behind (``from hvdllm.core.runtime_base import ...`` after the rename to backends)."""
+    known = set(_modules())
+    missing = []
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            mods = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                    else [node.module] if isinstance(node, ast.ImportFrom) and not node.level and node.module
+                    else [])
+            missing += [f"{name}: {m}" for m in mods if m.split(".")[0] == "hvdllm" and m not in known]
+    assert not missing, missing

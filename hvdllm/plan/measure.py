@@ -117,7 +117,7 @@ def collective_fit(hvd: Any, kind: str, cap_bw: float, reps: int = 5) -> tuple[f
 
 def dp_cycle_s(has_accelerator: bool) -> float:
     """Horovod's cycle time in a data-parallel job: the user's HOROVOD_CYCLE_TIME, else hvdllm's default."""
-    from hvdllm.core.runtime_base import horovod_env_defaults
+    from hvdllm.core.backends import horovod_env_defaults
 
     ms = os.environ.get("HOROVOD_CYCLE_TIME") or horovod_env_defaults(has_accelerator, False).get(
         "HOROVOD_CYCLE_TIME", "1")
