@@ -20,17 +20,21 @@ shift 2
 TAG="${HVDLLM_SLURM_TAG:-hvslurm}"
 NET=10.98.0
 NODES=(ctl n1 n2)
+# A checkout under /tmp (CI clones may live there) stays visible on the nodes despite their own /tmp.
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+case "$ROOT" in /tmp/*) KEEP="$ROOT" ;; *) KEEP="" ;; esac
 
 ns() { echo "$TAG-$1"; }
 
-# in_node NODE CMD...: CMD in NODE's network namespace with its own hostname, /etc/hosts, ssh config, /tmp.
+# in_node NODE CMD...: CMD in NODE's network namespace with its own hostname, /etc/hosts, ssh config, /tmp
+# (with KEEP, the checkout, bound back into it).
 in_node() {
   local node="$1"
   shift
   # shellcheck disable=SC2016  # expanded by the inner sh
   nsenter --net="/run/netns/$(ns "$node")" unshare --uts --mount --propagation private \
-    sh -c 'hostname "$1" && mount --bind "$2/tmp/$1" /tmp && mount --bind "$2/hosts" /etc/hosts && mount --bind "$2/ssh/ssh_config" /etc/ssh/ssh_config && shift 2 && exec "$@"' \
-    sh "$node" "$STATE" "$@"
+    sh -c 'hostname "$1" && { [ -z "$3" ] || { mkdir -p "$2/tmp/$1/${3#/tmp/}" && mount --bind "$3" "$2/tmp/$1/${3#/tmp/}"; }; } && mount --rbind "$2/tmp/$1" /tmp && mount --bind "$2/hosts" /etc/hosts && mount --bind "$2/ssh/ssh_config" /etc/ssh/ssh_config && shift 3 && exec "$@"' \
+    sh "$node" "$STATE" "$KEEP" "$@"
 }
 
 write_conf() {
