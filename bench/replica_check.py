@@ -22,25 +22,15 @@ checkpoints) is three orders of magnitude under the 1% budget. (No GPU figure: n
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 from hvdllm.models.config import PRESETS
 from hvdllm.models.gpt import GPT
+from hvdllm.plan.measure import median_time
 from hvdllm.train import replicas
 from hvdllm.train.config import TRAIN_PRESETS
 from hvdllm.train.trainer_torch import state_checksums
-
-
-def median_s(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -75,7 +65,7 @@ def main() -> None:
             replicas.digest(state_checksums(model, opt))
 
         step()                                    # optimizer state exists from here on
-        t_step, t_check = median_s(step, args.repeats), median_s(check, args.repeats)
+        t_step, t_check = median_time(step, args.repeats, 0), median_time(check, args.repeats, 0)
         n = sum(p.numel() for p in model.parameters())
         print(f"{name} ({n / 1e6:.1f}M params): step {t_step * 1e3:.1f} ms, check {t_check * 1e3:.2f} ms -> "
               f"{100 * t_check / (args.every * t_step):.4f}% of step time at every {args.every} steps "

@@ -1,6 +1,8 @@
 """Horovod's exception types, so ``except hvd.HorovodInternalError`` catches what Horovod raises."""
 from __future__ import annotations
 
+from typing import Callable
+
 
 class HvdllmInternalError(RuntimeError):
     """A collective failed inside the backend (Horovod's HorovodInternalError where Horovod is absent)."""
@@ -15,3 +17,14 @@ def horovod_internal_error() -> type[Exception]:
     except ImportError:
         return HvdllmInternalError
     return HorovodInternalError
+
+
+def lazy_module_getattr(module: str) -> Callable[[str], type[Exception]]:
+    """An adapter package's module ``__getattr__``: ``hvd.HorovodInternalError`` resolved on first use
+    (importing Horovod's package costs ~0.5 s that scripts which never catch it should not pay)."""
+    def __getattr__(name: str) -> type[Exception]:
+        if name == "HorovodInternalError":
+            return horovod_internal_error()
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+
+    return __getattr__

@@ -28,7 +28,8 @@ PROFILE_VERSION = 1
 SMALL, LARGE = 4 * 1024, 4 * 2**20        # message sizes (bytes) for the latency / bandwidth fit
 
 
-def _median_time(fn: Callable[[], Any], reps: int, warmup: int = 1) -> float:
+def median_time(fn: Callable[[], Any], reps: int, warmup: int = 1) -> float:
+    """Median wall seconds of ``fn`` over ``reps`` calls, after ``warmup`` untimed calls."""
     for _ in range(warmup):
         fn()
     times = []
@@ -63,7 +64,7 @@ def compute_rates(gpt: GPTConfig, seq_len: int, micro_batches: list[int], reps: 
             _, loss = model(idx, idx)
             loss.backward()
 
-        out[b] = flops_per_token * b * seq_len / _median_time(step, reps)
+        out[b] = flops_per_token * b * seq_len / median_time(step, reps)
     return out
 
 
@@ -79,7 +80,7 @@ def optimizer_s_per_param(gpt: GPTConfig, reps: int = 3) -> float:
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
     opt = AdamW(params, lr=1e-4)
-    return _median_time(opt.step, reps) / sum(p.numel() for p in params)
+    return median_time(opt.step, reps) / sum(p.numel() for p in params)
 
 
 def copy_bandwidth(nbytes: int = 16 * 2**20, reps: int = 3) -> float:
@@ -87,7 +88,7 @@ def copy_bandwidth(nbytes: int = 16 * 2**20, reps: int = 3) -> float:
 
     src = torch.ones(nbytes // 4)
     dst = torch.empty_like(src)
-    return nbytes / _median_time(lambda: dst.copy_(src), reps)
+    return nbytes / median_time(lambda: dst.copy_(src), reps)
 
 
 def collective_fit(hvd: Any, kind: str, cap_bw: float, reps: int = 5) -> tuple[float, float]:
@@ -105,7 +106,7 @@ def collective_fit(hvd: Any, kind: str, cap_bw: float, reps: int = 5) -> tuple[f
         x = torch.ones(nbytes // 4)
         fn = (lambda: hvd.allreduce(x, op=hvd.Sum)) if kind == "allreduce" else (lambda: hvd.broadcast(x, 0))
         hvd.barrier()
-        return _median_time(fn, reps, warmup=2)
+        return median_time(fn, reps, warmup=2)
 
     t_small, t_large = run(SMALL), run(LARGE)
     dt = max(t_large - t_small, 1e-9)

@@ -11,7 +11,7 @@ Tensor and pipeline parallelism (Keras layers, GPT stages, GPipe/1F1B on process
 from __future__ import annotations
 
 from hvdllm.core.compression import Compression
-from hvdllm.core.errors import horovod_internal_error
+from hvdllm.core.errors import lazy_module_getattr
 from hvdllm.core.ops import Adasum, Average, Max, Min, Product, ReduceOp, Sum
 from hvdllm.core.process_sets import WORLD, ProcessSet
 from hvdllm.tensorflow import callbacks, elastic, optim  # hvd.elastic.*; hvd.callbacks.*; hvd.optim.SGD/Adam/AdamW/LAMB, LearningRateSchedule
@@ -23,12 +23,7 @@ from hvdllm.tensorflow.basics import (
     nccl_built, rank, reducescatter, remove_process_set, rocm_built, shutdown, size, threads_per_rank)
 from hvdllm.tensorflow.distributed import DistributedGradientTape, DistributedOptimizer, broadcast_variables
 
-def __getattr__(name: str) -> type[Exception]:
-    """``hvd.HorovodInternalError`` is Horovod's own class, resolved on first use (importing Horovod's
-    package costs ~0.5 s that scripts which never catch it should not pay)."""
-    if name == "HorovodInternalError":
-        return horovod_internal_error()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_module_getattr(__name__)
 
 
 __all__ = [

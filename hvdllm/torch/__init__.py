@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from hvdllm.core.compression import Compression
-from hvdllm.core.errors import horovod_internal_error
+from hvdllm.core.errors import lazy_module_getattr
 from hvdllm.core.ops import Adasum, Average, Max, Min, Product, ReduceOp, Sum
 from hvdllm.core.process_sets import WORLD, ProcessSet
 from hvdllm.torch import elastic, optim  # hvd.elastic.run/TorchState/ElasticSampler; hvd.optim.SGD/Adam/AdamW/LAMB, lr_scheduler
@@ -33,13 +33,7 @@ def broadcast_(tensor: torch.Tensor, root_rank: int, name: str | None = None,
     """In-place broadcast, as horovod.torch.broadcast_ (same argument order)."""
     return broadcast_async_(tensor, root_rank, name, process_set).wait()
 
-
-def __getattr__(name: str) -> type[Exception]:
-    """``hvd.HorovodInternalError`` is Horovod's own class, resolved on first use (importing Horovod's
-    package costs ~0.5 s that scripts which never catch it should not pay)."""
-    if name == "HorovodInternalError":
-        return horovod_internal_error()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_module_getattr(__name__)
 
 
 __all__ = [

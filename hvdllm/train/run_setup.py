@@ -61,6 +61,12 @@ class RunSetup:
         """What a checkpoint of ``step`` records about this run (checked by the next --resume)."""
         return resume.run_meta(self.cfg, self.gpt, self.data, step, len(self.windows.train_ids), self.size)
 
+    def write_checkpoint(self, step: int, files: dict[str, dict[str, np.ndarray]], meta: dict[str, Any]) -> Path:
+        """Write a checkpoint of ``step`` (rank 0) with the run's tokenizer, keeping run.keep_checkpoints."""
+        tok = (self.run_dir / TOKENIZER_FILE).read_bytes()
+        return ckpt.write_checkpoint(self.run_dir, step, files, meta, extra_files={TOKENIZER_FILE: tok},
+                                     keep=self.cfg.run.keep_checkpoints)
+
 
 def check_writable(run_dir: Path) -> None:
     """ConfigError unless ``run_dir`` is, or can be created as, a writable directory (the nearest existing

@@ -31,7 +31,6 @@ import keras
 import hvdllm.tensorflow as hvd
 from hvdllm.core.evaluation import eval_batches
 from hvdllm.core.preemption import EXIT_PREEMPTED
-from hvdllm.data.tokenizer import TOKENIZER_FILE
 from hvdllm.models.gpt_keras import GPT, GPTConfig, cross_entropy, load_torch_state_dict, torch_state_dict
 from hvdllm.train import checkpoint as ckpt
 from hvdllm.train import replicas
@@ -176,13 +175,6 @@ def checkpoint_meta(s: RunSetup, step: int, pending: list, **extra: Any) -> dict
             "pending_losses": pending, **extra}
 
 
-def write(s: RunSetup, step: int, files: dict[str, dict[str, np.ndarray]], meta: dict[str, Any]) -> Path:
-    """Write the checkpoint (rank 0), with the run's tokenizer."""
-    tok = (s.run_dir / TOKENIZER_FILE).read_bytes()
-    return ckpt.write_checkpoint(s.run_dir, step, files, meta, extra_files={TOKENIZER_FILE: tok},
-                                 keep=s.cfg.run.keep_checkpoints)
-
-
 def save(s: RunSetup, model: GPT, optimizer: Any, step: int, losses: LossLog) -> Path | None:
     """Write a checkpoint of ``step`` (a collective: every rank contributes its dropout RNG; rank 0 writes)."""
     pending = losses.pending()
@@ -197,7 +189,7 @@ def save(s: RunSetup, model: GPT, optimizer: Any, step: int, losses: LossLog) ->
     files = {"model": torch_state_dict(model), "optimizer": optimizer_arrays(optimizer)}
     if rng_arrays:
         files["rng"] = rng_arrays
-    return write(s, step, files, meta)
+    return s.write_checkpoint(step, files, meta)
 
 
 def state_checksums(model: GPT, optimizer: Any) -> np.ndarray:
@@ -361,7 +353,7 @@ def train_model_parallel(s: RunSetup, peak: float, note: str) -> int:
         files = {"model": run.layout.full_weights(), "optimizer": run.layout.optimizer_state(run.optimizer)}
         if not s.is_root:
             return None
-        return write(s, i, files, checkpoint_meta(s, i, pending, optimizer_format=OPTIMIZER_FORMATS[True]))
+        return s.write_checkpoint(i, files, checkpoint_meta(s, i, pending, optimizer_format=OPTIMIZER_FORMATS[True]))
 
     def sample(prompt: str, tokens: int, temperature: float, top_k: int, seed: int) -> str | None:
         weights = run.layout.full_weights()             # (a collective)

@@ -22,7 +22,6 @@ import torch
 import hvdllm.torch as hvd
 from hvdllm.core.evaluation import eval_batches
 from hvdllm.core.preemption import EXIT_PREEMPTED
-from hvdllm.data.tokenizer import TOKENIZER_FILE
 from hvdllm.models.gpt import GPTConfig
 from hvdllm.train import checkpoint as ckpt
 from hvdllm.train import replicas
@@ -195,12 +194,9 @@ def save(s: RunSetup, runner: StepRunner, optimizer: Any, step: int, device: tor
         "scaler": precision_state,
         "pending_losses": pending,
     }
-    tok = (s.run_dir / TOKENIZER_FILE).read_bytes()
     if weights is None:
         weights = model_arrays(runner.model)
-    return ckpt.write_checkpoint(s.run_dir, step, {"model": weights, "optimizer": opt_arrays,
-                                                   "rng": rng_arrays}, meta, extra_files={TOKENIZER_FILE: tok},
-                                 keep=s.cfg.run.keep_checkpoints)
+    return s.write_checkpoint(step, {"model": weights, "optimizer": opt_arrays, "rng": rng_arrays}, meta)
 
 
 def restore(s: RunSetup, runner: StepRunner, optimizer: Any, precision: Precision, device: torch.device,
