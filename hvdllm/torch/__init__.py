@@ -25,6 +25,7 @@ from hvdllm.torch.basics import (
     mpi_enabled, mpi_threads_supported, nccl_built, poll, rank, reducescatter, reducescatter_async,
     remove_process_set, rocm_built, shutdown, size, start_timeline, stop_timeline, synchronize, threads_per_rank)
 from hvdllm.torch.distributed import DistributedOptimizer
+from hvdllm.torch.sync_batch_norm import SyncBatchNorm
 from hvdllm.torch.sync import broadcast_optimizer_state, broadcast_parameters
 
 
@@ -49,4 +50,5 @@ __all__ = [
     "gloo_enabled", "mpi_threads_supported", "HorovodInternalError", "Average", "Sum", "Min", "Max", "Product",
     "Adasum", "ReduceOp", "Compression", "ProcessSet", "WORLD", "DistributedOptimizer", "broadcast_parameters",
     "broadcast_optimizer_state", "optim", "elastic", "start_timeline", "stop_timeline",
+    "SyncBatchNorm",
 ]
