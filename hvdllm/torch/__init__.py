@@ -12,6 +12,7 @@ import torch
 
 from hvdllm.core.compression import Compression
 from hvdllm.core.errors import lazy_module_dir, lazy_module_getattr
+from hvdllm.core.extensions import check_extension
 from hvdllm.core.ops import Adasum, Average, Max, Min, Product, ReduceOp, Sum
 from hvdllm.core.process_sets import WORLD, ProcessSet
 from hvdllm.torch import elastic, optim  # hvd.elastic.run/TorchState/ElasticSampler; hvd.optim.SGD/Adam/AdamW/LAMB, lr_scheduler
@@ -25,6 +26,7 @@ from hvdllm.torch.basics import (
     mpi_enabled, mpi_threads_supported, nccl_built, poll, rank, reducescatter, reducescatter_async,
     remove_process_set, rocm_built, shutdown, size, start_timeline, stop_timeline, synchronize, threads_per_rank)
 from hvdllm.torch.distributed import DistributedOptimizer
+from hvdllm.torch.sparse import sparse_allreduce_async
 from hvdllm.torch.sync_batch_norm import SyncBatchNorm
 from hvdllm.torch.sync import broadcast_optimizer_state, broadcast_parameters
 
@@ -50,5 +52,5 @@ __all__ = [
     "gloo_enabled", "mpi_threads_supported", "HorovodInternalError", "Average", "Sum", "Min", "Max", "Product",
     "Adasum", "ReduceOp", "Compression", "ProcessSet", "WORLD", "DistributedOptimizer", "broadcast_parameters",
     "broadcast_optimizer_state", "optim", "elastic", "start_timeline", "stop_timeline",
-    "SyncBatchNorm",
+    "SyncBatchNorm", "sparse_allreduce_async", "check_extension",
 ]
