@@ -22,8 +22,9 @@ EVERY_RANK = set(REDUCE) | {
 IN_SUBSET = {"ps_allreduce_max", "ps_allreduce_async", "ps_allgather", "ps_reducescatter", "ps_alltoall", "ps_object"}
 TORCH_ONLY = {"reducescatter_async", "allreduce_async", "allreduce_", "allreduce_async_", "grouped_allreduce_async",
               "grouped_allreduce_", "grouped_allreduce_async_", "allgather_async", "grouped_allgather_async",
-              "broadcast_async", "broadcast_async_", "broadcast_", "alltoall_async", "ps_allreduce_async"}
-JOIN = {"join_sums", "join_last"}
+              "broadcast_async", "broadcast_async_", "broadcast_", "alltoall_async", "ps_allreduce_async",
+              "join_optimizer"}
+JOIN = {"join_sums", "join_last", "join_broadcast", "join_optimizer"}
 
 LAUNCHES = [("python", 1, "local"), ("gloo", 2, "horovod"), ("gloo", 3, "horovod"), ("horovod-mpi", 2, "horovod"),
             ("mpirun", 2, "mpi"), ("mpirun", 3, "mpi")]
@@ -35,7 +36,7 @@ def expected_cases(framework: str, launcher: str, rank: int, size: int, backend:
     cases = set(EVERY_RANK)
     if rank < max(1, size - 1):
         cases |= IN_SUBSET
-    cases |= {"join_error"} if backend == "mpi" and size > 1 else JOIN
+    cases |= JOIN if backend != "horovod" else JOIN - {"join_broadcast"}   # Horovod refuses broadcast after join
     if launcher == "horovod-mpi":
         cases |= {"adasum"} if size == 2 else set()
     else:

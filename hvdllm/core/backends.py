@@ -192,12 +192,8 @@ class NumpyBase:
         return self.impl.allgather_object(obj, process_set)
 
     def join(self, device: int = -1) -> int:
-        """The last rank to join; one process is trivially that rank."""
-        if self.world.size == 1:
-            return 0
-        raise RuntimeError(f"join() is not available on the {self.name} backend with {self.world.size} ranks: "
-                           "it needs the horovod backend (horovodrun), whose coordinator feeds zeros for "
-                           "joined ranks")
+        """The last rank to join (hvdllm.core.join: joined ranks serve allreduce, broadcast and barrier)."""
+        return self.impl.join()
 
     def remove_process_set(self, ps: ProcessSet) -> bool:
         return self.impl.remove_process_set(ps)
