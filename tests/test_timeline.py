@@ -36,7 +36,8 @@ def check_trace(path: Path, backend: str, size: int, names: list[str]) -> None:
         assert not list(path.parent.glob(".*.tmp"))                  # written atomically
 
 
-CASES = [(mode, *launch) for mode in ("api", "env") for launch in LAUNCHES if mode == "api" or launch[0] != "horovod-mpi"]
+CASES = [(mode, *launch) for mode in ("api", "env") for launch in LAUNCHES
+         if mode == "api" or launch[0] != "horovod-mpi"]
 
 
 @pytest.mark.timeout(200)
@@ -53,7 +54,8 @@ def test_timeline(tmp_path: Path, mode: str, launcher: str, np: int, backend: st
 
 def test_timeline_tensorflow_local(tmp_path: Path) -> None:
     path = tmp_path / "tf.json"
-    reports = run_ranks("timeline_worker.py", np=1, launcher="python", timeout=180, args=["api", str(path), "tensorflow"])
+    reports = run_ranks("timeline_worker.py", np=1, launcher="python", timeout=180,
+                        args=["api", str(path), "tensorflow"])
     check_trace(path, "local", 1, reports[0]["names"])
 
 

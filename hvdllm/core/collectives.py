@@ -281,7 +281,8 @@ class NumpyCollectives:
         elif kind == "broadcast":
             request = self.comm.Ibcast(zeros_like_desc(desc), root=desc["root"])
         else:
-            request = self.comm.Iallreduce(self._in_place(), zeros_like_desc(desc), op=self._mpi_op(ReduceOp(desc["op"])))
+            request = self.comm.Iallreduce(self._in_place(), zeros_like_desc(desc),
+                                           op=self._mpi_op(ReduceOp(desc["op"])))
         self._wait(request, f"a {kind} served after join()")
 
     def _in_place(self) -> Any:

@@ -12,12 +12,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from hvdllm.core import batch_norm as bn
-from hvdllm.torch.basics import allgather, allreduce, size
 from hvdllm.core.ops import Sum
+from hvdllm.torch.basics import allgather, allreduce, size
 
 __all__ = ["SyncBatchNorm"]
 
@@ -104,5 +103,7 @@ class _SyncBatchNorm(torch.autograd.Function):
             grad_x = bn.input_grad(dys, xhat, view(invstd), w, view(both[:c]), view(both[c:]), ctx.total)
             grad_x = grad_x.to(dy.dtype)
         grad_w = sum_dy_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-        grad_b = sum_dy.to(weight.dtype if weight is not None else dy.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        grad_b = None
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = sum_dy.to(weight.dtype if weight is not None else dy.dtype)
         return grad_x, grad_w, grad_b, None, None, None

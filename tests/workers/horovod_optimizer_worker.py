@@ -114,7 +114,8 @@ def groups_lists() -> None:
         failures.append(f"groups_lists: buckets {bucket_members(opt)}")
     train("groups_lists", sparse=False, groups=[[Net(False).l1.weight]])   # unknown tensors are ignored
     try:
-        hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), groups=[[model.l1.weight], [model.l1.weight]])
+        hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                 groups=[[model.l1.weight], [model.l1.weight]])
         failures.append("groups_lists: a parameter in two groups was accepted")
     except ValueError:
         pass

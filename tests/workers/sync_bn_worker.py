@@ -100,5 +100,8 @@ try:
     hvd.SyncBatchNorm(3)(torch.ones(4))
     failures.append("bad_input: 1D input accepted")
 except ValueError as e:
-    checked.append("bad_input") if "2D" in str(e) else failures.append(f"bad_input: {e}")
+    if "2D" in str(e):
+        checked.append("bad_input")
+    else:
+        failures.append(f"bad_input: {e}")
 leave_together(hvd, r, {"rank": r, "size": n, "backend": hvd.backend(), "checked": checked, "failures": failures})
