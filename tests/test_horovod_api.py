@@ -53,3 +53,23 @@ def test_horovod_api(framework: str, launcher: str, np: int, backend: str) -> No
         assert rep["failures"] == [], (rank, rep["failures"])
         want = expected_cases(framework, launcher, rank, np, backend)
         assert set(rep["checked"]) == want, (rank, sorted(set(rep["checked"]) ^ want))
+
+
+def test_every_public_horovod_torch_name_is_in_hvdllm_torch() -> None:
+    """Functions, classes and constants of horovod.torch 0.28.1 (its implementation submodules aside),
+    listed by dir() too; the timeline functions with Horovod's signature."""
+    import inspect
+    import types
+
+    hvt = pytest.importorskip("horovod.torch")
+    import hvdllm.torch as ours
+
+    public = {n for n in dir(hvt) if not n.startswith("_") and not isinstance(getattr(hvt, n), types.ModuleType)}
+    assert sorted(public - set(dir(ours))) == []
+    for name in ("start_timeline", "stop_timeline"):
+        assert list(inspect.signature(getattr(ours, name)).parameters) == \
+            list(inspect.signature(getattr(hvt, name)).parameters)
+    assert inspect.signature(ours.SyncBatchNorm).parameters.keys() == \
+        inspect.signature(hvt.SyncBatchNorm).parameters.keys()
+    horovod_opt = set(inspect.signature(hvt.DistributedOptimizer).parameters)
+    assert horovod_opt <= set(inspect.signature(ours.DistributedOptimizer).parameters)
