@@ -56,16 +56,13 @@ def nbytes(x: Any) -> int:
     return 0 if a.dtype == object else int(a.nbytes)
 
 
-def _describe(x: Any) -> dict[str, Any]:
+def _describe(x: Any) -> tuple[Any, str | None]:
+    """(shape as a tuple, or the number of tensors of a list; dtype name) of a tensor of any framework."""
     if isinstance(x, (list, tuple)):
-        return {"tensors": len(x)}
+        return len(x), None
     shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
-    out: dict[str, Any] = {}
-    if shape is not None:
-        out["shape"] = [int(d) for d in shape]
-    if dtype is not None:
-        out["dtype"] = str(getattr(dtype, "name", dtype)).replace("torch.", "")
-    return out
+    return (None if shape is None else tuple(int(d) for d in shape),
+            None if dtype is None else str(getattr(dtype, "name", dtype)).replace("torch.", ""))
 
 
 class Timeline:
@@ -105,31 +102,47 @@ class Timeline:
 
     def record(self, kind: str, name: str | None, tensor: Any, start_us: float, dur_us: float,
                process_set: Any = None, reduce_op: Any = None) -> None:
-        args = {"op": kind.upper(), "bytes": nbytes(tensor), **_describe(tensor)}
-        if reduce_op is not None:
-            args["reduce_op"] = str(getattr(reduce_op, "name", reduce_op)).lower()
+        """Keep one collective's facts as a flat tuple of atoms: the garbage collector stops tracking
+        such tuples, so a long recording does not slow every later allocation (dicts would)."""
+        shape, dtype = _describe(tensor)
         ranks = getattr(process_set, "ranks", None)
-        if ranks:
-            args["process_set"] = [int(r) for r in ranks]
-        event = {"ph": "X", "name": self.label(kind, name), "cat": kind, "ts": round(start_us, 3),
-                 "dur": round(max(dur_us, 0.0), 3), "pid": self.rank, "tid": 0, "args": args}
+        fact = (kind, self.label(kind, name), start_us, dur_us, nbytes(tensor), shape, dtype,
+                tuple(int(r) for r in ranks) if ranks else None,
+                None if reduce_op is None else str(getattr(reduce_op, "name", reduce_op)).lower())
         with self._lock:
             if self.active:
-                self._events.append(event)
+                self._events.append(fact)
 
     def mark_cycle(self) -> None:
         """An instant event (``mark_cycles=True``): here one per collective, the numpy backends' cycle."""
         if self.mark_cycles:
             with self._lock:
-                self._events.append({"ph": "i", "name": "CYCLE_START", "ts": round(self.now_us(), 3),
-                                     "pid": self.rank, "tid": 0, "s": "p"})
+                self._events.append(("CYCLE_START", self.now_us()))
 
     def take(self) -> dict[str, Any]:
-        """Stop recording; this rank's part of the trace (metadata and events), to gather on rank 0."""
+        """Stop recording; this rank's part of the trace (metadata and Chrome events), to gather on rank 0."""
         with self._lock:
-            part = {"rank": self.rank, "start_epoch_us": self._start_epoch_us, "events": self._events}
-            self.path, self._events = None, []
-        return part
+            facts, self.path, self._events = self._events, None, []
+        return {"rank": self.rank, "start_epoch_us": self._start_epoch_us,
+                "events": [self._event(f) for f in facts]}
+
+    def _event(self, fact: tuple) -> dict[str, Any]:
+        if fact[0] == "CYCLE_START":
+            return {"ph": "i", "name": "CYCLE_START", "ts": round(fact[1], 3), "pid": self.rank, "tid": 0, "s": "p"}
+        kind, label, start, dur, size, shape, dtype, ranks, reduce_op = fact
+        args: dict[str, Any] = {"op": kind.upper(), "bytes": size}
+        if isinstance(shape, int):
+            args["tensors"] = shape
+        elif shape is not None:
+            args["shape"] = list(shape)
+        if dtype is not None:
+            args["dtype"] = dtype
+        if reduce_op is not None:
+            args["reduce_op"] = reduce_op
+        if ranks:
+            args["process_set"] = list(ranks)
+        return {"ph": "X", "name": label, "cat": kind, "ts": round(start, 3), "dur": round(max(dur, 0.0), 3),
+                "pid": self.rank, "tid": 0, "args": args}
 
 
 def trace(parts: Sequence[dict[str, Any]]) -> list[dict]:
@@ -167,15 +180,14 @@ def traced(kind: str, tensor_arg: str = "x") -> Callable[[Callable], Callable]:
     handle (anything with ``wait``) records when it completes, so async ops get their whole duration.
     """
     def wrap(fn: Callable) -> Callable:
-        sig = inspect.signature(fn)
+        argument = _argument_getter(fn)
 
         @functools.wraps(fn)
         def method(self: Any, *args: Any, **kwargs: Any) -> Any:
             timeline: Timeline | None = getattr(self, "timeline", None)
             if timeline is None or not timeline.active or getattr(_depth, "n", 0):
                 return fn(self, *args, **kwargs)
-            bound = sig.bind(self, *args, **kwargs).arguments
-            tensor, name, ps, op = (bound.get(k) for k in (tensor_arg, "name", "process_set", "op"))
+            tensor, name, ps, op = (argument(k, args, kwargs) for k in (tensor_arg, "name", "process_set", "op"))
             timeline.mark_cycle()
             start = timeline.now_us()
             _depth.n = 1
@@ -193,6 +205,23 @@ def traced(kind: str, tensor_arg: str = "x") -> Callable[[Callable], Callable]:
         return method
 
     return wrap
+
+
+def _argument_getter(fn: Callable) -> Callable[[str, tuple, dict], Any]:
+    """``get(name, args, kwargs)``: the value a call of method ``fn`` passes for parameter ``name`` (its
+    default when not passed; None for a name ``fn`` does not have). Cheaper than Signature.bind."""
+    params = list(inspect.signature(fn).parameters.values())[1:]          # without self
+    position = {p.name: i for i, p in enumerate(params)
+                if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    default = {p.name: (None if p.default is p.empty else p.default) for p in params}
+
+    def get(name: str, args: tuple, kwargs: dict) -> Any:
+        if name in kwargs:
+            return kwargs[name]
+        i = position.get(name)
+        return args[i] if i is not None and i < len(args) else default.get(name)
+
+    return get
 
 
 class _TimedHandle:
