@@ -37,6 +37,8 @@ def expected_cases(framework: str, launcher: str, rank: int, size: int, backend:
     if rank < max(1, size - 1):
         cases |= IN_SUBSET
     cases |= JOIN if backend != "horovod" else JOIN - {"join_broadcast"}   # Horovod refuses broadcast after join
+    if backend == "mpi" and size > 1:
+        cases.add("join_unsupported")
     if launcher == "horovod-mpi":
         cases |= {"adasum"} if size == 2 else set()
     else:

@@ -238,6 +238,26 @@ def join_cases() -> None:
     check("join_last", np.array(last), np.array(n - 1))
     if TORCH:
         join_optimizer()
+    if hvd.backend() == "mpi" and n > 1:
+        join_unsupported()
+
+
+def join_unsupported() -> None:
+    """mpi backend: after a rank joined, an op joined ranks cannot serve raises (no hang), naming those
+    that work; the caller then joins too. Rank 0 joins at once; the others allreduce first (which rank 0
+    serves, so they have seen its join) and then try an allgather."""
+    checked.append("join_unsupported")
+    if r == 0:
+        hvd.join()
+        return
+    hvd.allreduce(t(np.ones(1)), op=hvd.Sum, name="join.unsupported")
+    try:
+        hvd.allgather(t(np.ones(1)))
+        failures.append("join_unsupported: allgather after a join did not raise")
+    except RuntimeError as e:
+        if "allreduce, broadcast, barrier" not in str(e):
+            failures.append(f"join_unsupported: unclear message {e}")
+    hvd.join()
 
 
 def join_optimizer() -> None:
