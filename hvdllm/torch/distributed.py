@@ -441,6 +441,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._rt = _runtime()
         self._group_size = len(self._config.process_set.members(self._rt.world.size))
         self._synchronized, self._should_sync = False, True
+        self._sparse, self._densified = {}, set()
         for h in self._hooks + self._retired:  # the old plan's hooks would share the restarted plan number
             h.remove()
         self._hooks, self._retired = [], []
