@@ -6,6 +6,7 @@ process sets exist, how ops map onto Horovod's, which backend a job gets) are wr
 """
 from __future__ import annotations
 
+import atexit
 import os
 from typing import Any, Callable, Sequence
 
@@ -15,6 +16,7 @@ from hvdllm.core.collectives import Done, Handle, NumpyCollectives, local_world,
 from hvdllm.core.failure import install_abort_on_failure, uninstall_abort_on_failure
 from hvdllm.core.ops import Average, ReduceOp, parse_op
 from hvdllm.core.process_sets import WORLD, ProcessSet, normalize_process_sets
+from hvdllm.core import timeline as tl
 from hvdllm.core.waiting import DEFAULT_WAIT_TIMEOUT_S, wait_timeout
 from hvdllm.core.world import World
 
@@ -36,7 +38,8 @@ STALL_SHUTDOWN_S = str(int(DEFAULT_WAIT_TIMEOUT_S))
 
 def horovod_env_defaults(has_accelerator: bool, model_parallel: bool) -> dict[str, str]:
     """Environment defaults hvdllm gives Horovod before its init; a value the user set always wins."""
-    defaults = {"HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": STALL_SHUTDOWN_S}
+    # HOROVOD_TIMELINE=DYNAMIC lets hvd.start_timeline() work at any time (Horovod refuses it otherwise)
+    defaults = {"HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": STALL_SHUTDOWN_S, tl.ENV: tl.DYNAMIC}
     if not (has_accelerator or model_parallel):
         defaults["HOROVOD_CYCLE_TIME"] = CPU_CYCLE_TIME_MS
     return defaults
@@ -103,19 +106,63 @@ class HorovodBase:
         if ps not in self._sets:
             self._sets[ps] = self.hvd.add_process_set(list(ps.ranks))
 
+    def start_timeline(self, file_path: str, mark_cycles: bool = False) -> None:
+        """Horovod's own timeline (its background thread records negotiation and processing phases)."""
+        self.hvd.start_timeline(os.fspath(file_path), mark_cycles)
+
+    def stop_timeline(self) -> None:
+        self.hvd.stop_timeline()
+
     def shutdown(self) -> None:
         uninstall_abort_on_failure()
         self.hvd.shutdown()
 
 
+# The collective methods the timeline records on the mpi and local backends, and their tensor argument.
+TRACED = {"allreduce": "x", "allreduce_async_": "x", "grouped_allreduce": "xs", "broadcast": "x",
+          "allgather": "x", "grouped_allgather": "xs", "alltoall": "x", "reducescatter": "x",
+          "grouped_reducescatter": "xs", "barrier": "", "broadcast_object": "obj", "allgather_object": "obj"}
+
+
 class NumpyBase:
-    """The mpi and local backends: the core's numpy collectives behind an adapter's tensor conversions."""
+    """The mpi and local backends: the core's numpy collectives behind an adapter's tensor conversions.
+
+    Every collective method (:data:`TRACED`), here or in an adapter's subclass, records a timeline event
+    while ``start_timeline`` (or ``HOROVOD_TIMELINE``) is recording (hvdllm.core.timeline)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for method, arg in TRACED.items():
+            fn = getattr(cls, method, None)
+            if fn is not None and not getattr(fn, "traced", False):
+                setattr(cls, method, tl.traced(method.rstrip("_").removesuffix("_async"), arg)(fn))
 
     def __init__(self, name: str, process_sets: Sequence[ProcessSet]) -> None:
         self.name = name
         comm, self.world = mpi_world() if name == "mpi" else local_world()
         self.impl = NumpyCollectives(comm, self.world, process_sets, wait_timeout=wait_timeout())
+        self.timeline = tl.Timeline(self.world.rank)
         install_abort_on_failure(self.world.rank, self.world.size)
+        if tl.env_path():              # Horovod's HOROVOD_TIMELINE: record from init, written at shutdown/exit
+            self.start_timeline(tl.env_path(), tl.env_mark_cycles())
+            atexit.register(self._stop_at_exit)
+
+    def start_timeline(self, file_path: str, mark_cycles: bool = False) -> None:
+        """Record each collective of this rank from now on (every rank calls it, as in Horovod)."""
+        self.timeline.start(file_path, mark_cycles)
+
+    def stop_timeline(self) -> None:
+        """Stop recording; rank 0 gathers every rank's events and writes the file (a collective call)."""
+        if not self.timeline.active:
+            return
+        path, part = self.timeline.path, self.timeline.take()
+        parts = self.impl.allgather_object(part)
+        if self.world.rank == 0:
+            tl.write_atomically(path, tl.trace(parts))
+
+    def _stop_at_exit(self) -> None:
+        if self.timeline.active:
+            self.stop_timeline()
 
     def barrier(self, process_set: ProcessSet = WORLD) -> None:
         self.impl.barrier(process_set)
@@ -145,12 +192,8 @@ class NumpyBase:
         return self.impl.allgather_object(obj, process_set)
 
     def join(self, device: int = -1) -> int:
-        """The last rank to join; one process is trivially that rank."""
-        if self.world.size == 1:
-            return 0
-        raise RuntimeError(f"join() is not available on the {self.name} backend with {self.world.size} ranks: "
-                           "it needs the horovod backend (horovodrun), whose coordinator feeds zeros for "
-                           "joined ranks")
+        """The last rank to join (hvdllm.core.join: joined ranks serve allreduce, broadcast and barrier)."""
+        return self.impl.join()
 
     def remove_process_set(self, ps: ProcessSet) -> bool:
         return self.impl.remove_process_set(ps)
@@ -173,6 +216,7 @@ class NumpyBase:
         self.impl.add_process_set(ps)
 
     def shutdown(self) -> None:
+        self.stop_timeline()
         uninstall_abort_on_failure()
 
 

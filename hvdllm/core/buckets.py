@@ -158,3 +158,38 @@ class LaunchTracker:
     def pending(self) -> bool:
         """Some gradient was counted (or a bucket launched) since the last reset."""
         return self.active or any(self.launched)
+
+
+def split_list(items: Sequence, parts: int) -> list[list]:
+    """Horovod's split of a list into ``parts`` consecutive, near-equal chunks (earlier ones larger)."""
+    d, r = divmod(len(items), parts)
+    return [list(items[i * d + min(i, r):(i + 1) * d + min(i + 1, r)]) for i in range(parts)]
+
+
+def explicit_groups(count: int, groups: int | Sequence[Sequence[int]]) -> list[int]:
+    """Horovod's ``groups`` of DistributedOptimizer as one group number per tensor (0..count-1, in the
+    planner's order): an int k splits the tensors into k consecutive groups (:func:`split_list`); lists
+    of tensor indices form one group each, and a tensor in no list is a group of its own. Each group is
+    fused into its own bucket(s) (one per dtype and param group), whatever the size cap."""
+    if isinstance(groups, bool) or not isinstance(groups, (int, list, tuple)):
+        raise ValueError(f"groups={groups!r} must be a positive int or a list of lists of parameters")
+    if isinstance(groups, int):
+        if groups < 1:
+            raise ValueError(f"groups={groups} must be a positive int or a list of lists of parameters")
+        key = [0] * count
+        for g, chunk in enumerate(split_list(range(count), groups)):
+            for i in chunk:
+                key[i] = g
+        return key
+    key = [-1] * count
+    for g, members in enumerate(groups):
+        for i in members:
+            if key[i] != -1:
+                raise ValueError(f"a parameter can only appear once in groups (index {i} is in groups "
+                                 f"{key[i]} and {g})")
+            key[i] = g
+    extra = len(groups)
+    for i in range(count):
+        if key[i] == -1:
+            key[i], extra = extra, extra + 1
+    return key

@@ -13,6 +13,7 @@ import numpy as np
 
 from hvdllm.core.ops import Average, ReduceOp, parse_op, require_native
 from hvdllm.core.process_sets import WORLD, ProcessSet
+from hvdllm.core.join import JoinChannel, zeros_like_desc
 from hvdllm.core.waiting import wait_until
 from hvdllm.core.world import World
 
@@ -96,6 +97,8 @@ class Collectives(Protocol):
     def add_process_set(self, ps: ProcessSet) -> None: ...
     def remove_process_set(self, ps: ProcessSet) -> bool: ...
     def controller_enabled(self, controller: str) -> bool: ...
+    def start_timeline(self, file_path: str, mark_cycles: bool = False) -> None: ...
+    def stop_timeline(self) -> None: ...
     def mpi_threads_supported(self) -> bool: ...
     def shutdown(self) -> None: ...
 
@@ -162,6 +165,18 @@ class _DoneRequest:
 _IN_PLACE = object()
 
 
+def _polling(request: Any, during: Callable[[], None] | None) -> Callable[[], bool]:
+    """``request.Test``, calling ``during()`` (the join channel's hook) before each test."""
+    if during is None:
+        return request.Test
+
+    def test() -> bool:
+        during()
+        return request.Test()
+
+    return test
+
+
 def split_rows(rows: int, parts: int) -> list[int]:
     """Horovod's reducescatter split of a first dimension: as even as possible, earlier ranks get the
     extra rows."""
@@ -176,12 +191,14 @@ def _scale(buf: np.ndarray, factor: float) -> None:
 class _Pending:
     """Completes an in-place MPI reduction: wait for it, then apply the op's scale."""
 
-    def __init__(self, request: Any, buf: np.ndarray, scale: float, timeout: float | None = None) -> None:
+    def __init__(self, request: Any, buf: np.ndarray, scale: float, timeout: float | None = None,
+                 during: Callable[[], None] | None = None) -> None:
         self._request, self._buf, self._scale, self._timeout = request, buf, scale, timeout
+        self._during = during
 
     def wait(self) -> np.ndarray:
         if self._request is not None:
-            wait_until(self._request.Test, timeout=self._timeout, what="an MPI allreduce")
+            wait_until(_polling(self._request, self._during), timeout=self._timeout, what="an MPI allreduce")
             self._request = None
             _scale(self._buf, self._scale)
         return self._buf
@@ -198,6 +215,7 @@ class NumpyCollectives:
                  wait_timeout: float | None = None) -> None:
         self.comm, self.world, self.wait_timeout = comm, world, wait_timeout
         self._comms: dict[ProcessSet, Any] = {WORLD: comm}
+        self._join = None if isinstance(comm, SelfComm) or comm.Get_size() == 1 else JoinChannel(comm)
         for ps in process_sets:
             self._comms[ps] = self._create(ps)
 
@@ -241,6 +259,32 @@ class NumpyCollectives:
 
         return {ReduceOp.MIN: MPI.MIN, ReduceOp.MAX: MPI.MAX, ReduceOp.PRODUCT: MPI.PROD}.get(op, MPI.SUM)
 
+    def _begin(self, comm: Any, kind: str, describe: Callable[[], dict] | None = None) -> Callable[[], None] | None:
+        """Before a collective: on the world communicator, the join channel's bookkeeping (see
+        hvdllm.core.join; ``describe`` says how a joined rank serves it). The hook its wait polls."""
+        if self._join is None or comm is not self.comm:
+            return None
+        return self._join.begin(kind, describe)
+
+    def join(self) -> int:
+        """Horovod's join (hvdllm.core.join): serve the other ranks' allreduce/broadcast/barrier with
+        zeros until every rank joined; returns the last rank to join."""
+        if self._join is None:
+            return self.world.rank
+        return self._join.join(self._serve)
+
+    def _serve(self, desc: dict) -> None:
+        """Take part, as a joined rank, in the described world collective."""
+        kind = desc["kind"]
+        if kind == "barrier":
+            request = self.comm.Ibarrier()
+        elif kind == "broadcast":
+            request = self.comm.Ibcast(zeros_like_desc(desc), root=desc["root"])
+        else:
+            request = self.comm.Iallreduce(self._in_place(), zeros_like_desc(desc),
+                                           op=self._mpi_op(ReduceOp(desc["op"])))
+        self._wait(request, f"a {kind} served after join()")
+
     def _in_place(self) -> Any:
         if isinstance(self.comm, SelfComm):
             return _IN_PLACE
@@ -258,9 +302,12 @@ class NumpyCollectives:
         if not buf.flags.c_contiguous:
             raise ValueError("allreduce_async_ needs a contiguous buffer")
         mpi_op = self._mpi_op(op)
+        during = self._begin(comm, "allreduce", lambda: {"shape": buf.shape, "dtype": buf.dtype.str,
+                                                         "op": parse_op(op).value})
         _scale(buf, prescale_factor)
         request = comm.Iallreduce(self._in_place(), buf, op=mpi_op)
-        return _Pending(request, buf, postscale_factor * parse_op(op).postscale(comm.Get_size()), self.wait_timeout)
+        return _Pending(request, buf, postscale_factor * parse_op(op).postscale(comm.Get_size()), self.wait_timeout,
+                        during)
 
     def allreduce(self, x: np.ndarray, op: ReduceOp = Average, process_set: ProcessSet = WORLD,
                   prescale_factor: float = 1.0, postscale_factor: float = 1.0) -> np.ndarray:
@@ -276,6 +323,7 @@ class NumpyCollectives:
         if x.ndim == 0:
             raise ValueError("reducescatter needs a tensor with at least one dimension, got a scalar")
         mpi_op = self._mpi_op(op)
+        self._begin(comm, "reducescatter")
         _scale(x, prescale_factor)
         n, me = comm.Get_size(), comm.Get_rank()
         rows = split_rows(x.shape[0], n)
@@ -303,6 +351,7 @@ class NumpyCollectives:
         if len(splits) != n or min(splits) < 0 or sum(splits) != x.shape[0]:
             raise ValueError(f"alltoall splits {splits} must be {n} non-negative counts summing to the first "
                              f"dimension {x.shape[0]}")
+        self._begin(comm, "alltoall")
         received = [int(v) for v in comm.alltoall(splits)]
         row = int(np.prod(x.shape[1:], dtype=np.int64))
         out = np.empty((sum(received),) + x.shape[1:], dtype=x.dtype)
@@ -312,18 +361,21 @@ class NumpyCollectives:
 
     def allgather_object(self, obj: Any, process_set: ProcessSet = WORLD) -> list:
         """Every rank's picklable ``obj``, in rank order."""
-        return list(self.comm_for(process_set).allgather(obj))
+        comm = self.comm_for(process_set)
+        self._begin(comm, "allgather_object")
+        return list(comm.allgather(obj))
 
     def broadcast(self, x: np.ndarray, root_rank: int, process_set: ProcessSet = WORLD) -> np.ndarray:
         comm = self.comm_for(process_set)
         root = process_set.rank_of(root_rank, self.world.size)
         out = np.ascontiguousarray(x).copy()
-        self._wait(comm.Ibcast(out, root=root), "an MPI broadcast")
+        during = self._begin(comm, "broadcast", lambda: {"shape": out.shape, "dtype": out.dtype.str, "root": root})
+        self._wait(comm.Ibcast(out, root=root), "an MPI broadcast", during)
         return out
 
-    def _wait(self, request: Any, what: str) -> None:
+    def _wait(self, request: Any, what: str, during: Callable[[], None] | None = None) -> None:
         """Poll a non-blocking MPI request (signal handlers run; a dead peer ends in a timeout)."""
-        wait_until(request.Test, timeout=self.wait_timeout, what=what)
+        wait_until(_polling(request, during), timeout=self.wait_timeout, what=what)
 
     def allgather(self, x: np.ndarray, process_set: ProcessSet = WORLD) -> np.ndarray:
         """Concatenate every rank's array along the first dimension (first dims may differ)."""
@@ -331,6 +383,7 @@ class NumpyCollectives:
         x = np.ascontiguousarray(x)
         if x.ndim == 0:
             x = x.reshape(1)
+        self._begin(comm, "allgather")
         shapes = comm.allgather(x.shape)
         if any(s[1:] != x.shape[1:] for s in shapes):
             raise ValueError(f"allgather needs equal trailing dimensions, got shapes {shapes}")
@@ -344,10 +397,13 @@ class NumpyCollectives:
         return out
 
     def barrier(self, process_set: ProcessSet = WORLD) -> None:
-        self._wait(self.comm_for(process_set).Ibarrier(), "an MPI barrier")
+        comm = self.comm_for(process_set)
+        during = self._begin(comm, "barrier", lambda: {})
+        self._wait(comm.Ibarrier(), "an MPI barrier", during)
 
     def broadcast_object(self, obj: Any, root_rank: int = 0, process_set: ProcessSet = WORLD) -> Any:
         comm = self.comm_for(process_set)
+        self._begin(comm, "broadcast_object")
         return comm.bcast(obj, root=process_set.rank_of(root_rank, self.world.size))
 
 

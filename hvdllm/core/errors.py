@@ -1,7 +1,7 @@
 """Horovod's exception types, so ``except hvd.HorovodInternalError`` catches what Horovod raises."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 
 class HvdllmInternalError(RuntimeError):
@@ -28,3 +28,15 @@ def lazy_module_getattr(module: str) -> Callable[[str], type[Exception]]:
         raise AttributeError(f"module {module!r} has no attribute {name!r}")
 
     return __getattr__
+
+
+LAZY_NAMES = ("HorovodInternalError",)
+
+
+def lazy_module_dir(module_globals: dict[str, Any]) -> Callable[[], list[str]]:
+    """An adapter package's module ``__dir__``: its names plus the lazily resolved ones above, so
+    ``dir(hvd)`` lists every name ``hvd.<name>`` answers (as ``dir(horovod.torch)`` does)."""
+    def __dir__() -> list[str]:
+        return sorted(set(module_globals) | set(LAZY_NAMES))
+
+    return __dir__

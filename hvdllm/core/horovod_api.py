@@ -149,6 +149,15 @@ class HorovodApi:
     def is_homogeneous(self) -> bool:
         return self.collectives().world.homogeneous
 
+    def start_timeline(self, file_path: str, mark_cycles: bool = False) -> None:
+        """Record this job's collectives into a Chrome-trace JSON at ``file_path`` (call on every rank).
+        Horovod backend: Horovod's timeline; mpi/local: one event per collective (hvdllm.core.timeline)."""
+        self.collectives().start_timeline(file_path, mark_cycles)
+
+    def stop_timeline(self) -> None:
+        """Stop recording and write the file (rank 0 writes every rank's events; call on every rank)."""
+        self.collectives().stop_timeline()
+
     def mpi_enabled(self) -> bool:
         return self.collectives().controller_enabled("mpi")
 

@@ -11,7 +11,7 @@ Tensor and pipeline parallelism (Keras layers, GPT stages, GPipe/1F1B on process
 from __future__ import annotations
 
 from hvdllm.core.compression import Compression
-from hvdllm.core.errors import lazy_module_getattr
+from hvdllm.core.errors import lazy_module_dir, lazy_module_getattr
 from hvdllm.core.ops import Adasum, Average, Max, Min, Product, ReduceOp, Sum
 from hvdllm.core.process_sets import WORLD, ProcessSet
 from hvdllm.tensorflow import callbacks, elastic, optim  # hvd.elastic.*; hvd.callbacks.*; hvd.optim.SGD/Adam/AdamW/LAMB, LearningRateSchedule
@@ -20,10 +20,12 @@ from hvdllm.tensorflow.basics import (
     broadcast, broadcast_object, ccl_built, collectives, cross_rank, cross_size, cuda_built, ddl_built, gloo_built,
     gloo_enabled, global_process_set, grouped_allgather, grouped_allreduce, grouped_reducescatter, init,
     is_homogeneous, is_initialized, join, local_rank, local_size, mpi_built, mpi_enabled, mpi_threads_supported,
-    nccl_built, rank, reducescatter, remove_process_set, rocm_built, shutdown, size, threads_per_rank)
+    nccl_built, rank, reducescatter, remove_process_set, rocm_built, shutdown, size, start_timeline, stop_timeline,
+    threads_per_rank)
 from hvdllm.tensorflow.distributed import DistributedGradientTape, DistributedOptimizer, broadcast_variables
 
 __getattr__ = lazy_module_getattr(__name__)
+__dir__ = lazy_module_dir(globals())
 
 
 __all__ = [
@@ -34,5 +36,5 @@ __all__ = [
     "mpi_built", "gloo_built", "nccl_built", "ddl_built", "ccl_built", "cuda_built", "rocm_built", "mpi_enabled",
     "gloo_enabled", "mpi_threads_supported", "HorovodInternalError", "Average", "Sum", "Min", "Max", "Product",
     "Adasum", "ReduceOp", "Compression", "ProcessSet", "WORLD", "DistributedGradientTape", "DistributedOptimizer",
-    "broadcast_variables", "callbacks", "optim", "elastic",
+    "broadcast_variables", "callbacks", "optim", "elastic", "start_timeline", "stop_timeline",
 ]

@@ -23,5 +23,6 @@ remove_process_set, global_process_set = _front.remove_process_set, WORLD
 grouped_allgather, alltoall, reducescatter = _front.grouped_allgather, _front.alltoall, _front.reducescatter
 grouped_reducescatter, join, allgather_object = _front.grouped_reducescatter, _front.join, _front.allgather_object
 mpi_enabled, gloo_enabled, mpi_threads_supported = _front.mpi_enabled, _front.gloo_enabled, _front.mpi_threads_supported
+start_timeline, stop_timeline = _front.start_timeline, _front.stop_timeline
 mpi_built, gloo_built, nccl_built, ddl_built, ccl_built, cuda_built, rocm_built = (
     build_query(q, backends.horovod_module) for q in BUILD_QUERIES)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from hvdllm.core.compression import Compression
-from hvdllm.core.errors import lazy_module_getattr
+from hvdllm.core.errors import lazy_module_dir, lazy_module_getattr
+from hvdllm.core.extensions import check_extension
 from hvdllm.core.ops import Adasum, Average, Max, Min, Product, ReduceOp, Sum
 from hvdllm.core.process_sets import WORLD, ProcessSet
 from hvdllm.torch import elastic, optim  # hvd.elastic.run/TorchState/ElasticSampler; hvd.optim.SGD/Adam/AdamW/LAMB, lr_scheduler
@@ -23,8 +24,10 @@ from hvdllm.torch.basics import (
     grouped_allreduce_, grouped_allreduce_async, grouped_allreduce_async_, grouped_reducescatter,
     grouped_reducescatter_async, init, is_homogeneous, is_initialized, join, local_rank, local_size, mpi_built,
     mpi_enabled, mpi_threads_supported, nccl_built, poll, rank, reducescatter, reducescatter_async,
-    remove_process_set, rocm_built, shutdown, size, synchronize, threads_per_rank)
+    remove_process_set, rocm_built, shutdown, size, start_timeline, stop_timeline, synchronize, threads_per_rank)
 from hvdllm.torch.distributed import DistributedOptimizer
+from hvdllm.torch.sparse import sparse_allreduce_async
+from hvdllm.torch.sync_batch_norm import SyncBatchNorm
 from hvdllm.torch.sync import broadcast_optimizer_state, broadcast_parameters
 
 
@@ -34,6 +37,7 @@ def broadcast_(tensor: torch.Tensor, root_rank: int, name: str | None = None,
     return broadcast_async_(tensor, root_rank, name, process_set).wait()
 
 __getattr__ = lazy_module_getattr(__name__)
+__dir__ = lazy_module_dir(globals())
 
 
 __all__ = [
@@ -47,5 +51,6 @@ __all__ = [
     "mpi_built", "gloo_built", "nccl_built", "ddl_built", "ccl_built", "cuda_built", "rocm_built", "mpi_enabled",
     "gloo_enabled", "mpi_threads_supported", "HorovodInternalError", "Average", "Sum", "Min", "Max", "Product",
     "Adasum", "ReduceOp", "Compression", "ProcessSet", "WORLD", "DistributedOptimizer", "broadcast_parameters",
-    "broadcast_optimizer_state", "optim", "elastic",
+    "broadcast_optimizer_state", "optim", "elastic", "start_timeline", "stop_timeline",
+    "SyncBatchNorm", "sparse_allreduce_async", "check_extension",
 ]

@@ -34,6 +34,7 @@ poll, synchronize, join, barrier = _front.poll, _front.synchronize, _front.join,
 broadcast_object, allgather_object = _front.broadcast_object, _front.allgather_object
 reinit = _front.reinit
 mpi_enabled, gloo_enabled, mpi_threads_supported = _front.mpi_enabled, _front.gloo_enabled, _front.mpi_threads_supported
+start_timeline, stop_timeline = _front.start_timeline, _front.stop_timeline
 
 mpi_built, gloo_built, nccl_built, ddl_built, ccl_built, cuda_built, rocm_built = (
     build_query(q, backends.horovod_module) for q in BUILD_QUERIES)

@@ -36,13 +36,14 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from hvdllm.core.buckets import Bucket, LaunchTracker
+from hvdllm.core.buckets import Bucket, LaunchTracker, explicit_groups
 from hvdllm.core.compression import Compression
 from hvdllm.core.gradients import ReductionConfig, backend_wire_dtype, clip_coefficient_of
 from hvdllm.core.ops import Average, Sum
 from hvdllm.core.process_sets import WORLD, ProcessSet
 from hvdllm.torch import buckets
 from hvdllm.torch.basics import collectives
+from hvdllm.torch.sparse import sparse_allreduce_async
 
 __all__ = ["DistributedOptimizer"]
 
@@ -74,12 +75,16 @@ class _DistributedOptimizer(torch.optim.Optimizer):
     """The wrapper's behaviour; :func:`DistributedOptimizer` mixes it into the wrapped optimizer's class."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, named_parameters: Iterable[Any] | None,
-                 config: ReductionConfig, grad_norm_fn: Callable[[], float] | None = None) -> None:
+                 config: ReductionConfig, grad_norm_fn: Callable[[], float] | None = None,
+                 groups: int | list[list[int]] | None = None, sparse_as_dense: bool = False) -> None:
         # torch.optim.Optimizer.__init__ is deliberately not called: param_groups, state and defaults
         # are the wrapped optimizer's (see the properties below).
         self._inner = optimizer
         self._config = config
         self._grad_norm_fn = grad_norm_fn
+        self._groups, self._sparse_as_dense = groups, sparse_as_dense   # (groups: ints, or lists of id(param))
+        self._sparse: dict[int, torch.Tensor] = {}     # param index -> this step's local sparse gradient
+        self._densified: set[int] = set()               # sparse gradients reduced dense (sparse_as_dense)
         self._rt = _runtime()
         self._id = next(_instances)
         self._hooks: list[Any] = []
@@ -192,7 +197,14 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             if p.is_sparse or p.layout != torch.strided:
                 raise ValueError(f"parameter {names[params.index(p)]!r} has layout {p.layout}; only dense "
                                  "(strided) parameters are supported")
-        plan = buckets.plan(params, self._config.bucket_cap_bytes, [group_of[id(p)] for p in params], names)
+        keys: list[Any] = [group_of[id(p)] for p in params]
+        cap = self._config.bucket_cap_bytes
+        if self._groups is not None:   # Horovod's explicit grouping: each group is fused on its own
+            index = {id(p): i for i, p in enumerate(params)}
+            spec = self._groups if isinstance(self._groups, int) else \
+                [[index[pid] for pid in group if pid in index] for group in self._groups]
+            keys, cap = list(zip(keys, explicit_groups(len(params), spec))), 0
+        plan = buckets.plan(params, cap, keys, names)
         self._params, self._param_names = params, names
         self._index = {id(p): i for i, p in enumerate(params)}
         self._plan_no += 1
@@ -223,18 +235,21 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             self._build()
 
     # --- during backward -----------------------------------------------------------------------
-    def _attach(self, pid: int) -> None:
+    def _attach(self, pid: int, grad: torch.Tensor | None = None) -> None:
         """Before autograd accumulates a gradient into ``.grad=None``: make ``.grad`` the zeroed bucket
-        view, so autograd accumulates into the bucket instead of allocating a tensor to copy in later."""
+        view, so autograd accumulates into the bucket instead of allocating a tensor to copy in later.
+        A sparse gradient stays sparse (it is reduced as Horovod does, see :meth:`_pack`)."""
         self._replan_if_changed()
         i = self._index.get(pid)
+        if grad is not None and grad.is_sparse:
+            return
         if i is not None and self._params[i].grad is None:
             b, pos = self._where[i]
             view = self._buckets[b].views[pos]
             view.zero_()
             self._params[i].grad = view
 
-    def _on_grad(self, pid: int) -> None:
+    def _on_grad(self, pid: int, _param: Any = None) -> None:
         """After autograd accumulated a gradient: count it; launch the buckets that became ready."""
         i = self._index.get(pid)
         if i is None:
@@ -256,9 +271,20 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             view.zero_()
             bucket.flags[pos] = 0.0
             return
-        if g.layout != torch.strided:
+        if g.is_sparse and not self._sparse_as_dense:
+            # Horovod's sparse allreduce (allgather of indices and values) at synchronize(); the bucket
+            # slot carries zeros and a flag above any count of dense ranks, so every rank learns that
+            # this parameter takes the sparse path this step (and joins it, with no entries if need be).
+            self._sparse[i] = g
+            view.zero_()
+            bucket.flags[pos] = float(self._group_size + 1)
+            return
+        if g.is_sparse:
+            self._densified.add(i)
+            g = g.to_dense()
+        elif g.layout != torch.strided:
             raise ValueError(f"parameter {self._param_names[i]!r} has a {g.layout} gradient; only dense "
-                             "gradients are supported (e.g. nn.Embedding(sparse=False))")
+                             "(strided) or sparse COO gradients are supported")
         if g.data_ptr() != view.data_ptr() or g.stride() != view.stride():
             view.copy_(g)
             p.grad = view
@@ -288,6 +314,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         :meth:`clip_grad_norm_`).
         """
         self._replan_if_changed()
+        sparse: list[tuple[int, float]] = []
         for b in self._tracker.remaining():
             for i in self._buckets[b].positions:
                 if not self._tracker.complete(i):
@@ -298,21 +325,31 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             # cast back: the sum may not fit the gradient's dtype (fp16 summed as fp32 on MPI).
             if bucket.handle is None:  # the local backend: nothing travelled
                 post, reduced = bucket.prescale * bucket.postscale, bucket.grads
+                flag_unit = 1.0        # what one rank's presence flag of 1 became
             else:
                 bucket.handle.wait()
                 bucket.handle = None
                 post, reduced = bucket.postscale, bucket.wire if bucket.wire is not None else bucket.grads
+                flag_unit = bucket.prescale * (post if bucket.wire is not None else 1.0)
             if post != 1.0:
                 reduced.mul_(post)  # (the flags stay > 0)
             if reduced is bucket.wire:
                 bucket.buffer.copy_(bucket.wire)
             present = bucket.buffer[bucket.numel:].tolist()
             for pos, p in enumerate(bucket.params):
-                if present[pos] > 0:
+                if present[pos] > (self._group_size + 0.5) * flag_unit:
+                    sparse.append((bucket.positions[pos], bucket.prescale * bucket.postscale))
+                elif present[pos] > 0:
                     if p.grad is None or p.grad.data_ptr() != bucket.views[pos].data_ptr():
                         p.grad = bucket.views[pos]
                 else:
                     p.grad = None
+        self._reduce_sparse(sorted(sparse))
+        for i in self._densified:       # sparse_as_dense: back to sparse for the update, as Horovod
+            p = self._params[i]
+            if p.grad is not None:
+                p.grad = p.grad.to_sparse()
+        self._densified = set()
         self._tracker.reset()
         for h in self._retired:
             h.remove()
@@ -323,12 +360,35 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             self.grad_norm = self._global_norm()
         self._synchronized = True
 
+    def _reduce_sparse(self, sparse: list[tuple[int, float]]) -> None:
+        """Parameters that had a sparse gradient on some rank: sparse_allreduce (Sum) in parameter order
+        on every rank, values scaled as the buckets are (Average's 1/size, 1/k, predivide). They travel
+        row-sparse (sparse_dim 1, the layout of embeddings' gradients), so a rank without a gradient
+        can take part with an empty one of the same layout."""
+        handles = []
+        for i, unit in sparse:
+            p = self._params[i]
+            local = self._sparse.pop(i, None)
+            if local is None:          # no gradient here this step: take part with no entries
+                local = torch.sparse_coo_tensor(torch.zeros((1, 0), dtype=torch.long, device=p.device),
+                                                torch.zeros((0, *p.shape[1:]), dtype=p.dtype, device=p.device),
+                                                p.shape)
+            elif local.sparse_dim() != 1:   # one layout on every rank: row-sparse, as embeddings' gradients
+                local = local.to_dense().to_sparse(1)
+            name = f"hvdllm.dp{self._id}.{self._plan_no}.sparse.{self._param_names[i]}"
+            handles.append((p, unit, sparse_allreduce_async(local.coalesce(), name, Sum, self._config.process_set)))
+        for p, unit, handle in handles:
+            p.grad = handle.wait() * unit
+        self._sparse = {}
+
     def _global_norm(self) -> float:
         """The L2 norm of the whole model's reduced gradient: ``grad_norm_fn()`` when given (tensor/pipeline
         parallelism: the unsplit model's), else the norm over this optimizer's buckets."""
         if self._grad_norm_fn is not None:
             return float(self._grad_norm_fn())
         norms = [torch.linalg.vector_norm(bk.grads, dtype=torch.float32) for bk in self._buckets]
+        norms += [torch.linalg.vector_norm(p.grad.coalesce().values(), dtype=torch.float32)
+                  for p in self._params if p.grad is not None and p.grad.is_sparse]
         return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
     def clip_grad_norm_(self, max_norm: float) -> float:
@@ -340,6 +400,9 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         if coef != 1.0:
             for bucket in self._buckets:
                 bucket.grads.mul_(coef)
+            for p in self._params:
+                if p.grad is not None and p.grad.is_sparse:
+                    p.grad = p.grad * coef
         return self.grad_norm
 
     @contextlib.contextmanager
@@ -378,6 +441,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._rt = _runtime()
         self._group_size = len(self._config.process_set.members(self._rt.world.size))
         self._synchronized, self._should_sync = False, True
+        self._sparse, self._densified = {}, set()
         for h in self._hooks + self._retired:  # the old plan's hooks would share the restarted plan number
             h.remove()
         self._hooks, self._retired = [], []
@@ -395,11 +459,11 @@ class _DistributedOptimizer(torch.optim.Optimizer):
 
 
 def _make_hook(ref: "weakref.ReferenceType[_DistributedOptimizer]", pid: int, plan_no: int,
-               method: Callable[[_DistributedOptimizer, int], None]) -> Callable[[torch.Tensor], None]:
-    def hook(_tensor: torch.Tensor) -> None:
+               method: Callable[[_DistributedOptimizer, int, torch.Tensor], None]) -> Callable[[torch.Tensor], None]:
+    def hook(tensor: torch.Tensor) -> None:
         opt = ref()
         if opt is not None and opt._plan_no == plan_no:
-            method(opt, pid)
+            method(opt, pid, tensor)
 
     return hook
 
@@ -408,8 +472,9 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Ite
                          compression: Any = Compression.none, backward_passes_per_step: int = 1,
                          op: Any = Average, bucket_cap_mb: float = 25, max_grad_norm: float | None = None,
                          process_set: ProcessSet = WORLD, average_aggregated_gradients: bool = False,
-                         gradient_predivide_factor: float = 1.0, grad_norm_fn: Callable[[], float] | None = None
-                         ) -> torch.optim.Optimizer:
+                         gradient_predivide_factor: float = 1.0, grad_norm_fn: Callable[[], float] | None = None,
+                         num_groups: int = 0, groups: int | list[list[torch.Tensor]] | None = None,
+                         sparse_as_dense: bool = False) -> torch.optim.Optimizer:
     """Wrap ``optimizer`` so that step() uses gradients reduced (averaged by default) over the ranks.
 
     The result is an instance of the wrapped optimizer's class (isinstance checks and LR schedulers
@@ -419,6 +484,13 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Ite
     size/f after it (op=Average only). ``grad_norm_fn``: the hook through which tensor/pipeline
     parallelism supplies the global norm (a collective returning the unsplit model's gradient norm,
     called after the reduction) used by the clipping and reported as ``grad_norm``.
+
+    Horovod's ``groups`` (an int k: the parameters in k consecutive groups; or lists of parameters, one
+    group each, others alone) fuses each group's gradients into its own bucket(s) instead of the
+    ``bucket_cap_mb`` plan; ``num_groups`` is its deprecated alias. Sparse gradients (e.g.
+    ``nn.Embedding(sparse=True)``) are reduced with :func:`hvdllm.torch.sparse_allreduce_async`
+    (allgather of indices and values) and stay sparse; with ``sparse_as_dense=True`` they are reduced
+    dense and turned back into sparse tensors for the update, as in Horovod.
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -432,4 +504,34 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Ite
     cls = type(base.__name__, (_DistributedOptimizer, base), {"__module__": __name__})
     if grad_norm_fn is not None and not callable(grad_norm_fn):
         raise ValueError(f"grad_norm_fn={grad_norm_fn!r} must be a callable returning the global gradient norm")
-    return cls(optimizer, named_parameters, config, grad_norm_fn)
+    return cls(optimizer, named_parameters, config, grad_norm_fn, _groups_arg(num_groups, groups),
+               bool(sparse_as_dense))
+
+
+def _groups_arg(num_groups: Any, groups: Any) -> int | list[list[int]] | None:
+    """Horovod's ``groups``/``num_groups`` validated: a positive int, lists of parameters (as lists of
+    their ids; each parameter once), or None."""
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 0:
+        raise ValueError(f"num_groups={num_groups!r} must be an int >= 0 (0: no explicit groups)")
+    if num_groups:
+        warnings.warn("DistributedOptimizer: num_groups is deprecated (as in Horovod); use groups=",
+                      DeprecationWarning, stacklevel=3)
+        groups = num_groups if groups is None else groups
+    if groups is None:
+        return None
+    if isinstance(groups, (list, tuple)):
+        seen: set[int] = set()
+        out = []
+        for group in groups:
+            if not isinstance(group, (list, tuple)) or not all(isinstance(p, torch.Tensor) for p in group):
+                raise ValueError(f"groups must be a positive int or a list of lists of parameters, got an item "
+                                 f"{type(group).__name__}")
+            ids = [id(p) for p in group]
+            if seen & set(ids) or len(set(ids)) != len(ids):
+                raise ValueError("a parameter can only appear once in groups")
+            seen |= set(ids)
+            out.append(ids)
+        return out
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups={groups!r} must be a positive int or a list of lists of parameters")
+    return groups

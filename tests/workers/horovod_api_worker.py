@@ -54,7 +54,7 @@ def all_inputs(shape_of, seed: int, ranks=None, dtype: str = "float64") -> list[
     return [inp(q, shape_of(q), seed, dtype) for q in (range(n) if ranks is None else ranks)]
 
 
-def check(name: str, got, want) -> None:
+def check(name: str, got, want, tol: float = 1e-12) -> None:
     """Record one case; exact for ints, float64 sums of <= 3 terms in any order agree to ~1e-15."""
     checked.append(name)
     try:
@@ -62,7 +62,7 @@ def check(name: str, got, want) -> None:
         want = [np.asarray(w) for w in want] if isinstance(want, (list, tuple)) else np.asarray(want)
         for g, w in zip(*(([got], [want]) if isinstance(got, np.ndarray) else (got, want))):
             assert g.shape == w.shape, f"shape {g.shape} != {w.shape}"
-            np.testing.assert_allclose(g, w, rtol=1e-12, atol=0)
+            np.testing.assert_allclose(g, w, rtol=tol, atol=0)
         if not isinstance(got, np.ndarray):
             assert len(got) == len(want), f"{len(got)} results != {len(want)}"
     except Exception as e:  # noqa: BLE001 - every mismatch is reported, the run continues
@@ -222,21 +222,66 @@ def process_set_cases() -> None:
 
 
 def join_cases() -> None:
-    """Uneven batches: rank q runs q + 1 steps, then joins; joined ranks contribute zeros (Horovod)."""
-    if hvd.backend() == "mpi" and n > 1:
-        checked.append("join_error")
-        try:
-            hvd.join()
-            failures.append("join_error: no error raised")
-        except RuntimeError as e:
-            if "horovod backend" not in str(e):
-                failures.append(f"join_error: unclear message {e}")
-        return
-    sums = [np.asarray(hvd.allreduce(t(np.ones(2)), op=hvd.Sum, name=f"join.step{k}")).tolist()
-            for k in range(r + 1)]
+    """Uneven batches: rank q runs q + 1 steps, then joins; joined ranks contribute zeros (Horovod) to
+    allreduces and take part in broadcasts from an active root; join returns the last rank to join."""
+    sums, casts = [], []
+    serves_broadcast = hvd.backend() != "horovod"    # Horovod 0.28.1: "Broadcast is not supported with Join"
+    for k in range(r + 1):
+        sums.append(np.asarray(hvd.allreduce(t(np.ones(2)), op=hvd.Sum, name=f"join.step{k}")).tolist())
+        if serves_broadcast:
+            x = t(np.full(3, float(r * 10 + k)))
+            casts.append(np.asarray(hvd.broadcast(x, n - 1, name=f"join.bcast{k}")).tolist())
     last = hvd.join()
     check("join_sums", np.array(sums), np.array([[float(n - k)] * 2 for k in range(r + 1)]))
+    if serves_broadcast:
+        check("join_broadcast", np.array(casts), np.array([[float((n - 1) * 10 + k)] * 3 for k in range(r + 1)]))
     check("join_last", np.array(last), np.array(n - 1))
+    if TORCH:
+        join_optimizer()
+    if hvd.backend() == "mpi" and n > 1:
+        join_unsupported()
+
+
+def join_unsupported() -> None:
+    """mpi backend: after a rank joined, an op joined ranks cannot serve raises (no hang), naming those
+    that work; the caller then joins too. Rank 0 joins at once; the others allreduce first (which rank 0
+    serves, so they have seen its join) and then try an allgather."""
+    checked.append("join_unsupported")
+    if r == 0:
+        hvd.join()
+        return
+    hvd.allreduce(t(np.ones(1)), op=hvd.Sum, name="join.unsupported")
+    try:
+        hvd.allgather(t(np.ones(1)))
+        failures.append("join_unsupported: allgather after a join did not raise")
+    except RuntimeError as e:
+        if "allreduce, broadcast, barrier" not in str(e):
+            failures.append(f"join_unsupported: unclear message {e}")
+    hvd.join()
+
+
+def join_optimizer() -> None:
+    """DistributedOptimizer (op=Sum) with uneven batches: rank q steps q + 2 times, then joins; each step's
+    update is the sum of the gradients of the ranks still training (joined ranks add zeros)."""
+    w_ref = np.array([0.5, -1.0])
+    model = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([w_ref]))
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), op=hvd.Sum,
+                                   named_parameters=model.named_parameters())
+
+    def x_of(q: int, k: int) -> np.ndarray:
+        return np.array([[1.0 + q, 0.5 * k], [k - q, 1.0]])
+
+    for k in range(r + 2):
+        opt.zero_grad()
+        (model(torch.tensor(x_of(r, k), dtype=torch.float32)) ** 2).sum().backward()
+        opt.step()
+    hvd.join()
+    for k in range(r + 2):       # this rank's steps; at step k rank q has a batch while k < q + 2
+        grad = sum(2 * x_of(q, k).T @ (x_of(q, k) @ w_ref) for q in range(n) if k < q + 2)
+        w_ref = w_ref - 0.1 * grad
+    check("join_optimizer", model.weight.detach().numpy().reshape(-1), w_ref.astype(np.float32), tol=1e-4)
 
 
 def query_cases() -> None:
