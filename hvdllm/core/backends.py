@@ -81,6 +81,13 @@ class HorovodBase:
         return [self.broadcast_object(obj if root == self.world.rank else None, root, process_set, f"{name}.{root}")
                 for root in process_set.members(self.world.size)]
 
+    def process_set_of(self, process_set_id: int) -> ProcessSet:
+        """The registered set Horovod numbers ``process_set_id`` (0: the whole world)."""
+        for ps, hps in self._sets.items():
+            if hps.process_set_id == process_set_id:
+                return ps
+        raise ValueError(f"process_set_id={process_set_id!r} is not a registered process set")
+
     def remove_process_set(self, ps: ProcessSet) -> bool:
         if ps == WORLD or ps not in self._sets:
             return False
@@ -151,6 +158,11 @@ class NumpyBase:
         raise RuntimeError(f"join() is not available on the {self.name} backend with {self.world.size} ranks: "
                            "it needs the horovod backend (horovodrun), whose coordinator feeds zeros for "
                            "joined ranks")
+
+    def process_set_of(self, process_set_id: int) -> ProcessSet:
+        """The registered set numbered ``process_set_id`` (0: the world; then in registration order, as
+        Horovod numbers them)."""
+        return self.impl.process_set_of(process_set_id)
 
     def remove_process_set(self, ps: ProcessSet) -> bool:
         return self.impl.remove_process_set(ps)
