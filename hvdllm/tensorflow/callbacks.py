@@ -113,7 +113,7 @@ class _LiveValue:
     def __init__(self, value: float) -> None:
         self.initial = float(value)
         with tf.init_scope():
-            self.var = tf.Variable(self.initial, trainable=False, dtype=tf.float32, name="hvdllm_live_hyper")
+            self.var = tf.Variable(self.initial, trainable=False, dtype=tf.float64, name="hvdllm_live_hyper")
 
     def __eq__(self, other: object) -> bool:
         return self.initial == other
@@ -143,8 +143,12 @@ class _LiveValue:
         return float(self.var.numpy())
 
 
-tf.register_tensor_conversion_function(
-    _LiveValue, lambda v, dtype=None, name=None, as_ref=False: tf.cast(v.var.read_value(), dtype or tf.float32))
+def _live_to_tensor(value: _LiveValue, dtype: Any = None, name: Any = None, as_ref: bool = False) -> tf.Tensor:
+    read = value.var.read_value()
+    return tf.cast(read, dtype) if dtype is not None else read
+
+
+tf.register_tensor_conversion_function(_LiveValue, _live_to_tensor)
 
 
 def _lr(opt: Any) -> float:
@@ -207,7 +211,7 @@ class LearningRateScheduleCallback(keras.callbacks.Callback):
         if self.momentum_correction and isinstance(momentum, (int, float)) and momentum:
             self._plain_momentum, self._live = momentum, _LiveValue(momentum)
             object.__setattr__(opt, "momentum", self._live)   # outside Keras's tracking: not saved, not broadcast
-            self.model.train_function = None                  # trace the step again with the live value
+            self.model.make_train_function(force=True)        # trace the step again with the live value
 
     def on_train_end(self, logs: dict | None = None) -> None:
         if self._live is not None:

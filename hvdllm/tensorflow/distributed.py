@@ -110,13 +110,13 @@ def reduce_gradients(grads: Sequence[Any], variables: Sequence[Any], config: Red
         wire = _wire(flat.dtype.name, config, rt.name) if size > 1 else flat.dtype.name
         prescale, postscale = config.scales(size, wire)
         if prescale != 1.0:  # in the gradient's dtype, before a 16-bit wire can overflow
-            flat = flat * tf.cast(prescale, flat.dtype)
+            flat = flat * tf.constant(prescale, flat.dtype)
         if size > 1:
             summed = rt.allreduce(tf.cast(flat, tf.as_dtype(wire)), Sum, config.process_set, name=_op_name("grads"))
             if postscale != 1.0:  # on the wire buffer: a widened (fp32) sum of 16-bit gradients fits after it
-                summed = summed * tf.cast(postscale, summed.dtype)
+                summed = summed * tf.constant(postscale, summed.dtype)
             return tf.cast(summed, flat.dtype)
-        return flat * tf.cast(postscale, flat.dtype) if postscale != 1.0 else flat
+        return flat * tf.constant(postscale, flat.dtype) if postscale != 1.0 else flat
 
     out: list[Any] = list(grads)
     if idx and (size > 1 or config.scales(1) != (1.0, 1.0)):
