@@ -60,3 +60,40 @@ def test_the_table_marks_missing_names_and_limits() -> None:
     text = st.render(names)
     assert "| `no_such_name` | **missing** |" in text and "Coverage: 2 of 3 names (66.7%)" in text
     assert "| `Adasum` | `hvdllm.keras.Adasum` | yes | no | no |" in text
+
+
+# Horovod's signature is (*args, **kwargs) or a C-extension detail for these; hvdllm's takes the documented
+# arguments (ProcessSet: ranks; init: process_sets; comm= is not supported yet).
+SIGNATURE_EXCEPTIONS = {"init", "ProcessSet", "gpu_available", "is_version_greater_equal_than",
+                        "callbacks.is_version_greater_equal_than", "split_list"}
+
+
+def test_tensorflow_and_keras_signatures_start_with_horovods() -> None:
+    """For every callable of horovod.tensorflow, horovod.tensorflow.keras and horovod.keras (and their
+    callbacks/elastic), Horovod's parameter names, in order, begin hvdllm's (hvdllm may add keywords)."""
+    if not _horovod_importable():
+        pytest.skip("Horovod (with torch and TensorFlow) is not importable here")
+    import inspect
+
+    def params(obj: object) -> list[str] | None:
+        try:
+            return list(inspect.signature(obj).parameters)
+        except (TypeError, ValueError):
+            return None
+
+    bad = []
+    for module, names in st.stored_names().items():
+        if module == "horovod.torch":
+            continue
+        for name in names:
+            if name in SIGNATURE_EXCEPTIONS or name in ("callbacks", "elastic"):
+                continue
+            theirs, ours = importlib.import_module(module), importlib.import_module(MODULES[module])
+            if not st.resolve(module, name):
+                continue   # a missing name fails test_every_horovod_name_has_an_hvdllm_equivalent
+            for part in name.split("."):
+                theirs, ours = getattr(theirs, part), getattr(ours, part)
+            want, got = params(theirs), params(ours)
+            if callable(theirs) and want is not None and (got is None or got[:len(want)] != want):
+                bad.append(f"{MODULES[module]}.{name}: Horovod {want}, hvdllm {got}")
+    assert not bad, "\n".join(bad)

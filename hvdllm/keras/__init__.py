@@ -9,12 +9,24 @@ import tensorflow as tf
 from hvdllm.core.compression import Compression
 from hvdllm.core.ops import Adasum, Average, Sum
 from hvdllm.keras import callbacks, elastic
+from hvdllm.tensorflow import distributed
 from hvdllm.tensorflow.keras import (
-    DistributedOptimizer, PartialDistributedOptimizer, ProcessSet, add_process_set, allgather, broadcast,
+    PartialDistributedOptimizer, ProcessSet, add_process_set, allgather, broadcast,
     broadcast_global_variables, ccl_built, cross_rank, cross_size, cuda_built, ddl_built, global_process_set,
     gloo_built, gloo_enabled, init, is_initialized, load_model, local_rank, local_size, mpi_built, mpi_enabled,
     mpi_threads_supported, nccl_built, rank, reducescatter, remove_process_set, rocm_built, shutdown, size)
 from hvdllm.tensorflow.keras import allreduce as _allreduce
+
+
+def DistributedOptimizer(optimizer: Any, name: str | None = None, device_dense: str = "", device_sparse: str = "",
+                         compression: Any = Compression.none, sparse_as_dense: bool = False,
+                         gradient_predivide_factor: float = 1.0, op: Any = Average, num_groups: int = 0,
+                         groups: Any = None, **options: Any) -> Any:
+    """horovod.keras.DistributedOptimizer's argument order; the tensorflow.keras one's other arguments
+    (``backward_passes_per_step``, ``process_set``, ...) and hvdllm's are keywords here."""
+    return distributed.DistributedOptimizer(optimizer, name, device_dense, device_sparse, compression,
+                                            sparse_as_dense, gradient_predivide_factor, op, num_groups=num_groups,
+                                            groups=groups, **options)
 
 
 def allreduce(value: Any, name: str | None = None, average: Any = True, prescale_factor: float = 1.0,

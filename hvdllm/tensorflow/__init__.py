@@ -24,15 +24,14 @@ from hvdllm.tensorflow.basics import (
     gloo_built, gloo_enabled, global_process_set, init, is_homogeneous, is_initialized, join, local_rank, local_size,
     mpi_built, mpi_enabled, mpi_threads_supported, nccl_built, rank, remove_process_set, rocm_built, shutdown, size,
     threads_per_rank)
-from hvdllm.tensorflow.distributed import (DistributedGradientTape, DistributedOptimizer,
-                                           PartialDistributedGradientTape)
+from hvdllm.tensorflow.distributed import DistributedGradientTape, PartialDistributedGradientTape
 from hvdllm.tensorflow.functions import (broadcast_, broadcast_global_variables, broadcast_object_fn, local_rank_op,
                                          local_size_op, process_set_included_op, rank_op, refs_to_vars, size_op,
                                          vars_to_refs)
 from hvdllm.tensorflow.gradient_aggregation import LocalGradientAggregationHelper
-from hvdllm.tensorflow.mpi_ops import (allgather, allgather_object, allreduce, alltoall, broadcast, broadcast_object,
-                                       broadcast_variables, grouped_allgather, grouped_allreduce,
-                                       grouped_reducescatter, reducescatter)
+from hvdllm.tensorflow.mpi_ops import (DistributedOptimizer, allgather, allgather_object, allreduce, alltoall,
+                                       broadcast, broadcast_object, broadcast_variables, grouped_allgather,
+                                       grouped_allreduce, grouped_reducescatter, reducescatter)
 from hvdllm.tensorflow.sync_batch_norm import SyncBatchNormalization
 
 __getattr__ = lazy_module_getattr(__name__)

@@ -129,6 +129,22 @@ def allgather_object(obj: Any, session: Any = None, name: str | None = None, pro
     return basics.allgather_object(obj, name, process_set)
 
 
+def DistributedOptimizer(optimizer: Any, name: str | None = None, use_locking: bool = False, device_dense: str = "",
+                         device_sparse: str = "", compression: Any = None, sparse_as_dense: bool = False,
+                         backward_passes_per_step: int = 1, op: Any = Average, gradient_predivide_factor: float = 1.0,
+                         average_aggregated_gradients: bool = False, num_groups: int = 0, groups: Any = None,
+                         process_set: ProcessSet = WORLD, scale_local_gradients: bool = True, **hvdllm_options: Any
+                         ) -> Any:
+    """horovod.tensorflow.DistributedOptimizer's argument order over the Keras one
+    (:func:`hvdllm.tensorflow.distributed.DistributedOptimizer`; Keras 3 has no TF1 optimizers, so
+    ``use_locking`` is accepted for parity). hvdllm's keywords (``max_grad_norm``, ``bucket_cap_mb``) pass
+    through."""
+    return distributed.DistributedOptimizer(
+        optimizer, name, device_dense, device_sparse, compression, sparse_as_dense, gradient_predivide_factor, op,
+        backward_passes_per_step, average_aggregated_gradients, num_groups, groups, process_set,
+        scale_local_gradients, **hvdllm_options)
+
+
 def broadcast_variables(variables: Any, root_rank: int, process_set: ProcessSet = WORLD, inplace: bool = False) -> None:
     """Assign ``root_rank``'s values to ``variables`` (always in place here; ``inplace`` is Horovod's
     memory hint)."""
