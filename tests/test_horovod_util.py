@@ -87,3 +87,34 @@ def test_keras_argument_errors() -> None:
     model.compile(optimizer="sgd", loss="mse")
     with pytest.raises(ValueError, match="filepath=None"):
         model.fit(np.ones((1, 2)), np.ones((1, 1)), callbacks=[ckpt], verbose=0)
+
+
+def test_keras_elastic_state_and_callbacks_one_process() -> None:
+    """KerasState with Horovod's three callbacks in model.fit: commits every 2 batches and at epoch ends,
+    state.epoch/batch follow training, restore() puts the committed weights back; TensorFlowState too."""
+    keras = pytest.importorskip("keras")
+    import tensorflow as tf
+
+    import hvdllm.keras as hk
+    import hvdllm.tensorflow as hvd_tf
+
+    hk.init()
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer=hk.DistributedOptimizer(keras.optimizers.SGD(0.1)), loss="mse")
+    state = hk.elastic.KerasState(model, batch=0, epoch=0)
+    commits = []
+    commit = state.commit
+    state.commit = lambda: (commits.append(state.batch), commit())
+    callbacks = [hk.elastic.CommitStateCallback(state, batches_per_commit=2), hk.elastic.UpdateBatchStateCallback(state),
+                 hk.elastic.UpdateEpochStateCallback(state)]
+    model.fit(np.ones((8, 2)), np.zeros((8, 1)), batch_size=2, epochs=2, verbose=0, callbacks=callbacks)
+    assert (state.epoch, state.batch, len(commits)) == (2, 0, 6)
+    saved = [w.copy() for w in model.get_weights()]
+    model.set_weights([w + 1 for w in saved])
+    state.restore()
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), saved))
+    v = tf.Variable([1.0, 2.0])
+    tstate = hvd_tf.elastic.TensorFlowState([v], step=3)
+    v.assign([5.0, 5.0])
+    tstate.restore()
+    assert v.numpy().tolist() == [1.0, 2.0] and tstate.step == 3

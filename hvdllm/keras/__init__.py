@@ -1,5 +1,6 @@
 """horovod.keras's API for Keras 3 (``import hvdllm.keras as hvd``): hvdllm.tensorflow.keras's names, with
-horovod.keras's one difference kept: ``allreduce`` averages by default through ``average=True``."""
+horovod.keras's differences kept: ``allreduce`` averages through ``average=True``, ``DistributedOptimizer``'s
+argument order, ``callbacks.BestModelCheckpoint`` without ``save_weights_only``."""
 from __future__ import annotations
 
 from typing import Any
@@ -7,15 +8,15 @@ from typing import Any
 import tensorflow as tf
 
 from hvdllm.core.compression import Compression
-from hvdllm.core.ops import Adasum, Average, Sum
-from hvdllm.keras import callbacks, elastic
+from hvdllm.core.ops import Average
+from hvdllm.keras import callbacks as _callbacks
+from hvdllm.keras import elastic as _elastic
 from hvdllm.tensorflow import distributed
-from hvdllm.tensorflow.keras import (
-    PartialDistributedOptimizer, ProcessSet, add_process_set, allgather, broadcast,
-    broadcast_global_variables, ccl_built, cross_rank, cross_size, cuda_built, ddl_built, global_process_set,
-    gloo_built, gloo_enabled, init, is_initialized, load_model, local_rank, local_size, mpi_built, mpi_enabled,
-    mpi_threads_supported, nccl_built, rank, reducescatter, remove_process_set, rocm_built, shutdown, size)
+from hvdllm.tensorflow import keras as _tf_keras
+from hvdllm.tensorflow.keras import *  # noqa: F401,F403 - horovod.tensorflow.keras's names (its __all__)
 from hvdllm.tensorflow.keras import allreduce as _allreduce
+
+callbacks, elastic = _callbacks, _elastic   # horovod.keras's own submodules, not tensorflow.keras's
 
 
 def DistributedOptimizer(optimizer: Any, name: str | None = None, device_dense: str = "", device_sparse: str = "",
@@ -37,12 +38,6 @@ def allreduce(value: Any, name: str | None = None, average: Any = True, prescale
                       postscale_factor, op, compression)
 
 
-# Horovod's names here; the lead adds start_timeline/stop_timeline (hvdllm.tensorflow's) in one line.
-__all__ = [
-    "init", "shutdown", "is_initialized", "size", "local_size", "cross_size", "rank", "local_rank", "cross_rank",
-    "mpi_threads_supported", "mpi_enabled", "mpi_built", "gloo_enabled", "gloo_built", "nccl_built", "ddl_built",
-    "ccl_built", "cuda_built", "rocm_built", "ProcessSet", "global_process_set", "add_process_set",
-    "remove_process_set", "Average", "Sum", "Adasum", "Compression", "DistributedOptimizer",
-    "PartialDistributedOptimizer", "broadcast_global_variables", "allreduce", "allgather", "broadcast",
-    "reducescatter", "load_model", "callbacks", "elastic",
-]
+# horovod.tensorflow.keras's names (anything added there, e.g. the timeline, comes along) with horovod.keras's
+# own allreduce, DistributedOptimizer and submodules.
+__all__ = [n for n in _tf_keras.__all__ if n != "is_version_greater_equal_than"]

@@ -75,7 +75,8 @@ def load_model(filepath: Any, custom_optimizers: Any = None, custom_objects: Any
     return model
 
 
-# Horovod's names here; the lead adds start_timeline/stop_timeline (hvdllm.tensorflow's) in one line.
+# Horovod's names (hvdllm.keras re-exports this list): the timeline joins with one import of
+# start_timeline/stop_timeline from hvdllm.tensorflow and their two names here.
 __all__ = [
     "init", "shutdown", "is_initialized", "size", "local_size", "cross_size", "rank", "local_rank", "cross_rank",
     "mpi_threads_supported", "mpi_enabled", "mpi_built", "gloo_enabled", "gloo_built", "nccl_built", "ddl_built",
