@@ -7,8 +7,6 @@ keras_fit.py runs as written (``import hvdllm.tensorflow.keras as hvd``) and wit
 """
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
 import numpy as np

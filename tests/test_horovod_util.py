@@ -105,8 +105,8 @@ def test_keras_elastic_state_and_callbacks_one_process() -> None:
     commits = []
     commit = state.commit
     state.commit = lambda: (commits.append(state.batch), commit())
-    callbacks = [hk.elastic.CommitStateCallback(state, batches_per_commit=2), hk.elastic.UpdateBatchStateCallback(state),
-                 hk.elastic.UpdateEpochStateCallback(state)]
+    callbacks = [hk.elastic.CommitStateCallback(state, batches_per_commit=2),
+                 hk.elastic.UpdateBatchStateCallback(state), hk.elastic.UpdateEpochStateCallback(state)]
     model.fit(np.ones((8, 2)), np.zeros((8, 1)), batch_size=2, epochs=2, verbose=0, callbacks=callbacks)
     assert (state.epoch, state.batch, len(commits)) == (2, 0, 6)
     saved = [w.copy() for w in model.get_weights()]

@@ -26,13 +26,13 @@ from hvdllm.tensorflow.basics import (
     threads_per_rank)
 from hvdllm.tensorflow.distributed import DistributedGradientTape, PartialDistributedGradientTape
 from hvdllm.tensorflow.functions import (broadcast_, broadcast_global_variables, broadcast_object_fn, local_rank_op,
-                                         local_size_op, process_set_included_op, rank_op, refs_to_vars, size_op,
-                                         vars_to_refs)
+                                         local_size_op, process_set_included_op, rank_op, size_op)
 from hvdllm.tensorflow.gradient_aggregation import LocalGradientAggregationHelper
 from hvdllm.tensorflow.mpi_ops import (DistributedOptimizer, allgather, allgather_object, allreduce, alltoall,
                                        broadcast, broadcast_object, broadcast_variables, grouped_allgather,
                                        grouped_allreduce, grouped_reducescatter, reducescatter)
 from hvdllm.tensorflow.sync_batch_norm import SyncBatchNormalization
+from hvdllm.tensorflow.util import refs_to_vars, vars_to_refs
 
 __getattr__ = lazy_module_getattr(__name__)
 

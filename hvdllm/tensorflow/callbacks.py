@@ -12,7 +12,6 @@ Put them before other callbacks that read the logs (checkpointing, early stoppin
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 from typing import Any, Callable
@@ -24,11 +23,7 @@ import tensorflow as tf
 from hvdllm.core.gradients import warmup_multiplier
 from hvdllm.tensorflow.basics import allreduce, rank, size
 from hvdllm.tensorflow.distributed import broadcast_variables, is_distributed
-from hvdllm.tensorflow.util import ref
-
-
-def _device(device: str) -> Any:
-    return tf.device(device) if device else contextlib.nullcontext()
+from hvdllm.tensorflow.util import device_scope, ref
 
 
 class BroadcastGlobalVariablesCallback(keras.callbacks.Callback):
@@ -76,7 +71,7 @@ class BroadcastGlobalVariablesCallback(keras.callbacks.Callback):
         if opt is not None and not opt.built:
             opt.build(self.model.trainable_variables)
         variables = list(self.model.variables) + (list(opt.variables) if opt is not None else [])
-        with _device(self.device):
+        with device_scope(self.device):
             broadcast_variables([v for v in variables if ref(v) not in self._local_vars], root_rank=self.root_rank)
         self.broadcast_done = True
 
@@ -99,7 +94,7 @@ class MetricAverageCallback(keras.callbacks.Callback):
         if not keys:
             return
         values = tf.constant([float(logs[k]) for k in keys], dtype=tf.float64)
-        with _device(self.device):
+        with device_scope(self.device):
             mean = allreduce(values).numpy()
         for k, v in zip(keys, mean):
             logs[k] = float(v)

@@ -12,7 +12,6 @@ Keras's ``jit_compile="auto"`` resolves to False; on GPUs pass ``jit_compile=Fal
 """
 from __future__ import annotations
 
-import contextlib
 import warnings
 from typing import Any, Iterable, Sequence
 
@@ -24,7 +23,8 @@ from hvdllm.core.ops import Average, ReduceOp, Sum
 from hvdllm.core.process_sets import WORLD, ProcessSet
 from hvdllm.tensorflow.basics import collectives
 from hvdllm.tensorflow.buckets import packed
-from hvdllm.tensorflow.util import ref as _ref, ref_index
+from hvdllm.tensorflow.util import device_scope, ref_index
+from hvdllm.tensorflow.util import ref as _ref
 
 
 def _in_xla_context() -> bool:
@@ -100,8 +100,8 @@ def reduce_gradients(grads: Sequence[Any], variables: Sequence[Any], config: Red
     size = _set_size(rt, config.process_set)
     if size > 1:
         if _in_xla_context():
-            raise ValueError("hvdllm gradient reduction cannot run in an XLA-compiled function "
-                             "(jit_compile=True); allowed: jit_compile=False, e.g. model.compile(..., jit_compile=False)")
+            raise ValueError("hvdllm gradient reduction cannot run in an XLA-compiled function (jit_compile=True); "
+                             "allowed: jit_compile=False, e.g. model.compile(..., jit_compile=False)")
         grads = [tf.zeros(v.shape, tf.as_dtype(v.dtype)) if g is None and i not in local else g
                  for i, (g, v) in enumerate(zip(grads, variables))]
     idx = [i for i, g in enumerate(grads) if g is not None and i not in local]
@@ -123,7 +123,7 @@ def reduce_gradients(grads: Sequence[Any], variables: Sequence[Any], config: Red
         chosen = set(idx)
         buckets = [idx] if groups is None else [[i for i in g if i in chosen] for g in groups]
         cap = config.bucket_cap_bytes if groups is None else 0
-        with tf.device(device) if device else contextlib.nullcontext():
+        with device_scope(device):
             for bucket in (b for b in buckets if b):
                 for i, g in zip(bucket, packed([_dense(grads[i]) for i in bucket], reduce, cap)):
                     out[i] = g

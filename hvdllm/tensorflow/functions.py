@@ -14,7 +14,6 @@ import tensorflow as tf
 from hvdllm.core.process_sets import WORLD, ProcessSet
 from hvdllm.tensorflow import basics
 from hvdllm.tensorflow.distributed import broadcast_variables
-from hvdllm.tensorflow.util import refs_to_vars, vars_to_refs  # noqa: F401  (Horovod exports them here)
 
 
 def broadcast_(variables: Iterable[Any], root_rank: int, name: str | None = None,

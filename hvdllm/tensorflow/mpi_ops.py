@@ -9,7 +9,6 @@ as Horovod does (values and indices allgathered; Average divides the values), ``
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Sequence
 
 import tensorflow as tf
@@ -20,10 +19,7 @@ from hvdllm.core.ops import Average, ReduceOp, resolve_op
 from hvdllm.core.process_sets import WORLD, ProcessSet
 from hvdllm.tensorflow import basics
 from hvdllm.tensorflow import distributed
-
-
-def _device(device: str) -> Any:
-    return tf.device(device) if device else contextlib.nullcontext()
+from hvdllm.tensorflow.util import device_scope
 
 
 def _compressed(tensors: Sequence[Any], compression: Any) -> tuple[list[tf.Tensor], list[tf.DType]]:
@@ -54,9 +50,9 @@ def allreduce(tensor: Any, average: Any = None, device_dense: str = "", device_s
     """Reduce ``tensor`` over the ranks (Average unless ``op``/``average`` say otherwise)."""
     op = resolve_op(op, average)
     if isinstance(tensor, tf.IndexedSlices):
-        with _device(device_sparse):
+        with device_scope(device_sparse):
             return _sparse_allreduce(tensor, op, name, process_set)
-    with _device(device_dense):
+    with device_scope(device_dense):
         (wire,), (dtype,) = _compressed([tensor], compression)
         out = basics.allreduce(wire, op, process_set, name, prescale_factor=prescale_factor,
                                postscale_factor=postscale_factor)
@@ -71,7 +67,7 @@ def grouped_allreduce(tensors: Sequence[Any], average: Any = None, device_dense:
     if not tensors:
         return list(tensors)
     op = resolve_op(op, average)
-    with _device(device_dense):
+    with device_scope(device_dense):
         wires, dtypes = _compressed(tensors, compression)
         out = basics.grouped_allreduce(wires, op, process_set, name, prescale_factor=prescale_factor,
                                        postscale_factor=postscale_factor)
@@ -106,14 +102,14 @@ def reducescatter(tensor: Any, device_dense: str = "", compression: Any = None, 
                   name: str | None = None, process_set: ProcessSet = WORLD, ignore_name_scope: bool = False,
                   prescale_factor: float = 1.0, postscale_factor: float = 1.0) -> tf.Tensor:
     """Reduce over the ranks and return this rank's share of the first dimension."""
-    with _device(device_dense):
+    with device_scope(device_dense):
         return basics.reducescatter(tensor, name, compression, op, process_set, prescale_factor, postscale_factor)
 
 
 def grouped_reducescatter(tensors: Sequence[Any], device_dense: str = "", compression: Any = None,
                           op: Any = Average, process_set: ProcessSet = WORLD, prescale_factor: float = 1.0,
                           postscale_factor: float = 1.0) -> list:
-    with _device(device_dense):
+    with device_scope(device_dense):
         return basics.grouped_reducescatter(tensors, None, compression, op, process_set, prescale_factor,
                                             postscale_factor)
 

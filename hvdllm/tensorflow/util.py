@@ -1,8 +1,12 @@
-"""Variable references (Horovod's ``vars_to_refs``/``refs_to_vars``) that also work for Keras 3 variables,
-which have no ``ref()``: the reason Horovod's own tape and callbacks crash on Keras 3."""
+"""Small TF helpers shared by the adapter: variable references (Horovod's ``vars_to_refs``/``refs_to_vars``)
+that also work for Keras 3 variables, which have no ``ref()`` (the reason Horovod's own tape and callbacks
+crash on Keras 3), and Horovod's ``device`` arguments as a scope."""
 from __future__ import annotations
 
+import contextlib
 from typing import Any
+
+import tensorflow as tf
 
 
 class _Ref:
@@ -43,3 +47,8 @@ def refs_to_vars(refs: Any) -> Any:
 def ref_index(variables: Any) -> dict[Any, int]:
     """Each variable's reference -> its position in ``variables``."""
     return {ref(v): i for i, v in enumerate(variables)}
+
+
+def device_scope(device: str) -> Any:
+    """``tf.device(device)``, or no scope for Horovod's default ``''``."""
+    return tf.device(device) if device else contextlib.nullcontext()

@@ -164,7 +164,8 @@ def sgd_reference(model: keras.Model, grads: list[np.ndarray], lr: float) -> lis
 def optimizer_cases() -> None:
     for label, wrap in (("groups_int", lambda o: htk.DistributedOptimizer(o, groups=2)),
                         ("num_groups", lambda o: hk.DistributedOptimizer(o, num_groups=3)),
-                        ("sparse_device", lambda o: htk.DistributedOptimizer(o, sparse_as_dense=True, device_dense="/cpu:0")),
+                        ("sparse_device",
+                         lambda o: htk.DistributedOptimizer(o, sparse_as_dense=True, device_dense="/cpu:0")),
                         ("predivide", lambda o: htk.DistributedOptimizer(o, gradient_predivide_factor=2.0)),
                         ("partial", None), ("register_local", None)):
         model = two_layer_model()
@@ -290,7 +291,8 @@ def lr_schedule_cases() -> None:
     w0 = np.array([[0.1], [0.2], [-0.3]])
     for staircase in (True, False):
         keras.utils.set_random_seed(1)
-        model = keras.Sequential([keras.Input((3,), dtype="float64"), keras.layers.Dense(1, use_bias=False, dtype="float64")])
+        model = keras.Sequential([keras.Input((3,), dtype="float64"),
+                                  keras.layers.Dense(1, use_bias=False, dtype="float64")])
         model.layers[0].kernel.assign(w0)
         model.compile(optimizer=hk.DistributedOptimizer(keras.optimizers.SGD(0.1, momentum=0.9)),
                       loss=keras.losses.MeanSquaredError(dtype="float64"))
