@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import traceback
 
 import numpy as np
@@ -25,7 +26,7 @@ hvd.init()
 tf.config.threading.set_intra_op_parallelism_threads(1)
 tf.config.threading.set_inter_op_parallelism_threads(1)
 r, n = hvd.rank(), hvd.size()
-OUT = os.environ.get("HVDLLM_TEST_OUT", "/tmp")
+OUT = os.environ.get("HVDLLM_TEST_OUT") or tempfile.gettempdir()
 checked: list[str] = []
 failures: list[str] = []
 
