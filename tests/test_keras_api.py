@@ -19,8 +19,8 @@ CASES = {"syncbn_eager", "syncbn_function", "syncbn_fused_error", "partial_tape_
          "keras_allgather_uneven", "keras_broadcast", "keras_reducescatter", "load_model_htk",
          "load_model_htk_replicas", "load_model_hk", "load_model_hk_replicas", "lr_schedule_staircase_True",
          "lr_schedule_momentum_restored_True", "lr_schedule_staircase_False", "lr_schedule_momentum_restored_False"}
-LAUNCHES = [("python", 1, "local"), ("gloo", 2, "horovod"), ("gloo", 3, "horovod"), ("mpirun", 2, "mpi"),
-            ("mpirun", 3, "mpi")]
+LAUNCHES = [("python", 1, "local"), ("gloo", 2, "horovod"), ("gloo", 3, "horovod"), ("horovod-mpi", 2, "horovod"),
+            ("mpirun", 2, "mpi"), ("mpirun", 3, "mpi")]
 
 
 @pytest.mark.timeout(500)
