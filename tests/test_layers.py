@@ -13,7 +13,7 @@ from pathlib import Path
 import hvdllm
 
 ROOT = Path(hvdllm.__file__).parent
-LIBRARIES = ("hvdllm.core", "hvdllm.torch", "hvdllm.tensorflow", "hvdllm.models", "hvdllm.data")
+LIBRARIES = ("hvdllm.core", "hvdllm.torch", "hvdllm.tensorflow", "hvdllm.keras", "hvdllm.models", "hvdllm.data")
 
 
 def _module_name(path: Path) -> str:

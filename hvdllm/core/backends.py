@@ -84,6 +84,13 @@ class HorovodBase:
         return [self.broadcast_object(obj if root == self.world.rank else None, root, process_set, f"{name}.{root}")
                 for root in process_set.members(self.world.size)]
 
+    def process_set_of(self, process_set_id: int) -> ProcessSet:
+        """The registered set Horovod numbers ``process_set_id`` (0: the whole world)."""
+        for ps, hps in self._sets.items():
+            if hps.process_set_id == process_set_id:
+                return ps
+        raise ValueError(f"process_set_id={process_set_id!r} is not a registered process set")
+
     def remove_process_set(self, ps: ProcessSet) -> bool:
         if ps == WORLD or ps not in self._sets:
             return False
@@ -194,6 +201,11 @@ class NumpyBase:
     def join(self, device: int = -1) -> int:
         """The last rank to join (hvdllm.core.join: joined ranks serve allreduce, broadcast and barrier)."""
         return self.impl.join()
+
+    def process_set_of(self, process_set_id: int) -> ProcessSet:
+        """The registered set numbered ``process_set_id`` (0: the world; then in registration order, as
+        Horovod numbers them)."""
+        return self.impl.process_set_of(process_set_id)
 
     def remove_process_set(self, ps: ProcessSet) -> bool:
         return self.impl.remove_process_set(ps)

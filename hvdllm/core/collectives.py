@@ -216,8 +216,9 @@ class NumpyCollectives:
         self.comm, self.world, self.wait_timeout = comm, world, wait_timeout
         self._comms: dict[ProcessSet, Any] = {WORLD: comm}
         self._join = None if isinstance(comm, SelfComm) or comm.Get_size() == 1 else JoinChannel(comm)
+        self._ids: dict[ProcessSet, int] = {WORLD: 0}
         for ps in process_sets:
-            self._comms[ps] = self._create(ps)
+            self.add_process_set(ps)
 
     def _create(self, ps: ProcessSet) -> Any:
         if isinstance(self.comm, SelfComm):
@@ -231,6 +232,14 @@ class NumpyCollectives:
         """Register a new set; a collective call over the whole world."""
         if ps not in self._comms:
             self._comms[ps] = self._create(ps)
+            self._ids[ps] = max(self._ids.values()) + 1   # never reused, as Horovod's ids
+
+    def process_set_of(self, process_set_id: int) -> ProcessSet:
+        """The registered set numbered ``process_set_id`` (0: the world, then in registration order)."""
+        for ps, i in self._ids.items():
+            if i == process_set_id and ps in self._comms:
+                return ps
+        raise ValueError(f"process_set_id={process_set_id!r} is not a registered process set")
 
     def comm_for(self, process_set: ProcessSet) -> Any:
         if process_set not in self._comms:

@@ -153,6 +153,16 @@ def clip_coefficient_of(total_norm: Any, max_norm: float, maximum: Callable[[Any
     return max_norm / maximum(total_norm + eps, max_norm)
 
 
+def warmup_multiplier(progress: float, size: int, warmup_epochs: float) -> float:
+    """Horovod's gradual-warmup factor of the scaled learning rate after ``progress`` epochs (a float,
+    counted to the *end* of the current batch): from 1/size up to 1 at ``warmup_epochs``, then 1."""
+    if warmup_epochs <= 0:
+        raise ValueError(f"warmup_epochs={warmup_epochs} must be > 0")
+    if progress >= warmup_epochs:
+        return 1.0
+    return 1.0 / size * (progress * (size - 1) / warmup_epochs + 1.0)
+
+
 def gradual_warmup_lr(initial_lr: float, size: int, warmup_epochs: float, epoch: int, batch: int,
                       steps_per_epoch: int) -> float:
     """Learning rate of the gradual warmup for data parallelism (Goyal et al., 2017; Horovod's callback).
@@ -161,11 +171,43 @@ def gradual_warmup_lr(initial_lr: float, size: int, warmup_epochs: float, epoch:
     step; it reaches ``initial_lr`` on the last batch of the warmup and stays there. ``initial_lr`` is the
     already-scaled rate (single-process lr x size, the linear scaling rule).
     """
-    if warmup_epochs <= 0:
-        raise ValueError(f"warmup_epochs={warmup_epochs} must be > 0")
     if steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch={steps_per_epoch} must be >= 1")
-    progress = epoch + (batch + 1) / steps_per_epoch
-    if progress >= warmup_epochs:
-        return float(initial_lr)
-    return float(initial_lr) / size * (progress * (size - 1) / warmup_epochs + 1.0)
+    return float(initial_lr) * warmup_multiplier(epoch + (batch + 1) / steps_per_epoch, size, warmup_epochs)
+
+
+def validate_groups(groups: Any, num_groups: Any = 0) -> Any:
+    """Horovod's ``num_groups``/``groups`` pair: ``num_groups`` (deprecated) stands in for a missing
+    ``groups``; ``groups`` is None, an integer > 0 or a list of lists of variables."""
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 0:
+        raise ValueError(f"num_groups={num_groups!r} must be an integer >= 0")
+    if groups is None and num_groups:
+        groups = num_groups
+    if groups is None or isinstance(groups, list):
+        return groups
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups <= 0:
+        raise ValueError(f"groups={groups!r} must be an integer > 0 or a list of lists of variables")
+    return groups
+
+
+def group_indices(count: int, groups: Any, position: Callable[[Any], int | None]) -> list[list[int]] | None:
+    """Horovod's explicit grouping of ``count`` gradients into fused reductions, as index lists.
+
+    ``groups`` an integer g: the gradients in g consecutive, near-equal groups; a list of lists of
+    variables: each inner list one group (``position(var)`` is its gradient's index, None when that
+    variable has no gradient here), every other gradient a group of its own. None: no explicit groups.
+    """
+    if groups is None:
+        return None
+    if isinstance(groups, int):
+        d, r = divmod(count, groups)
+        parts = [list(range(i * d + min(i, r), (i + 1) * d + min(i + 1, r))) for i in range(groups)]
+        return [p for p in parts if p]
+    out: list[list[int]] = []
+    seen: set[int] = set()
+    for group in groups:
+        idx = [i for i in (position(v) for v in group) if i is not None and i not in seen]
+        seen.update(idx)
+        if idx:
+            out.append(sorted(idx))
+    return out + [[i] for i in range(count) if i not in seen]

@@ -17,11 +17,14 @@ from typing import Any, Iterable, Sequence
 
 import tensorflow as tf
 
-from hvdllm.core.gradients import ReductionConfig, backend_wire_dtype, clip_coefficient_of, is_reduction_pass
+from hvdllm.core.gradients import (ReductionConfig, backend_wire_dtype, clip_coefficient_of, group_indices,
+                                   is_reduction_pass, validate_groups)
 from hvdllm.core.ops import Average, ReduceOp, Sum
 from hvdllm.core.process_sets import WORLD, ProcessSet
 from hvdllm.tensorflow.basics import collectives
 from hvdllm.tensorflow.buckets import packed
+from hvdllm.tensorflow.util import device_scope, ref_index
+from hvdllm.tensorflow.util import ref as _ref
 
 
 def _in_xla_context() -> bool:
@@ -78,41 +81,57 @@ def _set_size(rt: Any, process_set: ProcessSet) -> int:
 
 
 def reduce_gradients(grads: Sequence[Any], variables: Sequence[Any], config: ReductionConfig,
-                     norm_out: Any = None) -> list[Any]:
+                     norm_out: Any = None, groups: list[list[int]] | None = None,
+                     local: frozenset[int] | set[int] = frozenset(), scale_local: bool = True,
+                     device: str = "") -> list[Any]:
     """Reduce the gradients of ``variables`` over the ranks (the core's prescale -> sum -> postscale), then clip.
 
     A None gradient travels as zeros, so every rank reduces the same buckets (a variable one rank's loss
     does not touch still gets the other ranks' gradients, as in torch); on one rank nothing travels and
     None stays None. With clipping, ``norm_out`` (a float32 ``tf.Variable``, optional) receives the global
-    norm before clipping. Buckets follow the core's plan (dtype, size cap, reverse order); each is one
-    flat buffer summed in the compression's wire dtype. Works eagerly and inside ``tf.function``.
+    norm before clipping. Buckets follow the core's plan (dtype, size cap, reverse order), or Horovod's
+    explicit ``groups`` (index lists, :func:`hvdllm.core.gradients.group_indices`: one fused reduction per
+    group and dtype); each is one flat buffer summed in the compression's wire dtype. The gradients at
+    the indices in ``local`` (Horovod's local variables) are not reduced; with ``scale_local`` they are
+    divided by the number of ranks, as Horovod does. ``device`` (Horovod's ``device_dense``) places the
+    reductions. Works eagerly and inside ``tf.function``.
     """
     rt = collectives()
     size = _set_size(rt, config.process_set)
     if size > 1:
         if _in_xla_context():
-            raise ValueError("hvdllm gradient reduction cannot run in an XLA-compiled function "
-                             "(jit_compile=True); allowed: jit_compile=False, e.g. model.compile(..., jit_compile=False)")
-        grads = [tf.zeros(v.shape, tf.as_dtype(v.dtype)) if g is None else g for g, v in zip(grads, variables)]
-    idx = [i for i, g in enumerate(grads) if g is not None]
+            raise ValueError("hvdllm gradient reduction cannot run in an XLA-compiled function (jit_compile=True); "
+                             "allowed: jit_compile=False, e.g. model.compile(..., jit_compile=False)")
+        grads = [tf.zeros(v.shape, tf.as_dtype(v.dtype)) if g is None and i not in local else g
+                 for i, (g, v) in enumerate(zip(grads, variables))]
+    idx = [i for i, g in enumerate(grads) if g is not None and i not in local]
 
     def reduce(flat: tf.Tensor) -> tf.Tensor:
         wire = _wire(flat.dtype.name, config, rt.name) if size > 1 else flat.dtype.name
         prescale, postscale = config.scales(size, wire)
         if prescale != 1.0:  # in the gradient's dtype, before a 16-bit wire can overflow
-            flat = flat * tf.cast(prescale, flat.dtype)
+            flat = flat * tf.constant(prescale, flat.dtype)
         if size > 1:
             summed = rt.allreduce(tf.cast(flat, tf.as_dtype(wire)), Sum, config.process_set, name=_op_name("grads"))
             if postscale != 1.0:  # on the wire buffer: a widened (fp32) sum of 16-bit gradients fits after it
-                summed = summed * tf.cast(postscale, summed.dtype)
+                summed = summed * tf.constant(postscale, summed.dtype)
             return tf.cast(summed, flat.dtype)
-        return flat * tf.cast(postscale, flat.dtype) if postscale != 1.0 else flat
+        return flat * tf.constant(postscale, flat.dtype) if postscale != 1.0 else flat
 
     out: list[Any] = list(grads)
     if idx and (size > 1 or config.scales(1) != (1.0, 1.0)):
-        for i, g in zip(idx, packed([_dense(grads[i]) for i in idx], reduce, config.bucket_cap_bytes)):
-            out[i] = g
-    if idx and config.max_grad_norm is not None:
+        chosen = set(idx)
+        buckets = [idx] if groups is None else [[i for i in g if i in chosen] for g in groups]
+        cap = config.bucket_cap_bytes if groups is None else 0
+        with device_scope(device):
+            for bucket in (b for b in buckets if b):
+                for i, g in zip(bucket, packed([_dense(grads[i]) for i in bucket], reduce, cap)):
+                    out[i] = g
+    if scale_local and size > 1:
+        for i in local:
+            if out[i] is not None:
+                out[i] = _dense(out[i]) / tf.cast(size, tf.as_dtype(out[i].dtype))
+    if any(g is not None for g in out) and config.max_grad_norm is not None:
         out = clip_by_global_norm_after_reduction(out, config.max_grad_norm, norm_out)
     return out
 
@@ -128,6 +147,39 @@ def clip_by_global_norm_after_reduction(grads: Sequence[Any], max_norm: float, n
     return [None if g is None else _dense(g) * tf.cast(coef, g.dtype) for g in grads]
 
 
+class _LocalVariables:
+    """Horovod's worker-local variables: their gradients are not reduced (and are divided by the number
+    of ranks when ``scale_local_gradients``); shared by the tape and the Keras optimizer."""
+
+    def __init__(self, scale_local_gradients: bool = True) -> None:
+        self.refs: set[Any] = set()
+        self.scale = bool(scale_local_gradients)
+
+    def add(self, var: Any) -> None:
+        self.refs.add(_ref(var))
+
+    def indices(self, variables: Sequence[Any]) -> frozenset[int]:
+        if not self.refs:
+            return frozenset()
+        return frozenset(i for r, i in ref_index(variables).items() if r in self.refs)
+
+
+def _horovod_options(device_sparse: str, sparse_as_dense: bool, num_groups: int, groups: Any) -> Any:
+    """Validate Horovod's tape/optimizer options that change no numbers here: sparse gradients are always
+    reduced dense (the same average as Horovod's allgather of IndexedSlices), ``device_sparse`` is
+    accepted for parity. Returns the effective ``groups``."""
+    if not isinstance(device_sparse, str):
+        raise ValueError(f"device_sparse={device_sparse!r} must be a device string ('' for the default)")
+    if not isinstance(sparse_as_dense, bool):
+        raise ValueError(f"sparse_as_dense={sparse_as_dense!r} must be True or False")
+    return validate_groups(groups, num_groups)
+
+
+def _grouping(groups: Any, variables: Sequence[Any]) -> list[list[int]] | None:
+    index = ref_index(variables)
+    return group_indices(len(variables), groups, lambda v: index.get(_ref(v)))
+
+
 class DistributedGradientTape:
     """Wraps a ``tf.GradientTape``: ``gradient()`` returns gradients reduced over the ranks.
 
@@ -137,19 +189,28 @@ class DistributedGradientTape:
         grads = tape.gradient(loss, model.trainable_variables)   # averaged over ranks
 
     Also usable as ``with hvd.DistributedGradientTape(tf.GradientTape()) as tape:``. Every other method
-    (``watch``, ``stop_recording``, ``jacobian``, ...) is the wrapped tape's. ``gradient_predivide_factor``
-    f is Horovod's (Average only): gradients are divided by f before the sum and multiplied by f/N after it.
+    (``watch``, ``stop_recording``, ``jacobian``, ...) is the wrapped tape's. Horovod's arguments, with its
+    meaning: ``gradient_predivide_factor`` f (Average only) divides by f before the sum and multiplies by
+    f/N after it; ``groups`` (an integer or lists of variables; ``num_groups`` deprecated) fuses the
+    reductions in those groups instead of ``bucket_cap_mb`` buckets; ``device_dense`` places them;
+    ``register_local_source(var)`` keeps a variable's gradient local (divided by N with
+    ``scale_local_gradients``). Sparse gradients are reduced dense (``sparse_as_dense`` is accepted).
     """
 
-    def __init__(self, gradtape: tf.GradientTape, compression: object = None, op: ReduceOp = Average,
-                 bucket_cap_mb: float = 25.0, process_set: ProcessSet = WORLD,
-                 gradient_predivide_factor: float = 1.0) -> None:
+    def __init__(self, gradtape: tf.GradientTape, device_dense: str = "", device_sparse: str = "",
+                 compression: object = None, sparse_as_dense: bool = False, op: ReduceOp = Average,
+                 gradient_predivide_factor: float = 1.0, num_groups: int = 0, groups: Any = None,
+                 process_set: ProcessSet = WORLD, scale_local_gradients: bool = True, *,
+                 bucket_cap_mb: float = 25.0) -> None:
         if not isinstance(gradtape, tf.GradientTape):
             raise ValueError(f"DistributedGradientTape needs a tf.GradientTape, got {type(gradtape).__name__}")
         self._tape = gradtape
+        self._groups = _horovod_options(device_sparse, sparse_as_dense, num_groups, groups)
+        self._device = device_dense
         self._config = ReductionConfig.create(op=op, compression=compression, bucket_cap_mb=bucket_cap_mb,
                                               process_set=process_set,
                                               gradient_predivide_factor=gradient_predivide_factor)
+        self._local = _LocalVariables(scale_local_gradients)
 
     def __enter__(self) -> "DistributedGradientTape":
         self._tape.__enter__()
@@ -163,21 +224,69 @@ class DistributedGradientTape:
             raise AttributeError(name)
         return getattr(self._tape, name)
 
+    def register_local_source(self, source: Any) -> None:
+        """Keep ``source``'s gradient local: it is not reduced over the ranks (Horovod's local variables)."""
+        self._local.add(source)
+
     def gradient(self, target: Any, sources: Any, output_gradients: Any = None,
                  unconnected_gradients: Any = tf.UnconnectedGradients.NONE) -> Any:
         """The tape's gradients, reduced with ``op`` over the ranks (same nesting as ``sources``)."""
         grads = self._tape.gradient(target, sources, output_gradients=output_gradients,
                                     unconnected_gradients=unconnected_gradients)
-        reduced = reduce_gradients(tf.nest.flatten(grads), tf.nest.flatten(sources), self._config)
+        flat = tf.nest.flatten(sources)
+        reduced = reduce_gradients(tf.nest.flatten(grads), flat, self._config,
+                                   groups=_grouping(self._groups, flat), local=self._local.indices(flat),
+                                   scale_local=self._local.scale, device=self._device)
         return tf.nest.pack_sequence_as(grads, reduced)
+
+    def get_local_and_global_gradients(self, target: Any, sources: Sequence[Any],
+                                       output_gradients: Any = None) -> tuple[list, list]:
+        """``([(local source, gradient)], [(reduced source, gradient)])``, each in the order of ``sources``."""
+        grads = self.gradient(target, sources, output_gradients)
+        local = self._local.indices(list(sources))
+        pairs = list(zip(sources, grads))
+        return ([p for i, p in enumerate(pairs) if i in local], [p for i, p in enumerate(pairs) if i not in local])
+
+
+def _local_layer_variables(local_layers: Any) -> list[Any]:
+    """Horovod's ``local_layers``: None, one Keras layer or a collection of them -> their trainable weights."""
+    import keras
+
+    if local_layers is None:
+        return []
+    if isinstance(local_layers, keras.layers.Layer):
+        local_layers = [local_layers]
+    local_layers = list(local_layers)
+    bad = [type(x).__name__ for x in local_layers if not isinstance(x, keras.layers.Layer)]
+    if bad:
+        raise ValueError(f"local_layers must be Keras layers, got {', '.join(bad)}")
+    return [v for layer in local_layers for v in layer.trainable_weights]
+
+
+def PartialDistributedGradientTape(gradtape: tf.GradientTape, device_dense: str = "", device_sparse: str = "",
+                                   compression: object = None, sparse_as_dense: bool = False,
+                                   op: ReduceOp = Average, gradient_predivide_factor: float = 1.0,
+                                   num_groups: int = 0, groups: Any = None, process_set: ProcessSet = WORLD,
+                                   local_layers: Any = None, scale_local_gradients: bool = True
+                                   ) -> DistributedGradientTape:
+    """A :class:`DistributedGradientTape` that leaves the gradients of ``local_layers``' trainable
+    variables local (not reduced; divided by the number of ranks with ``scale_local_gradients``)."""
+    tape = DistributedGradientTape(gradtape, device_dense, device_sparse, compression, sparse_as_dense, op,
+                                   gradient_predivide_factor, num_groups, groups, process_set,
+                                   scale_local_gradients)
+    for var in _local_layer_variables(local_layers):
+        tape.register_local_source(var)
+    return tape
 
 
 class _State:
     """Per-optimizer data-parallel state, kept out of Keras's and TF's variable tracking on purpose:
     saved optimizers stay loadable without hvdllm and ``optimizer.variables`` stays the inner one's."""
 
-    def __init__(self, config: ReductionConfig) -> None:
-        self.config = config
+    def __init__(self, config: ReductionConfig, groups: Any = None, device: str = "",
+                 local: _LocalVariables | None = None) -> None:
+        self.config, self.groups, self.device = config, groups, device
+        self.local = local or _LocalVariables()
         self.accumulators: list[tf.Variable] = []
         self.passes: tf.Variable | None = None
         self.grad_norm: tf.Variable | None = None
@@ -188,6 +297,17 @@ class _DistributedMixin:
     then the wrapped optimizer's own ``apply``."""
 
     _hvdllm: _State
+
+    def register_local_var(self, var: Any) -> None:
+        """Keep ``var``'s gradient local: it is not reduced over the ranks (Horovod's local variables)."""
+        self._hvdllm.local.add(var)
+
+    def _hvdllm_reduce(self, grads: Sequence[Any], variables: Sequence[Any]) -> list[Any]:
+        state = self._hvdllm
+        variables = list(variables)
+        return reduce_gradients(grads, variables, state.config, state.grad_norm,
+                                groups=_grouping(state.groups, variables), local=state.local.indices(variables),
+                                scale_local=state.local.scale, device=state.device)
 
     @property
     def backward_passes_per_step(self) -> int:
@@ -236,8 +356,7 @@ class _DistributedMixin:
         inner = super(_DistributedMixin, self).apply
         self._hvdllm_accumulators(list(self._trainable_variables))
         if state.config.backward_passes_per_step == 1:
-            return inner(reduce_gradients(grads, trainable_variables, state.config, state.grad_norm),
-                         trainable_variables)
+            return inner(self._hvdllm_reduce(grads, trainable_variables), trainable_variables)
         for g, v in zip(grads, trainable_variables):
             if g is not None:
                 acc = state.accumulators[self._get_variable_index(v)]
@@ -249,7 +368,7 @@ class _DistributedMixin:
             """Every accumulator (a variable without gradients in this window sends zeros): the same buckets
             on every rank, and none left unapplied or unreset."""
             variables, accs = list(self._trainable_variables), state.accumulators
-            inner(reduce_gradients([a.read_value() for a in accs], variables, state.config, state.grad_norm), variables)
+            inner(self._hvdllm_reduce([a.read_value() for a in accs], variables), variables)
             for acc in accs:
                 acc.assign(tf.zeros_like(acc))
             return tf.constant(True)
@@ -280,22 +399,26 @@ def is_distributed(optimizer: Any) -> bool:
     return isinstance(optimizer, _DistributedMixin)
 
 
-def DistributedOptimizer(optimizer: Any, name: str | None = None, compression: object = None,
-                         backward_passes_per_step: int = 1, op: ReduceOp = Average,
-                         max_grad_norm: float | None = None, bucket_cap_mb: float = 25.0,
-                         average_aggregated_gradients: bool = False, process_set: ProcessSet = WORLD,
-                         gradient_predivide_factor: float = 1.0) -> Any:
+def DistributedOptimizer(optimizer: Any, name: str | None = None, device_dense: str = "", device_sparse: str = "",
+                         compression: object = None, sparse_as_dense: bool = False,
+                         gradient_predivide_factor: float = 1.0, op: ReduceOp = Average,
+                         backward_passes_per_step: int = 1, average_aggregated_gradients: bool = False,
+                         num_groups: int = 0, groups: Any = None, process_set: ProcessSet = WORLD,
+                         scale_local_gradients: bool = True, *, max_grad_norm: float | None = None,
+                         bucket_cap_mb: float = 25.0) -> Any:
     """Make a Keras 3 optimizer data-parallel; use it in ``model.compile`` / ``model.fit`` or ``apply_gradients``.
 
-    Gradients are reduced with ``op`` (Average by default) over the ranks before the optimizer's own
-    update. ``backward_passes_per_step=k`` sums k local gradient sets and reduces + applies once every k
-    calls (``optimizer.iterations`` counts updates, not passes); ``average_aggregated_gradients=True``
-    divides the sum by k (the mean, as one k-times-larger batch). ``max_grad_norm`` clips by the global norm
-    after the reduction. ``gradient_predivide_factor`` is Horovod's (see :class:`DistributedGradientTape`).
-    A variable without a gradient on some rank gets the other ranks' (it contributes zeros). The optimizer
-    is converted in place (its class becomes a subclass of its own class, its state is kept) and returned;
-    ``get_config`` and saving record the plain optimizer.
-    Not usable under XLA: compile with ``jit_compile=False`` (the default on CPU).
+    Horovod's signature and meaning (horovod.tensorflow.keras.DistributedOptimizer). Gradients are reduced
+    with ``op`` (Average or Sum) over ``process_set`` before the optimizer's own update.
+    ``backward_passes_per_step=k`` sums k local gradient sets and reduces + applies once every k calls
+    (``optimizer.iterations`` counts updates, not passes); ``average_aggregated_gradients=True`` divides the
+    sum by k (the mean, as one k-times-larger batch). ``gradient_predivide_factor``, ``groups``/``num_groups``,
+    ``device_dense`` and local variables (``register_local_var``, ``scale_local_gradients``): see
+    :class:`DistributedGradientTape`. hvdllm's extras: ``max_grad_norm`` clips by the global norm after the
+    reduction; ``bucket_cap_mb`` sizes the fused buffers. A variable without a gradient on some rank gets
+    the other ranks' (it contributes zeros). The optimizer is converted in place (its class becomes a
+    subclass of its own class, its state is kept) and returned; ``get_config`` and saving record the plain
+    optimizer. Not usable under XLA: compile with ``jit_compile=False`` (the default on CPU).
     """
     import keras
 
@@ -306,18 +429,35 @@ def DistributedOptimizer(optimizer: Any, name: str | None = None, compression: o
     if getattr(optimizer, "gradient_accumulation_steps", None):
         raise ValueError(f"gradient_accumulation_steps={optimizer.gradient_accumulation_steps} on the inner "
                          "optimizer; allowed: None, use backward_passes_per_step= instead")
+    groups = _horovod_options(device_sparse, sparse_as_dense, num_groups, groups)
     config = ReductionConfig.create(op=op, compression=compression, backward_passes_per_step=backward_passes_per_step,
                                     average_aggregated_gradients=average_aggregated_gradients,
                                     max_grad_norm=max_grad_norm, bucket_cap_mb=bucket_cap_mb, process_set=process_set,
                                     gradient_predivide_factor=gradient_predivide_factor)
     cls = _distributed_class(type(optimizer))
-    object.__setattr__(optimizer, "_hvdllm", _State(config))
+    object.__setattr__(optimizer, "_hvdllm", _State(config, groups, device_dense,
+                                                    _LocalVariables(scale_local_gradients)))
     optimizer.__class__ = cls
     if name is not None:
         optimizer.name = name
     if optimizer.built:
         optimizer._hvdllm_accumulators(list(optimizer._trainable_variables))
     return optimizer
+
+
+def PartialDistributedOptimizer(optimizer: Any, name: str | None = None, device_dense: str = "",
+                                device_sparse: str = "", compression: object = None, sparse_as_dense: bool = False,
+                                gradient_predivide_factor: float = 1.0, op: ReduceOp = Average, groups: Any = None,
+                                process_set: ProcessSet = WORLD, local_layers: Any = None,
+                                scale_local_gradients: bool = True) -> Any:
+    """A :func:`DistributedOptimizer` that leaves the gradients of ``local_layers``' trainable variables
+    local (horovod.keras.PartialDistributedOptimizer)."""
+    opt = DistributedOptimizer(optimizer, name, device_dense, device_sparse, compression, sparse_as_dense,
+                               gradient_predivide_factor, op, groups=groups, process_set=process_set,
+                               scale_local_gradients=scale_local_gradients)
+    for var in _local_layer_variables(local_layers):
+        opt.register_local_var(var)
+    return opt
 
 
 def broadcast_variables(variables: Iterable[Any], root_rank: int = 0, process_set: ProcessSet = WORLD) -> None:

@@ -53,23 +53,11 @@ def _variables(optimizer: Any) -> list[Any]:
     return list(v() if callable(v) else v)
 
 
-class TensorFlowKerasState(ObjectState):
-    """A built Keras model, its optimizer (given, or the compiled one) and picklable objects."""
-
-    def __init__(self, model: Any, optimizer: Any = None, backend: Any = None, **kwargs: Any) -> None:
-        if not getattr(model, "built", True):
-            raise ValueError("TensorFlowKerasState: the model must be built first; call model.build(input_shape)")
-        self.model = model
-        self.optimizer = optimizer or getattr(model, "optimizer", None)
-        if self.optimizer is not None and not getattr(self.optimizer, "built", True):
-            # a worker that joins late must hold the same optimizer variables as the survivors
-            self.optimizer.build(model.trainable_variables)
-        self.backend = backend  # Horovod's TF1 session argument; unused with TF 2
-        self._save_model()
-        super().__init__(**kwargs)
+class _VariablesState(ObjectState):
+    """Variables kept in memory by ``commit()``, put back by ``restore()``, rank 0's after a sync."""
 
     def _all(self) -> list[Any]:
-        return list(self.model.variables) + _variables(self.optimizer)
+        raise NotImplementedError
 
     def _save_model(self) -> None:
         self._saved_variables = [tf.identity(v) for v in self._all()]
@@ -88,10 +76,45 @@ class TensorFlowKerasState(ObjectState):
         self._save_model()
         super().sync()
 
+
+class TensorFlowKerasState(_VariablesState):
+    """A built Keras model, its optimizer (given, or the compiled one) and picklable objects."""
+
+    def __init__(self, model: Any, optimizer: Any = None, backend: Any = None, **kwargs: Any) -> None:
+        if not getattr(model, "built", True):
+            raise ValueError("TensorFlowKerasState: the model must be built first; call model.build(input_shape)")
+        self.model = model
+        self.optimizer = optimizer or getattr(model, "optimizer", None)
+        if self.optimizer is not None and not getattr(self.optimizer, "built", True):
+            # a worker that joins late must hold the same optimizer variables as the survivors
+            self.optimizer.build(model.trainable_variables)
+        self.backend = backend  # Horovod's TF1 session argument; unused with TF 2
+        self._save_model()
+        super().__init__(**kwargs)
+
+    def _all(self) -> list[Any]:
+        return list(self.model.variables) + _variables(self.optimizer)
+
     def reset(self) -> None:
         for attr in ("train_function", "test_function", "predict_function"):
             if hasattr(self.model, attr):
                 setattr(self.model, attr, None)
 
 
-__all__ = ["run", "TensorFlowKerasState", "ObjectState"]
+class TensorFlowState(_VariablesState):
+    """A list of ``tf.Variable``s (Horovod's default, TF1's global variables, exists in graph mode only:
+    pass them) and picklable objects. ``session`` is TF1's and unused."""
+
+    def __init__(self, variables: Any = None, session: Any = None, **kwargs: Any) -> None:
+        if variables is None:
+            variables = tf.compat.v1.global_variables()
+        self.variables = list(variables)
+        self.session = session
+        self._save_model()
+        super().__init__(**kwargs)
+
+    def _all(self) -> list[Any]:
+        return self.variables
+
+
+__all__ = ["run", "TensorFlowKerasState", "TensorFlowState", "ObjectState"]
