@@ -20,6 +20,8 @@ import traceback
 from types import TracebackType
 from typing import Any, Callable
 
+from hvdllm.core.waiting import CollectiveTimeout, wait_until
+
 EXIT_FAILED = 1
 _STEP_ATTR = "hvdllm_step"
 
@@ -40,12 +42,30 @@ def step_of(exc: BaseException) -> int | None:
     return getattr(exc, _STEP_ATTR, None)
 
 
+# What a surviving rank's collective raises when a peer died or raised: Horovod's shutdown (torch's
+# HorovodInternalError; TF wraps it in an op error whose text carries Horovod's) and hvdllm's bounded wait.
+_PEER_FAILURE_TYPES = ("HorovodInternalError", "CollectiveTimeout")
+_HOROVOD_SHUTDOWN = "Horovod has been shut down"
+PEER_FAILED = "collective failed (a peer rank died or raised; the launcher's output names it)"
+
+
+def peer_failed(exc: BaseException) -> bool:
+    """True when ``exc`` is a collective that failed because of another rank (this rank is a survivor)."""
+    return type(exc).__name__ in _PEER_FAILURE_TYPES or _HOROVOD_SHUTDOWN in str(exc)
+
+
 def failure_line(rank: int, exc: BaseException) -> str:
-    """``hvdllm: rank R failed at step S: Type: message`` (without the step when none was marked)."""
+    """``hvdllm: rank R failed at step S: Type: message`` (without the step when none was marked); a
+    survivor of another rank's failure says ``collective failed (...)`` before the type, and Horovod's
+    long shutdown text shrinks to its first sentence."""
     step = step_of(exc)
     where = f" at step {step}" if step is not None else ""
     text = " ".join(str(exc).split())
-    return f"hvdllm: rank {rank} failed{where}: {type(exc).__name__}{': ' + text if text else ''}"
+    peer = peer_failed(exc)
+    if peer and _HOROVOD_SHUTDOWN in text:
+        text = _HOROVOD_SHUTDOWN          # (TF prefixes it with the op's {{function_node ...}})
+    cause = f"{type(exc).__name__}{': ' + text if text else ''}"
+    return f"hvdllm: rank {rank} failed{where}: {PEER_FAILED + ': ' if peer else ''}{cause}"
 
 
 def abort_process(code: int) -> None:
@@ -107,6 +127,68 @@ def install_abort_on_failure(rank: int, size: int) -> AbortOnFailure:
 def uninstall_abort_on_failure() -> None:
     if isinstance(sys.excepthook, AbortOnFailure):
         sys.excepthook = sys.excepthook.previous
+
+
+def exit_code(status: object) -> int:
+    """The process status ``sys.exit(status)`` gives: None -> 0, an int as is, anything else (a message) -> 1."""
+    if status is None:
+        return 0
+    return int(status) if isinstance(status, int) else 1
+
+
+@dataclasses.dataclass(frozen=True)
+class AbortOnExit:
+    """A ``sys.exit`` for one rank of a multi-rank mpi4py job: a non-zero status ends every rank.
+
+    Why: ``sys.exit(n)`` unwinds to the interpreter's exit, which runs mpi4py's ``MPI_Finalize``; Open MPI
+    waits there for the peers, who wait in their next collective for this rank: a hang that mpirun never
+    sees (no process ended). So a non-zero status prints one line naming the rank and calls MPI_Abort
+    (``abort``); status 0 exits as usual (its ``MPI_Finalize`` is bounded by :func:`guard_finalize`)."""
+
+    rank: int
+    size: int
+    previous: Callable[[object], Any] = sys.exit
+    abort: Callable[[int], None] = abort_process
+
+    def __call__(self, status: object = None) -> None:
+        code = exit_code(status)
+        if code != 0 and self.size > 1:
+            if status is not None and not isinstance(status, int):
+                print(status, file=sys.stderr)
+            print(f"hvdllm: rank {self.rank} failed: sys.exit({code}) on one rank of {self.size}; ending the job "
+                  f"(MPI_Abort)", file=sys.stderr, flush=True)
+            self.abort(code)
+        self.previous(status)
+
+
+def install_abort_on_exit(rank: int, size: int) -> None:
+    """Route ``sys.exit`` through :class:`AbortOnExit` (mpi backend, several ranks) until uninstalled."""
+    current = sys.exit
+    previous = current.previous if isinstance(current, AbortOnExit) else current
+    sys.exit = AbortOnExit(rank, size, previous)  # type: ignore[assignment]
+
+
+def uninstall_abort_on_exit() -> None:
+    if isinstance(sys.exit, AbortOnExit):
+        sys.exit = sys.exit.previous  # type: ignore[assignment]
+
+
+def guard_finalize(rank: int, ibarrier: Callable[[], Any], timeout: float | None) -> Callable[[], None]:
+    """An ``atexit`` function (register it after mpi4py, so it runs before ``MPI_Finalize``): wait for
+    every rank to arrive at its exit, up to ``timeout`` seconds (HVDLLM_WAIT_TIMEOUT_S), then MPI_Abort.
+    ``ibarrier()`` starts a non-blocking barrier on a communicator of its own (a duplicate: the peers
+    may be stuck in a collective on the world's) and returns its request (``Test()``)."""
+    def guard() -> None:
+        if timeout is None:
+            return
+        request = ibarrier()
+        try:
+            wait_until(request.Test, max_sleep=0.05, timeout=timeout, what="this rank's exit")
+        except CollectiveTimeout as e:
+            print(f"hvdllm: rank {rank} failed: {e}; ending the job (MPI_Abort)", file=sys.stderr, flush=True)
+            abort_process(EXIT_FAILED)
+
+    return guard
 
 
 def report_failure(exc: BaseException) -> None:
