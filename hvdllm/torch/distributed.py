@@ -375,7 +375,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
 
     def reset_world(self) -> None:
         """Follow an elastic reset (hvdllm.torch.elastic): take the new backend and group size, drop any
-        reduction in flight (the failed peers' ops died with the old backend) and rebuild the buckets."""
+        reduction in flight (the failed peers' ops died with the old backend) and the gradients of the
+        step in progress, and rebuild the buckets."""
         self._rt = _runtime()
         self._group_size = len(self._config.process_set.members(self._rt.world.size))
         self._synchronized, self._should_sync = False, True
@@ -406,6 +407,12 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         for h in self._hooks + self._retired:
             h.remove()
         self._hooks, self._retired = [], []
+        # Gradients are views into the old buckets: one left by a step that failed mid-way would keep
+        # its partial sum, and autograd would go on accumulating into it, never reduced (a rolled-back
+        # elastic step trained on stale gradients). The new plan's buckets attach to .grad = None.
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
         self._plan_no = -1 if restart_names else self._plan_no - 1   # (_build counts it up again)
         self._build()
 
