@@ -146,6 +146,7 @@ def test_elastic_refuses_model_parallel_and_mpi(tmp_path: Path) -> None:
     job = Job("mpirun", [*ARGS, "--elastic", "--out", str(tmp_path / "mpi")], tmp_path / "job")
     assert job.wait(STARTUP_S) == 2, job.output()[-3000:]
     assert "--elastic needs Horovod's elastic launch" in job.output()
+    assert "MPI_Abort" not in job.output()              # every rank exits 2 together: no abort (ExitGuard)
     assert not (tmp_path / "mpi").exists()
 
 

@@ -83,16 +83,36 @@ def test_excepthook_aborts_only_multi_rank_jobs(capsys: pytest.CaptureFixture) -
     assert capsys.readouterr().err.count("hvdllm: rank") == 2
 
 
-def test_sys_exit_with_a_status_aborts_multi_rank_jobs(capsys: pytest.CaptureFixture) -> None:
+class _Request:
+    """A stand-in for an MPI request: done or never done."""
+
+    def __init__(self, done: bool) -> None:
+        self.done = done
+
+    def Test(self) -> bool:  # noqa: N802 - mpi4py's name
+        return self.done
+
+
+def test_exit_guard_aborts_a_rank_that_leaves_alone(capsys: pytest.CaptureFixture) -> None:
     codes: list[int] = []
     exits: list[object] = []
-    failure.AbortOnExit(1, 2, previous=exits.append, abort=codes.append)(3)
-    failure.AbortOnExit(1, 2, previous=exits.append, abort=codes.append)("bad config")
-    failure.AbortOnExit(1, 2, previous=exits.append, abort=codes.append)(0)
-    failure.AbortOnExit(0, 1, previous=exits.append, abort=codes.append)(4)
-    assert codes == [3, 1] and exits == [3, "bad config", 0, 4]   # (abort returns here: the test's stand-in)
+
+    def guard(rank: int, others_leave: bool, timeout: float | None = 0.05) -> failure.ExitGuard:
+        return failure.ExitGuard(rank, 2, lambda: _Request(others_leave), timeout, agree_s=0.05,
+                                 previous=exits.append, abort=codes.append)
+
+    guard(1, False).sys_exit(3)                        # alone: a line, MPI_Abort(3)
+    guard(1, False).sys_exit("bad config")             # (a message: status 1)
+    guard(1, True).sys_exit(2)                         # every rank leaves with it (bad input): a plain exit
+    guard(1, False).sys_exit(0)                        # status 0: no wait here (at_exit bounds it)
+    assert codes == [3, 1] and exits == [3, "bad config", 2, 0]   # (abort returns here: the test's stand-in)
+    guard(0, False).at_exit()
+    guard(0, True).at_exit()
+    guard(0, False, timeout=None).at_exit()            # HVDLLM_WAIT_TIMEOUT_S=0: wait forever, as MPI does
+    assert codes == [3, 1, failure.EXIT_FAILED]
     err = capsys.readouterr().err
-    assert "hvdllm: rank 1 failed: sys.exit(3) on one rank of 2" in err and "bad config" in err
+    assert "hvdllm: rank 1 failed: sys.exit(3) on one rank of 2 while the others run on" in err and "bad config" in err
+    assert "hvdllm: rank 0 failed: it ended, but the other ranks did not within 0.05 s" in err
     assert [failure.exit_code(s) for s in (None, 0, 5, "text")] == [0, 0, 5, 1]
 
 
@@ -306,9 +326,10 @@ def test_max_minutes_stops_with_a_checkpoint_and_resume_is_bitwise(tmp_path: Pat
 
 @pytest.mark.timeout(600)
 def test_sys_exit_on_one_mpi4py_rank_ends_the_job(tmp_path: Path) -> None:
-    """mpirun + mpi4py: sys.exit(3) on rank 1 while rank 0 waits in a collective: MPI_Abort at once (without
-    it, rank 1's MPI_Finalize waits for rank 0, which waits for rank 1). sys.exit(0) on rank 0 mid-run:
-    the end-of-job guard's bounded barrier (HVDLLM_WAIT_TIMEOUT_S) ends the job."""
+    """mpirun + mpi4py: sys.exit(3) on rank 1 while rank 0 waits in a collective: MPI_Abort after
+    failure.EXIT_AGREE_S (without it, rank 1's MPI_Finalize waits for rank 0, which waits for rank 1).
+    sys.exit(0) on rank 0 mid-run: the end-of-job guard's bounded barrier (HVDLLM_WAIT_TIMEOUT_S), or
+    rank 1's bounded wait, ends the job."""
     _raise_trial("mpirun", [WORKER, "torch", "400", "exit", "1", "3"], tmp_path / "exit3",
                  r"hvdllm: rank 1 failed: sys.exit\(3\) on one rank of 2", "mpirun: sys.exit(3) on rank 1")
     job = Job("mpirun", [WORKER, "torch", "400", "exit0", "0", "3"], tmp_path / "exit0",

@@ -6,15 +6,14 @@ process sets exist, how ops map onto Horovod's, which backend a job gets) are wr
 """
 from __future__ import annotations
 
-import atexit
 import os
 from typing import Any, Callable, Sequence
 
 from hvdllm.core import backend as core_backend
 from hvdllm.core import launch
 from hvdllm.core.collectives import Done, Handle, NumpyCollectives, local_world, mpi_world
-from hvdllm.core.failure import (guard_finalize, install_abort_on_exit, install_abort_on_failure,
-                                 uninstall_abort_on_exit, uninstall_abort_on_failure)
+from hvdllm.core.failure import (ExitGuard, install_abort_on_failure, install_exit_guard,
+                                 uninstall_abort_on_failure)
 from hvdllm.core.ops import Average, ReduceOp, parse_op
 from hvdllm.core.process_sets import WORLD, ProcessSet, normalize_process_sets
 from hvdllm.core.waiting import DEFAULT_WAIT_TIMEOUT_S, wait_timeout
@@ -118,14 +117,12 @@ class NumpyBase:
         comm, self.world = mpi_world() if name == "mpi" else local_world()
         self.impl = NumpyCollectives(comm, self.world, process_sets, wait_timeout=wait_timeout())
         install_abort_on_failure(self.world.rank, self.world.size)
-        if name == "mpi" and self.world.size > 1:     # sys.exit(n) on one rank must not hang the others
-            install_abort_on_exit(self.world.rank, self.world.size)
-            if not NumpyBase._guarded:
-                NumpyBase._guarded = True
-                exit_comm = comm.Dup()
-                atexit.register(guard_finalize(self.world.rank, exit_comm.Ibarrier, wait_timeout()))
+        if name == "mpi" and self.world.size > 1 and not NumpyBase._exit_guarded:
+            # a rank's exit must not hang the others (sys.exit(n), or leaving early): hvdllm.core.failure
+            NumpyBase._exit_guarded = True
+            install_exit_guard(ExitGuard(self.world.rank, self.world.size, comm.Dup().Ibarrier, wait_timeout()))
 
-    _guarded = False   # (one end-of-job guard per process, however often init() runs)
+    _exit_guarded = False   # (one guard per process, however often init() runs)
 
     def barrier(self, process_set: ProcessSet = WORLD) -> None:
         self.impl.barrier(process_set)
@@ -184,7 +181,6 @@ class NumpyBase:
 
     def shutdown(self) -> None:
         uninstall_abort_on_failure()
-        uninstall_abort_on_exit()
 
 
 BUILD_QUERIES = ("mpi_built", "gloo_built", "nccl_built", "ddl_built", "ccl_built", "cuda_built", "rocm_built")

@@ -13,6 +13,7 @@ The step travels with the exception (:func:`mark_step`), so nothing global track
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import os
 import sys
@@ -136,59 +137,74 @@ def exit_code(status: object) -> int:
     return int(status) if isinstance(status, int) else 1
 
 
-@dataclasses.dataclass(frozen=True)
-class AbortOnExit:
-    """A ``sys.exit`` for one rank of a multi-rank mpi4py job: a non-zero status ends every rank.
+EXIT_AGREE_S = 10.0    # how long a rank calling sys.exit(n != 0) waits to see every rank exit too
 
-    Why: ``sys.exit(n)`` unwinds to the interpreter's exit, which runs mpi4py's ``MPI_Finalize``; Open MPI
-    waits there for the peers, who wait in their next collective for this rank: a hang that mpirun never
-    sees (no process ended). So a non-zero status prints one line naming the rank and calls MPI_Abort
-    (``abort``); status 0 exits as usual (its ``MPI_Finalize`` is bounded by :func:`guard_finalize`)."""
 
-    rank: int
-    size: int
-    previous: Callable[[object], Any] = sys.exit
-    abort: Callable[[int], None] = abort_process
+class ExitGuard:
+    """The end of one rank of a multi-rank mpi4py job, so that it never hangs the others.
 
-    def __call__(self, status: object = None) -> None:
+    Why: a rank's exit runs mpi4py's ``MPI_Finalize``, which in Open MPI waits for every rank, while
+    peers still inside the job wait in their next collective for this rank: a hang mpirun never sees
+    (no process ended). So the exiting rank first waits for every rank to arrive at its exit too, with a
+    non-blocking barrier (``ibarrier()``: on a communicator of its own, since peers may be stuck in a
+    collective on the world's): ``sys.exit(n)`` with n != 0 waits :data:`EXIT_AGREE_S` (all ranks
+    leaving with the same verdict, e.g. bad input, exit normally), any other exit (an ``atexit``
+    function that runs before mpi4py's) waits ``timeout`` (HVDLLM_WAIT_TIMEOUT_S; None: forever).
+    A rank left alone prints one line naming itself and calls MPI_Abort (``abort``)."""
+
+    def __init__(self, rank: int, size: int, ibarrier: Callable[[], Any], timeout: float | None,
+                 agree_s: float = EXIT_AGREE_S, previous: Callable[[object], Any] = sys.exit,
+                 abort: Callable[[int], None] = abort_process) -> None:
+        self.rank, self.size, self.timeout, self.agree_s = rank, size, timeout, agree_s
+        self.previous, self._ibarrier, self._abort = previous, ibarrier, abort
+        self._request: Any = None
+        self._all_left = False
+
+    def _everyone_leaving(self, timeout: float | None) -> bool:
+        if self._all_left:
+            return True
+        if self._request is None:
+            self._request = self._ibarrier()
+        try:
+            wait_until(self._request.Test, max_sleep=0.05, timeout=timeout, what="this rank's exit")
+        except CollectiveTimeout:
+            return False
+        self._all_left = True
+        return True
+
+    def sys_exit(self, status: object = None) -> None:
+        """``sys.exit`` while installed (:func:`install_exit_guard`)."""
         code = exit_code(status)
-        if code != 0 and self.size > 1:
+        if code != 0 and self.size > 1 and not self._everyone_leaving(self.agree_s):
             if status is not None and not isinstance(status, int):
                 print(status, file=sys.stderr)
-            print(f"hvdllm: rank {self.rank} failed: sys.exit({code}) on one rank of {self.size}; ending the job "
-                  f"(MPI_Abort)", file=sys.stderr, flush=True)
-            self.abort(code)
+            print(f"hvdllm: rank {self.rank} failed: sys.exit({code}) on one rank of {self.size} while the others "
+                  f"run on; ending the job (MPI_Abort)", file=sys.stderr, flush=True)
+            self._abort(code)
         self.previous(status)
 
-
-def install_abort_on_exit(rank: int, size: int) -> None:
-    """Route ``sys.exit`` through :class:`AbortOnExit` (mpi backend, several ranks) until uninstalled."""
-    current = sys.exit
-    previous = current.previous if isinstance(current, AbortOnExit) else current
-    sys.exit = AbortOnExit(rank, size, previous)  # type: ignore[assignment]
-
-
-def uninstall_abort_on_exit() -> None:
-    if isinstance(sys.exit, AbortOnExit):
-        sys.exit = sys.exit.previous  # type: ignore[assignment]
-
-
-def guard_finalize(rank: int, ibarrier: Callable[[], Any], timeout: float | None) -> Callable[[], None]:
-    """An ``atexit`` function (register it after mpi4py, so it runs before ``MPI_Finalize``): wait for
-    every rank to arrive at its exit, up to ``timeout`` seconds (HVDLLM_WAIT_TIMEOUT_S), then MPI_Abort.
-    ``ibarrier()`` starts a non-blocking barrier on a communicator of its own (a duplicate: the peers
-    may be stuck in a collective on the world's) and returns its request (``Test()``)."""
-    def guard() -> None:
-        if timeout is None:
+    def at_exit(self) -> None:
+        """Before ``MPI_Finalize``: the bounded wait for the other ranks (then MPI_Abort)."""
+        if self.timeout is None or self.size == 1 or self._everyone_leaving(self.timeout):
             return
-        request = ibarrier()
-        try:
-            wait_until(request.Test, max_sleep=0.05, timeout=timeout, what="this rank's exit")
-        except CollectiveTimeout as e:
-            print(f"hvdllm: rank {rank} failed: {e}; ending the job (MPI_Abort)", file=sys.stderr, flush=True)
-            abort_process(EXIT_FAILED)
+        print(f"hvdllm: rank {self.rank} failed: it ended, but the other ranks did not within {self.timeout:g} s "
+              f"(HVDLLM_WAIT_TIMEOUT_S; they wait in a collective for it); ending the job (MPI_Abort)",
+              file=sys.stderr, flush=True)
+        self._abort(EXIT_FAILED)
 
-    return guard
+
+def install_exit_guard(guard: ExitGuard) -> None:
+    """Route ``sys.exit`` through ``guard`` and register its ``at_exit`` (call after importing mpi4py, so
+    it runs before mpi4py's MPI_Finalize)."""
+    guard.previous = _plain_exit()
+    sys.exit = guard.sys_exit  # type: ignore[assignment]
+    atexit.register(guard.at_exit)
+
+
+def _plain_exit() -> Callable[[object], Any]:
+    current = sys.exit
+    owner = getattr(current, "__self__", None)
+    return owner.previous if isinstance(owner, ExitGuard) else current
 
 
 def report_failure(exc: BaseException) -> None:
