@@ -3,8 +3,8 @@ survivor finishing alone, and a worker added back.
 
 ``horovodrun -np 2 --min-np 1 --max-np 2 --gloo --host-discovery-script`` (two names of this machine;
 a third once the test writes a file) runs ``hvdllm train --elastic`` with commits every 2 steps. The
-test kills rank 1 after a few logged steps; the survivor rolls back to the last commit, re-plans the
-global batch of 8 as 1 rank x micro-batch 4 x 2 accumulation (was 2 x 4 x 1) and carries on.
+test kills rank 1 (or rank 0) after a few logged steps; the survivor rolls back to the last commit,
+re-plans the global batch of 8 as 1 rank x micro-batch 4 x 2 accumulation (was 2 x 4 x 1) and carries on.
 
 Reference: the same config trained uninterrupted by one process. Every step's data is the same global
 batch at any size, so the elastic run walks the same trajectory up to the order of floating-point
@@ -76,17 +76,19 @@ def _assert_on_curve(run: Path, reference: list[tuple[int, float]], out: str, wh
     print(f"{what}: largest relative loss difference to the uninterrupted run {worst:.2e}", file=sys.stderr)
 
 
-def _kill_rank1_after(job: Job, run: Path, steps: int) -> int:
-    job.wait_for(lambda: len(_losses(run)) >= steps and 1 in job.ranks(), timeout=STARTUP_S)
-    job.signal_rank(1, 9)
+def _kill_after(job: Job, run: Path, steps: int, rank: int = 1) -> int:
+    job.wait_for(lambda: len(_losses(run)) >= steps and rank in job.ranks(), timeout=STARTUP_S)
+    job.signal_rank(rank, 9)
     return len(_losses(run))
 
 
+@pytest.mark.parametrize("killed", [1, 0])
 @pytest.mark.timeout(1200)
-def test_killed_worker_survivor_finishes_on_the_curve(reference: list, tmp_path: Path) -> None:
+def test_killed_worker_survivor_finishes_on_the_curve(killed: int, reference: list, tmp_path: Path) -> None:
+    """kill -9 of rank 1, or of rank 0 (the survivor becomes rank 0 and takes metrics.csv over)."""
     job, run, _ = _elastic_job(tmp_path, grow=False, delay=0.1)
     try:
-        _kill_rank1_after(job, run, 6)
+        _kill_after(job, run, 6, killed)
         rc = job.wait(STARTUP_S)
         out = job.output()
         assert rc == 0, f"exit {rc}:\n{out[-6000:]}"
@@ -95,7 +97,7 @@ def test_killed_worker_survivor_finishes_on_the_curve(reference: list, tmp_path:
     shrunk = re.search(r"hvdllm: elastic: 1 worker\(s\) from step (\d+) \(micro-batch 4 x 2 accumulation", out)
     assert shrunk and int(shrunk.group(1)) >= 6 - 2, out[-6000:]   # (a commit every 2 steps)
     assert "done: 40 steps" in out, out[-3000:]
-    _assert_on_curve(run, reference, out, "shrink to 1")
+    _assert_on_curve(run, reference, out, f"rank {killed} killed, shrink to 1")
     from hvdllm.train import checkpoint as ckpt
 
     assert [s for s, _ in ckpt.list_checkpoints(run)] == [30, 40]
@@ -105,7 +107,7 @@ def test_killed_worker_survivor_finishes_on_the_curve(reference: list, tmp_path:
 def test_worker_added_back_job_grows_to_two(reference: list, tmp_path: Path) -> None:
     job, run, alone = _elastic_job(tmp_path, grow=True, delay=1.0)
     try:
-        _kill_rank1_after(job, run, 12)             # after the checkpoint of step 10: the joiner finds it
+        _kill_after(job, run, 12)             # after the checkpoint of step 10: the joiner finds it
         job.wait_for(lambda: "elastic: 1 worker(s)" in job.output(), timeout=120)
         alone.touch()                               # the discovery script offers a third host name now
         job.wait_for(lambda: "elastic: 2 worker(s)" in job.output(), timeout=300)

@@ -52,7 +52,8 @@ def test_a_survivors_line_says_a_collective_failed_and_names_the_step() -> None:
     assert failure.failure_line(1, e) == f"hvdllm: rank 1 failed at step 17: {failure.PEER_FAILED}: " \
                                          "HorovodInternalError: Horovod has been shut down"
     tf = failure.mark_step(RuntimeError("{{function_node __wrapped__HorovodAllreduce}} " + shutdown), 3)
-    assert failure.failure_line(0, tf).endswith(f"step 3: {failure.PEER_FAILED}: RuntimeError: Horovod has been shut down")
+    assert failure.failure_line(0, tf).endswith(f"step 3: {failure.PEER_FAILED}: RuntimeError: "
+                                                "Horovod has been shut down")
     timeout = waiting.CollectiveTimeout("a collective waited more than 5 s")
     assert failure.failure_line(0, timeout) == f"hvdllm: rank 0 failed: {failure.PEER_FAILED}: CollectiveTimeout: " \
                                                "a collective waited more than 5 s"
