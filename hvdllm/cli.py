@@ -162,7 +162,11 @@ def _rank() -> int:
 
 
 def _bad_input(msg: str) -> int:
-    if _rank() == 0:
+    """Print the one error line (rank 0: every rank reaches the same verdict; under a Horovod elastic
+    launch every worker, since one added later judges alone) and return 2."""
+    from hvdllm.core.elastic import elastic_launch
+
+    if _rank() == 0 or elastic_launch():
         print(f"hvdllm: error: {' '.join(str(msg).split())}", file=sys.stderr, flush=True)
     return 2
 

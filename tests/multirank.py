@@ -90,15 +90,15 @@ def run_ranks(worker: str, np: int = 2, launcher: str = "gloo", args: list[str] 
         return [reports[r] for r in range(np)]
 
 
-def elastic_command(tmp: Path, argv: list[str], grow_when: Path | None) -> list[str]:
-    """``horovodrun -np 2 --min-np 1 --max-np 2 --gloo`` running python ``argv``, with a discovery script
-    (written in ``tmp``) listing two names of this machine, and a third (``hostname``) once the file
-    ``grow_when`` exists."""
+def elastic_command(tmp: Path, argv: list[str], grow_when: Path | None, max_np: int = 2) -> list[str]:
+    """``horovodrun -np 2 --min-np 1 --max-np MAX_NP --gloo`` running python ``argv``, with a discovery
+    script (written in ``tmp``) listing two names of this machine, and a third (``hostname``) once the
+    file ``grow_when`` exists."""
     script = tmp / "discover.sh"
     script.write_text("#!/bin/sh\necho localhost:1\necho 127.0.0.1:1\n"
                       + (f"[ -e {grow_when} ] && echo $(hostname):1\n" if grow_when else "") + "exit 0\n")
     script.chmod(0o755)
-    return [str(BIN / "horovodrun"), "-np", "2", "--min-np", "1", "--max-np", "2", "--gloo",
+    return [str(BIN / "horovodrun"), "-np", "2", "--min-np", "1", "--max-np", str(max_np), "--gloo",
             "--host-discovery-script", str(script), str(BIN / "python"), *argv]
 
 

@@ -60,9 +60,9 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[int, float
     return losses
 
 
-def _elastic_job(tmp: Path, grow: bool, delay: float) -> tuple[Job, Path, Path]:
+def _elastic_job(tmp: Path, grow: bool, delay: float, max_np: int = 2) -> tuple[Job, Path, Path]:
     run, alone = tmp / "run", tmp / "alone"
-    cmd = elastic_command(tmp, [*ARGS, "--elastic", "--out", str(run)], alone if grow else None)
+    cmd = elastic_command(tmp, [*ARGS, "--elastic", "--out", str(run)], alone if grow else None, max_np)
     return Job("elastic", [], tmp / "job", cmd=cmd, env={"HVDLLM_TEST_STEP_DELAY_S": str(delay)}), run, alone
 
 
@@ -119,6 +119,26 @@ def test_worker_added_back_job_grows_to_two(reference: list, tmp_path: Path) -> 
     grown = re.search(r"hvdllm: elastic: 2 worker\(s\) from step (\d+) \(micro-batch 4 x 1 accumulation", out)
     assert grown and 10 <= int(grown.group(1)) < STEPS, out[-6000:]   # (joined a directory with checkpoints)
     _assert_on_curve(run, reference, out, "shrink to 1, grow to 2")
+
+
+@pytest.mark.timeout(1200)
+def test_a_worker_that_cannot_split_the_batch_is_refused_and_the_job_goes_on(reference: list,
+                                                                             tmp_path: Path) -> None:
+    """--max-np 3 with a global batch of 8 in micro-batches of 4: the third worker offered mid-run exits 2
+    naming the rule (before the elastic sync, so the others never re-plan for 3); the two carry on."""
+    job, run, more = _elastic_job(tmp_path, grow=True, delay=0.5, max_np=3)
+    try:
+        job.wait_for(lambda: len(_losses(run)) >= 4, timeout=STARTUP_S)
+        more.touch()
+        rc = job.wait(STARTUP_S)
+        out = job.output()
+        assert rc == 0, f"exit {rc}:\n{out[-6000:]}"
+    finally:
+        job.kill()
+    assert re.search(r"\[2\]<stderr>:hvdllm: error: --global-batch 8 is not divisible by --micro-batch 4 x 3", out), \
+        out[-6000:]
+    assert "hvdllm: elastic: 2 worker(s)" in out and "elastic: 3 worker(s)" not in out, out[-6000:]
+    _assert_on_curve(run, reference, out, "a third worker refused")
 
 
 @pytest.mark.timeout(900)
