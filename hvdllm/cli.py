@@ -28,6 +28,7 @@ examples:
   horovodrun -np 2 --gloo hvdllm train --preset tiny --out runs/demo
   hvdllm train --data my_texts/ --set data.tokenizer=bpe --set optim.lr=3e-4 --out runs/mine
   hvdllm train --out runs/demo --max-steps 300 --exit-at-step 100   # then the same with --resume
+  horovodrun -np 2 --min-np 1 --max-np 2 --host-discovery-script ./hosts.sh hvdllm train --elastic --out runs/el
 
 the run directory (--out) holds config.toml, tokenizer.json, metrics.csv (step, loss = mean loss of
 the global batches since the previous row, val_loss, lr, grad_norm, tokens_per_s, mfu, elapsed_s),
@@ -53,7 +54,8 @@ FLAG_KEYS = {
     "max_steps": "run.max_steps", "global_batch": "batch.global_batch", "micro_batch": "batch.micro_batch",
     "tp": "parallel.tp", "pp": "parallel.pp", "exit_at_step": "run.exit_at_step", "init_from": "run.init_from",
 }
-TRAIN_FLAGS = {key: f"--{name.replace('_', '-')}" for name, key in {**FLAG_KEYS, "resume": "run.resume"}.items()}
+TRAIN_FLAGS = {key: f"--{name.replace('_', '-')}" for name, key in {**FLAG_KEYS, "resume": "run.resume",
+                                                                                 "elastic": "run.elastic"}.items()}
 SAMPLE_FLAGS = ("tokens", "temperature", "top_k", "seed")   # `hvdllm sample` overrides of sample.*
 METAVARS = {"data": "PATH", "init_from": "PATH", "out": "DIR", "framework": "NAME", "preset": "NAME"}
 
@@ -85,6 +87,11 @@ def _parser() -> argparse.ArgumentParser:
         _add_key_flag(t, name, key, f"sets {key}")
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out that verifies (exit 2 when there is none, "
                         "or when its global batch, seed, data, model shape or layout differ)")
+    t.add_argument("--elastic", action="store_true",
+                   help="Horovod elastic training under horovodrun --min-np/--max-np --host-discovery-script "
+                        "(Gloo; data parallel only): survivors of a lost worker continue from the last commit "
+                        "(run.elastic_commit_every), joining workers get rank 0's state, the global batch is kept; "
+                        "outside an elastic launch a normal job (mpirun with several ranks: exit 2)")
 
     sp = sub.add_parser("sample", help="generate text from a checkpoint",
                         description="Generate text from a checkpoint folder or a run folder (its newest checkpoint).")
@@ -141,6 +148,8 @@ def train_config(args: argparse.Namespace) -> Any:
     flags = {key: getattr(args, name) for name, key in FLAG_KEYS.items() if getattr(args, name) is not None}
     if args.resume:
         flags["run.resume"] = True
+    if args.elastic:
+        flags["run.elastic"] = True
     file_layer = C.load_file(args.config) if args.config else {}
     set_layer = C.parse_sets(args.sets)
     out = flags.get("run.out", set_layer.get("run.out", file_layer.get("run.out", C.RunSection.out)))
@@ -153,7 +162,11 @@ def _rank() -> int:
 
 
 def _bad_input(msg: str) -> int:
-    if _rank() == 0:
+    """Print the one error line (rank 0: every rank reaches the same verdict; under a Horovod elastic
+    launch every worker, since one added later judges alone) and return 2."""
+    from hvdllm.core.elastic import elastic_launch
+
+    if _rank() == 0 or elastic_launch():
         print(f"hvdllm: error: {' '.join(str(msg).split())}", file=sys.stderr, flush=True)
     return 2
 

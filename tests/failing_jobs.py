@@ -22,10 +22,11 @@ class Job:
     """``argv`` (python's arguments) on ``np`` ranks under ``launcher``, started now."""
 
     def __init__(self, launcher: str, argv: list[str], out: Path, np: int = 2,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, cmd: list[str] | None = None) -> None:
+        """``cmd``: a whole launch command instead of ``launcher`` (e.g. multirank.elastic_command)."""
         out.mkdir(parents=True, exist_ok=True)
         self.out, self.log = out, out / "launcher.log"
-        cmd, extra = command(launcher, np, argv)
+        cmd, extra = (cmd, {}) if cmd is not None else command(launcher, np, argv)
         full_env = base_env({**extra, **(env or {}), "HVDLLM_TEST_OUT": str(out)})
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(cmd, env=full_env, stdout=log, stderr=subprocess.STDOUT,

@@ -90,21 +90,26 @@ def run_ranks(worker: str, np: int = 2, launcher: str = "gloo", args: list[str] 
         return [reports[r] for r in range(np)]
 
 
-def run_elastic(worker: str, tmp: Path, extra: list[str], grow: bool, timeout: float = 300) -> tuple[list[dict], str]:
-    """Run ``tests/workers/<worker>`` under ``horovodrun -np 2 --min-np 1 --max-np 2 --gloo`` with a
-    discovery script listing two names of this machine (and a third, ``hostname``, once the worker
-    writes the file it gets as ``--grow``); every final worker's report by rank, and the output."""
-    alone = tmp / "alone"
+def elastic_command(tmp: Path, argv: list[str], grow_when: Path | None, max_np: int = 2) -> list[str]:
+    """``horovodrun -np 2 --min-np 1 --max-np MAX_NP --gloo`` running python ``argv``, with a discovery
+    script (written in ``tmp``) listing two names of this machine, and a third (``hostname``) once the
+    file ``grow_when`` exists."""
     script = tmp / "discover.sh"
     script.write_text("#!/bin/sh\necho localhost:1\necho 127.0.0.1:1\n"
-                      + (f"[ -e {alone} ] && echo $(hostname):1\n" if grow else "") + "exit 0\n")
+                      + (f"[ -e {grow_when} ] && echo $(hostname):1\n" if grow_when else "") + "exit 0\n")
     script.chmod(0o755)
+    return [str(BIN / "horovodrun"), "-np", "2", "--min-np", "1", "--max-np", str(max_np), "--gloo",
+            "--host-discovery-script", str(script), str(BIN / "python"), *argv]
+
+
+def run_elastic(worker: str, tmp: Path, extra: list[str], grow: bool, timeout: float = 300) -> tuple[list[dict], str]:
+    """Run ``tests/workers/<worker>`` under :func:`elastic_command` (the worker writes the file it gets
+    as ``--grow`` when it wants a worker back); every final worker's report by rank, and the output."""
+    alone = tmp / "alone"
     out = tmp / "reports"
     out.mkdir()
     args = [*extra, *(["--grow", str(alone)] if grow else [])]
-    cmd = [str(BIN / "horovodrun"), "-np", "2", "--min-np", "1", "--max-np", "2", "--gloo",
-           "--host-discovery-script", str(script), str(BIN / "python"), str(ROOT / "tests" / "workers" / worker),
-           *args]
+    cmd = elastic_command(tmp, [str(ROOT / "tests" / "workers" / worker), *args], alone if grow else None)
     returncode, output = _launch(cmd, base_env({"HVDLLM_TEST_OUT": str(out)}), timeout, f"elastic {worker}")
     reports = _reports(out)
     if returncode != 0 or not reports:

@@ -43,6 +43,38 @@ def test_failure_line_names_rank_and_step() -> None:
     assert failure.failure_line(0, RuntimeError()) == "hvdllm: rank 0 failed: RuntimeError"
 
 
+def test_a_survivors_line_says_a_collective_failed_and_names_the_step() -> None:
+    class HorovodInternalError(RuntimeError):
+        pass
+
+    shutdown = "Horovod has been shut down. This was caused by an exception on one of the ranks or ..."
+    e = failure.mark_step(HorovodInternalError(shutdown), 17)
+    assert failure.failure_line(1, e) == f"hvdllm: rank 1 failed at step 17: {failure.PEER_FAILED}: " \
+                                         "HorovodInternalError: Horovod has been shut down"
+    tf = failure.mark_step(RuntimeError("{{function_node __wrapped__HorovodAllreduce}} " + shutdown), 3)
+    assert failure.failure_line(0, tf).endswith(f"step 3: {failure.PEER_FAILED}: RuntimeError: "
+                                                "Horovod has been shut down")
+    timeout = waiting.CollectiveTimeout("a collective waited more than 5 s")
+    assert failure.failure_line(0, timeout) == f"hvdllm: rank 0 failed: {failure.PEER_FAILED}: CollectiveTimeout: " \
+                                               "a collective waited more than 5 s"
+    assert not failure.peer_failed(ValueError("bad"))
+
+
+def test_a_stop_signal_prints_the_rank_and_step(capfd: pytest.CaptureFixture) -> None:
+    from hvdllm.train.loop import _announce_signal
+
+    seen: list[int] = []
+    stop = preemption.StopRequest(on_signal=seen.append).install()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGUSR1)           # only the first one is announced
+    finally:
+        stop.uninstall()
+    assert seen == [signal.SIGTERM]
+    _announce_signal(1, signal.SIGTERM, 17)
+    assert "hvdllm: rank 1 got SIGTERM at step 17: finishing the step" in capfd.readouterr().err
+
+
 def test_excepthook_aborts_only_multi_rank_jobs(capsys: pytest.CaptureFixture) -> None:
     codes: list[int] = []
     e = failure.mark_step(KeyError("k"), 2)
@@ -50,6 +82,39 @@ def test_excepthook_aborts_only_multi_rank_jobs(capsys: pytest.CaptureFixture) -
     failure.AbortOnFailure(0, 1, previous=lambda *a: None, abort=codes.append)(KeyError, e, None)
     assert codes == [failure.EXIT_FAILED]
     assert capsys.readouterr().err.count("hvdllm: rank") == 2
+
+
+class _Request:
+    """A stand-in for an MPI request: done or never done."""
+
+    def __init__(self, done: bool) -> None:
+        self.done = done
+
+    def Test(self) -> bool:  # noqa: N802 - mpi4py's name
+        return self.done
+
+
+def test_exit_guard_aborts_a_rank_that_leaves_alone(capsys: pytest.CaptureFixture) -> None:
+    codes: list[int] = []
+    exits: list[object] = []
+
+    def guard(rank: int, others_leave: bool, timeout: float | None = 0.05) -> failure.ExitGuard:
+        return failure.ExitGuard(rank, 2, lambda: _Request(others_leave), timeout, agree_s=0.05,
+                                 previous=exits.append, abort=codes.append)
+
+    guard(1, False).sys_exit(3)                        # alone: a line, MPI_Abort(3)
+    guard(1, False).sys_exit("bad config")             # (a message: status 1)
+    guard(1, True).sys_exit(2)                         # every rank leaves with it (bad input): a plain exit
+    guard(1, False).sys_exit(0)                        # status 0: no wait here (at_exit bounds it)
+    assert codes == [3, 1] and exits == [3, "bad config", 2, 0]   # (abort returns here: the test's stand-in)
+    guard(0, False).at_exit()
+    guard(0, True).at_exit()
+    guard(0, False, timeout=None).at_exit()            # HVDLLM_WAIT_TIMEOUT_S=0: wait forever, as MPI does
+    assert codes == [3, 1, failure.EXIT_FAILED]
+    err = capsys.readouterr().err
+    assert "hvdllm: rank 1 failed: sys.exit(3) on one rank of 2 while the others run on" in err and "bad config" in err
+    assert "hvdllm: rank 0 failed: it ended, but the other ranks did not within 0.05 s" in err
+    assert [failure.exit_code(s) for s in (None, 0, 5, "text")] == [0, 0, 5, 1]
 
 
 def test_wait_until_has_a_deadline() -> None:
@@ -118,26 +183,38 @@ def _killed_rank_named(rank: int) -> str:
     return rf"(Process name: {rank}\s|process rank {rank} )"
 
 
+def _survivor_named(rank: int, step: str = r"\d+") -> str:
+    """A surviving ``rank``'s own line naming its step: its collective failed (horovodrun --gloo), or the
+    launcher's SIGTERM reached it (mpirun, horovodrun --mpi: SIGTERM, then SIGKILL)."""
+    return rf"hvdllm: rank {rank} (failed at step {step}: collective failed|got SIGTERM at step {step}:)"
+
+
 def _kill_trial(launcher: str, argv: list[str], out: Path, rank: int, ready: callable, what: str,
-                timeout: float = 180) -> float:
+                timeout: float = 180, survivor: str | None = None) -> float:
     job = Job(launcher, argv, out)
     try:
         job.wait_for(ready(job), timeout)
         t = job.signal_rank(rank, signal.SIGKILL)
-        return _assert_ends(job, t, _killed_rank_named(rank), what)
+        seconds = _assert_ends(job, t, _killed_rank_named(rank), what)
+        if survivor is not None:
+            assert re.search(survivor, job.output()), f"{what}: no line {survivor!r}:\n{job.output()[-6000:]}"
+        return seconds
     finally:
         job.kill()
 
 
 def _raise_trial(launcher: str, argv: list[str], out: Path, names: str, what: str,
-                 before: callable | None = None) -> float:
+                 before: callable | None = None, survivor: str | None = None) -> float:
     """The job raises on one rank by itself; timed from the moment the failure line appears."""
     job = Job(launcher, argv, out)
     try:
         if before is not None:
             before(job)
         job.wait_for(lambda: re.search(names, job.output()) is not None or job.proc.poll() is not None)
-        return _assert_ends(job, time.monotonic(), names, what)
+        seconds = _assert_ends(job, time.monotonic(), names, what)
+        if survivor is not None:
+            assert re.search(survivor, job.output()), f"{what}: no line {survivor!r}:\n{job.output()[-6000:]}"
+        return seconds
     finally:
         job.kill()
 
@@ -165,7 +242,7 @@ def test_a_failed_rank_ends_the_job(launcher: str, tmp_path: Path) -> None:
     train = ["-m", "hvdllm.cli", "train", "--max-steps", "300", *SMALL, "--set", "run.eval_interval=0"]
     seconds.append(_kill_trial(launcher, [*train, "--out", str(run)], tmp_path / "train-kill-job", 1,
                                lambda job: lambda: _metrics_steps(run) >= 3, f"{launcher} hvdllm train, kill -9",
-                               timeout=STARTUP_S))
+                               timeout=STARTUP_S, survivor=_survivor_named(0)))
     # (Keras under horovodrun --mpi runs the same Horovod TF ops as under --gloo, and its abort path is
     # the TF script's above; left out because one such launch takes minutes on a loaded 2-core host)
     for fw in ("torch",) if launcher == "horovod-mpi" else ("torch", "tensorflow"):
@@ -179,7 +256,8 @@ def test_a_failed_rank_ends_the_job(launcher: str, tmp_path: Path) -> None:
         seconds.append(_raise_trial(launcher, [*train, "--framework", fw, "--out", str(run), "--set",
                                                "run.checkpoint_interval=40"], tmp_path / f"train-raise-{fw}-job",
                                     r"hvdllm: rank 0 failed at step 40: \w+Error", f"{launcher} {fw} train, "
-                                    "rank 0 cannot write its checkpoint", before=block_checkpoints))
+                                    "rank 0 cannot write its checkpoint", before=block_checkpoints,
+                                    survivor=_survivor_named(1, "40")))
     print(f"{launcher}: {len(seconds)} trials ended in {min(seconds):.1f}-{max(seconds):.1f} s", file=sys.stderr)
 
 
@@ -247,6 +325,24 @@ def test_max_minutes_stops_with_a_checkpoint_and_resume_is_bitwise(tmp_path: Pat
     assert _columns(halves) == _columns(one_go)
 
 
+@pytest.mark.timeout(600)
+def test_sys_exit_on_one_mpi4py_rank_ends_the_job(tmp_path: Path) -> None:
+    """mpirun + mpi4py: sys.exit(3) on rank 1 while rank 0 waits in a collective: MPI_Abort after
+    failure.EXIT_AGREE_S (without it, rank 1's MPI_Finalize waits for rank 0, which waits for rank 1).
+    sys.exit(0) on rank 0 mid-run: the end-of-job guard's bounded barrier (HVDLLM_WAIT_TIMEOUT_S), or
+    rank 1's bounded wait, ends the job."""
+    _raise_trial("mpirun", [WORKER, "torch", "400", "exit", "1", "3"], tmp_path / "exit3",
+                 r"hvdllm: rank 1 failed: sys.exit\(3\) on one rank of 2", "mpirun: sys.exit(3) on rank 1")
+    job = Job("mpirun", [WORKER, "torch", "400", "exit0", "0", "3"], tmp_path / "exit0",
+              env={"HVDLLM_WAIT_TIMEOUT_S": "5"})
+    try:
+        job.wait_for(lambda: "worker rank 0 exits at step 3" in job.output())
+        _assert_ends(job, time.monotonic(), r"hvdllm: rank [01] failed: [^\n]*waited more than 5 s",
+                     "mpirun: sys.exit(0) on rank 0 mid-run")
+    finally:
+        job.kill()
+
+
 @pytest.mark.parametrize("launcher", ["gloo", "mpirun"])
 @pytest.mark.timeout(600)
 def test_a_stalled_rank_ends_the_job_at_the_wait_deadline(launcher: str, tmp_path: Path) -> None:
@@ -255,7 +351,7 @@ def test_a_stalled_rank_ends_the_job_at_the_wait_deadline(launcher: str, tmp_pat
               env={"HVDLLM_WAIT_TIMEOUT_S": "5"})
     try:
         job.wait_for(lambda: _steps_seen(job, 0) >= 3)
-        _assert_ends(job, time.monotonic(), r"hvdllm: rank 0 failed: CollectiveTimeout: an? [\w ]+ waited "
-                                            r"more than 5 s", f"{launcher}: rank 1 stalls")
+        _assert_ends(job, time.monotonic(), r"hvdllm: rank 0 failed: collective failed [^:]*: CollectiveTimeout: "
+                                            r"an? [\w ]+ waited more than 5 s", f"{launcher}: rank 1 stalls")
     finally:
         job.kill()

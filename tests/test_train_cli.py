@@ -54,6 +54,12 @@ BAD_TRAIN = [
     (["--set", "schedule.decay=step"], "schedule.decay='step'"),
     (["--set", "parallel.schedule=zigzag"], "parallel.schedule='zigzag'"),
     (["--set", "run.device=tpu"], "run.device='tpu'"),
+    # --elastic: data parallel, torch, a commit interval >= 1
+    (["--elastic", "--tp", "2"], "--elastic is data parallel only (--tp 2 --pp 1)"),
+    (["--elastic", "--pp", "2"], "--elastic is data parallel only (--tp 1 --pp 2)"),
+    (["--elastic", "--framework", "tensorflow"], "--elastic with --framework tensorflow"),
+    (["--set", "run.elastic_commit_every=0"], "run.elastic_commit_every=0"),
+    (["--set", "run.elastic_commit_every=2.5"], "run.elastic_commit_every"),
     (["--set", "run.compression=int8"], "run.compression='int8'"),
     (["--set", "data.tokenizer=word"], "data.tokenizer='word'"),
     # wrong types

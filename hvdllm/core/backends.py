@@ -13,7 +13,8 @@ from typing import Any, Callable, Sequence
 from hvdllm.core import backend as core_backend
 from hvdllm.core import launch
 from hvdllm.core.collectives import Done, Handle, NumpyCollectives, local_world, mpi_world
-from hvdllm.core.failure import install_abort_on_failure, uninstall_abort_on_failure
+from hvdllm.core.failure import (ExitGuard, install_abort_on_failure, install_exit_guard,
+                                 uninstall_abort_on_failure)
 from hvdllm.core.ops import Average, ReduceOp, parse_op
 from hvdllm.core.process_sets import WORLD, ProcessSet, normalize_process_sets
 from hvdllm.core import timeline as tl
@@ -153,6 +154,12 @@ class NumpyBase:
         if tl.env_path():              # Horovod's HOROVOD_TIMELINE: record from init, written at shutdown/exit
             self.start_timeline(tl.env_path(), tl.env_mark_cycles())
             atexit.register(self._stop_at_exit)
+        if name == "mpi" and self.world.size > 1 and not NumpyBase._exit_guarded:
+            # a rank's exit must not hang the others (sys.exit(n), or leaving early): hvdllm.core.failure
+            NumpyBase._exit_guarded = True
+            install_exit_guard(ExitGuard(self.world.rank, self.world.size, comm.Dup().Ibarrier, wait_timeout()))
+
+    _exit_guarded = False   # (one guard per process, however often init() runs)
 
     def start_timeline(self, file_path: str, mark_cycles: bool = False) -> None:
         """Record each collective of this rank from now on (every rank calls it, as in Horovod)."""

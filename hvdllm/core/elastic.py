@@ -52,6 +52,13 @@ def elastic_launch() -> bool:
     return os.environ.get("HOROVOD_ELASTIC") == "1"
 
 
+def launch_id() -> str | None:
+    """The identity of this elastic launch: horovodrun's rendezvous server (address:port), the same for
+    every worker it starts, later ones included, and new for every horovodrun; None outside one."""
+    addr, port = os.environ.get("HOROVOD_GLOO_RENDEZVOUS_ADDR"), os.environ.get("HOROVOD_GLOO_RENDEZVOUS_PORT")
+    return f"{addr}:{port}" if elastic_launch() and addr and port else None
+
+
 class State:
     """What a worker keeps across resets; subclasses implement save/restore/sync (and reset)."""
 

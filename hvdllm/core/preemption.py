@@ -27,15 +27,19 @@ TIME_BUDGET = 1000        # a rank's code when its wall-clock budget is spent (s
 class StopRequest:
     """This rank's reason to stop early: a signal it received, or ``max_seconds`` elapsed since creation."""
 
-    def __init__(self, max_seconds: float | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, max_seconds: float | None = None, clock: Callable[[], float] = time.monotonic,
+                 on_signal: Callable[[int], None] | None = None) -> None:
         self.signal: int | None = None
         self._clock = clock
+        self._on_signal = on_signal   # called in the handler with the first signal (e.g. to print a line)
         self._deadline = None if max_seconds is None else clock() + max_seconds
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signal is None:
             self.signal = signum
+            if self._on_signal is not None:
+                self._on_signal(signum)
 
     def install(self, signals: Sequence[int] = STOP_SIGNALS) -> "StopRequest":
         """Catch ``signals`` until :meth:`uninstall`; returns self. Python runs signal handlers on the

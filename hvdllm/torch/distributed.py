@@ -29,6 +29,7 @@ nothing and casts nothing.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import warnings
 import weakref
@@ -437,15 +438,46 @@ class _DistributedOptimizer(torch.optim.Optimizer):
 
     def reset_world(self) -> None:
         """Follow an elastic reset (hvdllm.torch.elastic): take the new backend and group size, drop any
-        reduction in flight (the failed peers' ops died with the old backend) and rebuild the buckets."""
+        reduction in flight (the failed peers' ops died with the old backend) and the gradients of the
+        step in progress, and rebuild the buckets."""
         self._rt = _runtime()
         self._group_size = len(self._config.process_set.members(self._rt.world.size))
         self._synchronized, self._should_sync = False, True
         self._sparse, self._densified = {}, set()
-        for h in self._hooks + self._retired:  # the old plan's hooks would share the restarted plan number
+        self._rebuild(restart_names=True)  # bucket names restart with the new backend, as in a worker that joins now
+
+    def set_backward_passes_per_step(self, passes: int) -> None:
+        """Horovod's method: local backward passes summed per reduction from the next step on (an elastic
+        trainer keeps its global batch on fewer ranks by accumulating more). Every rank calls it alike."""
+        if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
+            raise ValueError(f"backward_passes_per_step={passes!r} must be an integer >= 1")
+        self._check_idle("set_backward_passes_per_step()")
+        if passes != self._config.backward_passes_per_step:
+            self._config = dataclasses.replace(self._config, backward_passes_per_step=passes)
+            self._rebuild(restart_names=False)
+
+    @property
+    def backward_passes_per_step(self) -> int:
+        return self._config.backward_passes_per_step
+
+    @backward_passes_per_step.setter
+    def backward_passes_per_step(self, passes: int) -> None:
+        self.set_backward_passes_per_step(passes)
+
+    def _rebuild(self, restart_names: bool) -> None:
+        """Drop every hook (an old plan's would share the plan number) and plan the buckets again, under
+        plan number 0 (``restart_names``: as a worker joining now) or the current one: bucket names
+        carry it, and ranks that re-plan for other reasons (a joiner needs no new accumulation) must agree."""
+        for h in self._hooks + self._retired:
             h.remove()
         self._hooks, self._retired = [], []
-        self._plan_no = -1  # bucket names restart with the new backend, as in a worker that joins now
+        # Gradients are views into the old buckets: one left by a step that failed mid-way would keep
+        # its partial sum, and autograd would go on accumulating into it, never reduced (a rolled-back
+        # elastic step trained on stale gradients). The new plan's buckets attach to .grad = None.
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
+        self._plan_no = -1 if restart_names else self._plan_no - 1   # (_build counts it up again)
         self._build()
 
     def _check_idle(self, what: str) -> None:

@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import signal
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -82,6 +85,10 @@ class StepHooks:
     sample: Callable[[str, int, float, int, int], str | None]
     sum_over_ranks: Callable[[np.ndarray], np.ndarray]
     check_replicas: Callable[[int], None] | None = None   # compare data-parallel replicas (a collective)
+    # --elastic: keep the state of this step in host memory (a collective; may raise Horovod's
+    # HostsUpdatedInterrupt, which hvd.elastic.run handles). Called every run.elastic_commit_every steps
+    # and at every checkpoint.
+    commit: Callable[[int], None] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,19 +101,25 @@ class RunEnd:
 
 
 def run_training(s: RunSetup, hooks: StepHooks, losses: LossLog, flops_per_token: float, peak: float,
-                 ranks: int, note: str) -> RunEnd:
-    """Train from ``s.start_step`` to ``--max-steps`` (or ``--exit-at-step``, or an agreed stop)."""
+                 ranks: int, note: str, rejoin: bool = False) -> RunEnd:
+    """Train from ``s.start_step`` to ``--max-steps`` (or ``--exit-at-step``, or an agreed stop).
+
+    ``rejoin``: an elastic run entering again after a reset (from its last commit, ``s.start_step``):
+    metrics.csv drops the rows past that step (the rolled-back steps are trained and logged again) and
+    the step-0 evaluation is not repeated."""
     cfg = s.cfg
-    stop = StopRequest(cfg.run.max_minutes * 60 if cfg.run.max_minutes is not None else None).install()
+    at = _Position(s.start_step)
+    stop = StopRequest(cfg.run.max_minutes * 60 if cfg.run.max_minutes is not None else None,
+                       on_signal=lambda sig: _announce_signal(s.rank, sig, at.step)).install()
     metrics = MetricsLogger(s.run_dir, enabled=s.is_root,
-                            resume_step=s.start_step if s.resume_from is not None else None,
+                            resume_step=s.start_step if s.resume_from is not None or rejoin else None,
                             tensorboard=cfg.run.tensorboard)
     tput = Throughput(flops_per_token, peak, ranks)
     progress = Progress(cfg.run.max_steps, s.start_step, enabled=s.is_root and cfg.run.progress)
     progress.note(note)
     step = s.start_step
     try:
-        if s.resume_from is None and cfg.run.eval_interval > 0:
+        if s.resume_from is None and not rejoin and cfg.run.eval_interval > 0:
             val0 = hooks.evaluate()
             metrics.log({"step": 0, "val_loss": val0})
             progress.note(f"step 0: val loss {val0:.4f}")
@@ -115,11 +128,13 @@ def run_training(s: RunSetup, hooks: StepHooks, losses: LossLog, flops_per_token
         tokens_per_step = cfg.batch.global_batch * s.windows.seq_len
         while step < cfg.run.max_steps:
             lr = float(schedule(step))
+            at.step = step + 1
             try:
                 losses.add(hooks.step(step, lr))
             except BaseException as e:
                 raise mark_step(e, step + 1)
             step += 1
+            _test_delay()
             tput.add(tokens_per_step)
             progress.step()
 
@@ -156,6 +171,9 @@ def run_training(s: RunSetup, hooks: StepHooks, losses: LossLog, flops_per_token
                     why = f"stopping early ({stopped})" if stopped else "exiting (--exit-at-step)"
                     say(f"hvdllm: {why} after step {step}, checkpoint written; continue with --resume")
                 return RunEnd(step, stopped)
+            if hooks.commit is not None and step < cfg.run.max_steps and (
+                    saved or step % cfg.run.elastic_commit_every == 0):
+                hooks.commit(step)
     except BaseException as e:
         raise mark_step(e, step)
     finally:
@@ -170,6 +188,31 @@ def run_training(s: RunSetup, hooks: StepHooks, losses: LossLog, flops_per_token
         write_sample(s.run_dir, sp.prompt, text or "")
         say(f"done: {step} steps in {tput.elapsed():.0f} s; run directory {s.run_dir}")
     return RunEnd(step)
+
+
+@dataclasses.dataclass
+class _Position:
+    """The step a rank is at (steps done, or the one in progress), for lines printed from a signal handler."""
+
+    step: int
+
+
+def _announce_signal(rank: int, sig: int, step: int) -> None:
+    """One line when a stop signal arrives: the rank and the step it is at. Launchers that end a job
+    after one rank died (mpirun, horovodrun --mpi) send the others SIGTERM before SIGKILL, so this is
+    the surviving ranks' last word naming their step. Written with os.write: safe in a handler."""
+    name = signal.Signals(sig).name
+    os.write(2, f"hvdllm: rank {rank} got {name} at step {step}: finishing the step, then a checkpoint "
+                f"(when a launcher sends it because another rank ended, the job ends here)\n".encode())
+
+
+_TEST_DELAY_ENV = "HVDLLM_TEST_STEP_DELAY_S"   # test-only: seconds to sleep after each step (slow runs down)
+
+
+def _test_delay() -> None:
+    delay = float(os.environ.get(_TEST_DELAY_ENV, "0") or 0)
+    if delay > 0:
+        time.sleep(delay)
 
 
 def _save(hooks: StepHooks, step: int, losses: LossLog, progress: Progress) -> None:

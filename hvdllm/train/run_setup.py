@@ -17,6 +17,7 @@ import numpy as np
 from hvdllm.data import (TokenWindows, Tokenizer, check_source, load_windows, make_tokenizer, max_token,
                          save_tokenizer, tokenizer_from_dict)
 from hvdllm.data.tokenizer import TOKENIZER_FILE
+from hvdllm.core.elastic import launch_id
 from hvdllm.core.grid import ProcessGrid
 from hvdllm.models.config import GPTConfig
 from hvdllm.train import checkpoint as ckpt
@@ -68,6 +69,19 @@ class RunSetup:
                                      keep=self.cfg.run.keep_checkpoints)
 
 
+ELASTIC_JOB_FILE = ".elastic_job"   # which elastic launch owns the run directory (see joins_running_job)
+
+
+def joins_running_job(cfg: TrainConfig, run_dir: Path) -> bool:
+    """--elastic: True when ``run_dir`` belongs to this very elastic launch (hvdllm.core.elastic.launch_id),
+    so a worker added later finds the checkpoints its peers wrote and joins them instead of refusing."""
+    mine = launch_id() if cfg.run.elastic else None
+    try:
+        return mine is not None and (run_dir / ELASTIC_JOB_FILE).read_text().strip() == mine
+    except OSError:
+        return False
+
+
 def check_writable(run_dir: Path) -> None:
     """ConfigError unless ``run_dir`` is, or can be created as, a writable directory (the nearest existing
     ancestor must be a writable directory)."""
@@ -101,7 +115,7 @@ def setup_run(cfg: TrainConfig, rank: int, size: int,
     if cfg.run.resume:          # the newest checkpoint that verifies (rank 0 checks and warns; all agree)
         resume_from, meta = resume.agree_on_checkpoint(run_dir, rank, size, warn, broadcast_object)
         resume.check_layout(meta, resume_from, cfg, p)
-    elif ckpt.list_checkpoints(run_dir):
+    elif ckpt.list_checkpoints(run_dir) and not joins_running_job(cfg, run_dir):
         raise ConfigError(f"--out {run_dir}: already holds checkpoints; pass --resume to continue that run "
                           "or choose another --out")
 
@@ -182,6 +196,9 @@ def create_run_dir(s: RunSetup) -> None:
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, s.run_dir / SAVED_CONFIG)
     save_tokenizer(s.tokenizer, s.run_dir)
+    job = launch_id() if s.cfg.run.elastic else None
+    if job is not None:
+        (s.run_dir / ELASTIC_JOB_FILE).write_text(job + "\n")
     say(f"hvdllm train: {s.size} rank(s), data-parallel {s.plan.dp_size}, tp {s.cfg.parallel.tp}, "
         f"pp {s.cfg.parallel.pp}; {s.cfg.batch.global_batch} sequences x {s.windows.seq_len} tokens per step "
         f"(micro-batch {s.cfg.batch.micro_batch} x {s.plan.accum} accumulation x {s.plan.dp_size} ranks); "

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -24,13 +24,13 @@ from hvdllm.core.evaluation import eval_batches
 from hvdllm.core.preemption import EXIT_PREEMPTED
 from hvdllm.models.gpt import GPTConfig
 from hvdllm.train import checkpoint as ckpt
-from hvdllm.train import replicas
+from hvdllm.train import elastic, replicas
 from hvdllm.train.resume import OPTIMIZER_FORMATS
 from hvdllm.train.metrics import LossLog
 from hvdllm.train.progress import peak_flops
 from hvdllm.train.run_setup import RunSetup, create_run_dir, setup_run
 from hvdllm.train.config import ConfigError, TrainConfig
-from hvdllm.train.loop import StepHooks, run_training
+from hvdllm.train.loop import RunEnd, StepHooks, run_training
 from hvdllm.train.model_parallel import grid_process_sets
 from hvdllm.train.model_parallel_torch import tensor_parallel_runner
 from hvdllm.train.pipeline_torch import pipeline_runner
@@ -267,11 +267,14 @@ def train(cfg: TrainConfig) -> int:
     agreed early stop). ConfigError -> the CLI's 2."""
     hvd.init(process_sets=grid_process_sets(cfg.parallel.tp, cfg.parallel.pp))
     rank, size = hvd.rank(), hvd.size()
+    if cfg.run.elastic:
+        elastic.check_backend(hvd.backend(), size)
     threads = cfg.run.threads or hvd.threads_per_rank()
     torch.set_num_threads(threads)
     device = pick_device(cfg)
 
-    s = setup_run(cfg, rank, size, hvd.broadcast_object)
+    # --elastic: no collective before hvd.elastic.run (a worker joining later syncs there, not here)
+    s = setup_run(cfg, rank, size, None if cfg.run.elastic else hvd.broadcast_object)
     cfg = s.cfg
     precision = make_precision(cfg.run.precision, device)
     torch.manual_seed(cfg.run.seed)                      # identical initial weights on every rank ...
@@ -287,7 +290,7 @@ def train(cfg: TrainConfig) -> int:
     create_run_dir(s)
     if s.resume_from is not None:
         restore(s, runner, optimizer, precision, device, losses)
-    else:
+    elif not cfg.run.elastic:                            # (--elastic: the elastic state's sync does it)
         if runner.dp_group is None:
             hvd.broadcast_parameters(runner.model.state_dict(), root_rank=0)   # ... and, to be sure, rank 0's
             hvd.broadcast_optimizer_state(optimizer, root_rank=0)
@@ -295,8 +298,9 @@ def train(cfg: TrainConfig) -> int:
             root = runner.dp_group.members(size)[0]
             hvd.broadcast_parameters(runner.model.state_dict(), root_rank=root, process_set=runner.dp_group)
             hvd.broadcast_optimizer_state(optimizer, root_rank=root, process_set=runner.dp_group)
+    if s.resume_from is None:
         torch.manual_seed(cfg.run.seed + 1 + rank)       # dropout differs per rank, reproducibly
-    if size > 1:
+    if size > 1 and not cfg.run.elastic:
         hvd.barrier()
 
     peak, peak_src = peak_flops(cfg.run.peak_flops,
@@ -333,14 +337,46 @@ def train(cfg: TrainConfig) -> int:
     def sum_over_ranks(vec: np.ndarray) -> np.ndarray:
         return hvd.allreduce(torch.from_numpy(vec), op=hvd.Sum, name=runner.op_name("stop")).numpy()
 
+    def rebind(new: RunSetup) -> None:                  # --elastic: the hooks above see the re-planned run
+        nonlocal s
+        s = new
+
     hooks = StepHooks(step=step, evaluate=lambda: evaluate(s, runner, device),
                       save=lambda i, ls: save(s, runner, optimizer, i, device, precision, ls),
                       grad_norm=grad_norm, sample=sample, sum_over_ranks=sum_over_ranks,
                       check_replicas=lambda i: check_replicas(s, runner, optimizer, i))
-    end = run_training(s, hooks, losses, s.gpt.flops_per_token(), peak, size, note)
-    if size > 1:
+    if cfg.run.elastic:
+        end = train_elastic(s, runner, optimizer, losses, hooks, peak, note, rebind)
+    else:
+        end = run_training(s, hooks, losses, s.gpt.flops_per_token(), peak, size, note)
+    if hvd.size() > 1:
         hvd.barrier()              # (rank 0 has finished writing before any rank exits)
     return EXIT_PREEMPTED if end.stopped else 0
+
+
+def train_elastic(s: RunSetup, runner: StepRunner, optimizer: Any, losses: LossLog, hooks: StepHooks, peak: float,
+                  note: str, rebind: Callable[[RunSetup], None]) -> RunEnd:
+    """The loop inside ``hvd.elastic.run`` (hvdllm.train.elastic): model, optimizer, step and unlogged
+    losses in a TorchState committed every run.elastic_commit_every steps."""
+    state = hvd.elastic.TorchState(model=runner.model, optimizer=optimizer, step=s.start_step,
+                                   losses=losses.pending(), fresh=True)
+    hooks = dataclasses.replace(hooks, commit=elastic.commit_hook(state, losses))
+
+    def enter(here: RunSetup, rejoin: bool) -> None:
+        rebind(here)
+        runner.collective_name = elastic.op_names()
+        optimizer.set_backward_passes_per_step(here.plan.accum)
+        losses.size = here.size
+        losses.restore(state.losses)
+        if rejoin:
+            torch.manual_seed(elastic.reseed(here.cfg.run.seed, here.rank, here.start_step))
+
+    def world() -> tuple[int, int]:
+        return hvd.rank(), hvd.size()
+
+    return elastic.run_elastic(s, state, hvd.elastic.run, world, enter,
+                               lambda here, rejoin: run_training(here, hooks, losses, here.gpt.flops_per_token(),
+                                                                 peak, here.size, note, rejoin=rejoin))
 
 
 def sample_checkpoint(path: str, prompt: str | None, tokens: int | None, temperature: float | None = None,

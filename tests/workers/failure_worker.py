@@ -1,7 +1,8 @@
 """A user script on hvdllm.torch or hvdllm.tensorflow collectives for the failure tests.
 
-argv: framework (torch|tensorflow), steps, and optionally ``raise R S`` (rank R raises at step S) or
-``stall R S`` (rank R stops issuing collectives at step S: sleeps for an hour).
+argv: framework (torch|tensorflow), steps, and optionally ``raise R S`` (rank R raises at step S),
+``stall R S`` (rank R stops issuing collectives at step S: sleeps for an hour), ``exit R S`` (rank R
+calls ``sys.exit(3)`` at step S) or ``exit0 R S`` (``sys.exit(0)``: a rank that leaves early).
 Each rank writes its pid to $HVDLLM_TEST_OUT/pid<rank> and prints ``worker rank R step S`` per step
 (one allreduce each, with a short pause so a kill lands mid-run).
 """
@@ -42,6 +43,9 @@ for step in range(steps):
     if rank == fail_rank and step == fail_step:
         if mode == "stall":
             time.sleep(3600)
+        if mode in ("exit", "exit0"):
+            print(f"worker rank {rank} exits at step {step}", flush=True)
+            sys.exit(3 if mode == "exit" else 0)
         raise RuntimeError(f"injected failure at step {step}")
     total = reduce_once(step)
     assert total == step * hvd.size(), total

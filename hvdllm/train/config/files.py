@@ -11,7 +11,7 @@ from hvdllm.train.config.schema import TrainConfig, spec
 
 SAVED_CONFIG = "config.toml"
 NOT_INHERITED = ("run.resume", "run.exit_at_step", "run.out", "run.allow_data_change", "run.allow_batch_change",
-                 "run.allow_seed_change")
+                 "run.allow_seed_change", "run.elastic")
 
 
 def flatten(tree: Mapping[str, Any], where: str = "") -> dict[str, Any]:

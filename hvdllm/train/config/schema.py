@@ -115,6 +115,13 @@ class RunSection:
                                           "and sha256 differ); not inherited by later resumes")
     allow_batch_change: bool = knob(False, "let --resume continue with another batch.global_batch; not inherited")
     allow_seed_change: bool = knob(False, "let --resume continue with another run.seed; not inherited")
+    elastic: bool = knob(False, "Horovod elastic training (horovodrun --min-np/--max-np --host-discovery-script, "
+                                "Gloo; data parallel only): a lost worker rolls the survivors back to the last "
+                                "commit, a new one joins; the global batch is kept (more accumulation per rank). "
+                                "Outside an elastic launch the job runs as a normal one")
+    elastic_commit_every: int = knob(10, "steps between elastic commits (the state kept in host memory that a lost "
+                                         "worker rolls back to; also at every checkpoint): a copy of the model and "
+                                         "optimizer state plus one tiny broadcast", ge=1)
     check_replicas_every: int = knob(1000, "steps between checks that every data-parallel replica holds the same "
                                            "parameters and optimizer state (also at every checkpoint; 0: never)",
                                      ge=0)
@@ -224,6 +231,11 @@ def validate(cfg: TrainConfig) -> None:
     _need(r.exit_at_step is None or r.exit_at_step <= r.max_steps,
           f"--exit-at-step {r.exit_at_step} must be in [1, --max-steps {r.max_steps}]")
     _need(bool(r.out), "run.out='' must name a directory")
+    _need(not r.elastic or r.framework == "torch",
+          f"--elastic with --framework {r.framework}: elastic training runs the torch trainer only for now; "
+          f"allowed with --elastic: --framework torch")
+    _need(not r.elastic or (p.tp == 1 and p.pp == 1),
+          f"--elastic is data parallel only (--tp {p.tp} --pp {p.pp}); allowed with --elastic: --tp 1 --pp 1")
     _need(p.pp <= gpt.n_layer, f"--pp {p.pp} is more pipeline stages than model.n_layer={gpt.n_layer} layers; "
                                f"allowed: 1..{gpt.n_layer}")
 
