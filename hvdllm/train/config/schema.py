@@ -89,6 +89,8 @@ class ParallelSection:
     tp: int = knob(1, "tensor-parallel degree", ge=1)
     pp: int = knob(1, "pipeline-parallel degree (<= model.n_layer)", ge=1)
     schedule: str = knob("1f1b", "pipeline schedule over the micro-batches (parallel.pp > 1)", choices=("1f1b", "gpipe"))
+    zero: int = knob(0, "ZeRO stage: 0 replicated optimizer state, 1 optimizer state sharded over the "
+                        "data-parallel ranks, 2 gradients sharded too (torch)", ge=0, le=2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,6 +226,9 @@ def validate(cfg: TrainConfig) -> None:
     _need(r.exit_at_step is None or r.exit_at_step <= r.max_steps,
           f"--exit-at-step {r.exit_at_step} must be in [1, --max-steps {r.max_steps}]")
     _need(bool(r.out), "run.out='' must name a directory")
+    _need(p.zero == 0 or r.framework == "torch",
+          f"--zero {p.zero} needs --framework torch (the Keras trainer replicates the optimizer state); "
+          "allowed with --framework tensorflow: --zero 0")
     _need(p.pp <= gpt.n_layer, f"--pp {p.pp} is more pipeline stages than model.n_layer={gpt.n_layer} layers; "
                                f"allowed: 1..{gpt.n_layer}")
 
