@@ -378,6 +378,12 @@ class ZeroOptimizer(_DistributedOptimizer):
         return sum(v.numel() * v.element_size() for st in self._inner.state.values() for v in st.values()
                    if torch.is_tensor(v))
 
+    def reset_world(self) -> None:
+        """Elastic reset: re-plan the shards for the new world. The old shards cannot be gathered (their
+        peers are gone): the state starts empty until ``TorchState.restore()`` loads the committed one."""
+        self._shards = []
+        super().reset_world()
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         raise ValueError("add_param_group() is not supported with zero_stage > 0; put every group in the "
                          "optimizer before wrapping it")
