@@ -44,6 +44,7 @@ from hvdllm.core.process_sets import WORLD, ProcessSet
 from hvdllm.core.zero import parse_stage
 from hvdllm.torch import buckets
 from hvdllm.torch.basics import collectives
+from hvdllm.torch.zero import ZeroOptimizer
 
 __all__ = ["DistributedOptimizer"]
 
@@ -450,9 +451,7 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Ite
     if grad_norm_fn is not None and not callable(grad_norm_fn):
         raise ValueError(f"grad_norm_fn={grad_norm_fn!r} must be a callable returning the global gradient norm")
     if stage:
-        from hvdllm.torch.zero import ZeroOptimizer
-
-        cls = type(base.__name__, (ZeroOptimizer, base), {"__module__": __name__})
+        cls = type(base.__name__, (ZeroOptimizer, _DistributedOptimizer, base), {"__module__": __name__})
         return cls(optimizer, named_parameters, config, grad_norm_fn, stage)
     cls = type(base.__name__, (_DistributedOptimizer, base), {"__module__": __name__})
     return cls(optimizer, named_parameters, config, grad_norm_fn)

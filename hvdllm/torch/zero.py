@@ -35,7 +35,6 @@ from hvdllm.core.gradients import ReductionConfig, clip_coefficient_of
 from hvdllm.core.ops import Sum
 from hvdllm.core.zero import Piece, ShardPlan, pieces
 from hvdllm.torch import buckets
-from hvdllm.torch.distributed import _DistributedOptimizer
 
 __all__ = ["ZeroOptimizer"]
 
@@ -61,8 +60,9 @@ class _Shard:
         self.param.grad = grad if grad.dtype == self.param.dtype else grad.to(self.param.dtype)
 
 
-class ZeroOptimizer(_DistributedOptimizer):
-    """The ZeRO wrapper's behaviour; :func:`hvdllm.torch.DistributedOptimizer` mixes it into the wrapped
+class ZeroOptimizer:
+    """The ZeRO wrapper's behaviour: :func:`hvdllm.torch.DistributedOptimizer` mixes it in before its
+    replicated wrapper (whose buckets, hooks and accumulation ``super()`` reaches) and the wrapped
     optimizer's class when ``zero_stage`` > 0 (see the module docstring)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, named_parameters: Iterable[Any] | None,
