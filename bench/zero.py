@@ -7,7 +7,10 @@ The same GPT (hvdllm.models.gpt, ~3.2M parameters), data and torch AdamW, traine
   z1, z2      the same with zero_stage=1 / 2
   torch_zero  torchrun (gloo), DistributedDataParallel + torch.distributed.optim.ZeroRedundancyOptimizer
 Each rank reports the bytes of the optimizer-state tensors it holds after the last step (the peak:
-Adam's state is allocated at the first step and keeps its size); the largest over the ranks is shown.
+Adam's state is allocated at the first step and keeps its size) and the gradient bytes it holds between
+steps (hvdllm: gradient buckets and shard gradients; DDP: the parameters' .grad, not its own buckets);
+the largest over the ranks is shown. (Stage 2 still holds full-size buckets during backward: the peak
+is unchanged, the memory is free between steps, e.g. for evaluation or activations of the next forward.)
 Runs are interleaved over rounds (medians of global tokens/s). On a 2-core machine shared with other
 work the speeds are noisy and ranks oversubscribe the cores at np=4: compare within one run only.
 """
@@ -58,11 +61,14 @@ def worker(mode: str, steps: int, warmup: int, batch: int) -> None:
         opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW, lr=3e-4,
                                       weight_decay=0.1)
         state = lambda: _state_bytes(opt.optim.state)  # noqa: E731  (this rank's partition)
+        grads = lambda: sum(p.grad.numel() * p.grad.element_size()  # noqa: E731  (DDP's own buckets not counted)
+                            for p in model.parameters() if p.grad is not None)
     else:
         opt = hvd.DistributedOptimizer(torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1),
                                        named_parameters=model.named_parameters(), zero_stage=int(mode[1]))
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
         state = lambda: opt.state_bytes() if opt.zero_stage else _state_bytes(opt.state)  # noqa: E731
+        grads = lambda: opt.gradient_bytes()  # noqa: E731
     g = torch.Generator().manual_seed(1 + rank)
     data = torch.randint(0, cfg.vocab_size, (8, batch, cfg.block_size + 1), generator=g)
 
@@ -82,7 +88,7 @@ def worker(mode: str, steps: int, warmup: int, batch: int) -> None:
     elapsed = time.perf_counter() - t0
     tokens = steps * batch * cfg.block_size * size
     print("RESULT " + json.dumps({"mode": mode, "rank": rank, "size": size, "tokens_per_s": tokens / elapsed,
-                                  "loss": loss, "state_bytes": state(),
+                                  "loss": loss, "state_bytes": state(), "grad_bytes": grads(),
                                   "params": sum(p.numel() for p in model.parameters())}), flush=True)
 
 
@@ -103,7 +109,8 @@ def launch(mode: str, np_: int, args: argparse.Namespace) -> dict | None:
               file=sys.stderr)
         return None
     first = next(r for r in results if r["rank"] == 0)
-    return {**first, "state_bytes": max(r["state_bytes"] for r in results)}
+    return {**first, "state_bytes": max(r["state_bytes"] for r in results),
+            "grad_bytes": max(r["grad_bytes"] for r in results)}
 
 
 def main() -> None:
@@ -127,6 +134,7 @@ def main() -> None:
     nps = [int(v) for v in args.nps.split(",")]
     speed: dict[tuple[str, int], list[float]] = {}
     mem: dict[tuple[str, int], int] = {}
+    held: dict[tuple[str, int], int] = {}
     for np_ in nps:
         for r in range(args.rounds):
             for m in (modes if r % 2 == 0 else modes[::-1]):
@@ -134,10 +142,12 @@ def main() -> None:
                 if res:
                     speed.setdefault((m, np_), []).append(res["tokens_per_s"])
                     mem[(m, np_)] = res["state_bytes"]
+                    held[(m, np_)] = res["grad_bytes"]
                     print(f"np={np_} round {r} {m:10s} {res['tokens_per_s']:8.0f} tokens/s  loss {res['loss']:.4f}  "
                           f"optimizer state {res['state_bytes'] / 2**20:7.2f} MiB/rank  "
+                          f"gradients held {res['grad_bytes'] / 2**20:6.2f} MiB/rank  "
                           f"({res['params'] / 1e6:.2f}M params)", flush=True)
-    print("\nnp  mode        tokens/s (median)  vs z0    state MiB/rank  vs z0")
+    print("\nnp  mode        tokens/s (median)  vs z0    state MiB/rank  vs z0     grads held MiB/rank")
     for np_ in nps:
         base_s = statistics.median(speed[("z0", np_)]) if ("z0", np_) in speed else None
         base_m = mem.get(("z0", np_))
@@ -147,7 +157,8 @@ def main() -> None:
             s, b = statistics.median(speed[(m, np_)]), mem[(m, np_)]
             rs = f"{s / base_s:5.2f}x" if base_s else "   -  "
             rm = f"{b / base_m:5.3f}x" if base_m else "   -  "
-            print(f"{np_:<3d} {m:10s}  {s:10.0f}          {rs}   {b / 2**20:10.2f}      {rm}")
+            print(f"{np_:<3d} {m:10s}  {s:10.0f}          {rs}   {b / 2**20:10.2f}      {rm}   "
+                  f"{held[(m, np_)] / 2**20:10.2f}")
 
 
 if __name__ == "__main__":

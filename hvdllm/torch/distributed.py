@@ -400,6 +400,10 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._plan_no = -1  # bucket names restart with the new backend, as in a worker that joins now
         self._build()
 
+    def gradient_bytes(self) -> int:
+        """Bytes of the gradient buckets (and their wire buffers) this optimizer holds now."""
+        return sum(t.numel() * t.element_size() for b in self._buckets for t in (b.buffer, b.wire) if t is not None)
+
     def _check_idle(self, what: str) -> None:
         if self._tracker.pending:
             raise RuntimeError(f"{what} was called after backward() but before step() (or synchronize()); "

@@ -378,6 +378,14 @@ class ZeroOptimizer:
         return sum(v.numel() * v.element_size() for st in self._inner.state.values() for v in st.values()
                    if torch.is_tensor(v))
 
+    def gradient_bytes(self) -> int:
+        """Bytes of gradient buffers this rank holds now: buckets (released between stage-2 steps) and
+        shard gradients that are not views into them."""
+        own = [s.padded for s in self._shards if s.padded is not None]
+        if self.zero_stage == 2:
+            own += [s.param.grad for s in self._shards if s.param.grad is not None and s.param.grad is not s.padded]
+        return super().gradient_bytes() + sum(t.numel() * t.element_size() for t in own)
+
     def reset_world(self) -> None:
         """Elastic reset: re-plan the shards for the new world. The old shards cannot be gathered (their
         peers are gone): the state starts empty until ``TorchState.restore()`` loads the committed one."""
