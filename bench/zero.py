@@ -22,6 +22,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -87,23 +88,25 @@ def worker(mode: str, steps: int, warmup: int, batch: int) -> None:
         loss = step(warmup + i)
     elapsed = time.perf_counter() - t0
     tokens = steps * batch * cfg.block_size * size
-    print("RESULT " + json.dumps({"mode": mode, "rank": rank, "size": size, "tokens_per_s": tokens / elapsed,
-                                  "loss": loss, "state_bytes": state(), "grad_bytes": grads(),
-                                  "params": sum(p.numel() for p in model.parameters())}), flush=True)
+    result = {"mode": mode, "rank": rank, "size": size, "tokens_per_s": tokens / elapsed, "loss": loss,
+              "state_bytes": state(), "grad_bytes": grads(), "params": sum(p.numel() for p in model.parameters())}
+    # one file per rank: the launchers interleave the ranks' stdout
+    Path(os.environ["ZERO_BENCH_OUT"], f"rank{rank}.json").write_text(json.dumps(result))
 
 
 def launch(mode: str, np_: int, args: argparse.Namespace) -> dict | None:
     """Run ``mode`` on ``np_`` ranks; rank 0's result with the largest per-rank state bytes."""
     me = [sys.executable, str(Path(__file__).resolve()), "--worker", mode, "--steps", str(args.steps),
           "--warmup", str(args.warmup), "--batch", str(args.batch)]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop("HVDLLM_BACKEND", None)
-    if mode == "torch_zero":
-        cmd = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", str(np_), *me[1:]]
-    else:
-        cmd = [str(BIN / "horovodrun"), "-np", str(np_), "--gloo", *me]
-    proc = subprocess.run(cmd, env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=args.timeout)
-    results = [json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines() if "RESULT " in line]
+    with tempfile.TemporaryDirectory(prefix="zero-bench-") as out:
+        env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", ZERO_BENCH_OUT=out)
+        env.pop("HVDLLM_BACKEND", None)
+        if mode == "torch_zero":
+            cmd = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", str(np_), *me[1:]]
+        else:
+            cmd = [str(BIN / "horovodrun"), "-np", str(np_), "--gloo", *me]
+        proc = subprocess.run(cmd, env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=args.timeout)
+        results = [json.loads(f.read_text()) for f in sorted(Path(out).glob("rank*.json"))]
     if len(results) != np_:
         print(f"{mode} np={np_} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}",
               file=sys.stderr)

@@ -106,3 +106,29 @@ def test_zero_takes_the_wrapped_optimizers_existing_state() -> None:
     for i, st in before["state"].items():
         for k, v in st.items():
             assert torch.equal(after["state"][i][k], v), (i, k)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_replans_when_a_parameter_is_frozen(stage: int) -> None:
+    """Freezing a parameter mid-run re-plans the shards (state and the current LR carried over): the
+    same parameters as the replicated optimizer, which skips the frozen one."""
+    hvd.init()
+
+    def run(s: int) -> tuple[list[torch.Tensor], float]:
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Linear(4, 3))
+        opt = hvd.DistributedOptimizer(torch.optim.AdamW(m.parameters(), lr=0.1),
+                                       named_parameters=m.named_parameters(), zero_stage=s)
+        for i in range(6):
+            if i == 2:
+                m[0].weight.requires_grad_(False)
+                for g in opt.param_groups:
+                    g["lr"] = 0.05
+            m(torch.full((2, 5), float(i))).pow(2).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        return [p.detach().clone() for p in m.parameters()], opt.param_groups[0]["lr"]
+
+    (want, lr0), (got, lr) = run(0), run(stage)
+    assert lr == lr0 == 0.05
+    assert all(torch.equal(a, b) for a, b in zip(got, want))

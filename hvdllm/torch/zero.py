@@ -116,15 +116,16 @@ class ZeroOptimizer:
             self.load_state_dict(saved)
 
     def _shard_optimizer(self, per_group: list[list[torch.nn.Parameter]]) -> torch.optim.Optimizer:
-        """A new optimizer of the wrapped one's class over the shard parameters, with its groups' settings."""
+        """A new optimizer of the wrapped one's class over the shard parameters, with the same groups' settings."""
         cls = type(self._user)
         accepted = inspect.signature(cls.__init__).parameters
         kwargs = {k: v for k, v in self._user.defaults.items() if k in accepted and k not in ("self", "params")}
         for k in accepted:  # constructor options kept as attributes (e.g. hvdllm.torch.optim's fused)
             if k not in kwargs and k not in ("self", "params") and k in vars(self._user):
                 kwargs[k] = vars(self._user)[k]
+        # the current settings: the wrapped optimizer's at construction, the shard optimizer's at a re-plan
         groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": ps}
-                  for g, ps in zip(self._user.param_groups, per_group)]
+                  for g, ps in zip(self._inner.param_groups, per_group)]
         return cls(groups, **kwargs)
 
     def _fill_shards(self) -> None:
