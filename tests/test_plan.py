@@ -29,7 +29,8 @@ def _json_rows(out: str) -> list[dict]:
 def test_json_rows_have_the_design_keys_and_are_ranked(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["plan", "--preset", "tiny", "--ranks", "2", "--profile", _profile(tmp_path), "--json"]) == 0
     rows = _json_rows(capsys.readouterr().out)
-    assert len(rows) == 19
+    assert len(rows) == 27            # 19 layouts + the 4 with dp=2 again with --zero 1 and --zero 2
+    assert {r["zero"] for r in rows if r["dp"] > 1} == {0, 1, 2} and {r["zero"] for r in rows if r["dp"] == 1} == {0}
     for r in rows:
         assert KEYS <= set(r) and "measured_step_s" not in r
         assert r["dp"] * r["tp"] * r["pp"] == 2 and isinstance(r["fits"], bool)
