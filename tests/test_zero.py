@@ -4,9 +4,10 @@ The worker (tests/workers/zero_worker.py) trains a replicated and a ZeRO copy of
 on each rank's own data, with accumulation, clipping, fp16 compression, torch.optim and hvdllm.torch.optim
 optimizers, two param groups, and buckets whose sizes no rank count divides. Asserted per case: the
 parameters are bitwise identical on every rank; they match the replicated run bitwise where the
-reduction is the same (stage 1 is the replicated allreduce; stage 2 at 2 ranks, where a + b has one
-order), else within 1e-6 (||a-b||/||b||: stage 2's reduce-scatter sums 4 ranks in another order than the
-allreduce; clipping sums the norm from shards in float64) and 2e-3 with fp16 on the wire; the gathered
+reduction order is fixed (2 ranks: a + b has one order), else within 1e-6 (||a-b||/||b||: at 4 ranks
+stage 2's reduce-scatter sums in another order than the allreduce, and Horovod fuses buckets as they
+arrive in its cycle, so even stage 1 or two replicated runs may round the 4-rank sum differently;
+clipping sums the norm from shards in float64) and 2e-3 with fp16 on the wire; the gathered
 state_dict() equals the replicated one; a halfway state_dict() loaded into the other stage continues
 the same way; each rank holds about 1/N of the replicated optimizer-state bytes.
 """
@@ -52,7 +53,7 @@ def test_zero_matches_replicated_at_2_ranks_gloo() -> None:
 def test_zero_matches_replicated_at_4_ranks_gloo() -> None:
     reports = run_ranks("zero_worker.py", np=4, launcher="gloo", timeout=560, args=[AT_4],
                         env={"HOROVOD_CYCLE_TIME": "20"})
-    _check(reports, {"adamw_s1"})
+    _check(reports, set())   # no bitwise claim at 4 ranks: see the module docstring
 
 
 @pytest.mark.timeout(400)
