@@ -57,10 +57,12 @@ def test_zero_matches_replicated_at_4_ranks_gloo() -> None:
 
 
 @pytest.mark.timeout(400)
-def test_zero_on_mpi4py_backend() -> None:
-    reports = run_ranks("zero_worker.py", np=2, launcher="mpirun", timeout=360,
+@pytest.mark.parametrize("launcher,backend", [("mpirun", "mpi"), ("horovod-mpi", "horovod")])
+def test_zero_on_mpi(launcher: str, backend: str) -> None:
+    """mpi4py's collectives (mpirun), and Horovod's MPI controller."""
+    reports = run_ranks("zero_worker.py", np=2, launcher=launcher, timeout=360,
                         args=["adamw_s2,adamw_accum_clip_s1,sgd_accum_s2"])
-    assert [r["backend"] for r in reports] == ["mpi"] * 2
+    assert [r["backend"] for r in reports] == [backend] * 2
     _check(reports, {"adamw_s2", "sgd_accum_s2"})
 
 
