@@ -111,7 +111,8 @@ def case(kind: str, stage: int, k: int = 1, clip: float | None = None, compressi
     got, want = params(zero_m), params(plain_m)
     state_diff = rel_diff(state_tensors(zero.state_dict()), state_tensors(plain.state_dict()))
     return {
-        "rel_diff": rel_diff(got, want), "norm_rel": norm_rel(got, want), "bitwise": all(torch.equal(a, b) for a, b in zip(got, want)),
+        "rel_diff": rel_diff(got, want), "norm_rel": norm_rel(got, want),
+        "bitwise": all(torch.equal(a, b) for a, b in zip(got, want)),
         "hash": hashlib.sha256(b"".join(p.numpy().tobytes() for p in got)).hexdigest(),
         "state_diff": state_diff, "zero_bytes": zero.state_bytes(), "plain_bytes": state_bytes(plain),
         "resume_diff": rel_diff(params(resumed_m), got), "grad_norm": [zero.grad_norm, plain.grad_norm],
