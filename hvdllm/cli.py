@@ -52,7 +52,7 @@ class _Parser(argparse.ArgumentParser):
 FLAG_KEYS = {
     "framework": "run.framework", "preset": "model.preset", "data": "data.path", "out": "run.out",
     "max_steps": "run.max_steps", "global_batch": "batch.global_batch", "micro_batch": "batch.micro_batch",
-    "tp": "parallel.tp", "pp": "parallel.pp", "exit_at_step": "run.exit_at_step", "init_from": "run.init_from",
+    "tp": "parallel.tp", "pp": "parallel.pp", "zero": "parallel.zero", "exit_at_step": "run.exit_at_step", "init_from": "run.init_from",
 }
 TRAIN_FLAGS = {key: f"--{name.replace('_', '-')}" for name, key in {**FLAG_KEYS, "resume": "run.resume",
                                                                                  "elastic": "run.elastic"}.items()}

@@ -29,7 +29,8 @@ def _json_rows(out: str) -> list[dict]:
 def test_json_rows_have_the_design_keys_and_are_ranked(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["plan", "--preset", "tiny", "--ranks", "2", "--profile", _profile(tmp_path), "--json"]) == 0
     rows = _json_rows(capsys.readouterr().out)
-    assert len(rows) == 19
+    assert len(rows) == 27            # 19 layouts + the 4 with dp=2 again with --zero 1 and --zero 2
+    assert {r["zero"] for r in rows if r["dp"] > 1} == {0, 1, 2} and {r["zero"] for r in rows if r["dp"] == 1} == {0}
     for r in rows:
         assert KEYS <= set(r) and "measured_step_s" not in r
         assert r["dp"] * r["tp"] * r["pp"] == 2 and isinstance(r["fits"], bool)
@@ -124,4 +125,5 @@ def test_two_ranks_are_measured_under_horovodrun(tmp_path: Path) -> None:
     assert data["backend"] == "horovod" and data["ranks"] == 2 and data["assumed"] == []
     assert data["allreduce_latency_s"] > 0 and data["p2p_latency_s"] > 0 and data["allreduce_bw"] > 0
     rows = _json_rows(r.stdout)
-    assert len(rows) == 2 + 3 + 6 and all(x["dp"] * x["tp"] * x["pp"] == 2 for x in rows)
+    # dp=2 with --zero 0, 1 and 2 (2 micro-batches each), tp=2, pp=2
+    assert len(rows) == 2 * 3 + 3 + 6 and all(x["dp"] * x["tp"] * x["pp"] == 2 for x in rows)

@@ -224,10 +224,10 @@ def run(args: argparse.Namespace, check_train: Callable[[list[str]], None]) -> i
             raise ConfigError(str(e)) from None
     shape = shape_of(cfg)
     try:
-        check_train(["--zero", "1"])
+        check_train(["--zero", "1", "--framework", cfg.run.framework])   # (torch only, today)
         zero_stages: tuple[int, ...] = (0, 1, 2)
     except ConfigError:
-        zero_stages = (0,)                       # this hvdllm train has no sharded optimizer
+        zero_stages = (0,)                       # no sharded optimizer in this hvdllm train (or framework)
     layouts = list(CM.layouts(ranks, shape, cfg.batch.global_batch, zero_stages))
     if not layouts:
         raise ConfigError(f"no layout of {ranks} ranks fits --global-batch {cfg.batch.global_batch} and "

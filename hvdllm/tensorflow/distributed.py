@@ -21,6 +21,7 @@ from hvdllm.core.gradients import (ReductionConfig, backend_wire_dtype, clip_coe
                                    is_reduction_pass, validate_groups)
 from hvdllm.core.ops import Average, ReduceOp, Sum
 from hvdllm.core.process_sets import WORLD, ProcessSet
+from hvdllm.core.zero import parse_stage
 from hvdllm.tensorflow.basics import collectives
 from hvdllm.tensorflow.buckets import packed
 from hvdllm.tensorflow.util import device_scope, ref_index
@@ -405,7 +406,7 @@ def DistributedOptimizer(optimizer: Any, name: str | None = None, device_dense: 
                          backward_passes_per_step: int = 1, average_aggregated_gradients: bool = False,
                          num_groups: int = 0, groups: Any = None, process_set: ProcessSet = WORLD,
                          scale_local_gradients: bool = True, *, max_grad_norm: float | None = None,
-                         bucket_cap_mb: float = 25.0) -> Any:
+                         bucket_cap_mb: float = 25.0, zero_stage: int = 0) -> Any:
     """Make a Keras 3 optimizer data-parallel; use it in ``model.compile`` / ``model.fit`` or ``apply_gradients``.
 
     Horovod's signature and meaning (horovod.tensorflow.keras.DistributedOptimizer). Gradients are reduced
@@ -419,8 +420,14 @@ def DistributedOptimizer(optimizer: Any, name: str | None = None, device_dense: 
     the other ranks' (it contributes zeros). The optimizer is converted in place (its class becomes a
     subclass of its own class, its state is kept) and returned; ``get_config`` and saving record the plain
     optimizer. Not usable under XLA: compile with ``jit_compile=False`` (the default on CPU).
+    ``zero_stage``: 0 (the optimizer state replicated on every rank) only; sharding it (1, 2) is
+    hvdllm.torch's (:mod:`hvdllm.torch.zero`) for now.
     """
     import keras
+
+    if parse_stage(zero_stage):
+        raise ValueError(f"zero_stage={zero_stage} is not available for Keras optimizers yet; allowed: 0 "
+                         "(ZeRO stages 1 and 2: hvdllm.torch.DistributedOptimizer)")
 
     if not isinstance(optimizer, keras.optimizers.Optimizer):
         raise ValueError(f"DistributedOptimizer needs a keras.optimizers.Optimizer, got {type(optimizer).__name__}")

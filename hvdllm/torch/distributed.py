@@ -42,9 +42,11 @@ from hvdllm.core.compression import Compression
 from hvdllm.core.gradients import ReductionConfig, backend_wire_dtype, clip_coefficient_of
 from hvdllm.core.ops import Average, Sum
 from hvdllm.core.process_sets import WORLD, ProcessSet
+from hvdllm.core.zero import parse_stage
 from hvdllm.torch import buckets
 from hvdllm.torch.basics import collectives
 from hvdllm.torch.sparse import sparse_allreduce_async
+from hvdllm.torch.zero import ZeroOptimizer
 
 __all__ = ["DistributedOptimizer"]
 
@@ -59,11 +61,14 @@ class _Bucket:
     """One planned bucket: its parameters, their views into the flat buffer, the wire buffer, the scales."""
 
     def __init__(self, plan: Bucket, params: list[torch.nn.Parameter], wire: torch.dtype | None,
-                 scales: tuple[float, float]) -> None:
+                 scales: tuple[float, float], length: int = 0) -> None:
+        self.plan = plan
         self.params, self.positions, self.numel = [params[i] for i in plan.indices], list(plan.indices), plan.numel
         first = self.params[0]
-        # The gradients, then one presence flag per parameter (summed over ranks like the gradients).
-        self.buffer = torch.zeros(self.numel + len(self.params), dtype=first.dtype, device=first.device)
+        # The gradients, then one presence flag per parameter (summed over ranks like the gradients);
+        # at least ``length`` elements (ZeRO-2 reduce-scatters a padded length).
+        size = max(self.numel + len(self.params), length)
+        self.buffer = torch.zeros(size, dtype=first.dtype, device=first.device)
         self.views = buckets.views(self.buffer, plan, params)
         self.grads = self.buffer[:self.numel]
         self.flags = [0.0] * len(self.params)
@@ -74,6 +79,8 @@ class _Bucket:
 
 class _DistributedOptimizer(torch.optim.Optimizer):
     """The wrapper's behaviour; :func:`DistributedOptimizer` mixes it into the wrapped optimizer's class."""
+
+    zero_stage = 0  # the optimizer state is replicated (hvdllm.torch.zero shards it)
 
     def __init__(self, optimizer: torch.optim.Optimizer, named_parameters: Iterable[Any] | None,
                  config: ReductionConfig, grad_norm_fn: Callable[[], float] | None = None,
@@ -173,13 +180,17 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         return [p for group in self._inner.param_groups for p in group["params"]
                 if p.requires_grad and not (id(p) in seen or seen.add(id(p)))]
 
+    def _group_of(self) -> dict[int, int]:
+        """id(param) -> index of its param group (buckets never mix groups)."""
+        return {id(p): g for g, group in enumerate(self._inner.param_groups) for p in group["params"]}
+
     def _build(self) -> None:
         # Old hooks ignore calls once the plan number moves on; they are removed outside backward
         # (removing hooks from inside a running hook would mutate the dict autograd is iterating).
         self._retired, self._hooks = self._retired + self._hooks, []
         params = self._trainable()
         self._planned = [id(p) for p in params]
-        group_of = {id(p): g for g, group in enumerate(self._inner.param_groups) for p in group["params"]}
+        group_of = self._group_of()
         if self._names is not None:
             missing = [p for p in params if id(p) not in self._names]
             if missing:
@@ -218,16 +229,21 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                 _warned.add(key)
                 warnings.warn(f"hvdllm: {warning}", RuntimeWarning, stacklevel=3)
             wire = getattr(torch, wire_name) if wire_name != bk.dtype else None
-            self._buckets.append(_Bucket(bk, params, wire, self._config.scales(self._group_size, wire_name)))
+            self._buckets.append(_Bucket(bk, params, wire, self._config.scales(self._group_size, wire_name),
+                                         self._bucket_length(bk)))
             for pos, i in enumerate(bk.indices):
                 self._where[i] = (b, pos)
         self._tracker = LaunchTracker(plan, len(params), self._config.backward_passes_per_step,
                                       ordered=self._rt.name != "horovod")
         ref = weakref.ref(self)
         for p in params:
-            self._hooks.append(p.register_hook(_make_hook(ref, id(p), self._plan_no, _DistributedOptimizer._attach)))
+            self._hooks.append(p.register_hook(_make_hook(ref, id(p), self._plan_no, type(self)._attach)))
             self._hooks.append(p.register_post_accumulate_grad_hook(
-                _make_hook(ref, id(p), self._plan_no, _DistributedOptimizer._on_grad)))
+                _make_hook(ref, id(p), self._plan_no, type(self)._on_grad)))
+
+    def _bucket_length(self, plan: Bucket) -> int:
+        """The least length of a bucket's flat buffer (a subclass may need padding)."""
+        return 0
 
     def _replan_if_changed(self) -> None:
         """At the start of a step: re-plan if a parameter was frozen or unfrozen since the plan (every
@@ -480,6 +496,10 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._plan_no = -1 if restart_names else self._plan_no - 1   # (_build counts it up again)
         self._build()
 
+    def gradient_bytes(self) -> int:
+        """Bytes of the gradient buckets (and their wire buffers) this optimizer holds now."""
+        return sum(t.numel() * t.element_size() for b in self._buckets for t in (b.buffer, b.wire) if t is not None)
+
     def _check_idle(self, what: str) -> None:
         if self._tracker.pending:
             raise RuntimeError(f"{what} was called after backward() but before step() (or synchronize()); "
@@ -504,9 +524,9 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Ite
                          compression: Any = Compression.none, backward_passes_per_step: int = 1,
                          op: Any = Average, bucket_cap_mb: float = 25, max_grad_norm: float | None = None,
                          process_set: ProcessSet = WORLD, average_aggregated_gradients: bool = False,
-                         gradient_predivide_factor: float = 1.0, grad_norm_fn: Callable[[], float] | None = None,
+                         gradient_predivide_factor: float = 1.0, grad_norm_fn: Callable[..., float] | None = None,
                          num_groups: int = 0, groups: int | list[list[torch.Tensor]] | None = None,
-                         sparse_as_dense: bool = False) -> torch.optim.Optimizer:
+                         sparse_as_dense: bool = False, zero_stage: int = 0) -> torch.optim.Optimizer:
     """Wrap ``optimizer`` so that step() uses gradients reduced (averaged by default) over the ranks.
 
     The result is an instance of the wrapped optimizer's class (isinstance checks and LR schedulers
@@ -523,7 +543,10 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Ite
     ``nn.Embedding(sparse=True)``) are reduced with :func:`hvdllm.torch.sparse_allreduce_async`
     (allgather of indices and values) and stay sparse; with ``sparse_as_dense=True`` they are reduced
     dense and turned back into sparse tensors for the update, as in Horovod.
+    ``zero_stage`` (ZeRO, :mod:`hvdllm.torch.zero`): 0 replicates the optimizer state on every rank;
+    1 shards it over the ranks of ``process_set``; 2 also reduce-scatters the gradients to the shards.
     """
+    stage = parse_stage(zero_stage)
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     if isinstance(optimizer, _DistributedOptimizer):
@@ -533,11 +556,14 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Ite
                                     max_grad_norm=max_grad_norm, bucket_cap_mb=bucket_cap_mb,
                                     process_set=process_set, gradient_predivide_factor=gradient_predivide_factor)
     base = type(optimizer)
-    cls = type(base.__name__, (_DistributedOptimizer, base), {"__module__": __name__})
     if grad_norm_fn is not None and not callable(grad_norm_fn):
         raise ValueError(f"grad_norm_fn={grad_norm_fn!r} must be a callable returning the global gradient norm")
-    return cls(optimizer, named_parameters, config, grad_norm_fn, _groups_arg(num_groups, groups),
-               bool(sparse_as_dense))
+    grouping = _groups_arg(num_groups, groups)
+    if stage:
+        cls = type(base.__name__, (ZeroOptimizer, _DistributedOptimizer, base), {"__module__": __name__})
+        return cls(optimizer, named_parameters, config, grad_norm_fn, stage, grouping, bool(sparse_as_dense))
+    cls = type(base.__name__, (_DistributedOptimizer, base), {"__module__": __name__})
+    return cls(optimizer, named_parameters, config, grad_norm_fn, grouping, bool(sparse_as_dense))
 
 
 def _groups_arg(num_groups: Any, groups: Any) -> int | list[list[int]] | None:

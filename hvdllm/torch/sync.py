@@ -126,7 +126,9 @@ def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int =
     _check_root(rt, root_rank, process_set)
     is_root = rt.world.rank == root_rank
     tensors: list[torch.Tensor] = []
-    skeleton = _strip(optimizer.state_dict(), tensors) if is_root else None
+    # A ZeRO optimizer (zero_stage > 0) gathers its shards in state_dict(): a collective on every rank.
+    sharded = optimizer.state_dict() if getattr(optimizer, "zero_stage", 0) else None
+    skeleton = _strip(sharded or optimizer.state_dict(), tensors) if is_root else None
     skeleton = rt.broadcast_object(skeleton, root_rank, process_set)
     if not is_root:
         device = next((p.device for g in optimizer.param_groups for p in g["params"]), torch.device("cpu"))

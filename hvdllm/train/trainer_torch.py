@@ -67,7 +67,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, accum: int, runner:
     return hvd.DistributedOptimizer(inner, named_parameters=model.named_parameters(), compression=compression,
                                     backward_passes_per_step=accum, op=hvd.Average,
                                     bucket_cap_mb=cfg.run.bucket_cap_mb, max_grad_norm=clip, process_set=dp_group,
-                                    grad_norm_fn=runner.grad_norm if runner is not None else None)
+                                    grad_norm_fn=runner.grad_norm if runner is not None else None,
+                                    zero_stage=cfg.parallel.zero)
 
 
 def apply_update(optimizer: Any, scaler: Any, max_grad_norm: float | None) -> None:
@@ -172,6 +173,8 @@ def save(s: RunSetup, runner: StepRunner, optimizer: Any, step: int, device: tor
     weights = model_arrays(runner.full_model()) if runner.full_model is not None else None   # (a collective)
     sharded = runner.shards is not None
     opt_state = runner.shards.optimizer_state(optimizer) if sharded else None               # (a collective)
+    if opt_state is None and getattr(optimizer, "zero_stage", 0):
+        opt_state = optimizer.state_dict()      # ZeRO gathers its shards into the unsplit state (a collective)
     rng = torch.get_rng_state()
     all_rng = gather_rows(rng, s, runner)
     cuda_rng = None
@@ -179,7 +182,8 @@ def save(s: RunSetup, runner: StepRunner, optimizer: Any, step: int, device: tor
         cuda_rng = gather_rows(torch.cuda.get_rng_state(device), s, runner)
     if not s.is_root:
         return None
-    opt_arrays, opt_skeleton = ckpt.flatten_state(_to_numpy_tree(opt_state if sharded else optimizer.state_dict()))
+    opt_arrays, opt_skeleton = ckpt.flatten_state(_to_numpy_tree(opt_state if opt_state is not None
+                                                                 else optimizer.state_dict()))
     rng_arrays = {"torch_cpu": all_rng.numpy()}
     if cuda_rng is not None:
         rng_arrays["torch_cuda"] = cuda_rng.cpu().numpy()

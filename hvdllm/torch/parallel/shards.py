@@ -93,15 +93,22 @@ class ShardLayout:
                 t.copy_(piece)
 
     # -- gradient norm -----------------------------------------------------------------------------------
-    def grad_norm(self) -> float:
+    def grad_norm(self, squares: Mapping[str, torch.Tensor] | None = None) -> float:
         """L2 norm of the unsplit model's gradient: sharded squares summed over tp, replicated ones
-        counted once per stage, then summed over the stages (the tied embedding lives on the first)."""
+        counted once per stage, then summed over the stages (the tied embedding lives on the first).
+        ``squares``: each local parameter's squared gradient norm by name, when the gradients live
+        elsewhere (a ZeRO optimizer's shards, already summed over the data-parallel ranks)."""
         sharded = torch.zeros((), dtype=torch.float64)
         replicated = torch.zeros((), dtype=torch.float64)
         for n, p in self.module.named_parameters():
-            if p.grad is None:
+            if squares is not None:
+                if n not in squares:
+                    continue
+                sq = squares[n].detach().double().cpu()
+            elif p.grad is None:
                 continue
-            sq = p.grad.detach().double().pow(2).sum().cpu()
+            else:
+                sq = p.grad.detach().double().pow(2).sum().cpu()
             if self.is_sharded(n):
                 sharded += sq
             else:
@@ -118,7 +125,10 @@ class ShardLayout:
     def _indexed(self, optimizer: Any) -> list[tuple[str, torch.Tensor]]:
         """(name, parameter) in the optimizer's state-dict index order."""
         names = {id(p): n for n, p in self.module.named_parameters()}
-        return [(names[id(p)], p) for g in optimizer.param_groups for p in g["params"]]
+        groups = getattr(optimizer, "model_param_groups", None)   # a ZeRO optimizer steps shard tensors
+        if groups is None:
+            groups = [g["params"] for g in optimizer.param_groups]
+        return [(names[id(p)], p) for ps in groups for p in ps]
 
     def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
         """The optimizer's state dict keyed by the unsplit model's parameter names, parameter-shaped

@@ -89,6 +89,8 @@ class ParallelSection:
     tp: int = knob(1, "tensor-parallel degree", ge=1)
     pp: int = knob(1, "pipeline-parallel degree (<= model.n_layer)", ge=1)
     schedule: str = knob("1f1b", "pipeline schedule over the micro-batches (parallel.pp > 1)", choices=("1f1b", "gpipe"))
+    zero: int = knob(0, "ZeRO stage: 0 replicated optimizer state, 1 optimizer state sharded over the "
+                        "data-parallel ranks, 2 gradients sharded too (torch)", ge=0, le=2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,6 +238,11 @@ def validate(cfg: TrainConfig) -> None:
           f"allowed with --elastic: --framework torch")
     _need(not r.elastic or (p.tp == 1 and p.pp == 1),
           f"--elastic is data parallel only (--tp {p.tp} --pp {p.pp}); allowed with --elastic: --tp 1 --pp 1")
+    _need(p.zero == 0 or r.framework == "torch",
+          f"--zero {p.zero} needs --framework torch (the Keras trainer replicates the optimizer state); "
+          "allowed with --framework tensorflow: --zero 0")
+    _need(not r.elastic or p.zero == 0,
+          f"--elastic with --zero {p.zero}: elastic training replicates the optimizer state; allowed with --elastic: --zero 0")
     _need(p.pp <= gpt.n_layer, f"--pp {p.pp} is more pipeline stages than model.n_layer={gpt.n_layer} layers; "
                                f"allowed: 1..{gpt.n_layer}")
 

@@ -1,0 +1,402 @@
+"""ZeRO stages 1 and 2 for PyTorch: ``hvd.DistributedOptimizer(opt, ..., zero_stage=1|2)``.
+
+The gradient buckets of :mod:`hvdllm.torch.distributed` are kept (hooks, accumulation, overlap,
+compression); each bucket's flat space is partitioned over the data-parallel ranks by the core
+(:mod:`hvdllm.core.zero`) and every rank owns one *shard parameter* per bucket: a flat tensor of the
+parameters' dtype holding its slice of the bucket's parameters. A fresh instance of the wrapped
+optimizer's class steps only those shard parameters (the same groups and hyperparameters; the
+wrapper's ``param_groups`` are its groups, so LR schedulers built on the wrapper act), so each rank
+keeps 1/N of the optimizer state. A step:
+
+1. reduce the gradients: stage 1 allreduces each bucket (as plain data parallelism) and takes the
+   rank's slice; stage 2 reduce-scatters the (zero-padded) bucket so only the shard arrives, and the
+   full local gradient buffers are released after the step;
+2. clip by the global norm: one allreduce of the shards' squared norms (per-parameter squares when
+   tensor/pipeline parallelism supplies ``grad_norm_fn``, which then combines them over its groups);
+3. copy the current parameters into the shards (so weights changed outside, e.g. by a broadcast or a
+   load, are respected), step the inner optimizer on the shards, allgather the updated shards and
+   copy them back into every parameter.
+
+``state_dict()``/``load_state_dict()`` give and take the unsplit torch.optim format (a collective
+gather at save; each rank cuts its own shard at load), so checkpoints move between world sizes and
+stages. Elementwise optimizers only: rules with per-tensor norms (LAMB) would see shards instead of
+tensors. A parameter with no gradient on any rank is stepped with a zero gradient (its optimizer
+state still evolves), unlike plain data parallelism, which skips it.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Iterable
+
+import torch
+
+from hvdllm.core.buckets import Bucket
+from hvdllm.core.gradients import ReductionConfig, clip_coefficient_of
+from hvdllm.core.ops import Sum
+from hvdllm.core.zero import Piece, ShardPlan, pieces
+from hvdllm.torch import buckets
+
+__all__ = ["ZeroOptimizer"]
+
+_PER_TENSOR_RULES = ("LAMB", "LBFGS", "Adafactor", "SparseAdam")
+
+
+class _Shard:
+    """This rank's shard of one bucket: its plan, pieces, flat parameter and gradient."""
+
+    def __init__(self, plan: ShardPlan, rank: int, own: tuple[Piece, ...], like: torch.Tensor) -> None:
+        self.plan, self.rank, self.pieces = plan, rank, own
+        self.lo, self.hi = plan.range(rank)
+        self.param = torch.nn.Parameter(torch.zeros(plan.shard_numel, dtype=like.dtype, device=like.device))
+        self.padded: torch.Tensor | None = None  # gradient copy when the shard runs past the bucket's end
+
+    def set_grad(self, grad: torch.Tensor) -> None:
+        """``grad``: the shard's reduced gradient, either all ``shard_numel`` elements or only the real ones."""
+        if grad.numel() != self.plan.shard_numel:
+            if self.padded is None:
+                self.padded = torch.zeros_like(self.param)
+            self.padded[:grad.numel()].copy_(grad)
+            grad = self.padded
+        self.param.grad = grad if grad.dtype == self.param.dtype else grad.to(self.param.dtype)
+
+
+class ZeroOptimizer:
+    """The ZeRO wrapper's behaviour: :func:`hvdllm.torch.DistributedOptimizer` mixes it in before its
+    replicated wrapper (whose buckets, hooks and accumulation ``super()`` reaches) and the wrapped
+    optimizer's class when ``zero_stage`` > 0 (see the module docstring)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, named_parameters: Iterable[Any] | None,
+                 config: ReductionConfig, grad_norm_fn: Callable[..., float] | None, stage: int,
+                 groups: Any = None, sparse_as_dense: bool = False) -> None:
+        if type(optimizer).__name__ in _PER_TENSOR_RULES:
+            raise ValueError(f"zero_stage={stage} needs an elementwise optimizer; {type(optimizer).__name__} "
+                             f"uses per-tensor quantities (allowed: e.g. SGD, Adam, AdamW; or zero_stage=0)")
+        self.zero_stage = stage
+        self._user = optimizer
+        self._model_groups = [list(g["params"]) for g in optimizer.param_groups]
+        initial = optimizer.state_dict() if optimizer.state else None
+        self._shards: list[_Shard] = []
+        super().__init__(optimizer, named_parameters, config, grad_norm_fn, groups, sparse_as_dense)
+        if initial is not None:   # state the wrapped optimizer had already: cut into this rank's shards
+            self.load_state_dict(initial)
+        optimizer.state.clear()
+
+    # --- planning ------------------------------------------------------------------------------
+    @property
+    def model_param_groups(self) -> list[list[torch.nn.Parameter]]:
+        """The model's parameters per param group (``param_groups`` hold the shard parameters)."""
+        return self._model_groups
+
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        seen: set[int] = set()
+        return [p for ps in self._model_groups for p in ps if p.requires_grad and not (id(p) in seen or seen.add(id(p)))]
+
+    def _group_of(self) -> dict[int, int]:
+        return {id(p): g for g, ps in enumerate(self._model_groups) for p in ps}
+
+    def _bucket_length(self, plan: Bucket) -> int:
+        return ShardPlan(plan.numel, self._group_size).padded_numel
+
+    def _build(self) -> None:
+        saved = self.state_dict() if self._shards and any(self._inner.state.values()) else None  # (a re-plan)
+        super()._build()
+        members = list(self._config.process_set.members(self._rt.world.size))
+        me = members.index(self._rt.world.rank)
+        sizes = [p.numel() for p in self._params]
+        group_of = self._group_of()
+        self._shards = []
+        per_group: list[list[torch.nn.Parameter]] = [[] for _ in self._model_groups]
+        for bucket in self._buckets:
+            plan = ShardPlan(bucket.numel, self._group_size)
+            shard = _Shard(plan, me, pieces(bucket.plan, sizes, plan, me), bucket.params[0])
+            self._shards.append(shard)
+            per_group[group_of[id(bucket.params[0])]].append(shard.param)
+        self._fill_shards()
+        self._inner = self._shard_optimizer(per_group)
+        if saved is not None:
+            self.load_state_dict(saved)
+
+    def _shard_optimizer(self, per_group: list[list[torch.nn.Parameter]]) -> torch.optim.Optimizer:
+        """A new optimizer of the wrapped one's class over the shard parameters, with the same groups' settings."""
+        cls = type(self._user)
+        accepted = inspect.signature(cls.__init__).parameters
+        kwargs = {k: v for k, v in self._user.defaults.items() if k in accepted and k not in ("self", "params")}
+        for k in accepted:  # constructor options kept as attributes (e.g. hvdllm.torch.optim's fused)
+            if k not in kwargs and k not in ("self", "params") and k in vars(self._user):
+                kwargs[k] = vars(self._user)[k]
+        # the current settings: the wrapped optimizer's at construction, the shard optimizer's at a re-plan
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": ps}
+                  for g, ps in zip(self._inner.param_groups, per_group)]
+        return cls(groups, **kwargs)
+
+    def _fill_shards(self) -> None:
+        """Copy the parameters' current values into the shard parameters."""
+        with torch.no_grad():
+            for shard in self._shards:
+                flat = shard.param.data
+                for pc in shard.pieces:
+                    src = self._params[pc.index].detach().reshape(-1)[pc.start:pc.start + pc.length]
+                    flat[pc.shard_offset:pc.shard_offset + pc.length].copy_(src)
+
+    # --- during backward -----------------------------------------------------------------------
+    def _materialize(self) -> None:
+        """Stage 2 releases the gradient buffers between steps; allocate them (zeroed) again, with views."""
+        for bucket in self._buckets:
+            if bucket.buffer.numel() == 0:
+                size = max(bucket.numel + len(bucket.params), self._bucket_length(bucket.plan))
+                first = bucket.params[0]
+                bucket.buffer = torch.zeros(size, dtype=first.dtype, device=first.device)
+                bucket.views = buckets.views(bucket.buffer, bucket.plan, self._params)
+                bucket.grads = bucket.buffer[:bucket.numel]
+                if bucket.wire is not None:
+                    bucket.wire = torch.empty(size, dtype=bucket.wire.dtype, device=first.device)
+
+    def _attach(self, pid: int) -> None:
+        if self.zero_stage == 2:
+            self._materialize()
+        super()._attach(pid)
+
+    def _launch(self, b: int) -> None:
+        if self.zero_stage == 1:
+            super()._launch(b)
+            return
+        if self._rt.name == "local":
+            return
+        bucket, shard = self._buckets[b], self._shards[b]
+        send = bucket.buffer[:shard.plan.padded_numel]
+        send[bucket.numel:].zero_()
+        if bucket.wire is not None:
+            bucket.wire[:send.numel()].copy_(send)
+            send = bucket.wire[:send.numel()]
+        if bucket.prescale != 1.0:
+            send.mul_(bucket.prescale)
+        bucket.handle = self._rt.start("reducescatter", send, Sum, self._config.process_set,
+                                       name=f"hvdllm.zero{self._id}.{self._plan_no}.bucket{b}")
+
+    # --- step ----------------------------------------------------------------------------------
+    def synchronize(self) -> None:
+        """Finish every bucket's reduction; each shard parameter gets its slice of the averaged gradient
+        (then clipped by the global norm when ``max_grad_norm`` is set)."""
+        self._replan_if_changed()
+        if self.zero_stage == 2:
+            self._materialize()
+        for b in self._tracker.remaining():
+            for i in self._buckets[b].positions:
+                if not self._tracker.complete(i):
+                    self._pack(i)
+            self._launch(b)
+        for bucket, shard in zip(self._buckets, self._shards):
+            if bucket.handle is None:  # the local backend: nothing travelled
+                post = bucket.prescale * bucket.postscale
+                if post != 1.0:
+                    bucket.grads.mul_(post)
+                shard.set_grad(bucket.grads[shard.lo:shard.hi])
+                continue
+            out = bucket.handle.wait()
+            bucket.handle = None
+            if self.zero_stage == 1:
+                reduced = bucket.wire if bucket.wire is not None else bucket.grads
+                if bucket.postscale != 1.0:
+                    reduced.mul_(bucket.postscale)
+                if reduced is bucket.wire:
+                    bucket.buffer.copy_(bucket.wire)
+                shard.set_grad(bucket.grads[shard.lo:shard.hi])
+            else:
+                if bucket.postscale != 1.0:
+                    out.mul_(bucket.postscale)
+                shard.set_grad(out.to(bucket.grads.dtype))
+        if self.zero_stage == 2:  # only the shards' gradients are kept: the local sums are not averaged
+            for p in self._params:
+                p.grad = None
+        self._tracker.reset()
+        for h in self._retired:
+            h.remove()
+        self._retired = []
+        if self._config.max_grad_norm is not None:
+            self.clip_grad_norm_(self._config.max_grad_norm)
+        else:
+            self.grad_norm = self._global_norm()
+        self._synchronized = True
+
+    def _global_norm(self) -> float:
+        """The global gradient norm from the shards: one allreduce of squared norms over the dp ranks
+        (per parameter when ``grad_norm_fn`` combines them over tensor/pipeline groups)."""
+        dev = self._params[0].device if self._params else torch.device("cpu")
+        if self._grad_norm_fn is None:
+            sq = torch.zeros(1, dtype=torch.float64, device=dev)
+            for shard in self._shards:
+                sq += shard.param.grad.detach().double().pow(2).sum()
+        else:
+            sq = torch.zeros(len(self._params), dtype=torch.float64, device=dev)
+            for shard in self._shards:
+                g = shard.param.grad.detach()
+                for pc in shard.pieces:
+                    sq[pc.index] += g[pc.shard_offset:pc.shard_offset + pc.length].double().pow(2).sum()
+        if self._rt.name != "local":
+            sq = self._rt.allreduce(sq, Sum, self._config.process_set, name=f"hvdllm.zero{self._id}.norm")
+        if self._grad_norm_fn is None:
+            return float(sq[0].sqrt())
+        return float(self._grad_norm_fn(squares=dict(zip(self._param_names, sq.cpu()))))
+
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        """Scale the shards' gradients by the core's clipping rule for the global norm; returns the norm."""
+        self.grad_norm = self._global_norm()
+        coef = clip_coefficient_of(self.grad_norm, max_norm)
+        if coef != 1.0:
+            for shard in self._shards:
+                shard.param.grad.mul_(coef)
+        return self.grad_norm
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Reduce (see synchronize), step the shards, allgather them into every parameter."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self._should_sync and not self._synchronized:
+            self.synchronize()
+        self._fill_shards()
+        out = self._inner.step()
+        self._gather()
+        self._synchronized = False
+        if self.zero_stage == 2:
+            self._release()
+        return loss if closure is not None else out
+
+    def _gather(self) -> None:
+        """Every rank's updated shards, concatenated, back into the parameters."""
+        with torch.no_grad():
+            for b, (bucket, shard) in enumerate(zip(self._buckets, self._shards)):
+                flat = shard.param.detach()
+                if self._rt.name != "local":
+                    flat = self._rt.allgather(flat, self._config.process_set,
+                                              name=f"hvdllm.zero{self._id}.{self._plan_no}.gather{b}")
+                for i, off in zip(bucket.plan.indices, bucket.plan.offsets):
+                    p = self._params[i]
+                    p.copy_(flat[off:off + p.numel()].view_as(p))
+
+    def _release(self) -> None:
+        """Stage 2: free the full-size local gradient buffers until the next backward needs them."""
+        for shard in self._shards:
+            shard.param.grad = None
+        for bucket in self._buckets:
+            bucket.buffer = bucket.buffer.new_empty(0)
+            bucket.views, bucket.grads = [], bucket.buffer
+            if bucket.wire is not None:
+                bucket.wire = bucket.wire.new_empty(0)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop (or zero) the parameters' and the shards' gradients; refuses while a reduction is pending."""
+        self._check_idle("zero_grad()")
+        for p in [*self._params, *(s.param for s in self._shards)]:
+            if p.grad is None:
+                continue
+            if set_to_none:
+                p.grad = None
+            else:
+                p.grad.zero_()
+
+    # --- state ---------------------------------------------------------------------------------
+    def _state_index(self) -> dict[int, int]:
+        """id(model parameter) -> its index in the torch.optim state-dict format (group order)."""
+        out: dict[int, int] = {}
+        for ps in self._model_groups:
+            for p in ps:
+                out.setdefault(id(p), len(out))
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """The unsplit state in torch.optim's format, as the wrapped optimizer alone would give it (a
+        collective over the data-parallel ranks: every rank must call it)."""
+        inner = self._inner.state_dict()
+        shard_index = {id(p): j for j, p in enumerate(p for g in self._inner.param_groups for p in g["params"])}
+        index = self._state_index()
+        state: dict[int, dict[str, Any]] = {}
+        with torch.no_grad():
+            for b, (bucket, shard) in enumerate(zip(self._buckets, self._shards)):
+                entry = inner["state"].get(shard_index[id(shard.param)], {})
+                for k in sorted(entry):
+                    v = entry[k]
+                    sharded = torch.is_tensor(v) and v.dim() == 1 and v.numel() == shard.plan.shard_numel
+                    if sharded and self._rt.name != "local":
+                        v = self._rt.allgather(v.detach(), self._config.process_set,
+                                               name=f"hvdllm.zero{self._id}.{self._plan_no}.state{b}.{k}")
+                    for i, off in zip(bucket.plan.indices, bucket.plan.offsets):
+                        p = self._params[i]
+                        val = v[off:off + p.numel()].view_as(p).clone() if sharded else \
+                            (v.clone() if torch.is_tensor(v) else v)
+                        state.setdefault(index[id(p)], {})[k] = val
+        groups = []
+        for g, ps in zip(inner["param_groups"], self._model_groups):
+            groups.append({**{k: v for k, v in g.items() if k != "params"},
+                           "params": list(dict.fromkeys(index[id(p)] for p in ps))})
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Take the unsplit torch.optim-format state (from any world size or stage); this rank keeps
+        only its shards (no communication)."""
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self._model_groups):
+            raise ValueError(f"the state dict has {len(saved_groups)} param groups, the optimizer has "
+                             f"{len(self._model_groups)}")
+        saved_id: dict[int, Any] = {}
+        for sg, ps in zip(saved_groups, self._model_groups):
+            if len(sg["params"]) != len(ps):
+                raise ValueError(f"a saved param group has {len(sg['params'])} parameters, the optimizer's "
+                                 f"has {len(ps)}")
+            saved_id.update({id(p): k for p, k in zip(ps, sg["params"])})
+        saved_state = state_dict["state"]
+        shard_params = [p for g in self._inner.param_groups for p in g["params"]]
+        shard_index = {id(p): j for j, p in enumerate(shard_params)}
+        state: dict[int, dict[str, Any]] = {}
+        for bucket, shard in zip(self._buckets, self._shards):
+            given = [(i, saved_state.get(saved_id[id(self._params[i])], {})) for i in bucket.plan.indices]
+            keys = sorted({k for _, st in given for k in st})
+            if not keys:
+                continue
+            entry: dict[str, Any] = {}
+            for k in keys:
+                i0, v0 = next((i, st[k]) for i, st in given if k in st)
+                if torch.is_tensor(v0) and v0.dim() > 0 and v0.shape == self._params[i0].shape:
+                    flat = torch.zeros(shard.plan.shard_numel, dtype=v0.dtype, device=shard.param.device)
+                    parts = dict(given)
+                    for pc in shard.pieces:
+                        v = parts[pc.index].get(k)
+                        if v is not None:
+                            src = v.detach().reshape(-1)[pc.start:pc.start + pc.length]
+                            flat[pc.shard_offset:pc.shard_offset + pc.length].copy_(src)
+                    entry[k] = flat
+                else:
+                    entry[k] = v0.clone() if torch.is_tensor(v0) else v0
+            state[shard_index[id(shard.param)]] = entry
+        groups = []
+        for sg, g in zip(saved_groups, self._inner.param_groups):
+            groups.append({**{k: v for k, v in sg.items() if k != "params"},
+                           "params": [shard_index[id(p)] for p in g["params"]]})
+        self._inner.load_state_dict({"state": state, "param_groups": groups})
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state tensors this rank holds (its shards)."""
+        return sum(v.numel() * v.element_size() for st in self._inner.state.values() for v in st.values()
+                   if torch.is_tensor(v))
+
+    def gradient_bytes(self) -> int:
+        """Bytes of gradient buffers this rank holds now: buckets (released between stage-2 steps) and
+        shard gradients that are not views into them."""
+        own = [s.padded for s in self._shards if s.padded is not None]
+        if self.zero_stage == 2:
+            own += [s.param.grad for s in self._shards if s.param.grad is not None and s.param.grad is not s.padded]
+        return super().gradient_bytes() + sum(t.numel() * t.element_size() for t in own)
+
+    def reset_world(self) -> None:
+        """Elastic reset: re-plan the shards for the new world. The old shards cannot be gathered (their
+        peers are gone): the state starts empty until ``TorchState.restore()`` loads the committed one."""
+        self._shards = []
+        super().reset_world()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        raise ValueError("add_param_group() is not supported with zero_stage > 0; put every group in the "
+                         "optimizer before wrapping it")
+
+    def __repr__(self) -> str:
+        return f"DistributedOptimizer({self._user!r}, zero_stage={self.zero_stage})"

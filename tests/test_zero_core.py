@@ -1,0 +1,53 @@
+"""hvdllm.core.zero: the ZeRO partition of gradient buckets, on hand-computed cases; stage parsing."""
+from __future__ import annotations
+
+import pytest
+
+from hvdllm.core.buckets import Bucket, TensorSpec, plan_buckets
+from hvdllm.core.zero import Piece, ShardPlan, parse_stage, pieces
+
+
+def test_shard_plan_pads_to_a_multiple_of_the_ranks() -> None:
+    p = ShardPlan(10, 4)        # ceil(10/4) = 3 per rank, 12 with padding
+    assert (p.shard_numel, p.padded_numel) == (3, 12)
+    assert [p.range(r) for r in range(4)] == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    q = ShardPlan(2, 4)         # fewer elements than ranks: the last ranks own only padding
+    assert q.shard_numel == 1 and [q.range(r) for r in range(4)] == [(0, 1), (1, 2), (2, 2), (2, 2)]
+    assert ShardPlan(8, 2).range(1) == (4, 8) and ShardPlan(8, 1).range(0) == (0, 8)
+
+
+def test_pieces_cut_a_bucket_across_tensor_boundaries() -> None:
+    # tensors 0 (6 elements), 1 (3), 2 (4) in a bucket laid out 2, 1, 0 (reverse registration order)
+    bucket = Bucket("float32", (2, 1, 0), (0, 4, 7), 13)
+    sizes = [6, 3, 4]
+    plan = ShardPlan(13, 3)     # 5 per rank: [0,5) [5,10) [10,13)+2 padding
+    assert pieces(bucket, sizes, plan, 0) == (Piece(2, 0, 0, 4), Piece(1, 0, 4, 1))
+    assert pieces(bucket, sizes, plan, 1) == (Piece(1, 1, 0, 2), Piece(0, 0, 2, 3))
+    assert pieces(bucket, sizes, plan, 2) == (Piece(0, 3, 0, 3),)
+    # every element of every tensor lands in exactly one shard
+    covered = sorted((pc.index, pc.start + j) for r in range(3) for pc in pieces(bucket, sizes, plan, r)
+                     for j in range(pc.length))
+    assert covered == sorted((i, j) for i, n in enumerate(sizes) for j in range(n))
+
+
+def test_pieces_follow_the_core_bucket_plan() -> None:
+    specs = [TensorSpec("a", (2, 3), "float32"), TensorSpec("b", (5,), "float32")]
+    (bucket,) = plan_buckets(specs, 0)
+    plan = ShardPlan(bucket.numel, 2)       # b first (offset 0, 5 elements), then a (offset 5, 6)
+    assert pieces(bucket, [6, 5], plan, 0) == (Piece(1, 0, 0, 5), Piece(0, 0, 5, 1))
+    assert pieces(bucket, [6, 5], plan, 1) == (Piece(0, 1, 0, 5),)
+
+
+@pytest.mark.parametrize("bad", [3, -1, "x", 1.0, True, None])
+def test_bad_stages_are_refused_in_one_line(bad: object) -> None:
+    with pytest.raises(ValueError, match=r"zero_stage=.*allowed: 0 .*1 .*2") as e:
+        parse_stage(bad)
+    assert "\n" not in str(e.value)
+
+
+def test_good_stages_and_bad_plans() -> None:
+    assert [parse_stage(s) for s in (0, 1, 2)] == [0, 1, 2]
+    with pytest.raises(ValueError, match="ranks=0"):
+        ShardPlan(4, 0)
+    with pytest.raises(ValueError, match="rank=2"):
+        ShardPlan(4, 2).range(2)
