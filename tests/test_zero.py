@@ -148,3 +148,29 @@ def test_keras_accepts_stage_0_and_refuses_sharding_in_one_line() -> None:
         with pytest.raises(ValueError, match=words) as e:
             hvd_tf.DistributedOptimizer(keras.optimizers.SGD(0.1), zero_stage=bad)
         assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_sparse_gradients_need_sparse_as_dense(stage: int) -> None:
+    """Shards step dense: a sparse gradient is a one-line error unless sparse_as_dense densifies it, and
+    then the step equals the replicated optimizer's."""
+    hvd.init()
+    results = []
+    for zero_stage, as_dense in ((stage, False), (stage, True), (0, True)):
+        torch.manual_seed(0)
+        emb = torch.nn.Embedding(10, 4, sparse=True)
+        opt = hvd.DistributedOptimizer(torch.optim.SGD(emb.parameters(), lr=0.5, momentum=0.9),
+                                       named_parameters=emb.named_parameters(), zero_stage=zero_stage,
+                                       sparse_as_dense=as_dense)
+        try:
+            for _ in range(3):
+                opt.zero_grad()
+                emb(torch.tensor([1, 3, 3])).square().sum().backward()
+                opt.step()
+        except ValueError as e:
+            assert not as_dense and "sparse gradient" in str(e) and "sparse_as_dense=True" in str(e)
+            results.append(None)
+            continue
+        results.append(emb.weight.detach().clone())
+    assert results[0] is None
+    torch.testing.assert_close(results[1], results[2], rtol=0, atol=0)

@@ -151,10 +151,18 @@ class ZeroOptimizer:
                 if bucket.wire is not None:
                     bucket.wire = torch.empty(size, dtype=bucket.wire.dtype, device=first.device)
 
-    def _attach(self, pid: int) -> None:
+    def _attach(self, pid: int, grad: torch.Tensor | None = None) -> None:
         if self.zero_stage == 2:
             self._materialize()
-        super()._attach(pid)
+        super()._attach(pid, grad)
+
+    def _pack(self, i: int) -> None:
+        g = self._params[i].grad
+        if g is not None and g.is_sparse and not self._sparse_as_dense:
+            raise ValueError(f"parameter {self._param_names[i]!r} has a sparse gradient: zero_stage="
+                             f"{self.zero_stage} shards dense gradients; pass sparse_as_dense=True (or zero_stage=0)")
+        super()._pack(i)
+        self._densified.clear()   # (the shards step dense; nothing is turned back into a sparse gradient)
 
     def _launch(self, b: int) -> None:
         if self.zero_stage == 1:
