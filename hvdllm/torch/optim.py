@@ -7,7 +7,7 @@ state_dict can move between these and ``torch.optim``'s SGD/Adam/AdamW. Conventi
 L2 vs decoupled weight decay, where Adam's epsilon sits) are the core's, which for these rules are
 PyTorch's own: see :mod:`hvdllm.core.optim`.
 
-``fused=True``: every param group keeps its parameters of one dtype/device, their gradients and the
+``fused=True`` (the default; ``fused=False`` selects the per-tensor path): every param group keeps its parameters of one dtype/device, their gradients and the
 optimizer state in flat contiguous buffers (:mod:`hvdllm.torch.buckets`, in the core's bucket order).
 Parameters are re-pointed (``p.data``) at views of the flat parameter buffer and ``p.grad`` at views
 of the flat gradient buffer, so autograd accumulates straight into the flat buffer and a step is a few
@@ -25,6 +25,12 @@ decay, Adam, AdamW; equality with the core rule is tested), and the core rule it
 * Create the optimizer *after* moving the model to its device/dtype; ``model.to(...)`` afterwards
   would detach the parameters from the flat buffers.
 * Parameters with ``requires_grad=False`` at construction stay outside the flat buffers.
+
+What the fused path cannot do falls back to the per-tensor core rule, with no error: a gradient set to
+``None`` or a sparse one (densified: the dense rule with zero rows, as torch's dense step), a dtype
+without a native kernel, a device without fused kernels (the core rule then runs over the flat
+buffers). Parameters re-pointed after construction (``model.to(...)``, ``p.data = ...``) are noticed at
+the next step and the group's flat buffers are rebuilt around them, carrying the optimizer state over.
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from hvdllm.core import optim as core
 from hvdllm.core.buckets import Bucket
@@ -39,6 +46,7 @@ from hvdllm.core.schedules import LRSchedule
 from hvdllm.torch import buckets as flat_buffers
 
 _NATIVE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_FUSED_DEVICES = frozenset(_get_fused_kernels_supported_devices())
 
 
 @dataclass
@@ -57,11 +65,21 @@ class _Flat:
     def views(self, buffer: torch.Tensor) -> List[torch.Tensor]:
         return flat_buffers.views(buffer, self.plan, self.params)
 
+    def attached(self) -> bool:
+        """Whether every parameter still lives in the flat parameter buffer (``model.to(...)`` or
+        ``p.data = ...`` after construction re-points a parameter elsewhere)."""
+        base, size = self.param.data_ptr(), self.param.element_size()
+        return all(p.data_ptr() == base + o * size for p, o in zip(self.params, self.plan.offsets))
+
+    def native(self) -> bool:
+        """Whether torch's fused kernels run on this buffer's dtype and device."""
+        return self.param.dtype in _NATIVE_DTYPES and self.param.device.type in _FUSED_DEVICES
+
     def pieces(self) -> Optional[List["_Piece"]]:
         """The step's operands: one piece per run of gradients lying back to back in memory (one run
         for our own buffer, one per bucket under DistributedOptimizer); None if a grad is None."""
         grads = [p.grad for p in self.params]
-        if any(g is None for g in grads):
+        if any(g is None or g.is_sparse for g in grads):
             return None
         runs = flat_buffers.contiguous_runs(grads)
         if runs is None:  # a non-contiguous grad: back into our own buffer
@@ -169,6 +187,7 @@ class _CoreOptimizer(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             done = set()
             if self.fused:
+                self._reattach(gi, group)
                 for flat in self._flats[gi]:
                     if flat.step is None:
                         self._init_flat_state(group, flat)
@@ -179,26 +198,30 @@ class _CoreOptimizer(torch.optim.Optimizer):
                         torch._foreach_add_([self.state[p]["step"] for p in flat.params], 1.0)
                         self._flat_update(group, flat, pieces, flat.count)
                         done.update(id(p) for p in flat.params)
-                    elif any(p.grad is None for p in flat.params):
+                    elif flat.uniform and all(p.grad is not None for p in flat.params):
+                        flat.step.add_(1.0)  # all of them step per tensor below (a sparse grad): still even
+                        flat.count += 1.0
+                    else:
                         flat.uniform = False
             for p in group["params"]:
                 if id(p) in done or p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise ValueError(f"{type(self).__name__} got a sparse gradient; expected dense gradients")
                 state = self.state[p]
                 if not state:
                     state["step"] = _new_step()
                     for k in self._state_keys_for(group):
                         state[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1.0
-                self._tensor_update(group, p, p.grad, state, float(state["step"].item()))
+                grad = p.grad.to_dense() if p.grad.is_sparse else p.grad
+                self._tensor_update(group, p, grad, state, float(state["step"].item()))
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Unfused: as ``torch.optim``. Fused: zero the gradients in place, wherever they live (see module doc)."""
         if not self.fused:
             return super().zero_grad(set_to_none)
+        for gi, group in enumerate(self.param_groups):
+            self._reattach(gi, group)
         flat_ids = set()
         for flats in self._flats:
             for f in flats:
@@ -227,26 +250,40 @@ class _CoreOptimizer(torch.optim.Optimizer):
             return
         for group, flats in zip(self.param_groups, self._flats):
             for flat in flats:
-                loaded = [self.state.get(p, {}) for p in flat.params]
-                if not any(loaded):
-                    flat.state, flat.step = {}, None
-                    continue
-                self._init_flat_state(group, flat)
-                steps = set()
-                with torch.no_grad():
-                    for p, old in zip(flat.params, loaded):
-                        new = self.state[p]
-                        for k in self._state_keys_for(group):
-                            if k in old and old[k] is not None:
-                                new[k].copy_(old[k])
-                        steps.add(float(old["step"]) if "step" in old else 0.0)
-                for p, old in zip(flat.params, loaded):
-                    self.state[p]["step"].fill_(float(old.get("step", 0.0)))
-                if len(steps) == 1:
-                    flat.count = steps.pop()
-                    flat.step.fill_(flat.count)
-                else:  # params were stepped unevenly: keep per-param counts, per-tensor path
-                    flat.uniform = False
+                self._adopt_state(group, flat)
+
+    def _adopt_state(self, group: Dict[str, Any], flat: _Flat) -> None:
+        """Move the per-param state now in ``self.state`` (loaded, or views of old buffers) into ``flat``'s buffers."""
+        loaded = [self.state.get(p, {}) for p in flat.params]
+        if not any(loaded):
+            flat.state, flat.step = {}, None
+            return
+        self._init_flat_state(group, flat)
+        steps = set()
+        with torch.no_grad():
+            for p, old in zip(flat.params, loaded):
+                new = self.state[p]
+                for k in self._state_keys_for(group):
+                    if k in old and old[k] is not None:
+                        new[k].copy_(old[k])
+                steps.add(float(old["step"]) if "step" in old else 0.0)
+        for p, old in zip(flat.params, loaded):
+            self.state[p]["step"].fill_(float(old.get("step", 0.0)))
+        if len(steps) == 1:
+            flat.count = steps.pop()
+            flat.step.fill_(flat.count)
+        else:  # params were stepped unevenly: keep per-param counts, per-tensor path
+            flat.uniform = False
+
+    def _reattach(self, gi: int, group: Dict[str, Any]) -> None:
+        """Rebuild group ``gi``'s flat buffers if a parameter left them (moved, cast or re-pointed after
+        construction), carrying its optimizer state over; a no-op otherwise (one pointer check per param)."""
+        flats = self._flats[gi]
+        if all(flat.attached() for flat in flats):
+            return
+        self._flats[gi] = self._flatten(group)
+        for flat in self._flats[gi]:
+            self._adopt_state(group, flat)
 
 
 class SGD(_CoreOptimizer):
@@ -257,7 +294,7 @@ class SGD(_CoreOptimizer):
     """
 
     def __init__(self, params: Any, lr: float, momentum: float = 0.0, nesterov: bool = False,
-                 weight_decay: float = 0.0, fused: bool = False) -> None:
+                 weight_decay: float = 0.0, fused: bool = True) -> None:
         core.check_sgd(lr, momentum, nesterov, weight_decay)
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov,
                                       weight_decay=weight_decay), fused)
@@ -277,7 +314,7 @@ class SGD(_CoreOptimizer):
             buf.copy_(new_buf)
 
     def _flat_update(self, group, flat, pieces, step):
-        if flat.param.dtype not in _NATIVE_DTYPES:
+        if not flat.native():
             return super()._flat_update(group, flat, pieces, step)
         bufs = [pc.state["momentum_buffer"] for pc in pieces] if group["momentum"] else []
         torch._fused_sgd_([pc.param for pc in pieces], [pc.grad for pc in pieces], bufs, weight_decay=float(group["weight_decay"]),
@@ -320,14 +357,14 @@ class Adam(_AdamFamily):
     _decoupled = False
 
     def __init__(self, params: Any, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, fused: bool = False) -> None:
+                 eps: float = 1e-8, weight_decay: float = 0.0, fused: bool = True) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, fused)
 
     def _tensor_update(self, group, p, grad, state, step):
         self._moments_update(core.adam_step, group, p, grad, state, step, decoupled=self._decoupled)
 
     def _flat_update(self, group, flat, pieces, step):
-        if flat.param.dtype not in _NATIVE_DTYPES:
+        if not flat.native():
             return super()._flat_update(group, flat, pieces, step)
         kernel = torch._fused_adamw_ if self._decoupled else torch._fused_adam_
         beta1, beta2 = group["betas"]
@@ -343,7 +380,7 @@ class AdamW(Adam):
     _decoupled = True
 
     def __init__(self, params: Any, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.01, fused: bool = False) -> None:
+                 eps: float = 1e-8, weight_decay: float = 0.01, fused: bool = True) -> None:
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
 
 
@@ -355,7 +392,7 @@ class LAMB(_AdamFamily):
     """
 
     def __init__(self, params: Any, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-6, weight_decay: float = 0.01, fused: bool = False) -> None:
+                 eps: float = 1e-6, weight_decay: float = 0.01, fused: bool = True) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, fused)
 
     def _tensor_update(self, group, p, grad, state, step):
