@@ -105,11 +105,14 @@ def test_params_moved_after_construction_are_reflattened_with_their_state():
     assert _rel(got, ref) < 1e-12
 
 
-def test_device_without_fused_kernels_runs_the_core_rule_on_the_flat_buffers(monkeypatch):
+@pytest.mark.parametrize("name", ["AdamW", "LAMB"])
+def test_device_without_fused_kernels_runs_the_core_rule_on_the_flat_buffers(name, monkeypatch):
+    cls, ref_make, kw = DEFAULTS[name]
     monkeypatch.setattr(hopt, "_FUSED_DEVICES", frozenset())
     kernels = []
-    monkeypatch.setattr(torch, "_fused_adamw_", lambda *a, **k: kernels.append(1))
-    ref, _ = _run(lambda ps: torch.optim.AdamW(ps, lr=3e-3))
-    got, opt = _run(lambda ps: hopt.AdamW(ps, lr=3e-3))
+    for kernel in ("_fused_adamw_", "_fused_adam_"):
+        monkeypatch.setattr(torch, kernel, lambda *a, **k: kernels.append(1))
+    ref, _ = _run(ref_make)
+    got, opt = _run(lambda ps: cls(ps, **kw))
     assert kernels == [] and opt.fused
-    assert _rel(got, ref) < TOL
+    assert _rel(got, ref) < TOL, (name, _rel(got, ref))

@@ -61,6 +61,7 @@ class _Flat:
     step: Optional[torch.Tensor] = None  # the group's count; each param's state['step'] mirrors it
     count: float = 0.0  # the same count as a python float (no device sync to read it)
     uniform: bool = True  # False once some params were stepped without the others
+    scratch: Optional[torch.Tensor] = None  # a work buffer for rules without a native kernel (LAMB)
 
     def views(self, buffer: torch.Tensor) -> List[torch.Tensor]:
         return flat_buffers.views(buffer, self.plan, self.params)
@@ -399,20 +400,36 @@ class LAMB(_AdamFamily):
         self._moments_update(core.lamb_step, group, p, grad, state, step)
 
     def _flat_update(self, group, flat, pieces, step):
+        """:func:`core.lamb_step` in place over the flat buffers. The direction goes into one scratch buffer
+        kept between steps (fresh large temporaries cost page faults every step); where torch's fused Adam
+        kernel runs, it computes the direction in one pass (Adam's update with lr=-1 on a zeroed buffer is
+        ``m_hat / (sqrt(v_hat) + eps)``, the core's LAMB direction); then ``+ wd*p``, the per-tensor
+        trust ratios from norms of views, and ``p -= lr * ratio * u``."""
         beta1, beta2 = group["betas"]
+        bc1, bc2 = 1 - beta1 ** step, 1 - beta2 ** step
+        if flat.scratch is None or flat.scratch.shape != flat.param.shape:
+            flat.scratch = torch.empty_like(flat.param)
         for pc in pieces:
-            update, m, v = core.lamb_direction(torch, pc.param, pc.grad, pc.state["exp_avg"], pc.state["exp_avg_sq"],
-                                               step=step, beta1=beta1, beta2=beta2, eps=group["eps"],
-                                               weight_decay=group["weight_decay"])
-            pc.state["exp_avg"].copy_(m)
-            pc.state["exp_avg_sq"].copy_(v)
+            u = flat.scratch[:pc.param.numel()]
+            if flat.native():  # torch's Adam kernel on a zeroed buffer with lr=-1 writes the direction
+                u.zero_()
+                torch._fused_adam_([u], [pc.grad], [pc.state["exp_avg"]], [pc.state["exp_avg_sq"]], [], [flat.step],
+                                   lr=-1.0, beta1=float(beta1), beta2=float(beta2), weight_decay=0.0,
+                                   eps=float(group["eps"]), amsgrad=False, maximize=False)
+            else:
+                m, v = pc.state["exp_avg"], pc.state["exp_avg_sq"]
+                m.add_(torch.sub(pc.grad, m, out=u), alpha=1 - beta1)        # m + (1-b1)*(g - m)
+                v.mul_(beta2).addcmul_(pc.grad, pc.grad, value=1 - beta2)   # b2*v + (1-b2)*g*g
+                torch.div(v, bc2, out=u).sqrt_().add_(group["eps"])         # sqrt(v/bc2) + eps
+                torch.div(m, u, out=u).div_(bc1)                            # (m/bc1) / (sqrt(v/bc2) + eps)
+            if group["weight_decay"]:
+                u.add_(pc.param, alpha=group["weight_decay"])
             sizes = [p.numel() for p in pc.params]
-            param_norms = torch.stack(torch._foreach_norm(torch.split(pc.param, sizes)))
-            update_norms = torch.stack(torch._foreach_norm(torch.split(update, sizes)))
-            ratios = core.lamb_trust_ratio(torch, param_norms, update_norms)
-            counts = torch.tensor(sizes, device=ratios.device)
-            scale = torch.repeat_interleave(ratios * float(group["lr"]), counts)
-            pc.param.sub_(scale * update)
+            us = torch.split(u, sizes)
+            ratios = core.lamb_trust_ratio(torch, torch.stack(torch._foreach_norm(torch.split(pc.param, sizes))),
+                                           torch.stack(torch._foreach_norm(us)))
+            torch._foreach_mul_(us, list((ratios * float(group["lr"])).unbind()))
+            pc.param.sub_(u)
 
 
 class _ScheduleLR(torch.optim.lr_scheduler.LRScheduler):
