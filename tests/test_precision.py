@@ -44,11 +44,14 @@ def _composition(tmp_path: Path, framework: list[str], timeout: float) -> None:
                           args=[json.dumps([runs[n] for n in launch])], env={"HOROVOD_CYCLE_TIME": "20"})
     assert [r["codes"] for r in reps] == [[0, 0]] * 2 + [[0]] * 2, reps
     ref32, ref16 = _losses(fp32), _losses(bf16)
-    assert len(ref16) == 4 and np.all(np.isfinite(ref16))
+    assert len(ref16) == 4 and np.all(np.isfinite(ref16)) and np.any(ref16 != ref32)
+    print(f"bf16 vs fp32 loss, max relative difference: one process {np.max(np.abs(ref16 / ref32 - 1)):.2e}, "
+          + ", ".join(f"{n} {np.max(np.abs(_losses(tmp_path / n) / ref32 - 1)):.2e}" for n in LAYOUTS if (tmp_path / n).exists()))
     np.testing.assert_allclose(ref16, ref32, rtol=0.02, err_msg="bf16 vs fp32, one process")
     for name in runs:
         got = _losses(tmp_path / name)
         assert len(got) == 4 and np.all(np.isfinite(got)), name
+        assert np.any(got != ref32), f"{name}: bf16 left no trace (did it run in fp32?)"
         np.testing.assert_allclose(got, ref16, rtol=0.01, err_msg=f"bf16 {name} vs bf16 one process")
         np.testing.assert_allclose(got, ref32, rtol=0.02, err_msg=f"bf16 {name} vs fp32 one process")
         np.testing.assert_allclose(_losses(tmp_path / name, "val_loss"), _losses(fp32, "val_loss"), rtol=0.02,
@@ -83,6 +86,7 @@ def test_bf16_tiny_reaches_the_fp32_validation_loss(tmp_path: Path, framework: l
     assert rep["codes"] == [0, 0], rep
     (s32, v32), (s16, v16) = column(fp32, "val_loss")[-1], column(bf16, "val_loss")[-1]
     assert s32 == s16 == 40
+    print(f"{framework or 'torch'}: val loss at step 40: fp32 {v32:.4f}, bf16 {v16:.4f} ({v16 / v32 - 1:+.2%})")
     assert v32 < 0.8 * column(fp32, "val_loss")[0][1]          # it did train
     assert abs(v16 - v32) / v32 < 0.02, (v16, v32)
 
