@@ -7,8 +7,8 @@ state_dict can move between these and ``torch.optim``'s SGD/Adam/AdamW. Conventi
 L2 vs decoupled weight decay, where Adam's epsilon sits) are the core's, which for these rules are
 PyTorch's own: see :mod:`hvdllm.core.optim`.
 
-``fused=True`` (the default; ``fused=False`` selects the per-tensor path): every param group keeps its parameters of one dtype/device, their gradients and the
-optimizer state in flat contiguous buffers (:mod:`hvdllm.torch.buckets`, in the core's bucket order).
+``fused=True`` (the default; ``fused=False`` selects the per-tensor path): every param group keeps its
+parameters of one dtype/device, their gradients and the optimizer state in flat contiguous buffers (:mod:`hvdllm.torch.buckets`, in the core's bucket order).
 Parameters are re-pointed (``p.data``) at views of the flat parameter buffer and ``p.grad`` at views
 of the flat gradient buffer, so autograd accumulates straight into the flat buffer and a step is a few
 large ops over whole buffers, not thousands of small ones. The step reads the gradients wherever they
@@ -22,8 +22,8 @@ decay, Adam, AdamW; equality with the core rule is tested), and the core rule it
   so a parameter that received no gradient gets a zero gradient (like ``set_to_none=False``) instead
   of being skipped. If some code sets a ``p.grad`` to ``None``, that step falls back to per-tensor
   updates for the group (correct, slower); a non-contiguous ``p.grad`` is copied back in.
-* Create the optimizer *after* moving the model to its device/dtype; ``model.to(...)`` afterwards
-  would detach the parameters from the flat buffers.
+* Best create the optimizer *after* moving the model to its device/dtype: ``model.to(...)`` afterwards
+  re-points the parameters, which the next step notices and pays for once by rebuilding the buffers.
 * Parameters with ``requires_grad=False`` at construction stay outside the flat buffers.
 
 What the fused path cannot do falls back to the per-tensor core rule, with no error: a gradient set to
