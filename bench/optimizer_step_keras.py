@@ -74,12 +74,14 @@ def bench(name: str, size_m: int, rounds: int, modes: List[str]) -> Dict[str, fl
             variants[k]()
             times[k].append((time.perf_counter() - t0) * 1e3)
     med = {k: statistics.median(v) for k, v in times.items()}
+    low = {k: min(v) for k, v in times.items()}
     n = sum(int(np.prod(s)) for s in shapes)
     print(f"\n{name}: {n / 1e6:.1f}M parameters in {len(shapes)} variables, {rounds} interleaved rounds "
-          f"(median ms/step)")
+          f"(median ms/step; min in brackets: the least disturbed step, telling on a shared machine)")
     for mode in modes:
         k, h = f"keras {name} {mode}", f"hvdllm {name} {mode}"
-        print(f"  {mode:<9} keras {med[k]:8.2f} ms   hvdllm {med[h]:8.2f} ms   keras / hvdllm = {med[k] / med[h]:5.2f}x")
+        print(f"  {mode:<9} keras {med[k]:8.2f} ({low[k]:7.2f}) ms   hvdllm {med[h]:8.2f} ({low[h]:7.2f}) ms   "
+              f"keras / hvdllm = {med[k] / med[h]:5.2f}x ({low[k] / low[h]:5.2f}x)")
     return med
 
 
