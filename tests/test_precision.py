@@ -3,10 +3,10 @@ compute) with data, tensor and pipeline parallelism on torch and Keras; bf16 tra
 validation loss; fp16 on a CPU is a one-line error; the start-up advice about CPU bf16 units.
 
 Tolerances: bf16 keeps 8 mantissa bits (relative rounding 2^-9 ~ 2e-3 per op). Over the composition runs'
-4 steps of a 2-layer model the logged losses stay within 2% of the fp32 run's (seen: <0.3%); a bf16
+4 steps of a 2-layer model the logged losses stay within 2% of the fp32 run's; a bf16
 run at any layout is compared with the one-process bf16 run at 1% (the layouts change only the order of
-fp32 reductions and where bf16 roundings happen). The convergence runs (40 steps of `tiny`, 2.6k tokens
-per step; a few dozen steps keep the run time to ~1 min per framework on 2 shared cores) compare the
+fp32 reductions and where bf16 roundings happen). The convergence runs (40 steps of `tiny`, 16 x 128 tokens
+per step; a few dozen steps keep the run time to 1-2 min per framework on 2 shared cores) compare the
 final validation loss at 2%, the issue's bound."""
 from __future__ import annotations
 
