@@ -1,24 +1,38 @@
-"""Optimizer step time: hvdllm fused AdamW (flat buffers) vs torch.optim.AdamW foreach / fused.
+"""Optimizer step time: every hvdllm.torch.optim optimizer *at its defaults* vs torch.optim's fused and
+foreach implementations of the same rule, on the same GPT-like parameters.
 
-GPT-like parameter shapes (embeddings, per-layer LayerNorms, qkv/proj/fc weights and biases), so
-the step touches many tensors of mixed sizes. Variants are timed in interleaved rounds (the order
-rotates each round) so machine noise hits all of them alike; the script prints the median ms per
-step and ratios against ``torch.optim.AdamW(fused=True)``.
+GPT-2-style parameter shapes (embeddings, per-layer LayerNorms, qkv/proj/fc weights and biases), so the
+step touches many tensors of mixed sizes. Variants are timed in interleaved rounds (the order rotates
+each round) so machine noise hits all of them alike; the script prints the median ms per step and the
+ratio ``reference time / this time`` against torch's fused kernel for the same rule (LAMB, which torch
+lacks, against torch's fused AdamW: the fastest built-in step on these parameters).
 
-    python bench/optimizer_step.py                 # ~10M and ~100M parameters
-    python bench/optimizer_step.py --sizes 10 --rounds 20 --unfused --threads 2
-    python bench/optimizer_step.py --device cuda   # on a GPU machine
+    python bench/optimizer_step.py                          # ~25M parameters, every optimizer
+    python bench/optimizer_step.py --sizes 10 100 --optimizers AdamW --rounds 20 --unfused
+    python bench/optimizer_step.py --device cuda            # on a GPU machine
 """
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
 import torch
 
-from hvdllm.torch import optim as hopt
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's hvdllm, not an installed one
+from hvdllm.torch import optim as hopt  # noqa: E402
+
+# name -> (hvdllm class, torch class (None: none in torch), hyperparameters both take, reference variant)
+OPTIMIZERS: Dict[str, Tuple[type, type | None, dict]] = {
+    "SGD": (hopt.SGD, torch.optim.SGD, dict(lr=1e-3)),
+    "Momentum": (hopt.SGD, torch.optim.SGD, dict(lr=1e-3, momentum=0.9)),
+    "Adam": (hopt.Adam, torch.optim.Adam, dict(lr=1e-4)),
+    "AdamW": (hopt.AdamW, torch.optim.AdamW, dict(lr=1e-4)),
+    "LAMB": (hopt.LAMB, None, dict(lr=1e-4)),
+}
 
 
 def gpt_shapes(target_params: int) -> List[Tuple[int, ...]]:
@@ -49,56 +63,69 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def bench(size_m: int, rounds: int, device: str, unfused: bool) -> Dict[str, float]:
+def variants_for(name: str, shapes: List[Tuple[int, ...]], device: str, unfused: bool) -> Dict[str, Callable[[], None]]:
+    """The step functions to time for one optimizer; the first is the reference."""
+    ours, theirs, hp = OPTIMIZERS[name]
+    out: Dict[str, Callable[[], None]] = {}
+    if theirs is not None:
+        shared = make_params(shapes, device)  # one set for both torch variants (values don't matter)
+        out[f"torch {name} fused"] = theirs(shared, fused=True, **hp).step
+        out[f"torch {name} foreach"] = theirs(shared, foreach=True, **hp).step
+    else:
+        out["torch AdamW fused"] = torch.optim.AdamW(make_params(shapes, device), fused=True, lr=1e-4).step
+    out[f"hvdllm {name}()"] = ours(make_params(shapes, device, seed=1), **hp).step
+    if unfused:
+        out[f"hvdllm {name}(fused=False)"] = ours(make_params(shapes, device, seed=2), fused=False, **hp).step
+    return out
+
+
+def bench(name: str, size_m: int, rounds: int, device: str, unfused: bool) -> Dict[str, float]:
     shapes = gpt_shapes(size_m * 1_000_000)
     n = sum(torch.Size(s).numel() for s in shapes)
-    torch_params = make_params(shapes, device)  # shared by both torch variants (values don't matter)
-    ours_params = make_params(shapes, device)
-    hp = dict(lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    variants: Dict[str, Callable[[], None]] = {
-        "torch foreach": torch.optim.AdamW(torch_params, foreach=True, **hp).step,
-        "torch fused": torch.optim.AdamW(torch_params, fused=True, **hp).step,
-        "hvdllm fused": hopt.AdamW(ours_params, fused=True, **hp).step,
-    }
-    if unfused:
-        variants["hvdllm unfused"] = hopt.AdamW(make_params(shapes, device, seed=1), **hp).step
+    variants = variants_for(name, shapes, device, unfused)
     for step in variants.values():  # warm up: state allocation, first touches
         step()
         step()
     times: Dict[str, List[float]] = {k: [] for k in variants}
     names = list(variants)
     for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for k in names[r % len(names):] + names[:r % len(names)]:
             sync(device)
             t0 = time.perf_counter()
-            variants[name]()
+            variants[k]()
             sync(device)
-            times[name].append((time.perf_counter() - t0) * 1e3)
+            times[k].append((time.perf_counter() - t0) * 1e3)
     med = {k: statistics.median(v) for k, v in times.items()}
-    ref = med["torch fused"]
-    print(f"\n{n / 1e6:.1f}M parameters in {len(shapes)} tensors, {device}, "
+    ref = med[names[0]]
+    print(f"\n{name}: {n / 1e6:.1f}M parameters in {len(shapes)} tensors, {device}, "
           f"{torch.get_num_threads()} threads, {rounds} interleaved rounds (median ms/step)")
     for k in names:
-        print(f"  {k:<15} {med[k]:9.2f} ms   torch fused / this = {ref / med[k]:5.2f}x"
+        print(f"  {k:<28} {med[k]:9.2f} ms   {names[0]} / this = {ref / med[k]:5.2f}x"
               f"   (min {min(times[k]):.2f}, max {max(times[k]):.2f})")
-    print(f"  ratio hvdllm fused / torch fused time = {med['hvdllm fused'] / ref:.3f}; "
-          f"/ torch foreach = {med['hvdllm fused'] / med['torch foreach']:.3f}")
     return med
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[10, 100], help="millions of parameters")
-    ap.add_argument("--rounds", type=int, default=0, help="interleaved rounds (default: 20 at 10M, 8 at 100M)")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[25], help="millions of parameters")
+    ap.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
+    ap.add_argument("--rounds", type=int, default=0, help="interleaved rounds (default: 20 up to 30M, 8 above)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
-    ap.add_argument("--unfused", action="store_true", help="also time hvdllm's per-tensor path")
+    ap.add_argument("--unfused", action="store_true", help="also time hvdllm's per-tensor path (fused=False)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    summary = []
     for size in args.sizes:
         rounds = args.rounds or (20 if size <= 30 else 8)
-        bench(size, rounds, args.device, args.unfused)
+        for name in args.optimizers:
+            med = bench(name, size, rounds, args.device, args.unfused)
+            ref_name, ours = next(iter(med)), f"hvdllm {name}()"
+            summary.append((size, name, ref_name, med[ref_name] / med[ours]))
+    print("\nsummary (reference time / hvdllm default time; >= 1.0: hvdllm's default is at least as fast)")
+    for size, name, ref_name, ratio in summary:
+        print(f"  {size:>4}M  {name:<9} vs {ref_name:<22} {ratio:5.2f}x")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ state_dict can move between these and ``torch.optim``'s SGD/Adam/AdamW. Conventi
 L2 vs decoupled weight decay, where Adam's epsilon sits) are the core's, which for these rules are
 PyTorch's own: see :mod:`hvdllm.core.optim`.
 
-``fused=True``: every param group keeps its parameters of one dtype/device, their gradients and the
-optimizer state in flat contiguous buffers (:mod:`hvdllm.torch.buckets`, in the core's bucket order).
+``fused=True`` (the default; ``fused=False`` selects the per-tensor path): every param group keeps its
+parameters of one dtype/device, their gradients and the optimizer state in flat contiguous buffers (:mod:`hvdllm.torch.buckets`, in the core's bucket order).
 Parameters are re-pointed (``p.data``) at views of the flat parameter buffer and ``p.grad`` at views
 of the flat gradient buffer, so autograd accumulates straight into the flat buffer and a step is a few
 large ops over whole buffers, not thousands of small ones. The step reads the gradients wherever they
@@ -22,9 +22,15 @@ decay, Adam, AdamW; equality with the core rule is tested), and the core rule it
   so a parameter that received no gradient gets a zero gradient (like ``set_to_none=False``) instead
   of being skipped. If some code sets a ``p.grad`` to ``None``, that step falls back to per-tensor
   updates for the group (correct, slower); a non-contiguous ``p.grad`` is copied back in.
-* Create the optimizer *after* moving the model to its device/dtype; ``model.to(...)`` afterwards
-  would detach the parameters from the flat buffers.
+* Best create the optimizer *after* moving the model to its device/dtype: ``model.to(...)`` afterwards
+  re-points the parameters, which the next step notices and pays for once by rebuilding the buffers.
 * Parameters with ``requires_grad=False`` at construction stay outside the flat buffers.
+
+What the fused path cannot do falls back to the per-tensor core rule, with no error: a gradient set to
+``None`` or a sparse one (densified: the dense rule with zero rows, as torch's dense step), a dtype
+without a native kernel, a device without fused kernels (the core rule then runs over the flat
+buffers). Parameters re-pointed after construction (``model.to(...)``, ``p.data = ...``) are noticed at
+the next step and the group's flat buffers are rebuilt around them, carrying the optimizer state over.
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from hvdllm.core import optim as core
 from hvdllm.core.buckets import Bucket
@@ -39,6 +46,7 @@ from hvdllm.core.schedules import LRSchedule
 from hvdllm.torch import buckets as flat_buffers
 
 _NATIVE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_FUSED_DEVICES = frozenset(_get_fused_kernels_supported_devices())
 
 
 @dataclass
@@ -53,15 +61,26 @@ class _Flat:
     step: Optional[torch.Tensor] = None  # the group's count; each param's state['step'] mirrors it
     count: float = 0.0  # the same count as a python float (no device sync to read it)
     uniform: bool = True  # False once some params were stepped without the others
+    scratch: Optional[torch.Tensor] = None  # a work buffer for rules without a native kernel (LAMB)
 
     def views(self, buffer: torch.Tensor) -> List[torch.Tensor]:
         return flat_buffers.views(buffer, self.plan, self.params)
+
+    def attached(self) -> bool:
+        """Whether every parameter still lives in the flat parameter buffer (``model.to(...)`` or
+        ``p.data = ...`` after construction re-points a parameter elsewhere)."""
+        base, size = self.param.data_ptr(), self.param.element_size()
+        return all(p.data_ptr() == base + o * size for p, o in zip(self.params, self.plan.offsets))
+
+    def native(self) -> bool:
+        """Whether torch's fused kernels run on this buffer's dtype and device."""
+        return self.param.dtype in _NATIVE_DTYPES and self.param.device.type in _FUSED_DEVICES
 
     def pieces(self) -> Optional[List["_Piece"]]:
         """The step's operands: one piece per run of gradients lying back to back in memory (one run
         for our own buffer, one per bucket under DistributedOptimizer); None if a grad is None."""
         grads = [p.grad for p in self.params]
-        if any(g is None for g in grads):
+        if any(g is None or g.is_sparse for g in grads):
             return None
         runs = flat_buffers.contiguous_runs(grads)
         if runs is None:  # a non-contiguous grad: back into our own buffer
@@ -169,6 +188,7 @@ class _CoreOptimizer(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             done = set()
             if self.fused:
+                self._reattach(gi, group)
                 for flat in self._flats[gi]:
                     if flat.step is None:
                         self._init_flat_state(group, flat)
@@ -179,26 +199,30 @@ class _CoreOptimizer(torch.optim.Optimizer):
                         torch._foreach_add_([self.state[p]["step"] for p in flat.params], 1.0)
                         self._flat_update(group, flat, pieces, flat.count)
                         done.update(id(p) for p in flat.params)
-                    elif any(p.grad is None for p in flat.params):
+                    elif flat.uniform and all(p.grad is not None for p in flat.params):
+                        flat.step.add_(1.0)  # all of them step per tensor below (a sparse grad): still even
+                        flat.count += 1.0
+                    else:
                         flat.uniform = False
             for p in group["params"]:
                 if id(p) in done or p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise ValueError(f"{type(self).__name__} got a sparse gradient; expected dense gradients")
                 state = self.state[p]
                 if not state:
                     state["step"] = _new_step()
                     for k in self._state_keys_for(group):
                         state[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1.0
-                self._tensor_update(group, p, p.grad, state, float(state["step"].item()))
+                grad = p.grad.to_dense() if p.grad.is_sparse else p.grad
+                self._tensor_update(group, p, grad, state, float(state["step"].item()))
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Unfused: as ``torch.optim``. Fused: zero the gradients in place, wherever they live (see module doc)."""
         if not self.fused:
             return super().zero_grad(set_to_none)
+        for gi, group in enumerate(self.param_groups):
+            self._reattach(gi, group)
         flat_ids = set()
         for flats in self._flats:
             for f in flats:
@@ -227,26 +251,40 @@ class _CoreOptimizer(torch.optim.Optimizer):
             return
         for group, flats in zip(self.param_groups, self._flats):
             for flat in flats:
-                loaded = [self.state.get(p, {}) for p in flat.params]
-                if not any(loaded):
-                    flat.state, flat.step = {}, None
-                    continue
-                self._init_flat_state(group, flat)
-                steps = set()
-                with torch.no_grad():
-                    for p, old in zip(flat.params, loaded):
-                        new = self.state[p]
-                        for k in self._state_keys_for(group):
-                            if k in old and old[k] is not None:
-                                new[k].copy_(old[k])
-                        steps.add(float(old["step"]) if "step" in old else 0.0)
-                for p, old in zip(flat.params, loaded):
-                    self.state[p]["step"].fill_(float(old.get("step", 0.0)))
-                if len(steps) == 1:
-                    flat.count = steps.pop()
-                    flat.step.fill_(flat.count)
-                else:  # params were stepped unevenly: keep per-param counts, per-tensor path
-                    flat.uniform = False
+                self._adopt_state(group, flat)
+
+    def _adopt_state(self, group: Dict[str, Any], flat: _Flat) -> None:
+        """Move the per-param state now in ``self.state`` (loaded, or views of old buffers) into ``flat``'s buffers."""
+        loaded = [self.state.get(p, {}) for p in flat.params]
+        if not any(loaded):
+            flat.state, flat.step = {}, None
+            return
+        self._init_flat_state(group, flat)
+        steps = set()
+        with torch.no_grad():
+            for p, old in zip(flat.params, loaded):
+                new = self.state[p]
+                for k in self._state_keys_for(group):
+                    if k in old and old[k] is not None:
+                        new[k].copy_(old[k])
+                steps.add(float(old["step"]) if "step" in old else 0.0)
+        for p, old in zip(flat.params, loaded):
+            self.state[p]["step"].fill_(float(old.get("step", 0.0)))
+        if len(steps) == 1:
+            flat.count = steps.pop()
+            flat.step.fill_(flat.count)
+        else:  # params were stepped unevenly: keep per-param counts, per-tensor path
+            flat.uniform = False
+
+    def _reattach(self, gi: int, group: Dict[str, Any]) -> None:
+        """Rebuild group ``gi``'s flat buffers if a parameter left them (moved, cast or re-pointed after
+        construction), carrying its optimizer state over; a no-op otherwise (one pointer check per param)."""
+        flats = self._flats[gi]
+        if all(flat.attached() for flat in flats):
+            return
+        self._flats[gi] = self._flatten(group)
+        for flat in self._flats[gi]:
+            self._adopt_state(group, flat)
 
 
 class SGD(_CoreOptimizer):
@@ -257,7 +295,7 @@ class SGD(_CoreOptimizer):
     """
 
     def __init__(self, params: Any, lr: float, momentum: float = 0.0, nesterov: bool = False,
-                 weight_decay: float = 0.0, fused: bool = False) -> None:
+                 weight_decay: float = 0.0, fused: bool = True) -> None:
         core.check_sgd(lr, momentum, nesterov, weight_decay)
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov,
                                       weight_decay=weight_decay), fused)
@@ -277,7 +315,7 @@ class SGD(_CoreOptimizer):
             buf.copy_(new_buf)
 
     def _flat_update(self, group, flat, pieces, step):
-        if flat.param.dtype not in _NATIVE_DTYPES:
+        if not flat.native():
             return super()._flat_update(group, flat, pieces, step)
         bufs = [pc.state["momentum_buffer"] for pc in pieces] if group["momentum"] else []
         torch._fused_sgd_([pc.param for pc in pieces], [pc.grad for pc in pieces], bufs, weight_decay=float(group["weight_decay"]),
@@ -320,14 +358,14 @@ class Adam(_AdamFamily):
     _decoupled = False
 
     def __init__(self, params: Any, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, fused: bool = False) -> None:
+                 eps: float = 1e-8, weight_decay: float = 0.0, fused: bool = True) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, fused)
 
     def _tensor_update(self, group, p, grad, state, step):
         self._moments_update(core.adam_step, group, p, grad, state, step, decoupled=self._decoupled)
 
     def _flat_update(self, group, flat, pieces, step):
-        if flat.param.dtype not in _NATIVE_DTYPES:
+        if not flat.native():
             return super()._flat_update(group, flat, pieces, step)
         kernel = torch._fused_adamw_ if self._decoupled else torch._fused_adam_
         beta1, beta2 = group["betas"]
@@ -343,7 +381,7 @@ class AdamW(Adam):
     _decoupled = True
 
     def __init__(self, params: Any, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.01, fused: bool = False) -> None:
+                 eps: float = 1e-8, weight_decay: float = 0.01, fused: bool = True) -> None:
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
 
 
@@ -355,27 +393,43 @@ class LAMB(_AdamFamily):
     """
 
     def __init__(self, params: Any, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-6, weight_decay: float = 0.01, fused: bool = False) -> None:
+                 eps: float = 1e-6, weight_decay: float = 0.01, fused: bool = True) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, fused)
 
     def _tensor_update(self, group, p, grad, state, step):
         self._moments_update(core.lamb_step, group, p, grad, state, step)
 
     def _flat_update(self, group, flat, pieces, step):
+        """:func:`core.lamb_step` in place over the flat buffers. The direction goes into one scratch buffer
+        kept between steps (fresh large temporaries cost page faults every step); where torch's fused Adam
+        kernel runs, it computes the direction in one pass (Adam's update with lr=-1 on a zeroed buffer is
+        ``m_hat / (sqrt(v_hat) + eps)``, the core's LAMB direction); then ``+ wd*p``, the per-tensor
+        trust ratios from norms of views, and ``p -= lr * ratio * u``."""
         beta1, beta2 = group["betas"]
+        bc1, bc2 = 1 - beta1 ** step, 1 - beta2 ** step
+        if flat.scratch is None or flat.scratch.shape != flat.param.shape:
+            flat.scratch = torch.empty_like(flat.param)
         for pc in pieces:
-            update, m, v = core.lamb_direction(torch, pc.param, pc.grad, pc.state["exp_avg"], pc.state["exp_avg_sq"],
-                                               step=step, beta1=beta1, beta2=beta2, eps=group["eps"],
-                                               weight_decay=group["weight_decay"])
-            pc.state["exp_avg"].copy_(m)
-            pc.state["exp_avg_sq"].copy_(v)
+            u = flat.scratch[:pc.param.numel()]
+            if flat.native():  # torch's Adam kernel on a zeroed buffer with lr=-1 writes the direction
+                u.zero_()
+                torch._fused_adam_([u], [pc.grad], [pc.state["exp_avg"]], [pc.state["exp_avg_sq"]], [], [flat.step],
+                                   lr=-1.0, beta1=float(beta1), beta2=float(beta2), weight_decay=0.0,
+                                   eps=float(group["eps"]), amsgrad=False, maximize=False)
+            else:
+                m, v = pc.state["exp_avg"], pc.state["exp_avg_sq"]
+                m.add_(torch.sub(pc.grad, m, out=u), alpha=1 - beta1)        # m + (1-b1)*(g - m)
+                v.mul_(beta2).addcmul_(pc.grad, pc.grad, value=1 - beta2)   # b2*v + (1-b2)*g*g
+                torch.div(v, bc2, out=u).sqrt_().add_(group["eps"])         # sqrt(v/bc2) + eps
+                torch.div(m, u, out=u).div_(bc1)                            # (m/bc1) / (sqrt(v/bc2) + eps)
+            if group["weight_decay"]:
+                u.add_(pc.param, alpha=group["weight_decay"])
             sizes = [p.numel() for p in pc.params]
-            param_norms = torch.stack(torch._foreach_norm(torch.split(pc.param, sizes)))
-            update_norms = torch.stack(torch._foreach_norm(torch.split(update, sizes)))
-            ratios = core.lamb_trust_ratio(torch, param_norms, update_norms)
-            counts = torch.tensor(sizes, device=ratios.device)
-            scale = torch.repeat_interleave(ratios * float(group["lr"]), counts)
-            pc.param.sub_(scale * update)
+            us = torch.split(u, sizes)
+            ratios = core.lamb_trust_ratio(torch, torch.stack(torch._foreach_norm(torch.split(pc.param, sizes))),
+                                           torch.stack(torch._foreach_norm(us)))
+            torch._foreach_mul_(us, list((ratios * float(group["lr"])).unbind()))
+            pc.param.sub_(u)
 
 
 class _ScheduleLR(torch.optim.lr_scheduler.LRScheduler):

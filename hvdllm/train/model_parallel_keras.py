@@ -34,9 +34,6 @@ class ModelParallelKeras:
 
     def __init__(self, s: RunSetup) -> None:
         tp, pp = s.cfg.parallel.tp, s.cfg.parallel.pp
-        if s.cfg.run.precision != "fp32":
-            raise ConfigError(f"run.precision={s.cfg.run.precision} with --tp {tp} --pp {pp}: Keras model-parallel "
-                              "training runs in fp32 only; allowed: run.precision=fp32")
         check_tp(s)
         self.s, self.grid, self.rank = s, s.grid, s.rank
         plain = GPT(s.gpt, seed=s.cfg.run.seed)

@@ -32,16 +32,17 @@ from hvdllm.train.runner_torch import Batch, Precision, StepRunner
 def pipeline_runner(s: RunSetup, precision: Precision, device: torch.device) -> StepRunner:
     """The StepRunner for ``--pp N`` (N > 1, any ``--tp``): see the module docstring."""
     tp, pp = s.cfg.parallel.tp, s.cfg.parallel.pp
-    if s.cfg.run.precision != "fp32":
-        raise ConfigError(f"run.precision={s.cfg.run.precision} with --pp {pp}: pipeline training runs in "
-                          "fp32 only; allowed: run.precision=fp32")
+    if s.cfg.run.precision == "fp16":
+        raise ConfigError(f"run.precision=fp16 with --pp {pp}: the pipeline has no loss scaling; "
+                          "allowed: run.precision=fp32 or bf16")
     check_tp(s)
     grid, rank = s.grid, s.rank
     plain = GPT(s.gpt)
     bounds = gpt_stage_bounds(plain, pp)          # balanced on the unsplit model: the same for every tp
     tp_model = parallelize_gpt(plain, grid.group("tp", rank)) if tp > 1 else None
     stage = GPTStage(tp_model if tp_model is not None else plain, grid.coords(rank).pp, pp, bounds).to(device)
-    pipeline = PipelineExecutor(stage, grid, rank, schedule=s.cfg.parallel.schedule, collectives=hvd.collectives())
+    pipeline = PipelineExecutor(stage, grid, rank, schedule=s.cfg.parallel.schedule, collectives=hvd.collectives(),
+                                autocast=precision.autocast)
     counter = itertools.count()
 
     def name(tag: str) -> str:

@@ -6,6 +6,8 @@ import os
 import sys
 import time
 
+from hvdllm.core.cpu import cpu_flags, read_cpuinfo
+
 
 def say(msg: str) -> None:
     print(msg, flush=True)
@@ -26,16 +28,9 @@ GPU_PEAK_FLOPS = {
 
 def cpu_peak_flops(threads: int) -> float:
     """A rough fp32 peak for ``threads`` cores: clock x FMA lanes (AVX-512: 64, AVX2: 32 FLOP/cycle)."""
-    mhz, flags = 2500.0, ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("cpu MHz") and mhz == 2500.0:
-                    mhz = float(line.split(":")[1])
-                elif line.startswith("flags") and not flags:
-                    flags = line
-    except OSError:
-        pass
+    text = read_cpuinfo()
+    mhz = next((float(line.split(":")[1]) for line in text.splitlines() if line.startswith("cpu MHz")), 2500.0)
+    flags = cpu_flags(text)
     per_cycle = 64 if "avx512f" in flags else 32 if "avx2" in flags else 16
     return threads * mhz * 1e6 * per_cycle
 

@@ -29,6 +29,7 @@ import tensorflow as tf
 import keras
 
 import hvdllm.tensorflow as hvd
+from hvdllm.core.cpu import cpu_flags, precision_advice, read_cpuinfo
 from hvdllm.core.evaluation import eval_batches
 from hvdllm.core.preemption import EXIT_PREEMPTED
 from hvdllm.models.gpt_keras import GPT, GPTConfig, cross_entropy, load_torch_state_dict, torch_state_dict
@@ -286,6 +287,8 @@ def train(cfg: TrainConfig) -> int:
     note = (f"Keras {keras.__version__} on TensorFlow {tf.__version__}, {gpu_name or 'CPU'}, "
             f"{threads} thread(s) per rank, precision {cfg.run.precision}; "
             f"MFU against {peak / 1e12:.3g} TFLOP/s per rank ({peak_src})")
+    advice = precision_advice(cfg.run.precision, "gpu" if gpu_name else "cpu", cpu_flags(read_cpuinfo()))
+    note += f"\n{advice}" if advice else ""
     if cfg.parallel.tp * cfg.parallel.pp > 1:
         return train_model_parallel(s, peak, note)
     model = GPT(s.gpt, seed=cfg.run.seed)             # identical initial weights on every rank ...

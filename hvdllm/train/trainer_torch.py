@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 import hvdllm.torch as hvd
+from hvdllm.core.cpu import cpu_flags, precision_advice, read_cpuinfo
 from hvdllm.core.evaluation import eval_batches
 from hvdllm.core.preemption import EXIT_PREEMPTED
 from hvdllm.models.gpt import GPTConfig
@@ -276,6 +277,9 @@ def train(cfg: TrainConfig) -> int:
     threads = cfg.run.threads or hvd.threads_per_rank()
     torch.set_num_threads(threads)
     device = pick_device(cfg)
+    if cfg.run.precision == "fp16" and device.type != "cuda":
+        raise ConfigError(f"run.precision=fp16 needs a GPU (dynamic loss scaling); this run is on {device.type}: "
+                          "allowed there: run.precision=fp32 or bf16")
 
     # --elastic: no collective before hvd.elastic.run (a worker joining later syncs there, not here)
     s = setup_run(cfg, rank, size, None if cfg.run.elastic else hvd.broadcast_object)
@@ -311,6 +315,8 @@ def train(cfg: TrainConfig) -> int:
                                 torch.cuda.get_device_name(device) if device.type == "cuda" else None, threads)
     note = (f"device {device}, {threads} thread(s) per rank, precision {cfg.run.precision}; "
             f"MFU against {peak / 1e12:.3g} TFLOP/s per rank ({peak_src})")
+    advice = precision_advice(cfg.run.precision, device.type, cpu_flags(read_cpuinfo()))
+    note += f"\n{advice}" if advice else ""
     g = cfg.batch.global_batch
 
     def step(i: int, lr: float) -> float:

@@ -212,7 +212,13 @@ class PipelineExecutor(StageProgram):
 
     # -- transport ---------------------------------------------------------------------------------------
     def _exchange(self, x: Any, root: int, ps: ProcessSet, tag: str) -> tf.Tensor:
-        return self.collectives.broadcast(tf.convert_to_tensor(x), root, ps, name=self._name(tag))
+        """Broadcast ``x`` from ``root`` in ``ps``; 16-bit tensors (mixed precision) travel as float32
+        (exact both ways; not every backend moves bfloat16), and come back in their own dtype."""
+        x = tf.convert_to_tensor(x)
+        if x.dtype in (tf.bfloat16, tf.float16):
+            wide = self.collectives.broadcast(tf.cast(x, tf.float32), root, ps, name=self._name(tag))
+            return tf.cast(wide, x.dtype)
+        return self.collectives.broadcast(x, root, ps, name=self._name(tag))
 
     def _share_loss(self, total: tf.Tensor, tag: str) -> tf.Tensor:
         if self.num_stages == 1:

@@ -39,12 +39,19 @@ __all__ = ["ColumnParallelDense", "RowParallelDense", "VocabParallelEmbedding", 
            "gather_from_group", "scatter_to_group", "Group"]
 
 
+def _wide(x: tf.Tensor) -> tf.Tensor:
+    """16-bit floats (mixed-precision activations) as float32 for a collective; others unchanged."""
+    return tf.cast(x, tf.float32) if x.dtype in (tf.bfloat16, tf.float16) else x
+
+
 def _allreduce_sum(x: tf.Tensor, group: Group) -> tf.Tensor:
-    return allreduce(x, Sum, group.process_set)
+    """The group's sum; 16-bit activations are summed in float32 and rounded once (as the unsplit layer's
+    matmul accumulates; Horovod's CPU ops cannot reduce bfloat16)."""
+    return tf.cast(allreduce(_wide(x), Sum, group.process_set), x.dtype)
 
 
 def _gather_last(x: tf.Tensor, group: Group) -> tf.Tensor:
-    stacked = allgather(tf.expand_dims(x, 0), group.process_set)
+    stacked = tf.cast(allgather(tf.expand_dims(_wide(x), 0), group.process_set), x.dtype)
     parts = [stacked[i] for i in range(group.size)]
     return tf.concat(parts, axis=-1)
 

@@ -17,8 +17,9 @@ DistributedOptimizer, with ``backward_passes_per_step`` = micro-batches) see the
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
-from typing import Any, Sequence
+from typing import Any, Callable, ContextManager, Sequence
 
 import torch
 import torch.nn as nn
@@ -165,7 +166,8 @@ class PipelineExecutor(StageProgram):
     """
 
     def __init__(self, stage_module: GPTStage, grid: ProcessGrid, rank: int, schedule: str = "1f1b",
-                 collectives: Collectives | None = None, track_memory: bool = False) -> None:
+                 collectives: Collectives | None = None, track_memory: bool = False,
+                 autocast: Callable[[], ContextManager[Any]] | None = None) -> None:
         super().__init__(grid, rank, schedule)
         if stage_module.stage != self.stage or stage_module.num_stages != grid.pp:
             raise ValueError(f"stage module {stage_module.stage}/{stage_module.num_stages} does not match "
@@ -175,8 +177,13 @@ class PipelineExecutor(StageProgram):
         shares = stage_module.tied_weight is not None or getattr(stage_module, "tied_head", None) is not None
         self.emb_set = grid.embedding_group(rank) if shares else None
         self.meter = ActivationMeter(list(stage_module.parameters())) if track_memory else None
+        self.autocast = autocast if autocast is not None else contextlib.nullcontext
 
     def _exchange(self, x: torch.Tensor, root: int, ps: ProcessSet, tag: str) -> torch.Tensor:
+        """Broadcast ``x`` from ``root`` in ``ps``; 16-bit tensors (autocast outputs) travel as fp32 (exact
+        both ways; not every backend moves bf16) and come back in their own dtype."""
+        if x.dtype in (torch.bfloat16, torch.float16):
+            return self.collectives.broadcast(x.float().contiguous(), root, ps, name=self._name(tag)).to(x.dtype)
         return self.collectives.broadcast(x.contiguous(), root, ps, name=self._name(tag))
 
     def refresh_tied_head(self) -> tuple[torch.Tensor | None, Any]:
@@ -201,7 +208,8 @@ class PipelineExecutor(StageProgram):
         if not mod.is_first:
             buf = torch.zeros(mod.activation_shape(x), dtype=next(mod.parameters()).dtype)
             h = self._exchange(buf, self.prev_rank, self.prev_set, f"eval.{self.link_prev}")
-        h = mod(h)
+        with self.autocast():
+            h = mod(h)
         if not mod.is_last:
             self._exchange(h, self.rank, self.next_set, f"eval.{self.link_next}")
             total = torch.zeros((), dtype=torch.float64)
@@ -233,12 +241,7 @@ class PipelineExecutor(StageProgram):
                 recv_in[mb] = self._exchange(buf, self.prev_rank, self.prev_set, self.link_prev).requires_grad_()
             elif a.op == "forward":
                 x = inputs[mb] if mod.is_first else recv_in[mb]
-                if self.meter is not None:
-                    with self.meter.hooks():
-                        out = mod(x)
-                        if mod.is_last:
-                            out = mod.loss(out, targets[mb]) / m
-                else:
+                with self.meter.hooks() if self.meter is not None else contextlib.nullcontext(), self.autocast():
                     out = mod(x)
                     if mod.is_last:
                         out = mod.loss(out, targets[mb]) / m
@@ -248,7 +251,7 @@ class PipelineExecutor(StageProgram):
             elif a.op == "send_act":
                 self._exchange(outputs[mb].detach(), self.rank, self.next_set, self.link_next)
             elif a.op == "recv_grad":
-                buf = torch.zeros_like(outputs[mb], dtype=dtype)
+                buf = torch.zeros_like(outputs[mb])      # (the output's dtype: autocast may make it 16-bit)
                 out_grads[mb] = self._exchange(buf, self.next_rank, self.next_set, self.link_next)
             elif a.op == "backward":
                 out = outputs.pop(mb)

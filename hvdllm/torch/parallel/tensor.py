@@ -43,16 +43,19 @@ __all__ = [
 
 
 def _allreduce_sum(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """The group's sum. 16-bit activations (bf16/fp16 autocast) are summed in fp32 and rounded once, as
+    the unsplit layer's matmul accumulates (and Horovod's CPU ops cannot reduce bf16)."""
     if group.size == 1:
         return x
-    return allreduce(x.contiguous(), Sum, group.process_set)
+    return allreduce(x.float().contiguous(), Sum, group.process_set).to(x.dtype)
 
 
 def _allgather_stack(x: torch.Tensor, group: Group) -> torch.Tensor:
-    """(size, *x.shape): every rank's equally shaped tensor, in group order."""
+    """(size, *x.shape): every rank's equally shaped tensor, in group order (16-bit ones travel as fp32:
+    exact, and every backend gathers fp32)."""
     if group.size == 1:
         return x.unsqueeze(0)
-    out = allgather(x.contiguous().unsqueeze(0), group.process_set)
+    out = allgather(x.float().contiguous().unsqueeze(0), group.process_set).to(x.dtype)
     return out.view(group.size, *x.shape)
 
 

@@ -17,8 +17,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "small": {"batch.global_batch": 32, "batch.micro_batch": 8, "optim.lr": 1e-3, "run.max_steps": 2000,
               "schedule.warmup_steps": 100, "run.eval_interval": 200, "run.checkpoint_interval": 500},
     "124m": {"batch.global_batch": 64, "batch.micro_batch": 8, "optim.lr": 6e-4, "run.max_steps": 5000,
-             "schedule.warmup_steps": 200, "run.eval_interval": 500, "run.checkpoint_interval": 1000,
-             "optim.fused": True},
+             "schedule.warmup_steps": 200, "run.eval_interval": 500, "run.checkpoint_interval": 1000},
 }
 
 

@@ -62,7 +62,7 @@ class OptimSection:
     weight_decay: float = knob(0.1, "decoupled weight decay", ge=0)
     max_grad_norm: float | None = knob(1.0, "global-norm clipping after the cross-rank average", gt=0,
                                        none="no clipping")
-    fused: bool = knob(False, "torch's fused kernel where the optimizer supports it")
+    fused: bool = knob(True, "flat-buffer optimizer step with torch's fused kernels (false: per-tensor core rule)")
 
 
 @dataclasses.dataclass(frozen=True)
