@@ -21,7 +21,10 @@ from tests.multirank import run_ranks
 
 NEAR = 1e-6     # reduction order / clipping norm in float64 (see the module docstring)
 FP16 = 2e-3     # fp16 wire: summed in fp16 in another order by reduce-scatter than by allreduce
-EXACT_AT_2 = {"adamw_s1", "adamw_s2", "sgd_s1", "sgd_accum_s2", "hvd_adamw_s2", "adamw_fp16_s2"}
+# hvdllm.torch.optim.AdamW (fused by default) is not in it: torch's fused CPU kernel splits a flat buffer
+# into vectorised (FMA) blocks and a scalar tail, and a shard's elements sit at other offsets than in the
+# replicated buffer, so the last bit differs now and then (~2e-7 relative after 50 steps; NEAR holds).
+EXACT_AT_2 = {"adamw_s1", "adamw_s2", "sgd_s1", "sgd_accum_s2", "adamw_fp16_s2"}
 AT_4 = "adamw_s1,adamw_accum_clip_s2,sgd_accum_s2,hvd_adamw_fused_s1,adamw_fp16_s2"
 
 

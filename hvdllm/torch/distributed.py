@@ -367,6 +367,10 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             if p.grad is not None:
                 p.grad = p.grad.to_sparse()
         self._densified = set()
+        self._finish_synchronize()
+
+    def _finish_synchronize(self) -> None:
+        """The reduction is done: retire old hooks, clip (or just measure) by the global norm."""
         self._tracker.reset()
         for h in self._retired:
             h.remove()

@@ -216,15 +216,7 @@ class ZeroOptimizer:
         if self.zero_stage == 2:  # only the shards' gradients are kept: the local sums are not averaged
             for p in self._params:
                 p.grad = None
-        self._tracker.reset()
-        for h in self._retired:
-            h.remove()
-        self._retired = []
-        if self._config.max_grad_norm is not None:
-            self.clip_grad_norm_(self._config.max_grad_norm)
-        else:
-            self.grad_norm = self._global_norm()
-        self._synchronized = True
+        self._finish_synchronize()
 
     def _global_norm(self) -> float:
         """The global gradient norm from the shards: one allreduce of squared norms over the dp ranks
