@@ -31,10 +31,24 @@ class Frontend(HorovodApi):
                             f"{str(tensor)[:40]}")
         return tensor
 
-    def init(self, process_sets: Sequence[ProcessSet | Sequence[int]] | None = None) -> None:
-        """Start the backend (idempotent). ``process_sets`` lists rank subsets for later collectives."""
+    def init(self, comm: Any = None, process_sets: Sequence[ProcessSet | Sequence[int]] | None = None) -> None:
+        """Start the backend (idempotent). ``process_sets`` lists rank subsets for later collectives.
+
+        Horovod's signature. ``comm`` (Horovod: an mpi4py communicator or a list of ranks to run on) may
+        name the whole launched world (``MPI.COMM_WORLD``, ``list(range(size))``); hvdllm runs every
+        launched rank, so a subset is a ValueError (launch only the ranks you need, or use a process
+        set). A list of process sets passed first, as ``init([ps])`` did before ``comm`` existed, still
+        means ``process_sets``.
+        """
+        if process_sets is None and _looks_like_process_sets(comm):
+            comm, process_sets = None, comm
         if self._backend is None:
-            self._backend, self._process_sets = self._create(process_sets), process_sets
+            backend = self._create(process_sets)
+            problem = _comm_problem(comm, backend.world.rank, backend.world.size)
+            if problem:
+                backend.shutdown()
+                raise ValueError(problem)
+            self._backend, self._process_sets = backend, process_sets
 
     def is_initialized(self) -> bool:
         return self._backend is not None
@@ -56,7 +70,7 @@ class Frontend(HorovodApi):
         after which rank and size reflect the new set of workers."""
         process_sets = self._process_sets
         self.shutdown()
-        self.init(process_sets)
+        self.init(process_sets=process_sets)
 
     def rank(self) -> int:
         return self.collectives().world.rank
@@ -123,3 +137,28 @@ class Frontend(HorovodApi):
         ps = process_set if isinstance(process_set, ProcessSet) else ProcessSet(process_set)
         self.collectives().add_process_set(ps)
         return ps
+
+
+def _looks_like_process_sets(value: Any) -> bool:
+    """A non-empty sequence of ProcessSets or of rank lists (``comm`` as a list of ranks holds ints)."""
+    return isinstance(value, (list, tuple)) and bool(value) and all(
+        isinstance(v, ProcessSet) or (isinstance(v, (list, tuple)) and not isinstance(v, str)) for v in value)
+
+
+def _comm_problem(comm: Any, rank: int, size: int) -> str:
+    """Why ``comm`` (Horovod's ``init(comm=...)``) is not the whole world of ``size`` ranks ('' if it is)."""
+    if comm is None:
+        return ""
+    if hasattr(comm, "Get_size") and hasattr(comm, "Get_rank"):
+        if (comm.Get_size(), comm.Get_rank()) == (size, rank):
+            return ""
+        return (f"init(comm=<communicator of {comm.Get_size()} ranks, this one {comm.Get_rank()}>): hvdllm runs "
+                f"on every launched rank ({size}); allowed: comm=None or the world communicator (use a process "
+                "set for a subset of ranks)")
+    if isinstance(comm, (list, tuple)) and all(isinstance(r, int) and not isinstance(r, bool) for r in comm):
+        if sorted(comm) == list(range(size)):
+            return ""
+        return (f"init(comm={list(comm)}): hvdllm runs on every launched rank; allowed: None or all ranks "
+                f"{list(range(size))} (use a process set for a subset of ranks)")
+    return (f"init(comm={comm!r}): allowed: None, an mpi4py communicator of the whole world, or the list of "
+            "all ranks")
