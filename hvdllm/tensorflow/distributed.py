@@ -81,6 +81,26 @@ def _set_size(rt: Any, process_set: ProcessSet) -> int:
     return len(process_set.members(rt.world.size))
 
 
+def reduce_flat(flat: tf.Tensor, config: ReductionConfig, rt: Any, size: int, scatter: bool = False) -> tf.Tensor:
+    """One flat gradient buffer through the core's prescale -> sum on the wire -> postscale over ``size``
+    ranks: allreduced (same length back), or with ``scatter`` reduce-scattered (each rank gets its
+    1/size part; the length must divide). On one rank nothing travels; only the scales apply."""
+    wire = _wire(flat.dtype.name, config, rt.name) if size > 1 else flat.dtype.name
+    prescale, postscale = config.scales(size, wire)
+    if prescale != 1.0:  # in the gradient's dtype, before a 16-bit wire can overflow
+        flat = flat * tf.constant(prescale, flat.dtype)
+    if size > 1:
+        send = tf.cast(flat, tf.as_dtype(wire))
+        if scatter:
+            summed = rt.reducescatter(send, Sum, config.process_set, name=_op_name("scatter"))
+        else:
+            summed = rt.allreduce(send, Sum, config.process_set, name=_op_name("grads"))
+        if postscale != 1.0:  # on the wire buffer: a widened (fp32) sum of 16-bit gradients fits after it
+            summed = summed * tf.constant(postscale, summed.dtype)
+        return tf.cast(summed, flat.dtype)
+    return flat * tf.constant(postscale, flat.dtype) if postscale != 1.0 else flat
+
+
 def reduce_gradients(grads: Sequence[Any], variables: Sequence[Any], config: ReductionConfig,
                      norm_out: Any = None, groups: list[list[int]] | None = None,
                      local: frozenset[int] | set[int] = frozenset(), scale_local: bool = True,
@@ -108,16 +128,7 @@ def reduce_gradients(grads: Sequence[Any], variables: Sequence[Any], config: Red
     idx = [i for i, g in enumerate(grads) if g is not None and i not in local]
 
     def reduce(flat: tf.Tensor) -> tf.Tensor:
-        wire = _wire(flat.dtype.name, config, rt.name) if size > 1 else flat.dtype.name
-        prescale, postscale = config.scales(size, wire)
-        if prescale != 1.0:  # in the gradient's dtype, before a 16-bit wire can overflow
-            flat = flat * tf.constant(prescale, flat.dtype)
-        if size > 1:
-            summed = rt.allreduce(tf.cast(flat, tf.as_dtype(wire)), Sum, config.process_set, name=_op_name("grads"))
-            if postscale != 1.0:  # on the wire buffer: a widened (fp32) sum of 16-bit gradients fits after it
-                summed = summed * tf.constant(postscale, summed.dtype)
-            return tf.cast(summed, flat.dtype)
-        return flat * tf.constant(postscale, flat.dtype) if postscale != 1.0 else flat
+        return reduce_flat(flat, config, rt, size)
 
     out: list[Any] = list(grads)
     if idx and (size > 1 or config.scales(1) != (1.0, 1.0)):
@@ -291,6 +302,9 @@ class _State:
         self.accumulators: list[tf.Variable] = []
         self.passes: tf.Variable | None = None
         self.grad_norm: tf.Variable | None = None
+        self.zero_stage = 0
+        self.shards: list[Any] = []           # ZeRO (hvdllm.tensorflow.zero): this rank's shards
+        self.shard_optimizer: Any = None      # ... and the optimizer that steps them
 
 
 class _DistributedMixin:
@@ -341,6 +355,11 @@ class _DistributedMixin:
                                               trainable=False, name="hvdllm_accumulator") for v in variables]
             state.passes = tf.Variable(tf.constant(0, tf.int64), trainable=False, name="hvdllm_passes")
 
+    def _hvdllm_update(self, grads: Sequence[Any], variables: list[Any]) -> Any:
+        """One update from local gradients: reduce them, then the wrapped optimizer's own ``apply``
+        (:mod:`hvdllm.tensorflow.zero` replaces this with the sharded update)."""
+        return super(_DistributedMixin, self).apply(self._hvdllm_reduce(grads, variables), variables)
+
     def apply(self, grads: Sequence[Any], trainable_variables: Iterable[Any] | None = None) -> Any:
         grads = list(grads)
         if not grads:
@@ -354,10 +373,9 @@ class _DistributedMixin:
             self.build(trainable_variables)
             self.built = True
         state = self._hvdllm
-        inner = super(_DistributedMixin, self).apply
         self._hvdllm_accumulators(list(self._trainable_variables))
         if state.config.backward_passes_per_step == 1:
-            return inner(self._hvdllm_reduce(grads, trainable_variables), trainable_variables)
+            return self._hvdllm_update(grads, trainable_variables)
         for g, v in zip(grads, trainable_variables):
             if g is not None:
                 acc = state.accumulators[self._get_variable_index(v)]
@@ -369,7 +387,7 @@ class _DistributedMixin:
             """Every accumulator (a variable without gradients in this window sends zeros): the same buckets
             on every rank, and none left unapplied or unreset."""
             variables, accs = list(self._trainable_variables), state.accumulators
-            inner(self._hvdllm_reduce([a.read_value() for a in accs], variables), variables)
+            self._hvdllm_update([a.read_value() for a in accs], variables)
             for acc in accs:
                 acc.assign(tf.zeros_like(acc))
             return tf.constant(True)
@@ -420,15 +438,13 @@ def DistributedOptimizer(optimizer: Any, name: str | None = None, device_dense: 
     the other ranks' (it contributes zeros). The optimizer is converted in place (its class becomes a
     subclass of its own class, its state is kept) and returned; ``get_config`` and saving record the plain
     optimizer. Not usable under XLA: compile with ``jit_compile=False`` (the default on CPU).
-    ``zero_stage``: 0 (the optimizer state replicated on every rank) only; sharding it (1, 2) is
-    hvdllm.torch's (:mod:`hvdllm.torch.zero`) for now.
+    ``zero_stage``: 0 (the optimizer state replicated on every rank), 1 (sharded over the ranks) or 2
+    (gradients reduce-scattered too): see :mod:`hvdllm.tensorflow.zero` (elementwise rules only, the
+    optimizer not yet built).
     """
     import keras
 
-    if parse_stage(zero_stage):
-        raise ValueError(f"zero_stage={zero_stage} is not available for Keras optimizers yet; allowed: 0 "
-                         "(ZeRO stages 1 and 2: hvdllm.torch.DistributedOptimizer)")
-
+    stage = parse_stage(zero_stage)
     if not isinstance(optimizer, keras.optimizers.Optimizer):
         raise ValueError(f"DistributedOptimizer needs a keras.optimizers.Optimizer, got {type(optimizer).__name__}")
     if is_distributed(optimizer):
@@ -441,9 +457,17 @@ def DistributedOptimizer(optimizer: Any, name: str | None = None, device_dense: 
                                     average_aggregated_gradients=average_aggregated_gradients,
                                     max_grad_norm=max_grad_norm, bucket_cap_mb=bucket_cap_mb, process_set=process_set,
                                     gradient_predivide_factor=gradient_predivide_factor)
-    cls = _distributed_class(type(optimizer))
-    object.__setattr__(optimizer, "_hvdllm", _State(config, groups, device_dense,
-                                                    _LocalVariables(scale_local_gradients)))
+    state = _State(config, groups, device_dense, _LocalVariables(scale_local_gradients))
+    if stage:
+        from hvdllm.tensorflow import zero
+
+        zero.check_zero_optimizer(optimizer, stage, groups)
+        state.zero_stage = stage
+        state.shard_optimizer = type(optimizer).from_config(optimizer.get_config())
+        cls = zero.zero_class(type(optimizer))
+    else:
+        cls = _distributed_class(type(optimizer))
+    object.__setattr__(optimizer, "_hvdllm", state)
     optimizer.__class__ = cls
     if name is not None:
         optimizer.name = name

@@ -1,0 +1,215 @@
+"""ZeRO stages 1 and 2 for Keras 3 optimizers: ``hvd.DistributedOptimizer(opt, ..., zero_stage=1|2)``.
+
+The gradient buckets are the replicated path's (:func:`hvdllm.core.buckets.plan_buckets` over the
+trainable variables, ``bucket_cap_mb`` each, as :func:`hvdllm.tensorflow.buckets.packed` packs them);
+each bucket's flat space is partitioned over the data-parallel ranks by the core
+(:mod:`hvdllm.core.zero`), and every rank owns one flat *shard variable* per bucket (the bucket's
+dtype, ``shard_numel`` elements). A second optimizer of the user's class and config
+(``from_config(get_config())``) is built over the shard variables only, so its slots (Adam's moments)
+are 1/N-sized; the wrapped optimizer itself builds no slots. An update (after accumulation, which
+stays the replicated wrapper's):
+
+1. each bucket's gradients, packed flat (zeros for None): stage 1 allreduces it and keeps this rank's
+   slice; stage 2 reduce-scatters it (zero-padded), so only the shard arrives;
+2. with ``max_grad_norm``: clip by the global norm, one allreduce of the shards' squared norms (float64);
+3. copy the model variables' current values into the shards (weights changed outside are respected),
+   apply the shard optimizer, allgather the updated shards and assign them back into the variables.
+
+``optimizer.iterations`` counts updates (the shard optimizer's count is kept equal to it) and a
+learning-rate *variable* changed on the wrapper (callbacks) is copied to the shard optimizer each update.
+Elementwise update rules only: per-tensor rules (Lamb, Adafactor, Muon), per-variable or global Keras
+clipping (``clipnorm``, ``global_clipnorm``: use ``max_grad_norm``), EMA and per-variable weight-decay
+exclusions would see shards instead of variables and are refused. Works eagerly and in ``tf.function``.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from hvdllm.core.buckets import TensorSpec, plan_buckets
+from hvdllm.core.gradients import clip_coefficient_of
+from hvdllm.core.ops import Sum
+from hvdllm.core.zero import Piece, ShardPlan, pieces
+from hvdllm.tensorflow.basics import collectives
+from hvdllm.tensorflow.distributed import (_dense, _DistributedMixin, _in_xla_context, _op_name, _set_size,
+                                           reduce_flat)
+
+__all__ = ["check_zero_optimizer", "zero_class"]
+
+_PER_TENSOR_RULES = ("Lamb", "LAMB", "Adafactor", "Muon", "LossScaleOptimizer")
+
+
+def check_zero_optimizer(optimizer: Any, stage: int, groups: Any) -> None:
+    """One-line ValueErrors for what ZeRO cannot shard (see the module docstring)."""
+    name = type(optimizer).__name__
+    if name in _PER_TENSOR_RULES:
+        raise ValueError(f"zero_stage={stage} needs an elementwise optimizer; {name} uses per-tensor quantities "
+                         "(allowed: e.g. SGD, Adam, AdamW; or zero_stage=0)")
+    for attr in ("clipnorm", "global_clipnorm"):
+        if getattr(optimizer, attr, None):
+            raise ValueError(f"{attr}={getattr(optimizer, attr)} cannot be used with zero_stage={stage} (it would "
+                             "see shards); allowed: None, with max_grad_norm= for global-norm clipping")
+    if getattr(optimizer, "use_ema", False):
+        raise ValueError(f"use_ema=True cannot be used with zero_stage={stage}; allowed: use_ema=False or zero_stage=0")
+    if getattr(optimizer, "_exclude_from_weight_decay", None) or \
+            getattr(optimizer, "_exclude_from_weight_decay_names", None):
+        raise ValueError(f"exclude_from_weight_decay() cannot be used with zero_stage={stage} (shards mix "
+                         "variables); allowed: weight decay on every variable, or zero_stage=0")
+    if groups is not None:
+        raise ValueError(f"groups={groups!r} cannot be used with zero_stage={stage}; allowed: None (buckets of "
+                         "bucket_cap_mb)")
+    if optimizer.built:
+        raise ValueError(f"optimizer {optimizer.name!r} is already built; with zero_stage={stage} wrap it "
+                         "before its first apply (or build)")
+
+
+class _Shard:
+    """This rank's shard of one bucket: the bucket's tensors, its plan and pieces, its flat variable."""
+
+    def __init__(self, indices: tuple[int, ...], offsets: tuple[int, ...], plan: ShardPlan, rank: int,
+                 own: tuple[Piece, ...], dtype: str, number: int) -> None:
+        self.indices, self.offsets, self.plan, self.pieces = indices, offsets, plan, own
+        self.lo, self.hi = plan.range(rank)
+        self.variable = keras.Variable(np.zeros(plan.shard_numel, dtype=dtype), dtype=dtype, trainable=False,
+                                       name=f"hvdllm_zero_shard_{number}")
+
+    def padded(self, flat: tf.Tensor) -> tf.Tensor:
+        """A tensor of this shard's real length padded with zeros to ``shard_numel``."""
+        pad = self.plan.shard_numel - (self.hi - self.lo)
+        return tf.concat([flat, tf.zeros([pad], flat.dtype)], 0) if pad else flat
+
+
+def _after(x: tf.Tensor, previous: tf.Tensor | None) -> tf.Tensor:
+    """``x``, not computed before ``previous`` in a graph. Collectives are matched by order on the mpi
+    backend, and inside a ``tf.cond`` branch (accumulation) independent ops may run in any order: the
+    update's collectives are chained so that every rank runs them in program order."""
+    if previous is None or tf.executing_eagerly():
+        return x
+    with tf.control_dependencies([previous]):
+        return tf.identity(x)
+
+
+class ZeroMixin(_DistributedMixin):
+    """The sharded update (module docstring); mixed in before the replicated wrapper's behaviour."""
+
+    @property
+    def zero_stage(self) -> int:
+        return self._hvdllm.zero_stage
+
+    @property
+    def shard_optimizer(self) -> Any:
+        """The optimizer of the user's class that steps this rank's shard variables."""
+        return self._hvdllm.shard_optimizer
+
+    def build(self, variables: Sequence[Any]) -> None:
+        """The base optimizer's bookkeeping only (no full-size slots), then the shards and their optimizer."""
+        variables = list(variables)
+        keras.optimizers.Optimizer.build(self, variables)
+        self._hvdllm_accumulators(variables)
+        state, rt = self._hvdllm, collectives()
+        members = list(state.config.process_set.members(rt.world.size))
+        size, me = len(members), members.index(rt.world.rank)
+        specs = [TensorSpec(str(i), tuple(int(d) for d in v.shape), tf.as_dtype(v.dtype).name)
+                 for i, v in enumerate(variables)]
+        sizes = [s.numel for s in specs]
+        with tf.init_scope():
+            state.shards = []
+            for b, bucket in enumerate(plan_buckets(specs, state.config.bucket_cap_bytes)):
+                plan = ShardPlan(bucket.numel, size)
+                state.shards.append(_Shard(bucket.indices, bucket.offsets, plan, me,
+                                           pieces(bucket, sizes, plan, me), specs[bucket.indices[0]].dtype, b))
+            self._hvdllm_fill(variables)
+            state.shard_optimizer.build([s.variable for s in state.shards])
+
+    def _hvdllm_fill(self, variables: Sequence[Any]) -> None:
+        """Copy the variables' current values into the shard variables."""
+        for shard in self._hvdllm.shards:
+            parts = [tf.reshape(tf.convert_to_tensor(variables[pc.index]), [-1])[pc.start:pc.start + pc.length]
+                     for pc in shard.pieces]
+            flat = tf.concat(parts, 0) if parts else tf.zeros([0], tf.as_dtype(shard.variable.dtype))
+            shard.variable.assign(shard.padded(flat))
+
+    def _hvdllm_update(self, grads: Sequence[Any], variables: list[Any]) -> Any:
+        state, rt = self._hvdllm, collectives()
+        if state.local.indices(variables):
+            raise ValueError(f"local variables (register_local_var) cannot be used with zero_stage={self.zero_stage}; "
+                             "allowed: zero_stage=0")
+        size = _set_size(rt, state.config.process_set)
+        if size > 1 and _in_xla_context():
+            raise ValueError("hvdllm ZeRO cannot run in an XLA-compiled function (jit_compile=True); allowed: "
+                             "jit_compile=False, e.g. model.compile(..., jit_compile=False)")
+        grads = [tf.zeros(v.shape, tf.as_dtype(v.dtype)) if g is None else _dense(g) for g, v in zip(grads, variables)]
+        shard_grads: list[tf.Tensor] = []
+        for shard in state.shards:
+            shard_grads.append(self._hvdllm_shard_gradient(shard, grads, rt, size,
+                                                           shard_grads[-1] if shard_grads else None))
+        if state.config.max_grad_norm is not None:
+            shard_grads = self._hvdllm_clip(shard_grads, rt, size)
+        self._hvdllm_fill(variables)
+        inner = state.shard_optimizer
+        if isinstance(self._learning_rate, keras.Variable) and isinstance(inner._learning_rate, keras.Variable):
+            inner._learning_rate.assign(self._learning_rate)
+        inner.iterations.assign(self.iterations)
+        inner.apply(shard_grads, [s.variable for s in state.shards])
+        self.iterations.assign(inner.iterations)
+        previous = None
+        for shard in state.shards:
+            flat = tf.convert_to_tensor(shard.variable)
+            if size > 1:
+                flat = rt.allgather(_after(flat, previous), state.config.process_set, name=_op_name("zero_gather"))
+                previous = flat
+            for i, off in zip(shard.indices, shard.offsets):
+                v = variables[i]
+                n = int(np.prod(v.shape, dtype=np.int64))
+                v.assign(tf.reshape(flat[off:off + n], v.shape))
+        return None
+
+    def _hvdllm_shard_gradient(self, shard: _Shard, grads: list[tf.Tensor], rt: Any, size: int,
+                               previous: tf.Tensor | None) -> tf.Tensor:
+        """This rank's part of the bucket's reduced gradient, ``shard_numel`` long (its collective runs
+        after ``previous``'s)."""
+        flat = _after(tf.concat([tf.reshape(grads[i], [-1]) for i in shard.indices], 0), previous)
+        config = self._hvdllm.config
+        if self.zero_stage == 2 and size > 1:
+            pad = shard.plan.padded_numel - shard.plan.numel
+            if pad:
+                flat = tf.concat([flat, tf.zeros([pad], flat.dtype)], 0)
+            out = reduce_flat(flat, config, rt, size, scatter=True)
+            out.set_shape([shard.plan.shard_numel])
+            return out
+        return shard.padded(reduce_flat(flat, config, rt, size)[shard.lo:shard.hi])
+
+    def _hvdllm_clip(self, shard_grads: list[tf.Tensor], rt: Any, size: int) -> list[tf.Tensor]:
+        """Scale the shard gradients by the core's clip coefficient of the global norm (one allreduce)."""
+        state = self._hvdllm
+        sq = _after(tf.add_n([tf.reduce_sum(tf.square(tf.cast(g, tf.float64))) for g in shard_grads]),
+                    shard_grads[-1])
+        if size > 1:
+            sq = rt.allreduce(tf.reshape(sq, [1]), Sum, state.config.process_set, name=_op_name("zero_norm"))[0]
+        total = tf.cast(tf.sqrt(sq), tf.float32)
+        state.grad_norm.assign(total)
+        coef = clip_coefficient_of(total, state.config.max_grad_norm, tf.maximum)
+        return [g * tf.cast(coef, g.dtype) for g in shard_grads]
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state this rank holds: the shard optimizer's variables but its step count
+        and learning rate."""
+        inner = self._hvdllm.shard_optimizer
+        skip = {id(inner.iterations), id(inner._learning_rate)}
+        return sum(int(np.prod(v.shape, dtype=np.int64)) * tf.as_dtype(v.dtype).size
+                   for v in inner.variables if id(v) not in skip)
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def zero_class(cls: type) -> type:
+    """The ZeRO subclass of the optimizer's class, carrying its name and module (saving records the plain one)."""
+    if cls not in _CLASSES:
+        sub = type(cls.__name__, (ZeroMixin, cls), {"__module__": cls.__module__})
+        sub.__qualname__ = cls.__qualname__
+        _CLASSES[cls] = sub
+    return _CLASSES[cls]
