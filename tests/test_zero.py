@@ -140,14 +140,16 @@ def test_zero_replans_when_a_parameter_is_frozen(stage: int) -> None:
     assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
-def test_keras_accepts_stage_0_and_refuses_sharding_in_one_line() -> None:
+def test_keras_accepts_stages_0_to_2_and_refuses_others_in_one_line() -> None:
+    """(Keras ZeRO's numbers: tests/test_keras_zero.py.)"""
     import keras
 
     import hvdllm.tensorflow as hvd_tf
 
     hvd_tf.init()
-    assert hvd_tf.DistributedOptimizer(keras.optimizers.SGD(0.1), zero_stage=0) is not None
-    for bad, words in ((1, "not available for Keras"), (3, r"allowed: 0 \(replicated\)")):
+    for stage in (0, 1, 2):
+        assert hvd_tf.DistributedOptimizer(keras.optimizers.SGD(0.1), zero_stage=stage).zero_stage == stage
+    for bad, words in ((3, r"allowed: 0 \(replicated\)"), (-1, r"allowed: 0 \(replicated\)")):
         with pytest.raises(ValueError, match=words) as e:
             hvd_tf.DistributedOptimizer(keras.optimizers.SGD(0.1), zero_stage=bad)
         assert "\n" not in str(e.value)

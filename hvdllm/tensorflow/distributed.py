@@ -12,93 +12,21 @@ Keras's ``jit_compile="auto"`` resolves to False; on GPUs pass ``jit_compile=Fal
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any, Iterable, Sequence
 
 import tensorflow as tf
 
-from hvdllm.core.gradients import (ReductionConfig, backend_wire_dtype, clip_coefficient_of, group_indices,
+from hvdllm.core.gradients import (ReductionConfig, clip_coefficient_of, group_indices,
                                    is_reduction_pass, validate_groups)
-from hvdllm.core.ops import Average, ReduceOp, Sum
+from hvdllm.core.ops import Average, ReduceOp
 from hvdllm.core.process_sets import WORLD, ProcessSet
 from hvdllm.core.zero import parse_stage
 from hvdllm.tensorflow.basics import collectives
 from hvdllm.tensorflow.buckets import packed
+from hvdllm.tensorflow.reduction import _dense, _in_xla_context, _op_name, _set_size, reduce_flat
+from hvdllm.tensorflow.zero import ZeroMixin, check_zero_optimizer
 from hvdllm.tensorflow.util import device_scope, ref_index
 from hvdllm.tensorflow.util import ref as _ref
-
-
-def _in_xla_context() -> bool:
-    try:
-        from tensorflow.python.ops import control_flow_util
-    except ImportError:  # private module moved: assume no XLA rather than fail
-        return False
-    if tf.executing_eagerly():
-        return False
-    return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
-
-
-_GRAPH_OPS = [0]
-
-
-def restart_op_names() -> None:
-    """Number graph collectives from 1 again: after an elastic reset every worker, old or new, traces
-    its functions afresh and must give the same collectives the same names."""
-    _GRAPH_OPS[0] = 0
-
-
-def _op_name(kind: str) -> str | None:
-    """A rank-independent key for a collective built in a graph (None when eager, where order keys it).
-
-    Horovod keys graph ops by name; its default (the tensors' names) includes Keras's auto-numbered
-    model/optimizer scopes, which differ across ranks as soon as one rank builds an extra model. Ranks
-    build the same collectives in the same order, so a per-process counter names them identically.
-    """
-    if tf.executing_eagerly():
-        return None
-    _GRAPH_OPS[0] += 1
-    return f"hvdllm_{kind}_{_GRAPH_OPS[0]}"
-
-
-def _dense(g: Any) -> tf.Tensor:
-    """IndexedSlices (embedding gradients) become dense tensors: one fused reduction for all gradients."""
-    return tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g
-
-
-_WARNED: set[tuple[str, str]] = set()
-
-
-def _wire(dtype: str, config: ReductionConfig, backend: str) -> str:
-    """The core's wire dtype for this backend; warns once per (backend, dtype) when compression falls back."""
-    wire, warning = backend_wire_dtype(dtype, config.compression, backend)
-    if warning and (backend, wire) not in _WARNED:
-        _WARNED.add((backend, wire))
-        warnings.warn(warning, stacklevel=3)
-    return wire
-
-
-def _set_size(rt: Any, process_set: ProcessSet) -> int:
-    return len(process_set.members(rt.world.size))
-
-
-def reduce_flat(flat: tf.Tensor, config: ReductionConfig, rt: Any, size: int, scatter: bool = False) -> tf.Tensor:
-    """One flat gradient buffer through the core's prescale -> sum on the wire -> postscale over ``size``
-    ranks: allreduced (same length back), or with ``scatter`` reduce-scattered (each rank gets its
-    1/size part; the length must divide). On one rank nothing travels; only the scales apply."""
-    wire = _wire(flat.dtype.name, config, rt.name) if size > 1 else flat.dtype.name
-    prescale, postscale = config.scales(size, wire)
-    if prescale != 1.0:  # in the gradient's dtype, before a 16-bit wire can overflow
-        flat = flat * tf.constant(prescale, flat.dtype)
-    if size > 1:
-        send = tf.cast(flat, tf.as_dtype(wire))
-        if scatter:
-            summed = rt.reducescatter(send, Sum, config.process_set, name=_op_name("scatter"))
-        else:
-            summed = rt.allreduce(send, Sum, config.process_set, name=_op_name("grads"))
-        if postscale != 1.0:  # on the wire buffer: a widened (fp32) sum of 16-bit gradients fits after it
-            summed = summed * tf.constant(postscale, summed.dtype)
-        return tf.cast(summed, flat.dtype)
-    return flat * tf.constant(postscale, flat.dtype) if postscale != 1.0 else flat
 
 
 def reduce_gradients(grads: Sequence[Any], variables: Sequence[Any], config: ReductionConfig,
@@ -325,6 +253,11 @@ class _DistributedMixin:
                                 scale_local=state.local.scale, device=state.device)
 
     @property
+    def zero_stage(self) -> int:
+        """0: the optimizer state is replicated; 1/2: sharded over the ranks (:mod:`hvdllm.tensorflow.zero`)."""
+        return self._hvdllm.zero_stage
+
+    @property
     def backward_passes_per_step(self) -> int:
         return self._hvdllm.config.backward_passes_per_step
 
@@ -400,17 +333,18 @@ class _DistributedMixin:
         return None
 
 
-_CLASSES: dict[type, type] = {}
+_CLASSES: dict[tuple[type, bool], type] = {}
 
 
-def _distributed_class(cls: type) -> type:
+def _distributed_class(cls: type, sharded: bool = False) -> type:
     """A subclass of the optimizer's class that carries its name and module, so a model saved with
-    a distributed optimizer records (and reloads) the plain one, as with Horovod."""
-    if cls not in _CLASSES:
-        sub = type(cls.__name__, (_DistributedMixin, cls), {"__module__": cls.__module__})
+    a distributed optimizer records (and reloads) the plain one, as with Horovod; ``sharded``: ZeRO's."""
+    if (cls, sharded) not in _CLASSES:
+        bases = (ZeroMixin, _DistributedMixin, cls) if sharded else (_DistributedMixin, cls)
+        sub = type(cls.__name__, bases, {"__module__": cls.__module__})
         sub.__qualname__ = cls.__qualname__
-        _CLASSES[cls] = sub
-    return _CLASSES[cls]
+        _CLASSES[(cls, sharded)] = sub
+    return _CLASSES[(cls, sharded)]
 
 
 def is_distributed(optimizer: Any) -> bool:
@@ -459,14 +393,10 @@ def DistributedOptimizer(optimizer: Any, name: str | None = None, device_dense: 
                                     gradient_predivide_factor=gradient_predivide_factor)
     state = _State(config, groups, device_dense, _LocalVariables(scale_local_gradients))
     if stage:
-        from hvdllm.tensorflow import zero
-
-        zero.check_zero_optimizer(optimizer, stage, groups)
+        check_zero_optimizer(optimizer, stage, groups)
         state.zero_stage = stage
         state.shard_optimizer = type(optimizer).from_config(optimizer.get_config())
-        cls = zero.zero_class(type(optimizer))
-    else:
-        cls = _distributed_class(type(optimizer))
+    cls = _distributed_class(type(optimizer), stage > 0)
     object.__setattr__(optimizer, "_hvdllm", state)
     optimizer.__class__ = cls
     if name is not None:

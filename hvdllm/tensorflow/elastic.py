@@ -15,7 +15,8 @@ import tensorflow as tf
 
 from hvdllm.core import elastic as _core
 from hvdllm.tensorflow import basics
-from hvdllm.tensorflow.distributed import broadcast_variables, restart_op_names
+from hvdllm.tensorflow.distributed import broadcast_variables
+from hvdllm.tensorflow.reduction import restart_op_names
 
 
 def _reset() -> None:

@@ -17,7 +17,7 @@ import tensorflow as tf
 from hvdllm.core.ops import Sum
 from hvdllm.core.process_sets import WORLD
 from hvdllm.tensorflow.basics import collectives
-from hvdllm.tensorflow.distributed import _op_name
+from hvdllm.tensorflow.reduction import _op_name
 
 
 def global_sum(x: tf.Tensor) -> tf.Tensor:

@@ -34,10 +34,9 @@ from hvdllm.core.gradients import clip_coefficient_of
 from hvdllm.core.ops import Sum
 from hvdllm.core.zero import Piece, ShardPlan, pieces
 from hvdllm.tensorflow.basics import collectives
-from hvdllm.tensorflow.distributed import (_dense, _DistributedMixin, _in_xla_context, _op_name, _set_size,
-                                           reduce_flat)
+from hvdllm.tensorflow.reduction import _dense, _in_xla_context, _op_name, _set_size, reduce_flat
 
-__all__ = ["check_zero_optimizer", "zero_class"]
+__all__ = ["ZeroMixin", "check_zero_optimizer"]
 
 _PER_TENSOR_RULES = ("Lamb", "LAMB", "Adafactor", "Muon", "LossScaleOptimizer")
 
@@ -92,12 +91,11 @@ def _after(x: tf.Tensor, previous: tf.Tensor | None) -> tf.Tensor:
         return tf.identity(x)
 
 
-class ZeroMixin(_DistributedMixin):
-    """The sharded update (module docstring); mixed in before the replicated wrapper's behaviour."""
+class ZeroMixin:
+    """The sharded update (module docstring); :func:`hvdllm.tensorflow.DistributedOptimizer` mixes it in
+    before the replicated wrapper's behaviour (accumulation, ``_hvdllm`` state), whose hooks it overrides."""
 
-    @property
-    def zero_stage(self) -> int:
-        return self._hvdllm.zero_stage
+    _hvdllm: Any
 
     @property
     def shard_optimizer(self) -> Any:
@@ -155,7 +153,7 @@ class ZeroMixin(_DistributedMixin):
         inner.iterations.assign(self.iterations)
         inner.apply(shard_grads, [s.variable for s in state.shards])
         self.iterations.assign(inner.iterations)
-        previous = None
+        previous = shard_grads[-1]  # (a shard's update needs only its own gradient: gather after every reduction)
         for shard in state.shards:
             flat = tf.convert_to_tensor(shard.variable)
             if size > 1:
@@ -202,14 +200,3 @@ class ZeroMixin(_DistributedMixin):
         return sum(int(np.prod(v.shape, dtype=np.int64)) * tf.as_dtype(v.dtype).size
                    for v in inner.variables if id(v) not in skip)
 
-
-_CLASSES: dict[type, type] = {}
-
-
-def zero_class(cls: type) -> type:
-    """The ZeRO subclass of the optimizer's class, carrying its name and module (saving records the plain one)."""
-    if cls not in _CLASSES:
-        sub = type(cls.__name__, (ZeroMixin, cls), {"__module__": cls.__module__})
-        sub.__qualname__ = cls.__qualname__
-        _CLASSES[cls] = sub
-    return _CLASSES[cls]
