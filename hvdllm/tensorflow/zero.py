@@ -136,6 +136,12 @@ class ZeroMixin:
             raise ValueError(f"local variables (register_local_var) cannot be used with zero_stage={self.zero_stage}; "
                              "allowed: zero_stage=0")
         size = _set_size(rt, state.config.process_set)
+        if size > 1 and rt.name == "mpi" and not tf.executing_eagerly():
+            # mpi4py matches collectives by order; a graph may run this step's reductions and gathers in
+            # another order on each rank (a hang was seen): refused until they are one ordered op
+            raise ValueError(f"zero_stage={self.zero_stage} inside tf.function / model.fit on the mpi4py backend is "
+                             "not supported yet; allowed: the horovod backend (horovodrun), eager steps "
+                             "(model.compile(..., run_eagerly=True)), or zero_stage=0")
         if size > 1 and _in_xla_context():
             raise ValueError("hvdllm ZeRO cannot run in an XLA-compiled function (jit_compile=True); allowed: "
                              "jit_compile=False, e.g. model.compile(..., jit_compile=False)")
