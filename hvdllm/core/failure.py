@@ -17,6 +17,7 @@ import atexit
 import dataclasses
 import os
 import sys
+import time
 import traceback
 from types import TracebackType
 from typing import Any, Callable
@@ -48,6 +49,9 @@ def step_of(exc: BaseException) -> int | None:
 _PEER_FAILURE_TYPES = ("HorovodInternalError", "CollectiveTimeout")
 _HOROVOD_SHUTDOWN = "Horovod has been shut down"
 PEER_FAILED = "collective failed (a peer rank died or raised; the launcher's output names it)"
+# A survivor waits this long before ending its process, so that the launcher sees the rank that died
+# first and names it (horovodrun --gloo reports whichever non-zero exit it notices first).
+PEER_GRACE_S = 2.0
 
 
 def peer_failed(exc: BaseException) -> bool:
@@ -106,6 +110,7 @@ class AbortOnFailure:
     size: int
     previous: ExceptHook = sys.__excepthook__
     abort: Callable[[int], None] = abort_process
+    grace_s: float = PEER_GRACE_S
 
     def __call__(self, etype: type, exc: BaseException, tb: TracebackType | None) -> None:
         self.previous(etype, exc, tb)
@@ -113,6 +118,8 @@ class AbortOnFailure:
             return
         print(failure_line(self.rank, exc), file=sys.stderr, flush=True)
         if self.size > 1:
+            if peer_failed(exc):
+                time.sleep(self.grace_s)
             self.abort(EXIT_FAILED)
 
 
