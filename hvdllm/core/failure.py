@@ -145,6 +145,7 @@ def exit_code(status: object) -> int:
 
 
 EXIT_AGREE_S = 10.0    # how long a rank calling sys.exit(n != 0) waits to see every rank exit too
+EXIT_PREEMPTED = 75    # hvdllm.core.preemption's status of a stop every rank agreed on (EX_TEMPFAIL)
 
 
 class ExitGuard:
@@ -182,7 +183,10 @@ class ExitGuard:
     def sys_exit(self, status: object = None) -> None:
         """``sys.exit`` while installed (:func:`install_exit_guard`)."""
         code = exit_code(status)
-        if code != 0 and self.size > 1 and not self._everyone_leaving(self.agree_s):
+        # a stop (preemption, run.max_minutes) is agreed by every rank, but rank 0 may still be writing the
+        # checkpoint: wait as long as a collective may, not the short bad-input agreement
+        agree = self.timeout if code == EXIT_PREEMPTED else self.agree_s
+        if code != 0 and self.size > 1 and not self._everyone_leaving(agree):
             if status is not None and not isinstance(status, int):
                 print(status, file=sys.stderr)
             print(f"hvdllm: rank {self.rank} failed: sys.exit({code}) on one rank of {self.size} while the others "

@@ -17,10 +17,11 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from hvdllm.core.failure import EXIT_PREEMPTED  # noqa: F401 - re-exported
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-# BSD's EX_TEMPFAIL: "a temporary failure; retry": the run stopped early with a checkpoint and
-# continues with --resume (distinct from 0 = done, 1 = failed, 2 = bad input).
-EXIT_PREEMPTED = 75
+# EXIT_PREEMPTED (75, BSD's EX_TEMPFAIL: "a temporary failure; retry", defined in core.failure): the run
+# stopped early with a checkpoint and continues with --resume (distinct from 0 = done, 1 = failed, 2 = bad input).
 TIME_BUDGET = 1000        # a rank's code when its wall-clock budget is spent (signal codes are < 100)
 
 
