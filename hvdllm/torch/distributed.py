@@ -447,9 +447,13 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         if self._should_sync and not self._synchronized:
             self.synchronize()
-        out = self._inner.step()
+        out = self._step_reduced()
         self._synchronized = False
         return loss if closure is not None else out
+
+    def _step_reduced(self) -> Any:
+        """The update once the gradients are reduced: the wrapped optimizer's step (ZeRO steps shards)."""
+        return self._inner.step()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As the wrapped optimizer's; refuses while a backward pass awaits its step()."""

@@ -247,21 +247,14 @@ class ZeroOptimizer:
                 shard.param.grad.mul_(coef)
         return self.grad_norm
 
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """Reduce (see synchronize), step the shards, allgather them into every parameter."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        if self._should_sync and not self._synchronized:
-            self.synchronize()
+    def _step_reduced(self) -> Any:
+        """Step the shards, allgather them into every parameter (stage 2: release the gradient buffers)."""
         self._fill_shards()
         out = self._inner.step()
         self._gather()
-        self._synchronized = False
         if self.zero_stage == 2:
             self._release()
-        return loss if closure is not None else out
+        return out
 
     def _gather(self) -> None:
         """Every rank's updated shards, concatenated, back into the parameters."""
