@@ -265,6 +265,9 @@ def test_a_failed_rank_ends_the_job(launcher: str, tmp_path: Path) -> None:
 RESUMABLE = ["-m", "hvdllm.cli", "train", "--max-steps", "12", *SMALL, "--set", "run.eval_interval=4",
              "--set", "run.checkpoint_interval=0", "--set", "model.dropout=0.1"]
 COMPARED = ("loss", "val_loss", "lr", "grad_norm")
+# the signalled job runs long enough that the signal lands mid-run: a Keras step on 2 ranks can take
+# 0.15 s, and finding the rank's pid plus the poll interval once let 12 steps finish first (CI)
+SIGNALLED_STEPS = 40
 
 
 def _columns(run: Path) -> dict[str, list[tuple[int, str]]]:
@@ -284,7 +287,7 @@ def _checkpoint_steps(run: Path) -> list[int]:
 @pytest.mark.timeout(2400)
 def test_a_signal_to_one_rank_checkpoints_and_resume_is_bitwise(launcher: str, framework: str, sig: int, rank: int,
                                                                 tmp_path: Path) -> None:
-    args = [*RESUMABLE, "--framework", framework]
+    args = [*RESUMABLE, "--framework", framework, "--max-steps", str(SIGNALLED_STEPS)]
     one_go, halves = tmp_path / "one-go", tmp_path / "halves"
     job = Job(launcher, [*args, "--out", str(one_go)], tmp_path / "job1")
     assert job.wait(STARTUP_S) == 0, job.output()[-6000:]
@@ -298,7 +301,7 @@ def test_a_signal_to_one_rank_checkpoints_and_resume_is_bitwise(launcher: str, f
     assert rc not in (None, 0) and stopped, f"exit {rc}:\n{out[-6000:]}"
     assert "failed" not in out, out[-6000:]
     at = int(stopped.group(1))
-    assert 3 <= at < 12 and _checkpoint_steps(halves) == [at], (at, _checkpoint_steps(halves))
+    assert 3 <= at < SIGNALLED_STEPS and _checkpoint_steps(halves) == [at], (at, _checkpoint_steps(halves))
     if launcher == "mpirun":
         assert rc == preemption.EXIT_PREEMPTED
     else:   # horovodrun reports the ranks' status, then exits 1
@@ -307,7 +310,7 @@ def test_a_signal_to_one_rank_checkpoints_and_resume_is_bitwise(launcher: str, f
     job = Job(launcher, [*args, "--out", str(halves), "--resume"], tmp_path / "job3")
     assert job.wait(STARTUP_S) == 0, job.output()[-6000:]
     assert _columns(halves) == _columns(one_go)
-    assert _checkpoint_steps(halves) == [at, 12]
+    assert _checkpoint_steps(halves) == [at, SIGNALLED_STEPS]
 
 
 @pytest.mark.timeout(300)
