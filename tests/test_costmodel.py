@@ -83,28 +83,56 @@ def test_in_flight_equals_the_schedules_peak(kind: str, p: int, m: int) -> None:
 
 
 def test_step_time_by_hand() -> None:
+    # no in-situ figures: kappa(2) falls back to the ring's 2 (n-1) alpha = 2e-4
+    k2 = 2e-4
+    assert MACHINE.kappa(2) == pytest.approx(k2) and MACHINE.kappa(1) == 0
+    # default knobs: a stop check every step, the loss every 10, clipping
     # dp=2, tp=1, pp=1, micro 4, B=8 -> m=1; flops/token = 6*(2*872) + 12*2*8*4 + 6*16*8 = 12000
     t = CM.step_time(SMALL, lay(dp=2, micro=4, gb=8), MACHINE, bucket_cap_bytes=1e9)
     slot = 12000 * 4 * 4 / 2e9
     assert t.compute == pytest.approx(slot) and t.bubble == 0 and t.tp_comm == 0 and t.pp_comm == 0
-    assert t.dp_comm == pytest.approx(2 * 1 / 2 * 4 * 1920 / 1e9 + 2 * 1e-4)
+    assert t.dp_comm == pytest.approx(2 * 1 / 2 * 4 * 1920 / 1e9)         # one bucket: its latency is a round
+    assert t.sync == pytest.approx((1 + 0.1 + 1) * k2)                   # stop, loss / 10, gradients
     assert t.optimizer == pytest.approx(1920 * 1e-8)
+    # four buckets: 3 more ring latencies 2 (n-1) alpha
+    t4 = CM.step_time(SMALL, lay(dp=2, micro=4, gb=8), MACHINE, bucket_cap_bytes=4 * 1920 / 4)
+    assert t4.dp_comm - t.dp_comm == pytest.approx(3 * 2e-4)
     # pp=2, micro 1 (rate 1e9), m=8: 9 slots; slowest stage = block 1 + head: 6*872 + 12*8*4 + 6*16*8
     t = CM.step_time(SMALL, lay(pp=2, micro=1, gb=8), MACHINE)
     slot = (6 * 872 + 12 * 8 * 4 + 6 * 16 * 8) * 4 / 1e9
     assert t.compute == pytest.approx(8 * slot) and t.bubble == pytest.approx(slot)
-    assert t.pp_comm == pytest.approx(9 * 2 * (1e-5 + 4 * 4 * 8 / 2e9))
+    assert t.pp_comm == pytest.approx(9 * 2 * (k2 + 4 * 4 * 8 / 2e9) + 3 * k2)
+    assert t.sync == pytest.approx((1 + 0.1 + 1) * k2)                   # stop, loss / 10, the stages' norm
     assert t.bubble / (t.compute + t.bubble) == pytest.approx(CM.bubble_fraction(lay(pp=2, micro=1, gb=8)))
-    # tp=2, m=2: per slot 4 all-reduces per block of b*T*d*4 bytes over 2 ranks
+    # tp=2, m=2: per slot 4 collectives per block of b*T*d*4 bytes over 2 ranks + 2 + 4 at the edges
     t = CM.step_time(SMALL, lay(tp=2, micro=4, gb=8), MACHINE)
-    assert t.tp_comm == pytest.approx(2 * 4 * 2 * CM.ring_allreduce_s(4 * 4 * 4 * 8, 2, 1e-4, 1e9))
+    act = 4 * 4 * 4 * 8
+    assert t.tp_comm == pytest.approx(2 * (2 * 4 * (k2 + act / 1e9) + 6 * k2))
     assert t.compute == pytest.approx(2 * 12000 / 2 * 16 / 2e9)
-    assert t.total == pytest.approx(t.compute + t.tp_comm + t.optimizer)
-    # a plain data-parallel job waits for the data-parallel cycle (20 ms) instead of 2 (n-1) alpha
+    assert t.total == pytest.approx(t.compute + t.tp_comm + t.optimizer + t.sync)
+    # a plain data-parallel job's rounds each wait for the data-parallel cycle (20 ms)
     cyc = dataclasses.replace(MACHINE, dp_cycle_s=0.02)
     t = CM.step_time(SMALL, lay(dp=2, micro=4, gb=8), cyc, bucket_cap_bytes=1e9)
-    assert t.dp_comm == pytest.approx(4 * 1920 / 1e9 + 0.02)
-    assert CM.step_time(SMALL, lay(dp=1, tp=2, micro=4, gb=8), cyc).dp_comm == 0
+    assert t.dp_comm == pytest.approx(4 * 1920 / 1e9) and t.sync == pytest.approx(2.1 * 0.02)
+    assert t.bottleneck == "sync"
+    t = CM.step_time(SMALL, lay(dp=1, tp=2, micro=4, gb=8), cyc)
+    assert t.dp_comm == 0 and t.sync == pytest.approx(2.1 * k2)      # a model-parallel job: kappa per round
+    # measured in-situ figures replace the fallback, the nearest size standing in for a missing one
+    ins = dataclasses.replace(MACHINE, insitu_s={2: 0.005, 4: 0.009})
+    assert ins.kappa(2) == 0.005 and ins.kappa(4) == 0.009 and ins.kappa(3) == 0.009 and ins.kappa(8) == 0.009
+    t = CM.step_time(SMALL, lay(tp=2, micro=4, gb=8), ins)
+    assert t.tp_comm == pytest.approx(2 * (2 * 4 * (0.005 + act / 1e9) + 6 * 0.005))
+
+
+def test_rounds_per_step_by_hand() -> None:
+    k = CM.RunKnobs(log_interval=4, stop_check_interval=2, clipping=True)
+    assert CM.rounds_per_step(lay(), k) == 0                                   # one process: none
+    assert CM.rounds_per_step(lay(dp=2), k) == pytest.approx(0.5 + 0.25 + 1)
+    assert CM.rounds_per_step(lay(dp=2, zero=1), k) == pytest.approx(0.75 + 1 + 2)   # + all-gather, shard norm
+    assert CM.rounds_per_step(lay(dp=2, zero=2), dataclasses.replace(k, clipping=False)) == pytest.approx(0.75 + 2)
+    assert CM.rounds_per_step(lay(tp=2), k) == pytest.approx(0.75 + 1)        # the shards' norm
+    assert CM.rounds_per_step(lay(pp=2), dataclasses.replace(k, clipping=False)) == pytest.approx(0.75)
+    assert CM.rounds_per_step(lay(dp=2, pp=2, gb=8), k) == pytest.approx(0.75 + 1 + 1)
 
 
 def test_machine_rate_uses_the_nearest_measured_micro_batch() -> None:

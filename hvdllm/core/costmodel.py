@@ -23,18 +23,28 @@ Step time (seconds; the slowest stage sets the pace):
 
 - compute per micro-batch and stage c = F_stage * b * T / R(b), with F_stage the training FLOPs per
   token of the stage on one rank (6 x its parameters / t + 12 L_s d T / t attention, 6 V d / t for the
-  head on the last stage) and R(b) the measured FLOP/s of one rank at micro-batch b;
+  head on the last stage) and R(b) the measured FLOP/s of one rank at micro-batch b (all ranks
+  computing at once, as in training);
 - pipeline: (m + p - 1) slots of c; the bubble is the (p - 1) idle slots, the fraction
   (p - 1) / (m + p - 1) of the pipelined time (GPipe and 1F1B alike);
-- tensor parallelism: per block and micro-batch 4 all-reduces (2 forward, 2 backward) of b T d
-  values within the t ranks, on the pipelined critical path ((m + p - 1) slots);
-- pipeline transfers: per slot one activation and one gradient of b T d values, each
-  alpha_p2p + bytes / beta_p2p;
-- data parallelism: a ring all-reduce of the stage's gradients, 2 (n - 1) / n * G / beta +
-  max(2 (n - 1) alpha per bucket, cycle) (ZeRO-1/2: reduce-scatter + all-gather, the same volume),
-  where ``cycle`` is the negotiation period of a data-parallel job (hvdllm gives Horovod 20 ms on CPU
-  hosts: the last bucket waits for it); a share ``overlap`` of it hides behind the backward of the
-  last micro-batch (2/3 of c);
+- a collective inside a model-parallel step costs kappa(g), measured *in situ* on groups of g ranks
+  (a small all-reduce between two short matmuls, minus the matmuls): the wait for the background
+  thread's next cycle and the peer's arrival, which on shared cores is several times the back-to-back
+  latency;
+- tensor parallelism, per slot: 4 collectives per block (2 forward, 2 backward) of b T d values,
+  TP_FIRST_EXTRA on the first stage (vocabulary-parallel embedding) and TP_LAST_EXTRA on the last
+  (vocabulary-parallel cross-entropy), each kappa(t), plus the block ones' ring data time
+  2 (t - 1) / t * 4 b T d / beta;
+- pipeline transfers, per slot: an activation and a gradient of b T d values, each kappa(2) + bytes /
+  beta_p2p; per step PP_STEP_EXCHANGES more (tied head refresh and gradient, the loss);
+- data parallelism: the ring all-reduce's data time 2 (n - 1) / n * G / beta (ZeRO-1/2: reduce-scatter
+  + all-gather, the same volume) and 2 (n - 1) alpha per bucket after the first; a share ``overlap`` of it hides behind the backward of the last
+  micro-batch (2/3 of c);
+- rounds: the step's sequential collectives outside the slots (:func:`rounds_per_step`: the gradient
+  reduction, the stop agreement every ``stop_check_interval`` steps, the loss every ``log_interval``,
+  ZeRO's all-gather and shard-norm, the pipeline's and tensor-parallel's norm) each cost one
+  data-parallel cycle in a plain data-parallel job (hvdllm gives Horovod 20 ms on CPU hosts; the
+  collective waits for the next cycle) and kappa(ranks) in a model-parallel job (1 ms cycle);
 - optimizer: P_rank * s_param (ZeRO-1/2: P_rank / n), s_param the measured seconds per parameter.
 """
 from __future__ import annotations
@@ -47,6 +57,19 @@ from hvdllm.core.pipeline import ideal_bubble, partition_layers
 
 BYTES = 4                      # fp32 weights, gradients, moments and activations
 SCHEDULES = ("1f1b", "gpipe")
+TP_BLOCK_COLLECTIVES = 4       # per block and micro-batch: 2 forward all-reduces, 2 backward
+TP_FIRST_EXTRA = 2             # vocabulary-parallel embedding: forward all-reduce, its backward
+TP_LAST_EXTRA = 4              # vocabulary-parallel cross-entropy: max all-gather, sums, head input's backward
+PP_STEP_EXCHANGES = 3          # tied head refresh, head gradient back, loss broadcast
+
+
+@dataclasses.dataclass(frozen=True)
+class RunKnobs:
+    """What the trainer adds to every step besides the model (hvdllm train's run.* and optim.* knobs)."""
+
+    log_interval: int = 10          # the loss all-reduce every N steps
+    stop_check_interval: int = 1    # the stop agreement every N steps
+    clipping: bool = True           # optim.max_grad_norm > 0: sharded or split norms need an all-reduce
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +137,7 @@ class Machine:
     memory_bytes: float                   # usable memory per rank
     overlap: float = 0.0                  # share of the data-parallel all-reduce hidden by backward
     dp_cycle_s: float = 0.0               # collective cycle of a data-parallel job (Horovod's cycle time)
+    insitu_s: Mapping[int, float] = dataclasses.field(default_factory=dict)   # group size -> kappa(g)
 
     def rate(self, micro_batch: int) -> float:
         """R(b): the measured rate at b, else at the nearest measured micro-batch (log distance)."""
@@ -121,6 +145,16 @@ class Machine:
             return float(self.flops_per_s[micro_batch])
         near = min(self.flops_per_s, key=lambda k: (abs(math.log(k / micro_batch)), k))
         return float(self.flops_per_s[near])
+
+    def kappa(self, group: int) -> float:
+        """Seconds one small collective of a ``group``-rank set costs inside a model-parallel step: the
+        in-situ figure of that size (else of the nearest measured size), else the ring's 2 (g - 1) alpha."""
+        if group <= 1:
+            return 0.0
+        if self.insitu_s:
+            near = min(self.insitu_s, key=lambda k: (abs(k - group), -k))
+            return float(self.insitu_s[near])
+        return 2 * (group - 1) * self.allreduce_latency_s
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,15 +178,16 @@ class StepTime:
     pp_comm: float
     dp_comm: float          # exposed (not hidden by backward)
     optimizer: float
+    sync: float = 0.0       # the step's sequential rounds (rounds_per_step)
 
     @property
     def total(self) -> float:
-        return self.compute + self.bubble + self.tp_comm + self.pp_comm + self.dp_comm + self.optimizer
+        return self.compute + self.bubble + self.tp_comm + self.pp_comm + self.dp_comm + self.optimizer + self.sync
 
     @property
     def bottleneck(self) -> str:
         parts = {"compute": self.compute, "bubble": self.bubble, "tp-comm": self.tp_comm,
-                 "pp-comm": self.pp_comm, "dp-comm": self.dp_comm, "optimizer": self.optimizer}
+                 "pp-comm": self.pp_comm, "dp-comm": self.dp_comm, "optimizer": self.optimizer, "sync": self.sync}
         return max(parts, key=lambda k: parts[k])
 
 
@@ -223,7 +258,22 @@ def stage_flops_per_token(shape: ModelShape, layers: int, tp: int, first: bool, 
     return f / tp
 
 
-def step_time(shape: ModelShape, layout: Layout, machine: Machine, bucket_cap_bytes: float = 25 * 2**20) -> StepTime:
+def rounds_per_step(layout: Layout, knobs: RunKnobs = RunKnobs()) -> float:
+    """Sequential collectives per step outside the pipelined slots (see the module docstring)."""
+    if layout.ranks == 1:
+        return 0.0
+    r = 1 / knobs.stop_check_interval + 1 / knobs.log_interval
+    if layout.dp > 1:
+        r += 1                                           # the gradient reduction (its last bucket)
+        if layout.zero >= 1:
+            r += 1 + (1 if knobs.clipping else 0)        # the parameters' all-gather, the shards' norm
+    if knobs.clipping and (layout.pp > 1 or layout.tp > 1):
+        r += 1                                           # the norm over stages / tensor shards
+    return r
+
+
+def step_time(shape: ModelShape, layout: Layout, machine: Machine, bucket_cap_bytes: float = 25 * 2**20,
+              knobs: RunKnobs = RunKnobs()) -> StepTime:
     """Predicted seconds per optimizer step of ``layout`` on ``machine`` (see the module docstring)."""
     p, t, n, b = layout.pp, layout.tp, layout.dp, layout.micro_batch
     m = layout.microbatches
@@ -232,18 +282,25 @@ def step_time(shape: ModelShape, layout: Layout, machine: Machine, bucket_cap_by
     slot = max(stage_flops_per_token(shape, layers[s], t, s == 0, s == p - 1) for s in range(p)) * tokens \
         / machine.rate(b)
     act_bytes = BYTES * tokens * shape.n_embd
-    tp_slot = 4 * max(layers) * ring_allreduce_s(act_bytes, t, machine.allreduce_latency_s, machine.allreduce_bw)
-    pp_slot = 2 * (machine.p2p_latency_s + act_bytes / machine.p2p_bw) if p > 1 else 0.0
+    tp_slot = 0.0
+    if t > 1:
+        per_block = TP_BLOCK_COLLECTIVES * (machine.kappa(t) + 2 * (t - 1) / t * act_bytes / machine.allreduce_bw)
+        tp_slot = max(layers[s] * per_block + machine.kappa(t) * ((TP_FIRST_EXTRA if s == 0 else 0)
+                                                                   + (TP_LAST_EXTRA if s == p - 1 else 0))
+                      for s in range(p))
+    exchange = machine.kappa(2) + act_bytes / machine.p2p_bw
+    pp_comm = ((m + p - 1) * 2 * exchange + PP_STEP_EXCHANGES * machine.kappa(2)) if p > 1 else 0.0
     grads = BYTES * max(stage_params(shape, p)) / t
-    dp_full = ring_allreduce_s(grads, n, machine.allreduce_latency_s, machine.allreduce_bw,
-                               buckets=math.ceil(grads / bucket_cap_bytes))
-    if n > 1 and t == 1 and p == 1:     # a plain data-parallel job runs at the data-parallel cycle
-        dp_full += max(0.0, machine.dp_cycle_s - 2 * (n - 1) * machine.allreduce_latency_s)
-    dp_exposed = dp_full - min(dp_full, machine.overlap * 2 / 3 * slot)
+    buckets = max(1, math.ceil(grads / bucket_cap_bytes))      # the first bucket's latency is in its round
+    dp_data = (2 * (n - 1) / n * grads / machine.allreduce_bw + (buckets - 1) * 2 * (n - 1) * machine.allreduce_latency_s
+               if n > 1 else 0.0)
+    dp_exposed = dp_data - min(dp_data, machine.overlap * 2 / 3 * slot)
+    plain_dp = t == 1 and p == 1
+    round_s = max(machine.dp_cycle_s, machine.kappa(layout.ranks)) if plain_dp else machine.kappa(layout.ranks)
     opt_params = max(stage_params(shape, p)) / t / (n if layout.zero >= 1 else 1)
     return StepTime(compute=m * slot, bubble=(p - 1) * slot, tp_comm=(m + p - 1) * tp_slot,
-                    pp_comm=(m + p - 1) * pp_slot, dp_comm=dp_exposed,
-                    optimizer=opt_params * machine.optimizer_s_per_param)
+                    pp_comm=pp_comm, dp_comm=dp_exposed, optimizer=opt_params * machine.optimizer_s_per_param,
+                    sync=rounds_per_step(layout, knobs) * round_s)
 
 
 def bubble_fraction(layout: Layout) -> float:

@@ -23,7 +23,8 @@ from hvdllm.plan import measure as M
 from hvdllm.train import config as C
 from hvdllm.train.config import ConfigError
 
-VERIFY_STEPS = 6          # steps per verification run; the first 2 (warm-up) are not timed
+VERIFY_STEPS = 12         # steps per verification run, logged every VERIFY_LOG_INTERVAL: steps 4-12 are timed
+VERIFY_LOG_INTERVAL = 4
 VERIFY_TIMEOUT_S = 900    # a verification run still going after this is stopped (measured: none)
 
 
@@ -58,12 +59,12 @@ def shape_of(cfg: C.TrainConfig) -> CM.ModelShape:
 
 
 def predict(shape: CM.ModelShape, layouts: list[CM.Layout], machine: CM.Machine,
-            bucket_cap_bytes: float) -> list[dict[str, Any]]:
+            bucket_cap_bytes: float, knobs: CM.RunKnobs = CM.RunKnobs()) -> list[dict[str, Any]]:
     """One row per layout (DESIGN.md's keys plus the breakdown), best first: fitting, then fastest."""
     rows = []
     for lay in layouts:
         mem = CM.memory(shape, lay, bucket_cap_bytes)
-        t = CM.step_time(shape, lay, machine, bucket_cap_bytes)
+        t = CM.step_time(shape, lay, machine, bucket_cap_bytes, knobs)
         rows.append({"dp": lay.dp, "tp": lay.tp, "pp": lay.pp, "zero": lay.zero, "micro_batch": lay.micro_batch,
                      "schedule": lay.schedule, "fits": mem.total <= machine.memory_bytes,
                      "memory_bytes_per_rank": int(mem.total), "predicted_step_s": t.total,
@@ -93,7 +94,8 @@ def launcher(ranks: int) -> list[str]:
 
 
 def measured_step_s(run_dir: Path) -> float | None:
-    """Seconds per step from metrics.csv's elapsed_s, leaving out the first 2 (warm-up) steps."""
+    """Seconds per step from metrics.csv's elapsed_s, from its first row at step 2 or later (the steps
+    before it, with the warm-up, are not timed) to its last."""
     from hvdllm.sweep.records import read_column
 
     rows = read_column(run_dir, "elapsed_s")
@@ -118,7 +120,7 @@ def verify(args: argparse.Namespace, cfg: C.TrainConfig, rows: list[dict[str, An
         for i, row in enumerate(chosen):
             out = Path(tmp) / f"{i:03d}"
             cmd = [*launcher(ranks), "train", *train_flags(args, cfg, row), "--max-steps", str(VERIFY_STEPS),
-                   "--set", "run.log_interval=1", "--set", "run.eval_interval=0",
+                   "--set", f"run.log_interval={VERIFY_LOG_INTERVAL}", "--set", "run.eval_interval=0",
                    "--set", f"run.eval_sequences={ranks}",          # at least one sequence per rank
                    "--set", "sample.tokens=0", "--set", "run.progress=false", "--set", "run.tensorboard=false",
                    "--out", str(out)]
@@ -237,14 +239,20 @@ def run(args: argparse.Namespace, check_train: Callable[[list[str]], None]) -> i
     if launched > 1:
         import hvdllm.torch as hvd
 
-        hvd.init(process_sets=[])             # a model-parallel job: the collectives' own latency
+        from hvdllm.core.process_sets import ProcessSet
+
+        pairs = [ProcessSet(list(m)) for m in M.pair_members(launched)]
+        hvd.init(process_sets=pairs)          # a model-parallel job: the collectives' own latency
     root = hvd is None or hvd.rank() == 0
     say = (lambda s: print(f"hvdllm plan: {s}", file=sys.stderr, flush=True)) if root else (lambda s: None)
     if profile is None and launched == 1 and ranks > 1:
         profile = measure_under_horovodrun(args, ranks, say)
     if profile is None:
         micro = sorted({lay.micro_batch for lay in layouts})
-        profile = M.measure(cfg.gpt_config(), cfg.seq_len, micro, ranks, hvd, note=say)
+        pair = None
+        if hvd is not None and pairs:
+            pair = next(ps for ps in pairs if hvd.rank() in ps.ranks)
+        profile = M.measure(cfg.gpt_config(), cfg.seq_len, micro, ranks, hvd, note=say, pair_set=pair)
         if args.profile and root:
             M.save_profile(profile, args.profile)
             say(f"profile written to {args.profile}")
@@ -252,7 +260,9 @@ def run(args: argparse.Namespace, check_train: Callable[[list[str]], None]) -> i
         return 0
     for a in profile.get("assumed", []):
         say(f"assumed: {a}")
-    rows = predict(shape, layouts, M.machine(profile), cfg.run.bucket_cap_mb * 2**20)
+    knobs = CM.RunKnobs(log_interval=cfg.run.log_interval, stop_check_interval=cfg.run.stop_check_interval,
+                        clipping=cfg.optim.max_grad_norm > 0)
+    rows = predict(shape, layouts, M.machine(profile), cfg.run.bucket_cap_mb * 2**20, knobs)
     if args.verify:
         verify(args, cfg, rows, ranks, say)
     if args.json:

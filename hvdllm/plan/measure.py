@@ -7,12 +7,15 @@ latency tensor- and pipeline-parallel collectives see). On one process planning 
 compute is measured with cores / N threads and scaled by 1 / max(1, N / cores) when the ranks would
 oversubscribe the cores; the collectives are *assumed*: a shared-memory link whose bandwidth is the
 measured memory-copy bandwidth / 2 (a send and a receive copy) and a latency of ASSUMED_LATENCY_S
-(Gloo on one host, order of magnitude). The profile says which figures were assumed.
+(Gloo on one host, order of magnitude). The profile says which figures were assumed. Under a launch it
+also measures kappa, the in-situ cost of one collective inside a model-parallel step, on the world and
+(4+ ranks) on two-rank sets: see hvdllm.core.costmodel.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import platform
 import statistics
@@ -40,13 +43,53 @@ def median_time(fn: Callable[[], Any], reps: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+PROBE_LAYERS = 4
+
+
+# a timed round lasts at least this long: with more ranks than cores the kernel sometimes leaves one rank
+# sharing a core with two others for a while (rounds of 0.3 s then took 1x-3x the median)
+ROUND_S = 1.0
+
+
+def group_time(fn: Callable[[], Any], reps: int, hvd: Any | None, warmup: int = 2, rounds: int = 3) -> float:
+    """Wall seconds per call of ``fn`` with every rank calling it at once, as in a training step: each
+    round is at least ``reps`` calls (more for fast calls: ROUND_S per round; the ranks agree on the
+    count) between two barriers, so the slowest rank and the ranks' contention for shared cores count;
+    the mean of ``rounds`` rounds (training pays the slow rounds too). Without ``hvd``: one process, no
+    barriers."""
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        fn()
+    each = (time.perf_counter() - t0) / max(1, warmup)
+    reps = max(reps, math.ceil(ROUND_S / max(each, 1e-6)))
+    if hvd is not None:
+        import torch
+
+        reps = int(hvd.allreduce(torch.tensor([float(reps)]), op=hvd.Max).item())
+    per_call = []
+    for _ in range(rounds):
+        if hvd is not None:
+            hvd.barrier()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        if hvd is not None:
+            hvd.barrier()
+        per_call.append((time.perf_counter() - t0) / reps)
+    return statistics.fmean(per_call)
+
+
 def _probe_model(gpt: GPTConfig) -> GPTConfig:
-    """The model with at most 2 blocks: the same shapes per block at a fraction of the cost."""
-    return dataclasses.replace(gpt, n_layer=min(gpt.n_layer, 2), dropout=0.0)
+    """The model with at most PROBE_LAYERS blocks: the same shapes per block at a fraction of the cost.
+    (With 2 blocks the rate at large micro-batches came out 1.6x the full 4-block model's: half the
+    weights and activations fit the caches better.)"""
+    return dataclasses.replace(gpt, n_layer=min(gpt.n_layer, PROBE_LAYERS), dropout=0.0)
 
 
-def compute_rates(gpt: GPTConfig, seq_len: int, micro_batches: list[int], reps: int = 3) -> dict[int, float]:
-    """Training FLOP/s (6N + attention per token, as MFU counts them) of a forward+backward per micro-batch."""
+def compute_rates(gpt: GPTConfig, seq_len: int, micro_batches: list[int], hvd: Any | None = None,
+                  reps: int = 3) -> dict[int, float]:
+    """Training FLOP/s (6N + attention per token, as MFU counts them) of a forward+backward per micro-batch,
+    every rank of ``hvd``'s job computing at once."""
     import torch
 
     from hvdllm.models.gpt import GPT
@@ -64,7 +107,7 @@ def compute_rates(gpt: GPTConfig, seq_len: int, micro_batches: list[int], reps: 
             _, loss = model(idx, idx)
             loss.backward()
 
-        out[b] = flops_per_token * b * seq_len / median_time(step, reps)
+        out[b] = flops_per_token * b * seq_len / group_time(step, reps, hvd)
     return out
 
 
@@ -116,6 +159,38 @@ def collective_fit(hvd: Any, kind: str, cap_bw: float, reps: int = 5) -> tuple[f
     return t_small, min(cap_bw, (LARGE - SMALL) / dt)
 
 
+def insitu_collective_s(hvd: Any, sets: dict[int, Any], reps: int = 15) -> dict[int, float]:
+    """kappa(g): seconds a small all-reduce adds between two short matmuls, on a set of g ranks, every
+    rank doing the same at once (the cost a tensor- or pipeline-parallel collective has inside a step:
+    the background thread's cycle, the peer's arrival, the cores shared). ``sets``: group size -> this
+    rank's process set of that size (None: the world)."""
+    import torch
+
+    a = torch.randn(192, 192)
+    x = torch.ones(1024)
+
+    def compute() -> None:
+        a @ a
+        a @ a
+
+    base = group_time(compute, reps, hvd)
+    out = {}
+    for size, ps in sorted(sets.items()):
+        kw = {} if ps is None else {"process_set": ps}
+
+        def step() -> None:
+            compute()
+            hvd.allreduce(x, op=hvd.Sum, **kw)
+
+        out[size] = max(0.0, group_time(step, reps, hvd) - base)
+    return out
+
+
+def pair_members(ranks: int) -> list[tuple[int, ...]]:
+    """The two-rank sets (0, 1), (2, 3), ... registered to measure kappa(2) when the world is larger."""
+    return [(r, r + 1) for r in range(0, ranks - 1, 2)] if ranks >= 4 else []
+
+
 def dp_cycle_s(has_accelerator: bool) -> float:
     """Horovod's cycle time in a data-parallel job: the user's HOROVOD_CYCLE_TIME, else hvdllm's default."""
     from hvdllm.core.backends import horovod_env_defaults
@@ -135,9 +210,10 @@ def available_memory() -> float:
 
 
 def measure(gpt: GPTConfig, seq_len: int, micro_batches: list[int], ranks: int, hvd: Any | None,
-            note: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+            note: Callable[[str], None] = lambda s: None, pair_set: Any | None = None) -> dict[str, Any]:
     """The profile (a JSON-able dict) of this machine for ``ranks`` ranks; ``hvd`` an initialised
-    hvdllm.torch module when running under a multi-rank launch, else None (assumed collectives)."""
+    hvdllm.torch module when running under a multi-rank launch, else None (assumed collectives);
+    ``pair_set`` this rank's two-rank process set (:func:`pair_members`) when the world has 4+ ranks."""
     import torch
 
     cores = os.cpu_count() or 1
@@ -146,7 +222,9 @@ def measure(gpt: GPTConfig, seq_len: int, micro_batches: list[int], ranks: int, 
     torch.set_num_threads(threads)
     assumed = []
     note(f"measuring FLOP/s at micro-batches {sorted(set(micro_batches))} ({threads} thread(s) per rank)")
-    rates = compute_rates(gpt, seq_len, micro_batches)
+    # every rank computes at once, as in training (Horovod's threads running): measured alone, two ranks
+    # on two cores came out 1.3x faster than they train
+    rates = compute_rates(gpt, seq_len, micro_batches, hvd if hvd is not None and hvd.size() > 1 else None)
     if hvd is None and ranks > cores:
         rates = {b: r * cores / ranks for b, r in rates.items()}
         assumed.append(f"flops_per_s scaled by {cores}/{ranks}: {ranks} ranks share {cores} cores")
@@ -156,10 +234,13 @@ def measure(gpt: GPTConfig, seq_len: int, micro_batches: list[int], ranks: int, 
         note(f"measuring allreduce and broadcast over {hvd.size()} ranks ({hvd.backend()})")
         ar_lat, ar_bw = collective_fit(hvd, "allreduce", bw)
         p2p_lat, p2p_bw = collective_fit(hvd, "broadcast", bw)
+        sets = {hvd.size(): None, **({2: pair_set} if pair_set is not None else {})}
+        insitu = insitu_collective_s(hvd, sets)
         backend = hvd.backend()
     else:
         ar_lat = p2p_lat = ASSUMED_LATENCY_S
         ar_bw = p2p_bw = bw
+        insitu = {}
         backend = "assumed"
         if ranks > 1:
             assumed.append(f"collectives not measured (one process): latency {ASSUMED_LATENCY_S} s, bandwidth = "
@@ -172,6 +253,7 @@ def measure(gpt: GPTConfig, seq_len: int, micro_batches: list[int], ranks: int, 
             "flops_per_s": {str(b): r for b, r in rates.items()}, "optimizer_s_per_param": s_param,
             "allreduce_latency_s": ar_lat, "allreduce_bw": ar_bw, "p2p_latency_s": p2p_lat, "p2p_bw": p2p_bw,
             "memory_bytes": mem, "overlap": 0.5 if accel else 0.0, "dp_cycle_s": dp_cycle_s(accel),
+            "insitu_s": {str(g): v for g, v in insitu.items()},
             "assumed": assumed}
 
 
@@ -182,7 +264,8 @@ def machine(profile: dict[str, Any]) -> Machine:
                    p2p_latency_s=float(profile["p2p_latency_s"]), p2p_bw=float(profile["p2p_bw"]),
                    optimizer_s_per_param=float(profile["optimizer_s_per_param"]),
                    memory_bytes=float(profile["memory_bytes"]), overlap=float(profile.get("overlap", 0.0)),
-                   dp_cycle_s=float(profile.get("dp_cycle_s", 0.0)))
+                   dp_cycle_s=float(profile.get("dp_cycle_s", 0.0)),
+                   insitu_s={int(k): float(v) for k, v in profile.get("insitu_s", {}).items()})
 
 
 REQUIRED = ("flops_per_s", "allreduce_latency_s", "allreduce_bw", "p2p_latency_s", "p2p_bw",
