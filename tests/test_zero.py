@@ -7,7 +7,7 @@ parameters are bitwise identical on every rank; they match the replicated run bi
 reduction order is fixed (2 ranks: a + b has one order), else within 1e-6 (||a-b||/||b||: at 4 ranks
 stage 2's reduce-scatter sums in another order than the allreduce, and Horovod fuses buckets as they
 arrive in its cycle, so even stage 1 or two replicated runs may round the 4-rank sum differently;
-clipping sums the norm from shards in float64) and 2e-3 with fp16 on the wire; the gathered
+stage 2's clipping sums the norm from shards in float64; stage 1 clips by zero_stage=0's norm) and 2e-3 with fp16 on the wire; the gathered
 state_dict() equals the replicated one; a halfway state_dict() loaded into the other stage continues
 the same way; each rank holds about 1/N of the replicated optimizer-state bytes.
 """
@@ -24,7 +24,8 @@ FP16 = 2e-3     # fp16 wire: summed in fp16 in another order by reduce-scatter t
 # hvdllm.torch.optim.AdamW (fused by default) is not in it: torch's fused CPU kernel splits a flat buffer
 # into vectorised (FMA) blocks and a scalar tail, and a shard's elements sit at other offsets than in the
 # replicated buffer, so the last bit differs now and then (~2e-7 relative after 50 steps; NEAR holds).
-EXACT_AT_2 = {"adamw_s1", "adamw_s2", "sgd_s1", "sgd_accum_s2", "adamw_fp16_s2"}
+EXACT_AT_2 = {"adamw_s1", "adamw_s2", "sgd_s1", "sgd_accum_s2", "adamw_fp16_s2",
+              "adamw_accum_clip_s1"}   # (stage 1 clips by zero_stage=0's own norm: bitwise too)
 AT_4 = "adamw_s1,adamw_accum_clip_s2,sgd_accum_s2,hvd_adamw_fused_s1,adamw_fp16_s2"
 
 
