@@ -1,31 +1,34 @@
-"""ZeRO: optimizer-state bytes per rank and tokens/s, hvdllm --zero 0/1/2 vs torch ZeroRedundancyOptimizer + DDP.
+"""ZeRO: optimizer-state and gradient bytes per rank, step time, collectives per step and tokens/s,
+hvdllm --zero 0/1/2 vs torch ZeroRedundancyOptimizer + DDP.
 
-    python bench/zero.py [--nps 2,4] [--rounds 2] [--steps 10] [--modes z0,z1,z2,torch_zero]
+    python bench/zero.py [--nps 2,4] [--rounds 2] [--steps 10] [--bucket-mb 1] [--modes z0,z1,z2,torch_zero]
 
 The same GPT (hvdllm.models.gpt, ~3.2M parameters), data and torch AdamW, trained by:
   z0          horovodrun --gloo, hvd.DistributedOptimizer (replicated optimizer state)
   z1, z2      the same with zero_stage=1 / 2
-  torch_zero  torchrun (gloo), DistributedDataParallel + torch.distributed.optim.ZeroRedundancyOptimizer
-Each rank reports the bytes of the optimizer-state tensors it holds after the last step (the peak:
-Adam's state is allocated at the first step and keeps its size) and the gradient bytes it holds between
-steps (hvdllm: gradient buckets and shard gradients; DDP: the parameters' .grad, not its own buckets);
-the largest over the ranks is shown. (Stage 2 still holds full-size buckets during backward: the peak
-is unchanged, the memory is free between steps, e.g. for evaluation or activations of the next forward.)
-Runs are interleaved over rounds (medians of global tokens/s). On a 2-core machine shared with other
-work the speeds are noisy and ranks oversubscribe the cores at np=4: compare within one run only.
+  torch_zero  torchrun (gloo), DistributedDataParallel(gradient_as_bucket_view=True) +
+              torch.distributed.optim.ZeroRedundancyOptimizer
+All use gradient buckets of ``--bucket-mb`` (default 1 MB, ~13 buckets: ZeRO-2's peak is the buckets
+alive at once plus the shards, so one bucket holding everything would show nothing). Each rank reports:
+- the bytes of the optimizer-state tensors it holds after the last step (Adam's state keeps its size);
+- the peak gradient bytes during the timed steps (hvdllm: ``peak_gradient_bytes()``, its buckets, wire
+  buffers and shard gradients; DDP: the parameters' .grad, views into its buckets, after backward) and
+  the gradient bytes held between steps;
+- the step time split into forward+backward (with the reductions started in the backward hooks),
+  ``synchronize()`` (waiting for them; the clipping norm) and the update (``step()``: ZeRO's shard step
+  and allgather), and per step the collectives the optimizer started (by kind, on Horovod every one goes
+  through the backend's ``start``) and the time spent waiting for each kind.
+The largest value over the ranks is shown. Runs are interleaved over rounds (medians of global tokens/s).
+On a 2-core machine shared with other work the speeds are noisy and ranks oversubscribe the cores at
+np=4: compare within one run only. To compare with an older tree, copy this file into its bench/
+(it falls back to gradient_bytes() where peak_gradient_bytes() is missing).
 
-Measured 2026-12-01 (2-core machine shared with four other engineers' tests: speeds +-30% between
-rounds; defaults: 2 rounds of 10 steps, batch 8x128 per rank), medians:
-  np=2: state MiB/rank z0 24.86, z1 12.43 (0.500x), z2 12.43 (0.500x), torch_zero 12.50 (0.503x);
-        gradients held between steps 12.43 MiB except z2 (0); tokens/s z0 2270, z1 2311 (1.02x),
-        z2 2525 (1.11x), torch_zero 3164 (1.39x)
-  np=4: state z0 24.86, z1 6.21 (0.250x), z2 6.21 (0.250x), torch_zero 6.50 (0.262x);
-        tokens/s z0 3389, z1 3082 (0.91x), z2 2768 (0.82x), torch_zero 3114 (0.92x)
-All modes reach the same loss (5.5223 at np=2, 5.5327 at np=4).
+Measured: see README "Memory and precision" (figures and the before/after of the collectives).
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import statistics
@@ -34,6 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -44,7 +48,37 @@ def _state_bytes(state: dict) -> int:
     return sum(v.numel() * v.element_size() for st in state.values() for v in st.values() if hasattr(v, "numel"))
 
 
-def worker(mode: str, steps: int, warmup: int, batch: int) -> None:
+class CollectiveLog:
+    """Counts the collectives an optimizer starts (every hvdllm collective on Horovod goes through the
+    backend's ``start``) and the time spent waiting for each kind."""
+
+    def __init__(self, rt: Any) -> None:
+        self.counts: collections.Counter = collections.Counter()
+        self.waited: collections.Counter = collections.Counter()
+        self.on = False
+        original = rt.start
+
+        def start(kind: str, *args: Any, **kwargs: Any) -> Any:
+            handle = original(kind, *args, **kwargs)
+            if not self.on:
+                return handle
+            self.counts[kind] += 1
+            wait = handle.wait
+
+            def timed_wait() -> Any:
+                t = time.perf_counter()
+                try:
+                    return wait()
+                finally:
+                    self.waited[kind] += time.perf_counter() - t
+
+            handle.wait = timed_wait
+            return handle
+
+        rt.start = start
+
+
+def worker(mode: str, steps: int, warmup: int, batch: int, bucket_mb: float) -> None:
     import torch
 
     sys.path.insert(0, str(ROOT))
@@ -66,39 +100,73 @@ def worker(mode: str, steps: int, warmup: int, batch: int) -> None:
     torch.set_num_threads(max(1, available_cores() // local))
     torch.manual_seed(0)
     model = GPT(cfg)
+    log = None
     if mode == "torch_zero":
-        model = torch.nn.parallel.DistributedDataParallel(model)
+        # gradient_as_bucket_view: the parameters' .grad are views into DDP's buckets (one copy, as hvdllm's)
+        model = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=bucket_mb, gradient_as_bucket_view=True)
         opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW, lr=3e-4,
                                       weight_decay=0.1)
         state = lambda: _state_bytes(opt.optim.state)  # noqa: E731  (this rank's partition)
-        grads = lambda: sum(p.grad.numel() * p.grad.element_size()  # noqa: E731  (DDP's own buckets not counted)
+        grads = lambda: sum(p.grad.numel() * p.grad.element_size()  # noqa: E731  (views into DDP's buckets)
                             for p in model.parameters() if p.grad is not None)
+        peak = grads   # DDP keeps every bucket from backward to the next zero_grad: read after backward
+        synchronize, update = (lambda: None), opt.step
     else:
         opt = hvd.DistributedOptimizer(torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1),
-                                       named_parameters=model.named_parameters(), zero_stage=int(mode[1]))
+                                       named_parameters=model.named_parameters(), zero_stage=int(mode[1]),
+                                       bucket_cap_mb=bucket_mb)
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
         state = lambda: opt.state_bytes() if opt.zero_stage else _state_bytes(opt.state)  # noqa: E731
         grads = lambda: opt.gradient_bytes()  # noqa: E731
+        has_peak = hasattr(opt, "peak_gradient_bytes")   # (absent before it was added: bench an old tree)
+        peak = (lambda: opt.peak_gradient_bytes()) if has_peak else grads  # noqa: E731
+        log = CollectiveLog(opt._rt)
+        synchronize = opt.synchronize
+
+        def update() -> None:
+            with opt.skip_synchronize():
+                opt.step()
     g = torch.Generator().manual_seed(1 + rank)
     data = torch.randint(0, cfg.vocab_size, (8, batch, cfg.block_size + 1), generator=g)
+    phases = {"fwd_bwd": 0.0, "synchronize": 0.0, "update": 0.0}
+    peak_seen = 0
 
-    def step(i: int) -> float:
+    def step(i: int, timed: bool) -> float:
+        nonlocal peak_seen
         xy = data[i % len(data)]
         opt.zero_grad()
+        t0 = time.perf_counter()
         _, loss = model(xy[:, :-1], xy[:, 1:])
         loss.backward()
-        opt.step()
+        t1 = time.perf_counter()
+        synchronize()
+        t2 = time.perf_counter()
+        peak_seen = max(peak_seen, peak())
+        update()
+        t3 = time.perf_counter()
+        if timed:
+            for k, v in zip(phases, (t1 - t0, t2 - t1, t3 - t2)):
+                phases[k] += v
         return loss.item()
 
     for i in range(warmup):
-        step(i)
+        step(i, False)
+    if log is not None:
+        log.on = True
+        if hasattr(opt, "peak_gradient_bytes"):
+            opt.peak_gradient_bytes(reset=True)
+    peak_seen = 0
     t0 = time.perf_counter()
     for i in range(steps):
-        loss = step(warmup + i)
+        loss = step(warmup + i, True)
     elapsed = time.perf_counter() - t0
     tokens = steps * batch * cfg.block_size * size
     result = {"mode": mode, "rank": rank, "size": size, "tokens_per_s": tokens / elapsed, "loss": loss,
-              "state_bytes": state(), "grad_bytes": grads(), "params": sum(p.numel() for p in model.parameters())}
+              "step_ms": 1e3 * elapsed / steps, "phases_ms": {k: 1e3 * v / steps for k, v in phases.items()},
+              "collectives": {k: v / steps for k, v in sorted(log.counts.items())} if log else None,
+              "wait_ms": {k: 1e3 * v / steps for k, v in sorted(log.waited.items())} if log else None,
+              "state_bytes": state(), "grad_bytes": grads(), "peak_grad_bytes": max(peak_seen, peak()),
+              "params": sum(p.numel() for p in model.parameters())}
     # one file per rank: the launchers interleave the ranks' stdout
     Path(os.environ["ZERO_BENCH_OUT"], f"rank{rank}.json").write_text(json.dumps(result))
 
@@ -106,7 +174,7 @@ def worker(mode: str, steps: int, warmup: int, batch: int) -> None:
 def launch(mode: str, np_: int, args: argparse.Namespace) -> dict | None:
     """Run ``mode`` on ``np_`` ranks; rank 0's result with the largest per-rank state bytes."""
     me = [sys.executable, str(Path(__file__).resolve()), "--worker", mode, "--steps", str(args.steps),
-          "--warmup", str(args.warmup), "--batch", str(args.batch)]
+          "--warmup", str(args.warmup), "--batch", str(args.batch), "--bucket-mb", str(args.bucket_mb)]
     with tempfile.TemporaryDirectory(prefix="zero-bench-") as out:
         env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", ZERO_BENCH_OUT=out)
         env.pop("HVDLLM_BACKEND", None)
@@ -121,8 +189,7 @@ def launch(mode: str, np_: int, args: argparse.Namespace) -> dict | None:
               file=sys.stderr)
         return None
     first = next(r for r in results if r["rank"] == 0)
-    return {**first, "state_bytes": max(r["state_bytes"] for r in results),
-            "grad_bytes": max(r["grad_bytes"] for r in results)}
+    return {**first, **{k: max(r[k] for r in results) for k in ("state_bytes", "grad_bytes", "peak_grad_bytes")}}
 
 
 def main() -> None:
@@ -133,44 +200,51 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--batch", type=int, default=8, help="sequences of 128 tokens per rank and step")
+    ap.add_argument("--bucket-mb", type=float, default=1.0,
+                    help="gradient bucket cap in MB (hvdllm and DDP alike); ZeRO-2's peak is about the buckets in "
+                         "flight at once plus the shards, so it needs more than one bucket to show")
     ap.add_argument("--modes", default=",".join(MODES), help="comma list of " + ",".join(MODES))
     ap.add_argument("--timeout", type=float, default=900)
     args = ap.parse_args()
     if args.worker:
-        worker(args.worker, args.steps, args.warmup, args.batch)
+        worker(args.worker, args.steps, args.warmup, args.batch, args.bucket_mb)
         return
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES]
     if bad:
         ap.error(f"--modes has {bad}; allowed: {', '.join(MODES)}")
     nps = [int(v) for v in args.nps.split(",")]
-    speed: dict[tuple[str, int], list[float]] = {}
-    mem: dict[tuple[str, int], int] = {}
-    held: dict[tuple[str, int], int] = {}
+    runs: dict[tuple[str, int], list[dict]] = {}
     for np_ in nps:
         for r in range(args.rounds):
             for m in (modes if r % 2 == 0 else modes[::-1]):
                 res = launch(m, np_, args)
                 if res:
-                    speed.setdefault((m, np_), []).append(res["tokens_per_s"])
-                    mem[(m, np_)] = res["state_bytes"]
-                    held[(m, np_)] = res["grad_bytes"]
-                    print(f"np={np_} round {r} {m:10s} {res['tokens_per_s']:8.0f} tokens/s  loss {res['loss']:.4f}  "
-                          f"optimizer state {res['state_bytes'] / 2**20:7.2f} MiB/rank  "
-                          f"gradients held {res['grad_bytes'] / 2**20:6.2f} MiB/rank  "
-                          f"({res['params'] / 1e6:.2f}M params)", flush=True)
-    print("\nnp  mode        tokens/s (median)  vs z0    state MiB/rank  vs z0     grads held MiB/rank")
+                    runs.setdefault((m, np_), []).append(res)
+                    ph = " ".join(f"{k} {v:5.0f}" for k, v in res["phases_ms"].items())
+                    coll = ", ".join(f"{k} {v:g}" for k, v in (res["collectives"] or {}).items()) or "-"
+                    wait = ", ".join(f"{k} {v:.0f}" for k, v in (res["wait_ms"] or {}).items()) or "-"
+                    print(f"np={np_} round {r} {m:10s} {res['tokens_per_s']:8.0f} tokens/s  step {res['step_ms']:5.0f} ms "
+                          f"({ph} ms)  loss {res['loss']:.4f}  collectives/step: {coll}  waited ms/step: {wait}  "
+                          f"state {res['state_bytes'] / 2**20:.2f} MiB  grads peak {res['peak_grad_bytes'] / 2**20:.2f} "
+                          f"held {res['grad_bytes'] / 2**20:.2f} MiB  ({res['params'] / 1e6:.2f}M params)", flush=True)
+    print("\nnp  mode        tokens/s  vs z0   step ms  collectives/step  state MiB/rank  vs z0   "
+          "grad peak MiB/rank  vs z0   grads held MiB")
     for np_ in nps:
-        base_s = statistics.median(speed[("z0", np_)]) if ("z0", np_) in speed else None
-        base_m = mem.get(("z0", np_))
+        base = runs.get(("z0", np_))
+        base_s = statistics.median(r["tokens_per_s"] for r in base) if base else None
         for m in modes:
-            if (m, np_) not in speed:
+            if (m, np_) not in runs:
                 continue
-            s, b = statistics.median(speed[(m, np_)]), mem[(m, np_)]
-            rs = f"{s / base_s:5.2f}x" if base_s else "   -  "
-            rm = f"{b / base_m:5.3f}x" if base_m else "   -  "
-            print(f"{np_:<3d} {m:10s}  {s:10.0f}          {rs}   {b / 2**20:10.2f}      {rm}   "
-                  f"{held[(m, np_)] / 2**20:10.2f}")
+            rs = runs[(m, np_)]
+            s = statistics.median(r["tokens_per_s"] for r in rs)
+            ms = statistics.median(r["step_ms"] for r in rs)
+            last = rs[-1]
+            coll = sum((last["collectives"] or {}).values()) if last["collectives"] is not None else None
+            ratio = lambda k: f"{last[k] / base[-1][k]:5.3f}x" if base and base[-1][k] else "   -  "  # noqa: E731
+            print(f"{np_:<3d} {m:10s}  {s:8.0f}  {s / base_s if base_s else float('nan'):5.2f}x  {ms:7.0f}  "
+                  f"{'-' if coll is None else f'{coll:g}':>16s}  {last['state_bytes'] / 2**20:14.2f}  {ratio('state_bytes')}  "
+                  f"{last['peak_grad_bytes'] / 2**20:18.2f}  {ratio('peak_grad_bytes')}  {last['grad_bytes'] / 2**20:14.2f}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ parameters are bitwise identical on every rank; they match the replicated run bi
 reduction order is fixed (2 ranks: a + b has one order), else within 1e-6 (||a-b||/||b||: at 4 ranks
 stage 2's reduce-scatter sums in another order than the allreduce, and Horovod fuses buckets as they
 arrive in its cycle, so even stage 1 or two replicated runs may round the 4-rank sum differently;
-clipping sums the norm from shards in float64) and 2e-3 with fp16 on the wire; the gathered
+stage 2's clipping sums the norm from shards in float64; stage 1 clips by zero_stage=0's norm) and 2e-3 with fp16 on the wire; the gathered
 state_dict() equals the replicated one; a halfway state_dict() loaded into the other stage continues
 the same way; each rank holds about 1/N of the replicated optimizer-state bytes.
 """
@@ -24,7 +24,8 @@ FP16 = 2e-3     # fp16 wire: summed in fp16 in another order by reduce-scatter t
 # hvdllm.torch.optim.AdamW (fused by default) is not in it: torch's fused CPU kernel splits a flat buffer
 # into vectorised (FMA) blocks and a scalar tail, and a shard's elements sit at other offsets than in the
 # replicated buffer, so the last bit differs now and then (~2e-7 relative after 50 steps; NEAR holds).
-EXACT_AT_2 = {"adamw_s1", "adamw_s2", "sgd_s1", "sgd_accum_s2", "adamw_fp16_s2"}
+EXACT_AT_2 = {"adamw_s1", "adamw_s2", "sgd_s1", "sgd_accum_s2", "adamw_fp16_s2",
+              "adamw_accum_clip_s1"}   # (stage 1 clips by zero_stage=0's own norm: bitwise too)
 AT_4 = "adamw_s1,adamw_accum_clip_s2,sgd_accum_s2,hvd_adamw_fused_s1,adamw_fp16_s2"
 
 
@@ -59,14 +60,43 @@ def test_zero_matches_replicated_at_4_ranks_gloo() -> None:
     _check(reports, set())   # no bitwise claim at 4 ranks: see the module docstring
 
 
+def _check_memory(reports: list[dict], synchronous: bool) -> None:
+    """The worker's ``mem`` report (8 buckets of one layer each, clipping on): the collectives per step and
+    ZeRO-2's peak gradient bytes. ``synchronous``: the backend completes a reduce-scatter when it is
+    started (mpi4py), so each bucket's buffer is freed in the hook that launched it and at most two
+    buckets (the one just reduced, the next one's first gradient) are alive with the shards; on Horovod
+    the reduce-scatters complete in its background thread, so only the bounds that hold for any timing
+    are asserted there."""
+    for rep in reports:
+        mem = rep["memory"]
+        z0, z1, z2, z2k2 = (mem[k] for k in ("s0_k1", "s1_k1", "s2_k1", "s2_k2"))
+        b = z0["buckets"]
+        assert b == 8 and z2["buckets"] == 8, mem
+        reduce = {"allreduce_async_": b}   # the replicated path: one allreduce per bucket, started in backward
+        assert z0["collectives"] == reduce, mem
+        # stage 1: no norm collective (the reduced gradient is whole on every rank), one grouped allgather
+        assert z1["collectives"] == {**reduce, "grouped_allgather": 1}, mem
+        # stage 2: a reduce-scatter per bucket, the norm of the shards, one grouped allgather
+        assert z2["collectives"] == {"reducescatter": b, "allreduce": 1, "grouped_allgather": 1}, mem
+        full, shards = sum(z2["bucket_bytes"]), sum(z2["shard_bytes"])
+        assert z2["held"] == 0 and z0["held"] == z0["peak"] >= full, mem   # stage 2: nothing between steps
+        assert z2["peak"] <= full * 1.01 + shards, mem
+        assert z2k2["peak"] >= full, mem   # accumulation keeps the full local sums through the k passes
+        if synchronous:
+            assert z2["peak"] <= 2 * max(z2["bucket_bytes"]) * 1.01 + shards, mem
+            assert z2["peak"] < 0.75 * z0["peak"], mem
+
+
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("launcher,backend", [("mpirun", "mpi"), ("horovod-mpi", "horovod")])
 def test_zero_on_mpi(launcher: str, backend: str) -> None:
-    """mpi4py's collectives (mpirun), and Horovod's MPI controller."""
+    """mpi4py's collectives (mpirun), and Horovod's MPI controller; collectives per step and ZeRO-2's
+    peak gradient memory (``mem``)."""
     reports = run_ranks("zero_worker.py", np=2, launcher=launcher, timeout=360,
-                        args=["adamw_s2,adamw_accum_clip_s1,sgd_accum_s2"])
+                        args=["adamw_s2,adamw_accum_clip_s1,sgd_accum_s2,mem"])
     assert [r["backend"] for r in reports] == [backend] * 2
     _check(reports, {"adamw_s2", "sgd_accum_s2"})
+    _check_memory(reports, synchronous=backend == "mpi")
 
 
 @pytest.mark.timeout(200)

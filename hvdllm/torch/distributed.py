@@ -101,6 +101,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._should_sync = True
         self._synchronized = False
         self.grad_norm: float | None = None
+        self._peak_gradient_bytes = 0
         members = config.process_set.members(self._rt.world.size)
         if self._rt.world.rank not in members:
             raise ValueError(f"rank {self._rt.world.rank} is not in process_set {list(members)}")
@@ -507,6 +508,20 @@ class _DistributedOptimizer(torch.optim.Optimizer):
     def gradient_bytes(self) -> int:
         """Bytes of the gradient buckets (and their wire buffers) this optimizer holds now."""
         return sum(t.numel() * t.element_size() for b in self._buckets for t in (b.buffer, b.wire) if t is not None)
+
+    def peak_gradient_bytes(self, reset: bool = False) -> int:
+        """The most :meth:`gradient_bytes` held at once since construction or the last ``reset=True``
+        (which starts counting again from what is held now). Replicated buckets live for the whole run;
+        ZeRO-2 allocates and frees them within a step and notes each high point. Counts hvdllm's own
+        buffers only: not sparse gradients, nor copies a backend makes for the wire (e.g. bf16 as fp32)."""
+        peak = max(self._peak_gradient_bytes, self.gradient_bytes())
+        if reset:
+            self._peak_gradient_bytes = self.gradient_bytes()
+        return peak
+
+    def _note_gradient_bytes(self) -> None:
+        """Record a possible high point of :meth:`gradient_bytes` (called where a subclass allocates)."""
+        self._peak_gradient_bytes = max(self._peak_gradient_bytes, self.gradient_bytes())
 
     def _check_idle(self, what: str) -> None:
         if self._tracker.pending:

@@ -9,13 +9,21 @@ wrapper's ``param_groups`` are its groups, so LR schedulers built on the wrapper
 keeps 1/N of the optimizer state. A step:
 
 1. reduce the gradients: stage 1 allreduces each bucket (as plain data parallelism) and takes the
-   rank's slice; stage 2 reduce-scatters the (zero-padded) bucket so only the shard arrives, and the
-   full local gradient buffers are released after the step;
-2. clip by the global norm: one allreduce of the shards' squared norms (per-parameter squares when
-   tensor/pipeline parallelism supplies ``grad_norm_fn``, which then combines them over its groups);
+   rank's slice; stage 2 reduce-scatters each (zero-padded) bucket from the backward hooks as soon as
+   its gradients are ready, so only the shard arrives. A stage-2 bucket's full-size buffer exists from
+   its first gradient of the step until its reduce-scatter is seen complete (polled from the later
+   hooks, or at ``step()``), then it is freed, with the parameters' ``.grad`` views into it. With
+   accumulation (``backward_passes_per_step`` k > 1) the full local buffers stay through the k passes:
+   the contract sums the k local gradients before the one reduction (as Horovod and ``zero_stage=0``
+   do, bitwise), so stage 2 saves gradient memory at k = 1 only, and between steps at any k;
+2. clip by the global norm: stage 1 holds every reduced gradient, so ``step()`` takes the norm
+   locally as ``zero_stage=0`` does (no collective); stage 2 (and an explicit ``clip_grad_norm_``
+   after ``synchronize()``, when the shards may have been changed) allreduces the shards' squared
+   norms (per parameter when tensor/pipeline parallelism supplies ``grad_norm_fn``, which then
+   combines them over its groups);
 3. copy the current parameters into the shards (so weights changed outside, e.g. by a broadcast or a
-   load, are respected), step the inner optimizer on the shards, allgather the updated shards and
-   copy them back into every parameter.
+   load, are respected), step the inner optimizer on the shards, allgather the updated shards (one
+   grouped allgather per dtype: a single negotiation on Horovod) and copy them back into every parameter.
 
 ``state_dict()``/``load_state_dict()`` give and take the unsplit torch.optim format (a collective
 gather at save; each rank cuts its own shard at load), so checkpoints move between world sizes and
@@ -76,6 +84,7 @@ class ZeroOptimizer:
         self._model_groups = [list(g["params"]) for g in optimizer.param_groups]
         initial = optimizer.state_dict() if optimizer.state else None
         self._shards: list[_Shard] = []
+        self._buckets_fresh = False   # (stage 1: see _finish_synchronize)
         super().__init__(optimizer, named_parameters, config, grad_norm_fn, groups, sparse_as_dense)
         if initial is not None:   # state the wrapped optimizer had already: cut into this rank's shards
             self.load_state_dict(initial)
@@ -112,6 +121,9 @@ class ZeroOptimizer:
             self._shards.append(shard)
             per_group[group_of[id(bucket.params[0])]].append(shard.param)
         self._fill_shards()
+        if self.zero_stage == 2:   # a bucket is allocated when its first gradient of a step arrives
+            for b in range(len(self._buckets)):
+                self._release_bucket(b, drop_grads=False)
         self._inner = self._shard_optimizer(per_group)
         if saved is not None:
             self.load_state_dict(saved)
@@ -139,22 +151,60 @@ class ZeroOptimizer:
                     flat[pc.shard_offset:pc.shard_offset + pc.length].copy_(src)
 
     # --- during backward -----------------------------------------------------------------------
-    def _materialize(self) -> None:
-        """Stage 2 releases the gradient buffers between steps; allocate them (zeroed) again, with views."""
-        for bucket in self._buckets:
-            if bucket.buffer.numel() == 0:
-                size = max(bucket.numel + len(bucket.params), self._bucket_length(bucket.plan))
-                first = bucket.params[0]
-                bucket.buffer = torch.zeros(size, dtype=first.dtype, device=first.device)
-                bucket.views = buckets.views(bucket.buffer, bucket.plan, self._params)
-                bucket.grads = bucket.buffer[:bucket.numel]
-                if bucket.wire is not None:
-                    bucket.wire = torch.empty(size, dtype=bucket.wire.dtype, device=first.device)
+    def _materialize(self, b: int) -> None:
+        """Stage 2 frees a bucket's gradient buffer once it is reduce-scattered; allocate it (zeroed)
+        again, with the parameters' views, when the bucket's first gradient of a step arrives."""
+        bucket = self._buckets[b]
+        if bucket.buffer.numel():
+            return
+        size = max(bucket.numel + len(bucket.params), self._bucket_length(bucket.plan))
+        first = bucket.params[0]
+        bucket.buffer = torch.zeros(size, dtype=first.dtype, device=first.device)
+        bucket.views = buckets.views(bucket.buffer, bucket.plan, self._params)
+        bucket.grads = bucket.buffer[:bucket.numel]
+        if bucket.wire is not None:
+            bucket.wire = torch.empty(size, dtype=bucket.wire.dtype, device=first.device)
+        self._note_gradient_bytes()
+
+    def _release_bucket(self, b: int, drop_grads: bool = True) -> None:
+        """Stage 2: free bucket ``b``'s full-size gradient buffer (and, ``drop_grads``, the parameters'
+        ``.grad`` views into it)."""
+        bucket = self._buckets[b]
+        if drop_grads:
+            for p in bucket.params:
+                p.grad = None
+        bucket.buffer = bucket.buffer.new_empty(0)
+        bucket.views, bucket.grads = [], bucket.buffer
+        if bucket.wire is not None:
+            bucket.wire = bucket.wire.new_empty(0)
 
     def _attach(self, pid: int, grad: torch.Tensor | None = None) -> None:
         if self.zero_stage == 2:
-            self._materialize()
+            self._replan_if_changed()
+            i = self._index.get(pid)
+            if i is not None:
+                self._materialize(self._where[i][0])
         super()._attach(pid, grad)
+
+    def _on_grad(self, pid: int, _param: Any = None) -> None:
+        super()._on_grad(pid, _param)
+        if self.zero_stage == 2 and self._rt.name != "local":
+            for b, bucket in enumerate(self._buckets):   # free what is reduce-scattered already
+                poll = getattr(bucket.handle, "poll", None)
+                if poll is not None and poll():
+                    self._finish_bucket(b)
+
+    def _finish_bucket(self, b: int) -> None:
+        """Stage 2: the bucket's reduce-scatter is done: its (averaged) shard becomes the shard's
+        gradient and the full-size buffer is freed."""
+        bucket, shard = self._buckets[b], self._shards[b]
+        out = bucket.handle.wait()
+        bucket.handle = None   # (the handle keeps the sent buffer alive)
+        if bucket.postscale != 1.0:
+            out.mul_(bucket.postscale)
+        shard.set_grad(out.to(bucket.grads.dtype))
+        self._note_gradient_bytes()
+        self._release_bucket(b)
 
     def _pack(self, i: int) -> None:
         g = self._params[i].grad
@@ -186,41 +236,42 @@ class ZeroOptimizer:
         """Finish every bucket's reduction; each shard parameter gets its slice of the averaged gradient
         (then clipped by the global norm when ``max_grad_norm`` is set)."""
         self._replan_if_changed()
-        if self.zero_stage == 2:
-            self._materialize()
         for b in self._tracker.remaining():
+            if self.zero_stage == 2:
+                self._materialize(b)
             for i in self._buckets[b].positions:
                 if not self._tracker.complete(i):
                     self._pack(i)
             self._launch(b)
-        for bucket, shard in zip(self._buckets, self._shards):
+        for b, (bucket, shard) in enumerate(zip(self._buckets, self._shards)):
+            if self.zero_stage == 2 and self._rt.name != "local":
+                if bucket.handle is not None:   # (else finished during backward)
+                    self._finish_bucket(b)
+                continue
             if bucket.handle is None:  # the local backend: nothing travelled
                 post = bucket.prescale * bucket.postscale
                 if post != 1.0:
                     bucket.grads.mul_(post)
                 shard.set_grad(bucket.grads[shard.lo:shard.hi])
                 continue
-            out = bucket.handle.wait()
+            bucket.handle.wait()
             bucket.handle = None
-            if self.zero_stage == 1:
-                reduced = bucket.wire if bucket.wire is not None else bucket.grads
-                if bucket.postscale != 1.0:
-                    reduced.mul_(bucket.postscale)
-                if reduced is bucket.wire:
-                    bucket.buffer.copy_(bucket.wire)
-                shard.set_grad(bucket.grads[shard.lo:shard.hi])
-            else:
-                if bucket.postscale != 1.0:
-                    out.mul_(bucket.postscale)
-                shard.set_grad(out.to(bucket.grads.dtype))
+            reduced = bucket.wire if bucket.wire is not None else bucket.grads
+            if bucket.postscale != 1.0:
+                reduced.mul_(bucket.postscale)
+            if reduced is bucket.wire:
+                bucket.buffer.copy_(bucket.wire)
+            shard.set_grad(bucket.grads[shard.lo:shard.hi])
         if self.zero_stage == 2:  # only the shards' gradients are kept: the local sums are not averaged
             for p in self._params:
                 p.grad = None
         self._finish_synchronize()
 
     def _global_norm(self) -> float:
-        """The global gradient norm from the shards: one allreduce of squared norms over the dp ranks
-        (per parameter when ``grad_norm_fn`` combines them over tensor/pipeline groups)."""
+        """The global gradient norm. Stage 2, from the shards: one allreduce of squared norms over the dp
+        ranks (per parameter when ``grad_norm_fn`` combines them over tensor/pipeline groups)."""
+        if self.zero_stage == 1 and self._buckets_fresh:
+            return self._replicated_norm()
         dev = self._params[0].device if self._params else torch.device("cpu")
         if self._grad_norm_fn is None:
             sq = torch.zeros(1, dtype=torch.float64, device=dev)
@@ -237,6 +288,28 @@ class ZeroOptimizer:
         if self._grad_norm_fn is None:
             return float(sq[0].sqrt())
         return float(self._grad_norm_fn(squares=dict(zip(self._param_names, sq.cpu()))))
+
+    def _finish_synchronize(self) -> None:
+        # Stage 1: right after the reduction the buckets hold the whole reduced gradient on every rank,
+        # so the norm needs no collective; later the shards may have changed (a GradScaler's unscale_
+        # before an explicit clip_grad_norm_), so the norm is then taken from the shards.
+        self._buckets_fresh = True
+        try:
+            super()._finish_synchronize()
+        finally:
+            self._buckets_fresh = False
+
+    def _replicated_norm(self) -> float:
+        """Stage 1: every rank holds the whole reduced gradient in its buckets, so the norm needs no
+        collective over the dp ranks: ``zero_stage=0``'s (identical on every rank), or per-parameter
+        squares for ``grad_norm_fn``."""
+        if self._grad_norm_fn is None:
+            return super()._global_norm()
+        squares = {}
+        for bucket in self._buckets:
+            for i, view in zip(bucket.positions, bucket.views):
+                squares[self._param_names[i]] = view.detach().double().pow(2).sum()
+        return float(self._grad_norm_fn(squares=squares))
 
     def clip_grad_norm_(self, max_norm: float) -> float:
         """Scale the shards' gradients by the core's clipping rule for the global norm; returns the norm."""
@@ -257,26 +330,31 @@ class ZeroOptimizer:
         return out
 
     def _gather(self) -> None:
-        """Every rank's updated shards, concatenated, back into the parameters."""
+        """Every rank's updated shards, concatenated, back into the parameters: one grouped allgather per
+        dtype, all started before any is waited on (on Horovod one negotiation cycle, not one per bucket)."""
         with torch.no_grad():
-            for b, (bucket, shard) in enumerate(zip(self._buckets, self._shards)):
-                flat = shard.param.detach()
-                if self._rt.name != "local":
-                    flat = self._rt.allgather(flat, self._config.process_set,
-                                              name=f"hvdllm.zero{self._id}.{self._plan_no}.gather{b}")
+            flats = [s.param.detach() for s in self._shards]
+            if self._rt.name != "local":
+                by_dtype: dict[torch.dtype, list[int]] = {}
+                for b, flat in enumerate(flats):
+                    by_dtype.setdefault(flat.dtype, []).append(b)
+                started = [(idx, self._rt.start("grouped_allgather", [flats[b] for b in idx], self._config.process_set,
+                                                name=f"hvdllm.zero{self._id}.{self._plan_no}.gather.{buckets.dtype_name(dt)}"))
+                           for dt, idx in by_dtype.items()]
+                for idx, handle in started:
+                    for b, out in zip(idx, handle.wait()):
+                        flats[b] = out
+            for bucket, flat in zip(self._buckets, flats):
                 for i, off in zip(bucket.plan.indices, bucket.plan.offsets):
                     p = self._params[i]
                     p.copy_(flat[off:off + p.numel()].view_as(p))
 
     def _release(self) -> None:
-        """Stage 2: free the full-size local gradient buffers until the next backward needs them."""
+        """Stage 2, after the step: drop the shards' gradients (and the local backend's buckets)."""
         for shard in self._shards:
             shard.param.grad = None
-        for bucket in self._buckets:
-            bucket.buffer = bucket.buffer.new_empty(0)
-            bucket.views, bucket.grads = [], bucket.buffer
-            if bucket.wire is not None:
-                bucket.wire = bucket.wire.new_empty(0)
+        for b in range(len(self._buckets)):
+            self._release_bucket(b)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drop (or zero) the parameters' and the shards' gradients; refuses while a reduction is pending."""
@@ -374,8 +452,8 @@ class ZeroOptimizer:
                    if torch.is_tensor(v))
 
     def gradient_bytes(self) -> int:
-        """Bytes of gradient buffers this rank holds now: buckets (released between stage-2 steps) and
-        shard gradients that are not views into them."""
+        """Bytes of gradient buffers this rank holds now: buckets (stage 2: only those between their first
+        gradient and their reduce-scatter) and shard gradients that are not views into them."""
         own = [s.padded for s in self._shards if s.padded is not None]
         if self.zero_stage == 2:
             own += [s.param.grad for s in self._shards if s.param.grad is not None and s.param.grad is not s.padded]

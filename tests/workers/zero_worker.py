@@ -8,6 +8,10 @@ model's parameters (equal on every rank), the optimizer-state bytes this rank ho
 largest difference between ZeRO's gathered state_dict() and the replicated one, and a resume check:
 the ZeRO state saved halfway, loaded into a fresh optimizer of the other stage, continues to the
 same parameters.
+
+``mem`` (not a case: reported under "memory") trains a deeper model with one small bucket per layer and
+reports, per stage and accumulation, the collectives the optimizer starts per step (by kind, outermost
+calls only) and the peak gradient bytes per rank against the replicated buckets' bytes.
 """
 from __future__ import annotations
 
@@ -126,6 +130,70 @@ CASES = {
     "hvd_adamw_s2": ("hvd_adamw", 2), "hvd_adamw_fused_s1": ("hvd_adamw_fused", 1, 2, 0.05),
     "adamw_fp16_s2": ("adamw", 2, 1, None, "fp16"),
 }
+class Counting:
+    """Counts the collectives started through the backend per kind; a collective that calls another
+    (Horovod's allreduce -> start) counts once."""
+
+    KINDS = ("start", "allreduce", "allreduce_async_", "allgather", "grouped_allgather", "reducescatter",
+             "grouped_reducescatter", "grouped_allreduce")
+
+    def __init__(self, rt: object) -> None:
+        self.counts: dict[str, int] = {}
+        self.depth = 0
+        for kind in self.KINDS:
+            original = getattr(rt, kind)
+            setattr(rt, kind, self._wrap(kind, original))
+
+    def _wrap(self, kind: str, original):  # noqa: ANN202
+        def call(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            if self.depth == 0:
+                name = args[0] if kind == "start" else kind
+                self.counts[name] = self.counts.get(name, 0) + 1
+            self.depth += 1
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.depth -= 1
+        return call
+
+
+def deep_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(*[nn.Linear(24, 24) for _ in range(8)])
+
+
+def train_deep(m: nn.Module, opt: torch.optim.Optimizer, k: int, steps: range) -> None:
+    for step in steps:
+        for micro in range(k):
+            g = torch.Generator().manual_seed(1000 * step + 10 * micro + R)
+            ((m(torch.randn(4, 24, generator=g)) - torch.randn(4, 24, generator=g)) ** 2).mean().div(k).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def memory() -> dict:
+    """Per (stage, k): collectives per step and peak gradient bytes; buckets of ~one layer each."""
+    rt = hvd.collectives()
+    counting = Counting(rt)
+    out: dict = {}
+    for stage, k in ((0, 1), (1, 1), (2, 1), (2, 2)):
+        m = deep_model()
+        opt = hvd.DistributedOptimizer(torch.optim.AdamW(m.parameters(), lr=0.01), named_parameters=m.named_parameters(),
+                                       zero_stage=stage, backward_passes_per_step=k, bucket_cap_mb=0.0023,
+                                       max_grad_norm=1.0)
+        train_deep(m, opt, k, range(2))
+        opt.peak_gradient_bytes(reset=True)
+        counting.counts = {}
+        train_deep(m, opt, k, range(2, 5))
+        buffers = [b.numel * 4 for b in opt._buckets]
+        shards = [s.plan.shard_numel * 4 for s in getattr(opt, "_shards", [])]
+        out[f"s{stage}_k{k}"] = {"collectives": {kind: n / 3 for kind, n in counting.counts.items()},
+                                 "peak": opt.peak_gradient_bytes(), "held": opt.gradient_bytes(),
+                                 "bucket_bytes": buffers, "shard_bytes": shards, "buckets": len(opt._buckets)}
+    return out
+
+
 wanted = sys.argv[1].split(",") if len(sys.argv) > 1 else list(CASES)
-results = {name: case(*CASES[name]) for name in wanted}
-leave_together(hvd, R, {"rank": R, "size": N, "backend": hvd.backend(), "cases": results})
+results = {name: case(*CASES[name]) for name in wanted if name != "mem"}
+mem = memory() if "mem" in wanted else None
+leave_together(hvd, R, {"rank": R, "size": N, "backend": hvd.backend(), "cases": results, "memory": mem})
