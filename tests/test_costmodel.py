@@ -128,7 +128,8 @@ def test_rounds_per_step_by_hand() -> None:
     k = CM.RunKnobs(log_interval=4, stop_check_interval=2, clipping=True)
     assert CM.rounds_per_step(lay(), k) == 0                                   # one process: none
     assert CM.rounds_per_step(lay(dp=2), k) == pytest.approx(0.5 + 0.25 + 1)
-    assert CM.rounds_per_step(lay(dp=2, zero=1), k) == pytest.approx(0.75 + 1 + 2)   # + all-gather, shard norm
+    assert CM.rounds_per_step(lay(dp=2, zero=1), k) == pytest.approx(0.75 + 1 + 1)   # + all-gather (local norm)
+    assert CM.rounds_per_step(lay(dp=2, zero=2), k) == pytest.approx(0.75 + 1 + 2)   # + all-gather, shard norm
     assert CM.rounds_per_step(lay(dp=2, zero=2), dataclasses.replace(k, clipping=False)) == pytest.approx(0.75 + 2)
     assert CM.rounds_per_step(lay(tp=2), k) == pytest.approx(0.75 + 1)        # the shards' norm
     assert CM.rounds_per_step(lay(pp=2), dataclasses.replace(k, clipping=False)) == pytest.approx(0.75)

@@ -42,7 +42,7 @@ Step time (seconds; the slowest stage sets the pace):
   micro-batch (2/3 of c);
 - rounds: the step's sequential collectives outside the slots (:func:`rounds_per_step`: the gradient
   reduction, the stop agreement every ``stop_check_interval`` steps, the loss every ``log_interval``,
-  ZeRO's all-gather and shard-norm, the pipeline's and tensor-parallel's norm) each cost one
+  ZeRO's all-gather and (stage 2) shard norm, the pipeline's and tensor-parallel's norm) each cost one
   data-parallel cycle in a plain data-parallel job (hvdllm gives Horovod 20 ms on CPU hosts; the
   collective waits for the next cycle) and kappa(ranks) in a model-parallel job (1 ms cycle);
 - optimizer: P_rank * s_param (ZeRO-1/2: P_rank / n), s_param the measured seconds per parameter.
@@ -265,8 +265,8 @@ def rounds_per_step(layout: Layout, knobs: RunKnobs = RunKnobs()) -> float:
     r = 1 / knobs.stop_check_interval + 1 / knobs.log_interval
     if layout.dp > 1:
         r += 1                                           # the gradient reduction (its last bucket)
-        if layout.zero >= 1:
-            r += 1 + (1 if knobs.clipping else 0)        # the parameters' all-gather, the shards' norm
+        if layout.zero >= 1:                             # the parameters' grouped all-gather, and at
+            r += 1 + (1 if knobs.clipping and layout.zero >= 2 else 0)   # stage 2 the shards' norm
     if knobs.clipping and (layout.pp > 1 or layout.tp > 1):
         r += 1                                           # the norm over stages / tensor shards
     return r
