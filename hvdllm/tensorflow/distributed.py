@@ -233,6 +233,8 @@ class _State:
         self.zero_stage = 0
         self.shards: list[Any] = []           # ZeRO (hvdllm.tensorflow.zero): this rank's shards
         self.shard_optimizer: Any = None      # ... and the optimizer that steps them
+        self.shard_slots: list[dict[str, Any]] = []   # per shard: slot name -> the shard optimizer's slot variable
+        self.unsplit: list[Any] | None = None         # the replicated optimizer's variable order (zero.ZeroMixin)
 
 
 class _DistributedMixin:
@@ -336,6 +338,21 @@ class _DistributedMixin:
 _CLASSES: dict[tuple[type, bool], type] = {}
 
 
+def _register_like(sub: type, cls: type) -> None:
+    """Serialize ``sub`` under ``cls``'s registered name (e.g. "hvdllm>AdamW"), so a saved model reloads
+    the plain registered class; without it Keras records the bare class name, which it cannot find."""
+    import keras
+
+    registered = keras.saving.get_registered_name(cls)
+    if registered == cls.__name__:
+        return
+    try:
+        from keras.src.saving import object_registration
+    except ImportError:  # private module moved: saving records the bare name, as before
+        return
+    object_registration.GLOBAL_CUSTOM_NAMES[sub] = registered
+
+
 def _distributed_class(cls: type, sharded: bool = False) -> type:
     """A subclass of the optimizer's class that carries its name and module, so a model saved with
     a distributed optimizer records (and reloads) the plain one, as with Horovod; ``sharded``: ZeRO's."""
@@ -343,6 +360,7 @@ def _distributed_class(cls: type, sharded: bool = False) -> type:
         bases = (ZeroMixin, _DistributedMixin, cls) if sharded else (_DistributedMixin, cls)
         sub = type(cls.__name__, bases, {"__module__": cls.__module__})
         sub.__qualname__ = cls.__qualname__
+        _register_like(sub, cls)
         _CLASSES[(cls, sharded)] = sub
     return _CLASSES[(cls, sharded)]
 

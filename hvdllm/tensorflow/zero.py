@@ -17,9 +17,18 @@ stays the replicated wrapper's):
 
 ``optimizer.iterations`` counts updates (the shard optimizer's count is kept equal to it) and a
 learning-rate *variable* changed on the wrapper (callbacks) is copied to the shard optimizer each update.
-Elementwise update rules only: per-tensor rules (Lamb, Adafactor, Muon), per-variable or global Keras
-clipping (``clipnorm``, ``global_clipnorm``: use ``max_grad_norm``), EMA and per-variable weight-decay
-exclusions would see shards instead of variables and are refused. Works eagerly and in ``tf.function``.
+Weight-decay exclusions (``exclude_from_weight_decay``) keep excluded variables in buckets of their own,
+whose shard variables the shard optimizer excludes in turn. Elementwise update rules only: per-tensor
+rules (Lamb, Adafactor, Muon), per-variable or global Keras clipping (``clipnorm``, ``global_clipnorm``:
+use ``max_grad_norm``) and EMA would see shards instead of variables and are refused. Works eagerly and
+in ``tf.function``.
+
+State (checkpoints, ``model.save``): ``save_own_variables`` writes what a replicated optimizer of the
+same class over the same variables would write (Keras's index keys, full-size slots; the shards are
+gathered: a collective, every rank calls it), and ``load_own_variables`` takes that format from any
+world size or stage, each rank keeping its shards (no communication). ``optimizer.variables`` holds the
+replicated part only (step count, learning rate): the shards differ per rank, so broadcasting them
+would be wrong; they are ``optimizer.shard_optimizer.variables``.
 """
 from __future__ import annotations
 
@@ -53,10 +62,6 @@ def check_zero_optimizer(optimizer: Any, stage: int, groups: Any) -> None:
                              "see shards); allowed: None, with max_grad_norm= for global-norm clipping")
     if getattr(optimizer, "use_ema", False):
         raise ValueError(f"use_ema=True cannot be used with zero_stage={stage}; allowed: use_ema=False or zero_stage=0")
-    if getattr(optimizer, "_exclude_from_weight_decay", None) or \
-            getattr(optimizer, "_exclude_from_weight_decay_names", None):
-        raise ValueError(f"exclude_from_weight_decay() cannot be used with zero_stage={stage} (shards mix "
-                         "variables); allowed: weight decay on every variable, or zero_stage=0")
     if groups is not None:
         raise ValueError(f"groups={groups!r} cannot be used with zero_stage={stage}; allowed: None (buckets of "
                          "bucket_cap_mb)")
@@ -79,6 +84,28 @@ class _Shard:
         """A tensor of this shard's real length padded with zeros to ``shard_numel``."""
         pad = self.plan.shard_numel - (self.hi - self.lo)
         return tf.concat([flat, tf.zeros([pad], flat.dtype)], 0) if pad else flat
+
+
+def build_recording_slots(optimizer: Any, variables: Sequence[Any]) -> list[tuple[int, str] | None]:
+    """Build ``optimizer`` over ``variables``; per optimizer variable afterwards, ``(i, name)`` when it is
+    the slot ``name`` of ``variables[i]`` (made by ``add_variable_from_reference``, as every Keras
+    elementwise optimizer makes its slots), else None (step count, learning rate)."""
+    index = {id(v): i for i, v in enumerate(variables)}
+    made: dict[int, tuple[int, str]] = {}
+    original = optimizer.add_variable_from_reference
+
+    def recording(reference_variable: Any, name: str | None = None, initializer: Any = "zeros") -> Any:
+        slot = original(reference_variable, name=name, initializer=initializer)
+        if id(reference_variable) in index:
+            made[id(slot)] = (index[id(reference_variable)], name or "var")
+        return slot
+
+    object.__setattr__(optimizer, "add_variable_from_reference", recording)
+    try:
+        optimizer.build(list(variables))
+    finally:
+        object.__delattr__(optimizer, "add_variable_from_reference")
+    return [made.get(id(v)) for v in optimizer.variables]
 
 
 def _after(x: tf.Tensor, previous: tf.Tensor | None) -> tf.Tensor:
@@ -113,14 +140,24 @@ class ZeroMixin:
         specs = [TensorSpec(str(i), tuple(int(d) for d in v.shape), tf.as_dtype(v.dtype).name)
                  for i, v in enumerate(variables)]
         sizes = [s.numel for s in specs]
+        decay = [bool(self.weight_decay) and self._use_weight_decay(v) for v in variables]
         with tf.init_scope():
             state.shards = []
-            for b, bucket in enumerate(plan_buckets(specs, state.config.bucket_cap_bytes)):
+            for b, bucket in enumerate(plan_buckets(specs, state.config.bucket_cap_bytes, groups=decay)):
                 plan = ShardPlan(bucket.numel, size)
                 state.shards.append(_Shard(bucket.indices, bucket.offsets, plan, me,
                                            pieces(bucket, sizes, plan, me), specs[bucket.indices[0]].dtype, b))
             self._hvdllm_fill(variables)
-            state.shard_optimizer.build([s.variable for s in state.shards])
+            inner = state.shard_optimizer
+            excluded = [sh.variable for sh in state.shards if not decay[sh.indices[0]]]
+            if excluded and self.weight_decay:       # (buckets never mix decayed and excluded variables)
+                inner.exclude_from_weight_decay(var_list=excluded)
+            slots = build_recording_slots(inner, [sh.variable for sh in state.shards])
+        state.shard_slots = [{} for _ in state.shards]     # per shard: slot name -> its slot variable
+        for v, slot in zip(inner.variables, slots):
+            if slot is not None:
+                state.shard_slots[slot[0]][slot[1]] = v
+        state.unsplit = None
 
     def _hvdllm_fill(self, variables: Sequence[Any]) -> None:
         """Copy the variables' current values into the shard variables."""
@@ -197,6 +234,88 @@ class ZeroMixin:
         state.grad_norm.assign(total)
         coef = clip_coefficient_of(total, state.config.max_grad_norm, tf.maximum)
         return [g * tf.cast(coef, g.dtype) for g in shard_grads]
+
+    # --- state in the replicated optimizer's format ------------------------------------------------
+    def _hvdllm_unsplit(self) -> list[tuple[int, str] | int]:
+        """What a replicated optimizer of this class over the same variables holds, in its variable
+        order: ``(i, name)`` for slot ``name`` of variable i, an int j for this optimizer's own j-th
+        variable (step count, learning rate). Found once by building such an optimizer over scalar
+        stand-ins (elementwise rules: a slot has its variable's shape)."""
+        state = self._hvdllm
+        if state.unsplit is None:
+            inner = state.shard_optimizer
+            template = type(inner).from_config(inner.get_config())
+            with tf.init_scope():
+                dtypes = [tf.as_dtype(v.dtype).name for v in self._trainable_variables]
+                proxies = [keras.Variable(np.zeros((), dt), dtype=dt, trainable=False, name=f"hvdllm_unsplit_{i}")
+                           for i, dt in enumerate(dtypes)]
+                slots = build_recording_slots(template, proxies)
+            own = iter(range(len(self.variables)))
+            layout: list[tuple[int, str] | int] = []
+            for slot in slots:
+                j = next(own, None) if slot is None else None
+                if slot is None and j is None:
+                    raise ValueError(f"{type(inner).__name__} holds more non-slot variables than this optimizer "
+                                     f"({len(self.variables)}); its state cannot be unsplit")
+                layout.append(slot if slot is not None else j)
+            state.unsplit = layout
+        return state.unsplit
+
+    def save_own_variables(self, store: Any) -> None:
+        """Write the state a replicated optimizer would write (``store[str(k)]``, full-size slots): the
+        shards' slots are gathered over the data-parallel ranks, so every rank must call it (e.g.
+        ``model.save`` on every rank)."""
+        state, rt = self._hvdllm, collectives()
+        size = _set_size(rt, state.config.process_set)
+        where = {i: (b, off) for b, sh in enumerate(state.shards) for i, off in zip(sh.indices, sh.offsets)}
+        gathered: dict[tuple[int, str], np.ndarray] = {}
+        for b, slots in enumerate(state.shard_slots):
+            for name in sorted(slots):
+                flat = tf.convert_to_tensor(slots[name])
+                if size > 1:
+                    flat = rt.allgather(flat, state.config.process_set, name=_op_name("zero_state"))
+                gathered[(b, name)] = np.asarray(flat)
+        own = self.variables
+        for k, entry in enumerate(self._hvdllm_unsplit()):
+            if isinstance(entry, int):
+                store[str(k)] = np.asarray(tf.convert_to_tensor(own[entry]))
+                continue
+            i, name = entry
+            b, off = where[i]
+            v = self._trainable_variables[i]
+            n = int(np.prod(v.shape, dtype=np.int64))
+            store[str(k)] = gathered[(b, name)][off:off + n].reshape(tuple(v.shape))
+
+    def load_own_variables(self, store: Any) -> None:
+        """Take the state a replicated optimizer of this class writes (any world size, any stage); this
+        rank keeps its shards' part (no communication). ValueError when the count or a shape differs."""
+        layout, state = self._hvdllm_unsplit(), self._hvdllm
+        if len(store.keys()) != len(layout):
+            raise ValueError(f"the optimizer state holds {len(store.keys())} variables; {type(self).__name__} "
+                             f"over these {len(self._trainable_variables)} variables holds {len(layout)}")
+        values = [np.asarray(store[str(k)]) for k in range(len(layout))]
+        slot_of: dict[tuple[int, str], int] = {}
+        for k, (entry, value) in enumerate(zip(layout, values)):
+            want = self.variables[entry] if isinstance(entry, int) else self._trainable_variables[entry[0]]
+            if tuple(value.shape) != tuple(want.shape):
+                raise ValueError(f"optimizer variable {k} has shape {list(value.shape)}, this optimizer needs "
+                                 f"{list(want.shape)}")
+            if not isinstance(entry, int):
+                slot_of[entry] = k
+        for entry, value in zip(layout, values):       # (all checked: nothing is half loaded)
+            if isinstance(entry, int):
+                self.variables[entry].assign(value)
+        for shard, slots in zip(state.shards, state.shard_slots):
+            for name, var in slots.items():
+                flat = np.zeros(shard.plan.shard_numel, tf.as_dtype(var.dtype).as_numpy_dtype)
+                for pc in shard.pieces:
+                    part = values[slot_of[(pc.index, name)]].reshape(-1)[pc.start:pc.start + pc.length]
+                    flat[pc.shard_offset:pc.shard_offset + pc.length] = part
+                var.assign(flat)
+        inner = state.shard_optimizer
+        inner.iterations.assign(self.iterations)
+        if isinstance(self._learning_rate, keras.Variable) and isinstance(inner._learning_rate, keras.Variable):
+            inner._learning_rate.assign(self._learning_rate)
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state this rank holds: the shard optimizer's variables but its step count
