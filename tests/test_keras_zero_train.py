@@ -7,7 +7,7 @@ from weight decay; three launches, start-up dominates the cost):
 - 2 ranks (Gloo): --zero 0, --zero 1, --zero 2; "down": --zero 2 stopped at step 2; "up" resumed with --zero 1;
 - 1 process: "up": --zero 0 stopped at step 2 (before the 2-rank launch); "down" resumed with --zero 0;
   --zero 1 in one process (the local backend);
-- mpirun (mpi4py backend, where the ZeRO update runs eagerly): --zero 2.
+- mpirun (mpi4py backend: the ZeRO update's collectives run as ordered ops in the compiled step): --zero 2.
 Each is compared with the 2-rank --zero 0 run: every logged loss, validation loss and gradient norm, and the
 last checkpoint's weights and optimizer state, within 1e-5 relative. Why not bitwise: ZeRO sums the clipping
 norm from the shards in float64 (the replicated path per tensor in float32), and 1 vs 2 ranks sum a step's

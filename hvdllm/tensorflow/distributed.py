@@ -322,10 +322,11 @@ class _DistributedMixin:
             """Every accumulator (a variable without gradients in this window sends zeros): the same buckets
             on every rank, and none left unapplied or unreset."""
             variables, accs = list(self._trainable_variables), state.accumulators
-            self._hvdllm_update([a.read_value() for a in accs], variables)
-            for acc in accs:
-                acc.assign(tf.zeros_like(acc))
-            return tf.constant(True)
+            done = self._hvdllm_update([a.read_value() for a in accs], variables)
+            with tf.control_dependencies([done] if isinstance(done, tf.Tensor) else []):
+                for acc in accs:
+                    acc.assign(tf.zeros_like(acc))
+                return tf.constant(True)
 
         if tf.executing_eagerly():
             if is_reduction_pass(int(passes.numpy()), k):

@@ -118,6 +118,16 @@ def _after(x: tf.Tensor, previous: tf.Tensor | None) -> tf.Tensor:
         return tf.identity(x)
 
 
+def _as_one_op(fn: Any, inputs: list[tf.Tensor], outputs: list[tuple[int, Any]]) -> list[tf.Tensor]:
+    """``fn(*inputs)`` run eagerly as one graph op (``tf.py_function``): its collectives in program order.
+    ``outputs``: (length, dtype) of each 1-d result. Nothing inside may call a ``tf.function`` (with one
+    inter-op thread the nested call waits for the thread this op holds)."""
+    got = tf.py_function(fn, inputs, Tout=[tf.as_dtype(dt) for _, dt in outputs])
+    for t, (n, _) in zip(got, outputs):
+        t.set_shape([n])
+    return list(got)
+
+
 class ZeroMixin:
     """The sharded update (module docstring); :func:`hvdllm.tensorflow.DistributedOptimizer` mixes it in
     before the replicated wrapper's behaviour (accumulation, ``_hvdllm`` state), whose hooks it overrides."""
@@ -173,22 +183,20 @@ class ZeroMixin:
             raise ValueError(f"local variables (register_local_var) cannot be used with zero_stage={self.zero_stage}; "
                              "allowed: zero_stage=0")
         size = _set_size(rt, state.config.process_set)
-        if size > 1 and rt.name == "mpi" and not tf.executing_eagerly():
-            # mpi4py matches collectives by order; a graph may run this step's reductions and gathers in
-            # another order on each rank (a hang was seen): refused until they are one ordered op
-            raise ValueError(f"zero_stage={self.zero_stage} inside tf.function / model.fit on the mpi4py backend is "
-                             "not supported yet; allowed: the horovod backend (horovodrun), eager steps "
-                             "(model.compile(..., run_eagerly=True)), or zero_stage=0")
         if size > 1 and _in_xla_context():
             raise ValueError("hvdllm ZeRO cannot run in an XLA-compiled function (jit_compile=True); allowed: "
                              "jit_compile=False, e.g. model.compile(..., jit_compile=False)")
+        # mpi4py matches collectives by call order and a graph may run independent ops in any order (a hang
+        # was seen: one rank in an allgather, the other in a reduce-scatter): there each phase's collectives
+        # run as one op, eagerly in program order (tf.py_function), the gathers' op fed by the reductions'
+        one_op = size > 1 and rt.name == "mpi" and not tf.executing_eagerly()
         grads = [tf.zeros(v.shape, tf.as_dtype(v.dtype)) if g is None else _dense(g) for g, v in zip(grads, variables)]
-        shard_grads: list[tf.Tensor] = []
-        for shard in state.shards:
-            shard_grads.append(self._hvdllm_shard_gradient(shard, grads, rt, size,
-                                                           shard_grads[-1] if shard_grads else None))
-        if state.config.max_grad_norm is not None:
-            shard_grads = self._hvdllm_clip(shard_grads, rt, size)
+        if one_op:
+            shard_grads = _as_one_op(lambda *gs: self._hvdllm_reduce_shards(list(gs), rt, size),
+                                     [tf.convert_to_tensor(g) for g in grads],
+                                     [(s.plan.shard_numel, s.variable.dtype) for s in state.shards])
+        else:
+            shard_grads = self._hvdllm_reduce_shards(grads, rt, size)
         self._hvdllm_fill(variables)
         inner = state.shard_optimizer
         if isinstance(self._learning_rate, keras.Variable) and isinstance(inner._learning_rate, keras.Variable):
@@ -196,17 +204,39 @@ class ZeroMixin:
         inner.iterations.assign(self.iterations)
         inner.apply(shard_grads, [s.variable for s in state.shards])
         self.iterations.assign(inner.iterations)
-        previous = shard_grads[-1]  # (a shard's update needs only its own gradient: gather after every reduction)
-        for shard in state.shards:
-            flat = tf.convert_to_tensor(shard.variable)
-            if size > 1:
-                flat = rt.allgather(_after(flat, previous), state.config.process_set, name=_op_name("zero_gather"))
-                previous = flat
+        flats = [tf.convert_to_tensor(shard.variable) for shard in state.shards]
+        if one_op:
+            flats = _as_one_op(lambda *fs: self._hvdllm_gather(list(fs), rt, None),
+                               [_after(f, shard_grads[-1]) for f in flats],
+                               [(s.plan.padded_numel, s.variable.dtype) for s in state.shards])
+        elif size > 1:
+            flats = self._hvdllm_gather(flats, rt, shard_grads[-1])
+        for shard, flat in zip(state.shards, flats):
             for i, off in zip(shard.indices, shard.offsets):
                 v = variables[i]
                 n = int(np.prod(v.shape, dtype=np.int64))
                 v.assign(tf.reshape(flat[off:off + n], v.shape))
-        return None
+        return flats[-1] if one_op else None
+
+    def _hvdllm_reduce_shards(self, grads: list[tf.Tensor], rt: Any, size: int) -> list[tf.Tensor]:
+        """Every shard's reduced gradient (in bucket order, each collective after the previous), clipped."""
+        shard_grads: list[tf.Tensor] = []
+        for shard in self._hvdllm.shards:
+            shard_grads.append(self._hvdllm_shard_gradient(shard, grads, rt, size,
+                                                           shard_grads[-1] if shard_grads else None))
+        if self._hvdllm.config.max_grad_norm is not None:
+            shard_grads = self._hvdllm_clip(shard_grads, rt, size)
+        return shard_grads
+
+    def _hvdllm_gather(self, flats: list[tf.Tensor], rt: Any, previous: tf.Tensor | None) -> list[tf.Tensor]:
+        """Every rank's updated shards, concatenated per bucket (each gather after ``previous``, then after
+        the one before: a shard's update needs only its own gradient, so gather after every reduction)."""
+        out = []
+        for flat in flats:
+            previous = rt.allgather(_after(flat, previous), self._hvdllm.config.process_set,
+                                    name=_op_name("zero_gather"))
+            out.append(previous)
+        return out
 
     def _hvdllm_shard_gradient(self, shard: _Shard, grads: list[tf.Tensor], rt: Any, size: int,
                                previous: tf.Tensor | None) -> tf.Tensor:

@@ -118,36 +118,24 @@ class Steps:
 
     Traced without autograph: the code has no Python control flow on tensors (the distributed
     optimizer's accumulation uses ``tf.cond``), and converting Keras's optimizer code made tracing
-    about 3x slower here. ``eager_update``: only the forward and backward are traced and the optimizer
-    applies eagerly (ZeRO on the mpi4py backend, whose collectives must run in program order).
+    about 3x slower here.
     """
 
-    def __init__(self, model: GPT, optimizer: Any, eager_update: bool = False) -> None:
+    def __init__(self, model: GPT, optimizer: Any) -> None:
         self.model, self.optimizer = model, optimizer
         variables = model.trainable_variables
 
-        def loss_and_grads(x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, list[Any]]:
+        @tf.function(input_signature=[_TOKENS, _TOKENS], autograph=False)
+        def micro_step(x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
             with tf.GradientTape() as tape:
                 loss = cross_entropy(model(x, training=True), y)
             grads = tape.gradient(loss, variables)
             # Dense kernels' gradients lose their static shape with dynamic (batch, time) inputs; the
             # reduction's bucket plan needs it, so restate it from the variables.
-            return loss, [g if isinstance(g, tf.IndexedSlices) else tf.ensure_shape(g, v.shape)
-                          for g, v in zip(grads, variables)]
-
-        if eager_update:
-            traced = tf.function(loss_and_grads, input_signature=[_TOKENS, _TOKENS], autograph=False)
-
-            def micro_step(x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
-                loss, grads = traced(x, y)
-                optimizer.apply(grads, variables)
-                return loss
-        else:
-            @tf.function(input_signature=[_TOKENS, _TOKENS], autograph=False)
-            def micro_step(x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
-                loss, grads = loss_and_grads(x, y)
-                optimizer.apply(grads, variables)     # accumulates; reduces, clips and steps on the last micro-batch
-                return loss
+            grads = [g if isinstance(g, tf.IndexedSlices) else tf.ensure_shape(g, v.shape)
+                     for g, v in zip(grads, variables)]
+            optimizer.apply(grads, variables)     # accumulates; reduces, clips and steps on the last micro-batch
+            return loss
 
         @tf.function(input_signature=[_TOKENS, _TOKENS], autograph=False)
         def eval_sum(x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
@@ -322,7 +310,7 @@ def train(cfg: TrainConfig) -> int:
         return train_model_parallel(s, peak, note)
     model = GPT(s.gpt, seed=cfg.run.seed)             # identical initial weights on every rank ...
     optimizer = make_optimizer(model, cfg, s.plan.accum)
-    steps = Steps(model, optimizer, eager_update=cfg.parallel.zero > 0 and size > 1 and hvd.backend() == "mpi")
+    steps = Steps(model, optimizer)
     losses = LossLog(size, lambda vec: hvd.allreduce(tf.constant(vec), op=hvd.Average).numpy())
 
     if s.resume_from is None and s.init_weights is not None:     # --init-from: its weights, a fresh optimizer

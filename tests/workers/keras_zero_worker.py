@@ -159,18 +159,7 @@ def run(name: str) -> dict:
     return out
 
 
-def mpi_graph_refusal() -> str:
-    """On the mpi4py backend a ZeRO step inside model.fit's graph is a one-line ValueError (no hang)."""
-    opt = hvd.DistributedOptimizer(keras.optimizers.Adam(0.01), bucket_cap_mb=CAP_MB, zero_stage=1)
-    try:
-        train_fit(model(), opt, 1)
-    except ValueError as e:
-        return str(e)
-    return ""
-
-
 selected = sys.argv[1].split(",") if len(sys.argv) > 1 else [*CASES, *STATE_CASES]
-refusal = mpi_graph_refusal() if hvd.backend() == "mpi" and n > 1 else None
-leave_together(hvd, r, {"size": n, "backend": hvd.backend(), "mpi_graph_refusal": refusal,
+leave_together(hvd, r, {"size": n, "backend": hvd.backend(),
                         "cases": {name: run(name) for name in selected if name in CASES},
                         "state": {name: state_case(name) for name in selected if name in STATE_CASES}})
