@@ -128,3 +128,15 @@ def test_two_ranks_are_measured_under_horovodrun(tmp_path: Path) -> None:
     rows = _json_rows(r.stdout)
     # dp=2 with --zero 0, 1 and 2 (2 micro-batches each), tp=2, pp=2
     assert len(rows) == 2 * 3 + 3 + 6 and all(x["dp"] * x["tp"] * x["pp"] == 2 for x in rows)
+
+
+def test_keras_plans_zero_for_data_parallel_layouts_only(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`hvdllm train --framework tensorflow` shards with --zero 1|2 on data-parallel layouts and refuses it
+    with --tp/--pp: plan offers exactly those."""
+    cfg = tmp_path / "keras.toml"
+    cfg.write_text('[run]\nframework = "tensorflow"\n')
+    assert main(["plan", "--config", str(cfg), "--ranks", "4", "--profile", _profile(tmp_path), "--json"]) == 0
+    rows = _json_rows(capsys.readouterr().out)
+    assert {r["zero"] for r in rows if r["tp"] * r["pp"] == 1} == {0, 1, 2}
+    assert any(r["dp"] > 1 and r["tp"] * r["pp"] > 1 for r in rows)
+    assert {r["zero"] for r in rows if r["tp"] * r["pp"] > 1} == {0}

@@ -38,6 +38,22 @@ def assert_resumed_equals(one_go: Path, halves: Path, at: int, tol: float = 1e-6
             np.testing.assert_allclose(fb[kind][k], fa[kind][k], rtol=tol, atol=1e-9, err_msg=f"{kind} {k}")
 
 
+def assert_same_run(a: Path, b: Path, tol: float) -> None:
+    """Run ``b`` logged what ``a`` logged (loss, val_loss, grad_norm; rtol ``tol``) and its last checkpoint
+    holds the same weights and optimizer state: per tensor ||b - a|| / ||a|| <= tol (elementwise, Adam's
+    normalised update amplifies the last-bit differences of near-zero gradients in a few elements)."""
+    for col in ("loss", "val_loss", "grad_norm"):
+        ca, cb = column(a, col), column(b, col)
+        assert [s for s, _ in ca] == [s for s, _ in cb], col
+        np.testing.assert_allclose([v for _, v in cb], [v for _, v in ca], rtol=tol, err_msg=f"{b.name} {col}")
+    (fa, _), (fb, _) = (ckpt.read_checkpoint(ckpt.latest_checkpoint(d)) for d in (a, b))
+    for kind in ("model", "optimizer"):
+        assert fa[kind].keys() == fb[kind].keys(), kind
+        for k in fa[kind]:
+            x, y = np.asarray(fb[kind][k], np.float64), np.asarray(fa[kind][k], np.float64)
+            assert np.linalg.norm(x - y) <= tol * max(np.linalg.norm(y), 1e-30), (b.name, kind, k)
+
+
 def assert_bad_input(args: list[str], words: str, out: Path, timeout: float = 120) -> None:
     """`hvdllm ARGS --out OUT` (one process) exits 2 with one line naming ``words`` (the only line starting
     with "hvdllm"; TensorFlow logs its start-up) and no traceback, and writes nothing."""

@@ -233,6 +233,8 @@ class _State:
         self.zero_stage = 0
         self.shards: list[Any] = []           # ZeRO (hvdllm.tensorflow.zero): this rank's shards
         self.shard_optimizer: Any = None      # ... and the optimizer that steps them
+        self.shard_slots: list[dict[str, Any]] = []   # per shard: slot name -> the shard optimizer's slot variable
+        self.unsplit: list[Any] | None = None         # the replicated optimizer's variable order (zero.ZeroMixin)
 
 
 class _DistributedMixin:
@@ -320,10 +322,11 @@ class _DistributedMixin:
             """Every accumulator (a variable without gradients in this window sends zeros): the same buckets
             on every rank, and none left unapplied or unreset."""
             variables, accs = list(self._trainable_variables), state.accumulators
-            self._hvdllm_update([a.read_value() for a in accs], variables)
-            for acc in accs:
-                acc.assign(tf.zeros_like(acc))
-            return tf.constant(True)
+            done = self._hvdllm_update([a.read_value() for a in accs], variables)
+            with tf.control_dependencies([done] if isinstance(done, tf.Tensor) else []):
+                for acc in accs:
+                    acc.assign(tf.zeros_like(acc))
+                return tf.constant(True)
 
         if tf.executing_eagerly():
             if is_reduction_pass(int(passes.numpy()), k):
@@ -336,6 +339,21 @@ class _DistributedMixin:
 _CLASSES: dict[tuple[type, bool], type] = {}
 
 
+def _register_like(sub: type, cls: type) -> None:
+    """Serialize ``sub`` under ``cls``'s registered name (e.g. "hvdllm>AdamW"), so a saved model reloads
+    the plain registered class; without it Keras records the bare class name, which it cannot find."""
+    import keras
+
+    registered = keras.saving.get_registered_name(cls)
+    if registered == cls.__name__:
+        return
+    try:
+        from keras.src.saving import object_registration
+    except ImportError:  # private module moved: saving records the bare name, as before
+        return
+    object_registration.GLOBAL_CUSTOM_NAMES[sub] = registered
+
+
 def _distributed_class(cls: type, sharded: bool = False) -> type:
     """A subclass of the optimizer's class that carries its name and module, so a model saved with
     a distributed optimizer records (and reloads) the plain one, as with Horovod; ``sharded``: ZeRO's."""
@@ -343,6 +361,7 @@ def _distributed_class(cls: type, sharded: bool = False) -> type:
         bases = (ZeroMixin, _DistributedMixin, cls) if sharded else (_DistributedMixin, cls)
         sub = type(cls.__name__, bases, {"__module__": cls.__module__})
         sub.__qualname__ = cls.__qualname__
+        _register_like(sub, cls)
         _CLASSES[(cls, sharded)] = sub
     return _CLASSES[(cls, sharded)]
 

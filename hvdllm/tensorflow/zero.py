@@ -17,9 +17,18 @@ stays the replicated wrapper's):
 
 ``optimizer.iterations`` counts updates (the shard optimizer's count is kept equal to it) and a
 learning-rate *variable* changed on the wrapper (callbacks) is copied to the shard optimizer each update.
-Elementwise update rules only: per-tensor rules (Lamb, Adafactor, Muon), per-variable or global Keras
-clipping (``clipnorm``, ``global_clipnorm``: use ``max_grad_norm``), EMA and per-variable weight-decay
-exclusions would see shards instead of variables and are refused. Works eagerly and in ``tf.function``.
+Weight-decay exclusions (``exclude_from_weight_decay``) keep excluded variables in buckets of their own,
+whose shard variables the shard optimizer excludes in turn. Elementwise update rules only: per-tensor
+rules (Lamb, Adafactor, Muon), per-variable or global Keras clipping (``clipnorm``, ``global_clipnorm``:
+use ``max_grad_norm``) and EMA would see shards instead of variables and are refused. Works eagerly and
+in ``tf.function``.
+
+State (checkpoints, ``model.save``): ``save_own_variables`` writes what a replicated optimizer of the
+same class over the same variables would write (Keras's index keys, full-size slots; the shards are
+gathered: a collective, every rank calls it), and ``load_own_variables`` takes that format from any
+world size or stage, each rank keeping its shards (no communication). ``optimizer.variables`` holds the
+replicated part only (step count, learning rate): the shards differ per rank, so broadcasting them
+would be wrong; they are ``optimizer.shard_optimizer.variables``.
 """
 from __future__ import annotations
 
@@ -53,10 +62,6 @@ def check_zero_optimizer(optimizer: Any, stage: int, groups: Any) -> None:
                              "see shards); allowed: None, with max_grad_norm= for global-norm clipping")
     if getattr(optimizer, "use_ema", False):
         raise ValueError(f"use_ema=True cannot be used with zero_stage={stage}; allowed: use_ema=False or zero_stage=0")
-    if getattr(optimizer, "_exclude_from_weight_decay", None) or \
-            getattr(optimizer, "_exclude_from_weight_decay_names", None):
-        raise ValueError(f"exclude_from_weight_decay() cannot be used with zero_stage={stage} (shards mix "
-                         "variables); allowed: weight decay on every variable, or zero_stage=0")
     if groups is not None:
         raise ValueError(f"groups={groups!r} cannot be used with zero_stage={stage}; allowed: None (buckets of "
                          "bucket_cap_mb)")
@@ -81,6 +86,28 @@ class _Shard:
         return tf.concat([flat, tf.zeros([pad], flat.dtype)], 0) if pad else flat
 
 
+def build_recording_slots(optimizer: Any, variables: Sequence[Any]) -> list[tuple[int, str] | None]:
+    """Build ``optimizer`` over ``variables``; per optimizer variable afterwards, ``(i, name)`` when it is
+    the slot ``name`` of ``variables[i]`` (made by ``add_variable_from_reference``, as every Keras
+    elementwise optimizer makes its slots), else None (step count, learning rate)."""
+    index = {id(v): i for i, v in enumerate(variables)}
+    made: dict[int, tuple[int, str]] = {}
+    original = optimizer.add_variable_from_reference
+
+    def recording(reference_variable: Any, name: str | None = None, initializer: Any = "zeros") -> Any:
+        slot = original(reference_variable, name=name, initializer=initializer)
+        if id(reference_variable) in index:
+            made[id(slot)] = (index[id(reference_variable)], name or "var")
+        return slot
+
+    object.__setattr__(optimizer, "add_variable_from_reference", recording)
+    try:
+        optimizer.build(list(variables))
+    finally:
+        object.__delattr__(optimizer, "add_variable_from_reference")
+    return [made.get(id(v)) for v in optimizer.variables]
+
+
 def _after(x: tf.Tensor, previous: tf.Tensor | None) -> tf.Tensor:
     """``x``, not computed before ``previous`` in a graph. Collectives are matched by order on the mpi
     backend, and inside a ``tf.cond`` branch (accumulation) independent ops may run in any order: the
@@ -89,6 +116,16 @@ def _after(x: tf.Tensor, previous: tf.Tensor | None) -> tf.Tensor:
         return x
     with tf.control_dependencies([previous]):
         return tf.identity(x)
+
+
+def _as_one_op(fn: Any, inputs: list[tf.Tensor], outputs: list[tuple[int, Any]]) -> list[tf.Tensor]:
+    """``fn(*inputs)`` run eagerly as one graph op (``tf.py_function``): its collectives in program order.
+    ``outputs``: (length, dtype) of each 1-d result. Nothing inside may call a ``tf.function`` (with one
+    inter-op thread the nested call waits for the thread this op holds)."""
+    got = tf.py_function(fn, inputs, Tout=[tf.as_dtype(dt) for _, dt in outputs])
+    for t, (n, _) in zip(got, outputs):
+        t.set_shape([n])
+    return list(got)
 
 
 class ZeroMixin:
@@ -113,14 +150,24 @@ class ZeroMixin:
         specs = [TensorSpec(str(i), tuple(int(d) for d in v.shape), tf.as_dtype(v.dtype).name)
                  for i, v in enumerate(variables)]
         sizes = [s.numel for s in specs]
+        decay = [bool(self.weight_decay) and self._use_weight_decay(v) for v in variables]
         with tf.init_scope():
             state.shards = []
-            for b, bucket in enumerate(plan_buckets(specs, state.config.bucket_cap_bytes)):
+            for b, bucket in enumerate(plan_buckets(specs, state.config.bucket_cap_bytes, groups=decay)):
                 plan = ShardPlan(bucket.numel, size)
                 state.shards.append(_Shard(bucket.indices, bucket.offsets, plan, me,
                                            pieces(bucket, sizes, plan, me), specs[bucket.indices[0]].dtype, b))
             self._hvdllm_fill(variables)
-            state.shard_optimizer.build([s.variable for s in state.shards])
+            inner = state.shard_optimizer
+            excluded = [sh.variable for sh in state.shards if not decay[sh.indices[0]]]
+            if excluded and self.weight_decay:       # (buckets never mix decayed and excluded variables)
+                inner.exclude_from_weight_decay(var_list=excluded)
+            slots = build_recording_slots(inner, [sh.variable for sh in state.shards])
+        state.shard_slots = [{} for _ in state.shards]     # per shard: slot name -> its slot variable
+        for v, slot in zip(inner.variables, slots):
+            if slot is not None:
+                state.shard_slots[slot[0]][slot[1]] = v
+        state.unsplit = None
 
     def _hvdllm_fill(self, variables: Sequence[Any]) -> None:
         """Copy the variables' current values into the shard variables."""
@@ -136,22 +183,20 @@ class ZeroMixin:
             raise ValueError(f"local variables (register_local_var) cannot be used with zero_stage={self.zero_stage}; "
                              "allowed: zero_stage=0")
         size = _set_size(rt, state.config.process_set)
-        if size > 1 and rt.name == "mpi" and not tf.executing_eagerly():
-            # mpi4py matches collectives by order; a graph may run this step's reductions and gathers in
-            # another order on each rank (a hang was seen): refused until they are one ordered op
-            raise ValueError(f"zero_stage={self.zero_stage} inside tf.function / model.fit on the mpi4py backend is "
-                             "not supported yet; allowed: the horovod backend (horovodrun), eager steps "
-                             "(model.compile(..., run_eagerly=True)), or zero_stage=0")
         if size > 1 and _in_xla_context():
             raise ValueError("hvdllm ZeRO cannot run in an XLA-compiled function (jit_compile=True); allowed: "
                              "jit_compile=False, e.g. model.compile(..., jit_compile=False)")
+        # mpi4py matches collectives by call order and a graph may run independent ops in any order (a hang
+        # was seen: one rank in an allgather, the other in a reduce-scatter): there each phase's collectives
+        # run as one op, eagerly in program order (tf.py_function), the gathers' op fed by the reductions'
+        one_op = size > 1 and rt.name == "mpi" and not tf.executing_eagerly()
         grads = [tf.zeros(v.shape, tf.as_dtype(v.dtype)) if g is None else _dense(g) for g, v in zip(grads, variables)]
-        shard_grads: list[tf.Tensor] = []
-        for shard in state.shards:
-            shard_grads.append(self._hvdllm_shard_gradient(shard, grads, rt, size,
-                                                           shard_grads[-1] if shard_grads else None))
-        if state.config.max_grad_norm is not None:
-            shard_grads = self._hvdllm_clip(shard_grads, rt, size)
+        if one_op:
+            shard_grads = _as_one_op(lambda *gs: self._hvdllm_reduce_shards(list(gs), rt, size),
+                                     [tf.convert_to_tensor(g) for g in grads],
+                                     [(s.plan.shard_numel, s.variable.dtype) for s in state.shards])
+        else:
+            shard_grads = self._hvdllm_reduce_shards(grads, rt, size)
         self._hvdllm_fill(variables)
         inner = state.shard_optimizer
         if isinstance(self._learning_rate, keras.Variable) and isinstance(inner._learning_rate, keras.Variable):
@@ -159,17 +204,39 @@ class ZeroMixin:
         inner.iterations.assign(self.iterations)
         inner.apply(shard_grads, [s.variable for s in state.shards])
         self.iterations.assign(inner.iterations)
-        previous = shard_grads[-1]  # (a shard's update needs only its own gradient: gather after every reduction)
-        for shard in state.shards:
-            flat = tf.convert_to_tensor(shard.variable)
-            if size > 1:
-                flat = rt.allgather(_after(flat, previous), state.config.process_set, name=_op_name("zero_gather"))
-                previous = flat
+        flats = [tf.convert_to_tensor(shard.variable) for shard in state.shards]
+        if one_op:
+            flats = _as_one_op(lambda *fs: self._hvdllm_gather(list(fs), rt, None),
+                               [_after(f, shard_grads[-1]) for f in flats],
+                               [(s.plan.padded_numel, s.variable.dtype) for s in state.shards])
+        elif size > 1:
+            flats = self._hvdllm_gather(flats, rt, shard_grads[-1])
+        for shard, flat in zip(state.shards, flats):
             for i, off in zip(shard.indices, shard.offsets):
                 v = variables[i]
                 n = int(np.prod(v.shape, dtype=np.int64))
                 v.assign(tf.reshape(flat[off:off + n], v.shape))
-        return None
+        return flats[-1] if one_op else None
+
+    def _hvdllm_reduce_shards(self, grads: list[tf.Tensor], rt: Any, size: int) -> list[tf.Tensor]:
+        """Every shard's reduced gradient (in bucket order, each collective after the previous), clipped."""
+        shard_grads: list[tf.Tensor] = []
+        for shard in self._hvdllm.shards:
+            shard_grads.append(self._hvdllm_shard_gradient(shard, grads, rt, size,
+                                                           shard_grads[-1] if shard_grads else None))
+        if self._hvdllm.config.max_grad_norm is not None:
+            shard_grads = self._hvdllm_clip(shard_grads, rt, size)
+        return shard_grads
+
+    def _hvdllm_gather(self, flats: list[tf.Tensor], rt: Any, previous: tf.Tensor | None) -> list[tf.Tensor]:
+        """Every rank's updated shards, concatenated per bucket (each gather after ``previous``, then after
+        the one before: a shard's update needs only its own gradient, so gather after every reduction)."""
+        out = []
+        for flat in flats:
+            previous = rt.allgather(_after(flat, previous), self._hvdllm.config.process_set,
+                                    name=_op_name("zero_gather"))
+            out.append(previous)
+        return out
 
     def _hvdllm_shard_gradient(self, shard: _Shard, grads: list[tf.Tensor], rt: Any, size: int,
                                previous: tf.Tensor | None) -> tf.Tensor:
@@ -197,6 +264,88 @@ class ZeroMixin:
         state.grad_norm.assign(total)
         coef = clip_coefficient_of(total, state.config.max_grad_norm, tf.maximum)
         return [g * tf.cast(coef, g.dtype) for g in shard_grads]
+
+    # --- state in the replicated optimizer's format ------------------------------------------------
+    def _hvdllm_unsplit(self) -> list[tuple[int, str] | int]:
+        """What a replicated optimizer of this class over the same variables holds, in its variable
+        order: ``(i, name)`` for slot ``name`` of variable i, an int j for this optimizer's own j-th
+        variable (step count, learning rate). Found once by building such an optimizer over scalar
+        stand-ins (elementwise rules: a slot has its variable's shape)."""
+        state = self._hvdllm
+        if state.unsplit is None:
+            inner = state.shard_optimizer
+            template = type(inner).from_config(inner.get_config())
+            with tf.init_scope():
+                dtypes = [tf.as_dtype(v.dtype).name for v in self._trainable_variables]
+                proxies = [keras.Variable(np.zeros((), dt), dtype=dt, trainable=False, name=f"hvdllm_unsplit_{i}")
+                           for i, dt in enumerate(dtypes)]
+                slots = build_recording_slots(template, proxies)
+            own = iter(range(len(self.variables)))
+            layout: list[tuple[int, str] | int] = []
+            for slot in slots:
+                j = next(own, None) if slot is None else None
+                if slot is None and j is None:
+                    raise ValueError(f"{type(inner).__name__} holds more non-slot variables than this optimizer "
+                                     f"({len(self.variables)}); its state cannot be unsplit")
+                layout.append(slot if slot is not None else j)
+            state.unsplit = layout
+        return state.unsplit
+
+    def save_own_variables(self, store: Any) -> None:
+        """Write the state a replicated optimizer would write (``store[str(k)]``, full-size slots): the
+        shards' slots are gathered over the data-parallel ranks, so every rank must call it (e.g.
+        ``model.save`` on every rank)."""
+        state, rt = self._hvdllm, collectives()
+        size = _set_size(rt, state.config.process_set)
+        where = {i: (b, off) for b, sh in enumerate(state.shards) for i, off in zip(sh.indices, sh.offsets)}
+        gathered: dict[tuple[int, str], np.ndarray] = {}
+        for b, slots in enumerate(state.shard_slots):
+            for name in sorted(slots):
+                flat = tf.convert_to_tensor(slots[name])
+                if size > 1:
+                    flat = rt.allgather(flat, state.config.process_set, name=_op_name("zero_state"))
+                gathered[(b, name)] = np.asarray(flat)
+        own = self.variables
+        for k, entry in enumerate(self._hvdllm_unsplit()):
+            if isinstance(entry, int):
+                store[str(k)] = np.asarray(tf.convert_to_tensor(own[entry]))
+                continue
+            i, name = entry
+            b, off = where[i]
+            v = self._trainable_variables[i]
+            n = int(np.prod(v.shape, dtype=np.int64))
+            store[str(k)] = gathered[(b, name)][off:off + n].reshape(tuple(v.shape))
+
+    def load_own_variables(self, store: Any) -> None:
+        """Take the state a replicated optimizer of this class writes (any world size, any stage); this
+        rank keeps its shards' part (no communication). ValueError when the count or a shape differs."""
+        layout, state = self._hvdllm_unsplit(), self._hvdllm
+        if len(store.keys()) != len(layout):
+            raise ValueError(f"the optimizer state holds {len(store.keys())} variables; {type(self).__name__} "
+                             f"over these {len(self._trainable_variables)} variables holds {len(layout)}")
+        values = [np.asarray(store[str(k)]) for k in range(len(layout))]
+        slot_of: dict[tuple[int, str], int] = {}
+        for k, (entry, value) in enumerate(zip(layout, values)):
+            want = self.variables[entry] if isinstance(entry, int) else self._trainable_variables[entry[0]]
+            if tuple(value.shape) != tuple(want.shape):
+                raise ValueError(f"optimizer variable {k} has shape {list(value.shape)}, this optimizer needs "
+                                 f"{list(want.shape)}")
+            if not isinstance(entry, int):
+                slot_of[entry] = k
+        for entry, value in zip(layout, values):       # (all checked: nothing is half loaded)
+            if isinstance(entry, int):
+                self.variables[entry].assign(value)
+        for shard, slots in zip(state.shards, state.shard_slots):
+            for name, var in slots.items():
+                flat = np.zeros(shard.plan.shard_numel, tf.as_dtype(var.dtype).as_numpy_dtype)
+                for pc in shard.pieces:
+                    part = values[slot_of[(pc.index, name)]].reshape(-1)[pc.start:pc.start + pc.length]
+                    flat[pc.shard_offset:pc.shard_offset + pc.length] = part
+                var.assign(flat)
+        inner = state.shard_optimizer
+        inner.iterations.assign(self.iterations)
+        if isinstance(self._learning_rate, keras.Variable) and isinstance(inner._learning_rate, keras.Variable):
+            inner._learning_rate.assign(self._learning_rate)
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state this rank holds: the shard optimizer's variables but its step count

@@ -7,6 +7,9 @@ them to ``hvd.DistributedOptimizer(AdamW, backward_passes_per_step=accum, averag
 max_grad_norm=...)``, which sums the ``accum`` local gradient sets, averages them over the data-parallel
 ranks, clips the global norm and applies AdamW (hvdllm.tensorflow.optim: the core's math) once per step.
 So the update is the gradient of the mean loss over the whole global batch, whatever the number of ranks.
+``--zero 1|2`` shards AdamW's moments (and with 2 the reduced gradients) over the ranks
+(``zero_stage``, hvdllm.tensorflow.zero); its checkpoints hold the unsplit state in the replicated
+optimizer's format (the shards gathered), so a run resumes on another world size or ``--zero`` stage.
 
 Model parallelism (``--tp``/``--pp``): :class:`hvdllm.train.model_parallel_keras.ModelParallelKeras` runs
 this rank's tensor-parallel pipeline stage through the core's schedules, averages over the data-parallel
@@ -89,7 +92,7 @@ def make_optimizer(model: GPT, cfg: TrainConfig, accum: int) -> Any:
     """AdamW (the core's math) with weight decay on matrices only, made data-parallel and built.
 
     The distributed optimizer sums ``accum`` gradient sets, divides by ``accum`` (the mean over the
-    micro-batches), averages over the ranks, clips, then steps.
+    micro-batches), averages over the ranks, clips, then steps; ``parallel.zero`` > 0 shards its state.
     """
     from hvdllm.tensorflow.optim import AdamW
 
@@ -100,7 +103,8 @@ def make_optimizer(model: GPT, cfg: TrainConfig, accum: int) -> Any:
                    "bf16": hvd.Compression.bf16}[cfg.run.compression]
     dist = hvd.DistributedOptimizer(opt, compression=compression, backward_passes_per_step=accum,
                                     average_aggregated_gradients=True, op=hvd.Average,
-                                    max_grad_norm=cfg.optim.max_grad_norm, bucket_cap_mb=cfg.run.bucket_cap_mb)
+                                    max_grad_norm=cfg.optim.max_grad_norm, bucket_cap_mb=cfg.run.bucket_cap_mb,
+                                    zero_stage=cfg.parallel.zero)
     dist.build(model.trainable_variables)
     return dist
 
@@ -164,10 +168,28 @@ def decorrelate_dropout(model: GPT, rank: int) -> None:
 
 
 def optimizer_arrays(optimizer: Any) -> dict[str, np.ndarray]:
-    """The optimizer's variables (iterations, learning rate, moments) by Keras's own index keys."""
+    """The optimizer's variables (iterations, learning rate, moments) by Keras's own index keys; with
+    ZeRO the unsplit state a replicated optimizer would hold (gathered: a collective, every rank calls it)."""
     store: dict[str, Any] = {}
     optimizer.save_own_variables(store)
     return {k: np.asarray(v) for k, v in store.items()}
+
+
+def load_optimizer_arrays(optimizer: Any, store: dict[str, np.ndarray]) -> None:
+    """:func:`optimizer_arrays`' format (of any world size or ``--zero`` stage) into ``optimizer``; ValueError
+    naming the count or the variable and shapes that do not fit."""
+    if getattr(optimizer, "zero_stage", 0):
+        optimizer.load_own_variables(store)          # checks, then keeps this rank's shards
+        return
+    if len(store) != len(optimizer.variables):
+        raise ValueError(f"the optimizer state holds {len(store)} variables, this run's optimizer "
+                         f"{len(optimizer.variables)}")
+    for i, v in enumerate(optimizer.variables):
+        a = store[str(i)]
+        if tuple(a.shape) != tuple(v.shape):
+            raise ValueError(f"optimizer variable {i} ({v.path}) has shape {list(a.shape)}, this run needs "
+                             f"{list(v.shape)}")
+    optimizer.load_own_variables(store)
 
 
 def checkpoint_meta(s: RunSetup, step: int, pending: list, **extra: Any) -> dict[str, Any]:
@@ -184,10 +206,11 @@ def save(s: RunSetup, model: GPT, optimizer: Any, step: int, losses: LossLog) ->
     if seeds:
         mine = tf.stack([tf.convert_to_tensor(v) for v in seeds])[None]        # (1, n_generators, 2)
         rng_arrays["keras_seed_generators"] = np.asarray(hvd.allgather(mine) if s.size > 1 else mine)
+    opt_arrays = optimizer_arrays(optimizer)
     if not s.is_root:
         return None
     meta = checkpoint_meta(s, step, pending, optimizer_variables=[v.path for v in optimizer.variables])
-    files = {"model": torch_state_dict(model), "optimizer": optimizer_arrays(optimizer)}
+    files = {"model": torch_state_dict(model), "optimizer": opt_arrays}
     if rng_arrays:
         files["rng"] = rng_arrays
     return s.write_checkpoint(step, files, meta)
@@ -229,16 +252,10 @@ def restore(s: RunSetup, model: GPT, optimizer: Any, losses: LossLog) -> None:
     files, meta = ckpt.read_checkpoint(s.resume_from)
     losses.restore(meta.get("pending_losses", []))
     load_weights(model, files["model"], str(s.resume_from))
-    store = files.get("optimizer", {})
-    if len(store) != len(optimizer.variables):
-        raise ConfigError(f"--resume from {s.resume_from}: the optimizer state holds {len(store)} variables, "
-                          f"this run's optimizer {len(optimizer.variables)}")
-    for i, v in enumerate(optimizer.variables):
-        a = store[str(i)]
-        if tuple(a.shape) != tuple(v.shape):
-            raise ConfigError(f"--resume from {s.resume_from}: optimizer variable {i} ({v.path}) has shape "
-                              f"{list(a.shape)}, this run needs {list(v.shape)}")
-    optimizer.load_own_variables(store)
+    try:
+        load_optimizer_arrays(optimizer, files.get("optimizer", {}))
+    except ValueError as e:
+        raise ConfigError(f"--resume from {s.resume_from}: {e}") from None
     states = files.get("rng", {}).get("keras_seed_generators")
     seeds = seed_variables(model)
     if states is not None and seeds and states.shape[1] == len(seeds):

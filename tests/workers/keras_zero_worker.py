@@ -3,13 +3,16 @@
 Run as `<launcher> python keras_zero_worker.py`. Every case trains two copies of one tiny model from the
 same initial weights on this rank's own data for 20 updates, one with the replicated wrapper and one
 with ZeRO, and reports per case: ||a - b|| / ||b|| over all weights, a hash of the ZeRO weights (equal
-on every rank), both optimizers' state bytes and iteration counts.
+on every rank), both optimizers' state bytes and iteration counts. The "state" cases compare the ZeRO
+optimizer's ``save_own_variables`` (gathered) with the replicated one's, load the replicated state into a
+fresh ZeRO optimizer and train both on, and round-trip ``model.save`` / ``keras.saving.load_model``.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import sys
+import tempfile
 
 import numpy as np
 
@@ -71,7 +74,70 @@ CASES = {
     "fit_adam_s2": (lambda: keras.optimizers.Adam(0.01), {}, 2, train_fit, 1),
     "fit_sgd_clip_s1": (lambda: keras.optimizers.SGD(0.05, momentum=0.9), {"max_grad_norm": 0.3}, 1, train_fit, 1),
     "fit_hk_adamw_s2": (lambda: keras.optimizers.AdamW(0.01), {"backward_passes_per_step": 2}, 2, train_fit, 2),
+    # weight decay off for the biases (exclude_from_weight_decay by name): their own buckets and shards
+    "adamw_exclude_s2": (lambda: keras.optimizers.AdamW(0.02, weight_decay=0.1), {}, 2, train_eager, 1),
 }
+
+
+def make_inner(make, name: str):
+    inner = make()
+    if "exclude" in name:
+        inner.exclude_from_weight_decay(var_names=["bias"])
+    return inner
+
+
+def flat(m: keras.Model) -> np.ndarray:
+    return np.concatenate([np.asarray(v).ravel().astype("float64") for v in m.trainable_variables])
+
+
+def rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+STATE_CASES = {
+    # name: (optimizer factory, stage); keras Adam makes its slots interleaved (m0, v0, m1, ...), hvdllm's
+    # AdamW all m then all v: the unsplit order is each class's own
+    "state_keras_adam_s1": (lambda: keras.optimizers.Adam(0.01), 1),
+    "state_hvd_adamw_exclude_s2": (lambda: hvd.optim.AdamW(0.02, weight_decay=0.1), 2),
+    "state_sgd_s2": (lambda: keras.optimizers.SGD(0.05, momentum=0.9), 2),
+}
+
+
+def state_case(name: str) -> dict:
+    make, stage = STATE_CASES[name]
+    ms, opts, stores = {}, {}, {}
+    for z in (0, stage):
+        ms[z] = model()
+        opts[z] = hvd.DistributedOptimizer(make_inner(make, name), bucket_cap_mb=CAP_MB, zero_stage=z)
+        train_eager(ms[z], opts[z], 1)
+        stores[z] = {}
+        opts[z].save_own_variables(stores[z])          # ZeRO: gathered on every rank
+    out = {"keys": [len(stores[0]), len(stores[stage])],
+           "save_rel": max(rel(stores[stage][k], stores[0][k]) for k in stores[0]),
+           "shapes_equal": all(np.shape(stores[stage][k]) == np.shape(stores[0][k]) for k in stores[0])}
+    # the replicated state into a fresh ZeRO optimizer over the replicated weights; both train on
+    m = model()
+    m.set_weights(ms[0].get_weights())
+    fresh = hvd.DistributedOptimizer(make_inner(make, name), bucket_cap_mb=CAP_MB, zero_stage=stage)
+    fresh.build(m.trainable_variables)
+    fresh.load_own_variables(stores[0])
+    train_eager(ms[0], opts[0], 1)
+    train_eager(m, fresh, 1)
+    out["resume_rel"] = rel(flat(m), flat(ms[0]))
+    out["iterations"] = [int(opts[0].iterations.numpy()), int(fresh.iterations.numpy())]
+    # model.save on every rank writes the unsplit state; plain Keras loads it
+    ms[stage].compile(optimizer=opts[stage], loss="mse", jit_compile=False)
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "m.keras")
+        ms[stage].save(path)
+        loaded = keras.saving.load_model(path)
+    got = {}
+    loaded.optimizer.save_own_variables(got)
+    out["saved_keys"] = len(got)
+    out["saved_rel"] = max(rel(got[k], stores[stage][k]) for k in stores[stage]) if len(got) == len(stores[stage]) \
+        else None
+    return out
 
 
 def run(name: str) -> dict:
@@ -81,9 +147,9 @@ def run(name: str) -> dict:
     weights = {}
     for z in (0, stage):
         m = model()
-        opt = wrap(make(), bucket_cap_mb=CAP_MB, zero_stage=z, **options)
+        opt = wrap(make_inner(make, name), bucket_cap_mb=CAP_MB, zero_stage=z, **options)
         loop(m, opt, passes)
-        weights[z] = np.concatenate([np.asarray(v).ravel().astype("float64") for v in m.trainable_variables])
+        weights[z] = flat(m)
         out[f"iterations_{z}"] = int(opt.iterations.numpy())
         out[f"bytes_{z}"] = opt.state_bytes() if z else state_bytes(opt)
     a, b = weights[stage], weights[0]
@@ -93,17 +159,7 @@ def run(name: str) -> dict:
     return out
 
 
-def mpi_graph_refusal() -> str:
-    """On the mpi4py backend a ZeRO step inside model.fit's graph is a one-line ValueError (no hang)."""
-    opt = hvd.DistributedOptimizer(keras.optimizers.Adam(0.01), bucket_cap_mb=CAP_MB, zero_stage=1)
-    try:
-        train_fit(model(), opt, 1)
-    except ValueError as e:
-        return str(e)
-    return ""
-
-
-selected = sys.argv[1].split(",") if len(sys.argv) > 1 else list(CASES)
-refusal = mpi_graph_refusal() if hvd.backend() == "mpi" and n > 1 else None
-leave_together(hvd, r, {"size": n, "backend": hvd.backend(), "mpi_graph_refusal": refusal,
-                        "cases": {name: run(name) for name in selected}})
+selected = sys.argv[1].split(",") if len(sys.argv) > 1 else [*CASES, *STATE_CASES]
+leave_together(hvd, r, {"size": n, "backend": hvd.backend(),
+                        "cases": {name: run(name) for name in selected if name in CASES},
+                        "state": {name: state_case(name) for name in selected if name in STATE_CASES}})
