@@ -38,10 +38,15 @@ def assert_resumed_equals(one_go: Path, halves: Path, at: int, tol: float = 1e-6
             np.testing.assert_allclose(fb[kind][k], fa[kind][k], rtol=tol, atol=1e-9, err_msg=f"{kind} {k}")
 
 
+ATOL = 1e-8      # per element (rms) on top of the relative bound: a few fp32 ulps of weights ~1e-2
+
+
 def assert_same_run(a: Path, b: Path, tol: float) -> None:
     """Run ``b`` logged what ``a`` logged (loss, val_loss, grad_norm; rtol ``tol``) and its last checkpoint
-    holds the same weights and optimizer state: per tensor ||b - a|| / ||a|| <= tol (elementwise, Adam's
-    normalised update amplifies the last-bit differences of near-zero gradients in a few elements)."""
+    holds the same weights and optimizer state: per tensor ||b - a|| <= tol ||a|| + ATOL sqrt(n) (Adam's
+    normalised update amplifies the last-bit differences of near-zero gradients in a few elements, which
+    in a small tensor - a 192-element bias of norm 0.03 - came to 1.03e-5 of its norm once, at 4 ranks
+    resumed on 2)."""
     for col in ("loss", "val_loss", "grad_norm"):
         ca, cb = column(a, col), column(b, col)
         assert [s for s, _ in ca] == [s for s, _ in cb], col
@@ -51,7 +56,7 @@ def assert_same_run(a: Path, b: Path, tol: float) -> None:
         assert fa[kind].keys() == fb[kind].keys(), kind
         for k in fa[kind]:
             x, y = np.asarray(fb[kind][k], np.float64), np.asarray(fa[kind][k], np.float64)
-            assert np.linalg.norm(x - y) <= tol * max(np.linalg.norm(y), 1e-30), (b.name, kind, k)
+            assert np.linalg.norm(x - y) <= tol * np.linalg.norm(y) + ATOL * np.sqrt(y.size), (b.name, kind, k)
 
 
 def assert_bad_input(args: list[str], words: str, out: Path, timeout: float = 120) -> None:
