@@ -6,26 +6,21 @@ Run as `<launcher> python keras_api_worker.py`. Reports the cases it checked and
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 import traceback
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from tests.workers.common import leave_together  # noqa: E402
+from common import leave_together, start
 
-import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import keras
+import tensorflow as tf
 
-import hvdllm.keras as hk  # noqa: E402
-import hvdllm.tensorflow as hvd  # noqa: E402
-import hvdllm.tensorflow.keras as htk  # noqa: E402
+import hvdllm.keras as hk
+import hvdllm.tensorflow as hvd
+import hvdllm.tensorflow.keras as htk
 
-hvd.init()
-tf.config.threading.set_intra_op_parallelism_threads(1)
-tf.config.threading.set_inter_op_parallelism_threads(1)
-r, n = hvd.rank(), hvd.size()
+r, n = start(hvd, inter_op=1)
 OUT = os.environ.get("HVDLLM_TEST_OUT") or tempfile.gettempdir()
 checked: list[str] = []
 failures: list[str] = []
