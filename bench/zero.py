@@ -11,7 +11,7 @@ Adam's state is allocated at the first step and keeps its size) and the gradient
 steps (hvdllm: gradient buckets and shard gradients; DDP: the parameters' .grad, not its own buckets);
 the largest over the ranks is shown. (Stage 2 still holds full-size buckets during backward: the peak
 is unchanged, the memory is free between steps, e.g. for evaluation or activations of the next forward.)
-Runs are interleaved over rounds (medians of global tokens/s). On a 2-core machine shared with other
+Runs are interleaved over rounds (bench/harness.py; medians of global tokens/s). On a 2-core machine shared with other
 work the speeds are noisy and ranks oversubscribe the cores at np=4: compare within one run only.
 
 Measured 2026-12-01 (2-core machine shared with four other engineers' tests: speeds +-30% between
@@ -26,17 +26,11 @@ All modes reach the same loss (5.5223 at np=2, 5.5327 at np=4).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
-import sys
-import tempfile
-import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+from harness import (bench_gpt, comma_list, interleaved, launch, launch_parser, report, start_ranks, train_timed,
+                     worker_argv)
+
 MODES = ("z0", "z1", "z2", "torch_zero")
 
 
@@ -47,26 +41,11 @@ def _state_bytes(state: dict) -> int:
 def worker(mode: str, steps: int, warmup: int, batch: int) -> None:
     import torch
 
-    sys.path.insert(0, str(ROOT))
-    from hvdllm.core.world import available_cores
-    from hvdllm.models.gpt import GPT, GPTConfig
-
-    cfg = GPTConfig(vocab_size=256, block_size=128, n_layer=4, n_head=4, n_embd=256)
+    hvd, rank, size = start_ranks("ddp" if mode == "torch_zero" else "hvdllm")
+    model = bench_gpt()
     if mode == "torch_zero":
-        import torch.distributed as dist
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
-        dist.init_process_group("gloo")
-        rank, size, local = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_WORLD_SIZE"])
-    else:
-        import hvdllm.torch as hvd
-
-        hvd.init()
-        rank, size, local = hvd.rank(), hvd.size(), hvd.local_size()
-    torch.set_num_threads(max(1, available_cores() // local))
-    torch.manual_seed(0)
-    model = GPT(cfg)
-    if mode == "torch_zero":
         model = torch.nn.parallel.DistributedDataParallel(model)
         opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW, lr=3e-4,
                                       weight_decay=0.1)
@@ -79,86 +58,45 @@ def worker(mode: str, steps: int, warmup: int, batch: int) -> None:
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
         state = lambda: opt.state_bytes() if opt.zero_stage else _state_bytes(opt.state)  # noqa: E731
         grads = lambda: opt.gradient_bytes()  # noqa: E731
-    g = torch.Generator().manual_seed(1 + rank)
-    data = torch.randint(0, cfg.vocab_size, (8, batch, cfg.block_size + 1), generator=g)
-
-    def step(i: int) -> float:
-        xy = data[i % len(data)]
-        opt.zero_grad()
-        _, loss = model(xy[:, :-1], xy[:, 1:])
-        loss.backward()
-        opt.step()
-        return loss.item()
-
-    for i in range(warmup):
-        step(i)
-    t0 = time.perf_counter()
-    for i in range(steps):
-        loss = step(warmup + i)
-    elapsed = time.perf_counter() - t0
-    tokens = steps * batch * cfg.block_size * size
-    result = {"mode": mode, "rank": rank, "size": size, "tokens_per_s": tokens / elapsed, "loss": loss,
-              "state_bytes": state(), "grad_bytes": grads(), "params": sum(p.numel() for p in model.parameters())}
-    # one file per rank: the launchers interleave the ranks' stdout
-    Path(os.environ["ZERO_BENCH_OUT"], f"rank{rank}.json").write_text(json.dumps(result))
+    elapsed, loss, tokens = train_timed(model, opt, rank, batch, steps, warmup)
+    report({"mode": mode, "rank": rank, "size": size, "tokens_per_s": tokens * size / elapsed, "loss": loss,
+            "state_bytes": state(), "grad_bytes": grads(), "params": sum(p.numel() for p in model.parameters())})
 
 
-def launch(mode: str, np_: int, args: argparse.Namespace) -> dict | None:
-    """Run ``mode`` on ``np_`` ranks; rank 0's result with the largest per-rank state bytes."""
-    me = [sys.executable, str(Path(__file__).resolve()), "--worker", mode, "--steps", str(args.steps),
-          "--warmup", str(args.warmup), "--batch", str(args.batch)]
-    with tempfile.TemporaryDirectory(prefix="zero-bench-") as out:
-        env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", ZERO_BENCH_OUT=out)
-        env.pop("HVDLLM_BACKEND", None)
-        if mode == "torch_zero":
-            cmd = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", str(np_), *me[1:]]
-        else:
-            cmd = [str(BIN / "horovodrun"), "-np", str(np_), "--gloo", *me]
-        proc = subprocess.run(cmd, env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=args.timeout)
-        results = [json.loads(f.read_text()) for f in sorted(Path(out).glob("rank*.json"))]
-    if len(results) != np_:
-        print(f"{mode} np={np_} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}",
-              file=sys.stderr)
+def run(mode: str, np_: int, args: argparse.Namespace) -> dict | None:
+    """Run ``mode`` on ``np_`` ranks; rank 0's result with the largest per-rank state and gradient bytes."""
+    ranks = launch("torchrun" if mode == "torch_zero" else "gloo", np_, worker_argv(__file__, mode, args),
+                   args.timeout)
+    if not ranks:
         return None
-    first = next(r for r in results if r["rank"] == 0)
-    return {**first, "state_bytes": max(r["state_bytes"] for r in results),
-            "grad_bytes": max(r["grad_bytes"] for r in results)}
+    return {**ranks[0], "state_bytes": max(r["state_bytes"] for r in ranks),
+            "grad_bytes": max(r["grad_bytes"] for r in ranks)}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description="ZeRO memory and speed: hvdllm --zero 0/1/2 vs torch ZeRO + DDP")
-    ap.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
+    ap = launch_parser("ZeRO memory and speed: hvdllm --zero 0/1/2 vs torch ZeRO + DDP", MODES, MODES, rounds=2,
+                       steps=10, warmup=2, timeout=900)
     ap.add_argument("--nps", default="2,4", help="comma list of rank counts")
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=8, help="sequences of 128 tokens per rank and step")
-    ap.add_argument("--modes", default=",".join(MODES), help="comma list of " + ",".join(MODES))
-    ap.add_argument("--timeout", type=float, default=900)
     args = ap.parse_args()
     if args.worker:
         worker(args.worker, args.steps, args.warmup, args.batch)
         return
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    bad = [m for m in modes if m not in MODES]
-    if bad:
-        ap.error(f"--modes has {bad}; allowed: {', '.join(MODES)}")
+    modes = comma_list(ap, args.modes, MODES, "--modes")
     nps = [int(v) for v in args.nps.split(",")]
     speed: dict[tuple[str, int], list[float]] = {}
     mem: dict[tuple[str, int], int] = {}
     held: dict[tuple[str, int], int] = {}
     for np_ in nps:
-        for r in range(args.rounds):
-            for m in (modes if r % 2 == 0 else modes[::-1]):
-                res = launch(m, np_, args)
-                if res:
-                    speed.setdefault((m, np_), []).append(res["tokens_per_s"])
-                    mem[(m, np_)] = res["state_bytes"]
-                    held[(m, np_)] = res["grad_bytes"]
-                    print(f"np={np_} round {r} {m:10s} {res['tokens_per_s']:8.0f} tokens/s  loss {res['loss']:.4f}  "
-                          f"optimizer state {res['state_bytes'] / 2**20:7.2f} MiB/rank  "
-                          f"gradients held {res['grad_bytes'] / 2**20:6.2f} MiB/rank  "
-                          f"({res['params'] / 1e6:.2f}M params)", flush=True)
+        for r, m in interleaved(modes, args.rounds):
+            res = run(m, np_, args)
+            if res:
+                speed.setdefault((m, np_), []).append(res["tokens_per_s"])
+                mem[(m, np_)] = res["state_bytes"]
+                held[(m, np_)] = res["grad_bytes"]
+                print(f"np={np_} round {r} {m:10s} {res['tokens_per_s']:8.0f} tokens/s  loss {res['loss']:.4f}  "
+                      f"optimizer state {res['state_bytes'] / 2**20:7.2f} MiB/rank  "
+                      f"gradients held {res['grad_bytes'] / 2**20:6.2f} MiB/rank  "
+                      f"({res['params'] / 1e6:.2f}M params)", flush=True)
     print("\nnp  mode        tokens/s (median)  vs z0    state MiB/rank  vs z0     grads held MiB/rank")
     for np_ in nps:
         base_s = statistics.median(speed[("z0", np_)]) if ("z0", np_) in speed else None
