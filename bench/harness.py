@@ -72,6 +72,15 @@ def gpt_shapes(target_params: int) -> list[tuple[int, ...]]:
     return shapes
 
 
+def step_parser(description: str, optimizers: Sequence[str], rounds: int, rounds_help: str) -> argparse.ArgumentParser:
+    """The options of the optimizer-step benches: model sizes, optimizers, interleaved rounds."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[25], help="millions of parameters")
+    ap.add_argument("--optimizers", nargs="+", default=list(optimizers), choices=list(optimizers))
+    ap.add_argument("--rounds", type=int, default=rounds, help=rounds_help)
+    return ap
+
+
 def comma_list(ap: argparse.ArgumentParser, value: str, allowed: Sequence[str], flag: str) -> list[str]:
     """``value``'s comma-separated names, each one of ``allowed`` (else the parser's usage error)."""
     names = [m.strip() for m in value.split(",") if m.strip()]

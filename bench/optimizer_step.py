@@ -13,11 +13,10 @@ per step and the ratio ``reference time / this time`` against torch's fused kern
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 from typing import Callable, Dict, List, Tuple
 
-from harness import gpt_shapes, time_interleaved
+from harness import gpt_shapes, step_parser, time_interleaved
 
 import torch
 
@@ -81,10 +80,8 @@ def bench(name: str, size_m: int, rounds: int, device: str, unfused: bool) -> Di
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[25], help="millions of parameters")
-    ap.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
-    ap.add_argument("--rounds", type=int, default=0, help="interleaved rounds (default: 20 up to 30M, 8 above)")
+    ap = step_parser(__doc__.splitlines()[0], list(OPTIMIZERS), 0,
+                     "interleaved rounds (default: 20 up to 30M, 8 above)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--unfused", action="store_true", help="also time hvdllm's per-tensor path (fused=False)")

@@ -11,14 +11,13 @@ least as fast).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 from typing import Callable, Dict, List, Tuple
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from harness import gpt_shapes, time_interleaved  # noqa: E402
+from harness import gpt_shapes, step_parser, time_interleaved  # noqa: E402
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -74,11 +73,8 @@ def bench(name: str, size_m: int, rounds: int, modes: List[str]) -> Dict[str, fl
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[25], help="millions of parameters")
-    ap.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
+    ap = step_parser(__doc__.splitlines()[0], list(OPTIMIZERS), 10, "interleaved rounds")
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
-    ap.add_argument("--rounds", type=int, default=10, help="interleaved rounds")
     args = ap.parse_args()
     summary = []
     for size in args.sizes:
