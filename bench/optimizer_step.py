@@ -3,9 +3,9 @@ foreach implementations of the same rule, on the same GPT-like parameters.
 
 GPT-2-style parameter shapes (embeddings, per-layer LayerNorms, qkv/proj/fc weights and biases), so the
 step touches many tensors of mixed sizes. Variants are timed in interleaved rounds (the order rotates
-each round) so machine noise hits all of them alike; the script prints the median ms per step and the
-ratio ``reference time / this time`` against torch's fused kernel for the same rule (LAMB, which torch
-lacks, against torch's fused AdamW: the fastest built-in step on these parameters).
+each round; bench/harness.py) so machine noise hits all of them alike; the script prints the median ms
+per step and the ratio ``reference time / this time`` against torch's fused kernel for the same rule
+(LAMB, which torch lacks, against torch's fused AdamW: the fastest built-in step on these parameters).
 
     python bench/optimizer_step.py                          # ~25M parameters, every optimizer
     python bench/optimizer_step.py --sizes 10 100 --optimizers AdamW --rounds 20 --unfused
@@ -13,17 +13,14 @@ lacks, against torch's fused AdamW: the fastest built-in step on these parameter
 """
 from __future__ import annotations
 
-import argparse
 import statistics
-import sys
-import time
-from pathlib import Path
 from typing import Callable, Dict, List, Tuple
+
+from harness import gpt_shapes, step_parser, time_interleaved
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's hvdllm, not an installed one
-from hvdllm.torch import optim as hopt  # noqa: E402
+from hvdllm.torch import optim as hopt
 
 # name -> (hvdllm class, torch class (None: none in torch), hyperparameters both take, reference variant)
 OPTIMIZERS: Dict[str, Tuple[type, type | None, dict]] = {
@@ -33,19 +30,6 @@ OPTIMIZERS: Dict[str, Tuple[type, type | None, dict]] = {
     "AdamW": (hopt.AdamW, torch.optim.AdamW, dict(lr=1e-4)),
     "LAMB": (hopt.LAMB, None, dict(lr=1e-4)),
 }
-
-
-def gpt_shapes(target_params: int) -> List[Tuple[int, ...]]:
-    """Shapes of a GPT-2-style model with about ``target_params`` parameters."""
-    d, vocab, ctx = (384, 8192, 512) if target_params < 30e6 else (768, 32768, 1024)
-    per_layer = 12 * d * d + 13 * d
-    layers = max(1, round((target_params - (vocab + ctx) * d) / per_layer))
-    shapes: List[Tuple[int, ...]] = [(vocab, d), (ctx, d)]
-    for _ in range(layers):
-        shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,),
-                   (d,), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,)]
-    shapes += [(d,), (d,)]
-    return shapes
 
 
 def make_params(shapes: List[Tuple[int, ...]], device: str, seed: int = 0) -> List[torch.nn.Parameter]:
@@ -83,18 +67,8 @@ def bench(name: str, size_m: int, rounds: int, device: str, unfused: bool) -> Di
     shapes = gpt_shapes(size_m * 1_000_000)
     n = sum(torch.Size(s).numel() for s in shapes)
     variants = variants_for(name, shapes, device, unfused)
-    for step in variants.values():  # warm up: state allocation, first touches
-        step()
-        step()
-    times: Dict[str, List[float]] = {k: [] for k in variants}
+    times = time_interleaved(variants, rounds, sync=lambda: sync(device))
     names = list(variants)
-    for r in range(rounds):
-        for k in names[r % len(names):] + names[:r % len(names)]:
-            sync(device)
-            t0 = time.perf_counter()
-            variants[k]()
-            sync(device)
-            times[k].append((time.perf_counter() - t0) * 1e3)
     med = {k: statistics.median(v) for k, v in times.items()}
     ref = med[names[0]]
     print(f"\n{name}: {n / 1e6:.1f}M parameters in {len(shapes)} tensors, {device}, "
@@ -106,10 +80,8 @@ def bench(name: str, size_m: int, rounds: int, device: str, unfused: bool) -> Di
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[25], help="millions of parameters")
-    ap.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
-    ap.add_argument("--rounds", type=int, default=0, help="interleaved rounds (default: 20 up to 30M, 8 above)")
+    ap = step_parser(__doc__.splitlines()[0], list(OPTIMIZERS), 0,
+                     "interleaved rounds (default: 20 up to 30M, 8 above)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--unfused", action="store_true", help="also time hvdllm's per-tensor path (fused=False)")

@@ -2,31 +2,27 @@
 keras.optimizers one for the same rule, the way users run them: ``apply_gradients`` eagerly, inside
 ``tf.function``, and inside ``tf.function(jit_compile=True)`` (XLA; ``model.fit``'s default on TF).
 
-Same GPT-2-style shapes as bench/optimizer_step.py; interleaved rounds (order rotating each round);
-median ms per step and the ratio ``keras time / hvdllm time`` (>= 1.0: hvdllm at least as fast).
+Same GPT-2-style shapes as bench/optimizer_step.py; interleaved rounds (order rotating each round; both
+from bench/harness.py); median ms per step and the ratio ``keras time / hvdllm time`` (>= 1.0: hvdllm at
+least as fast).
 
     python bench/optimizer_step_keras.py                              # ~25M parameters, every optimizer
     python bench/optimizer_step_keras.py --sizes 10 --optimizers AdamW --modes jit function
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
-import sys
-import time
-from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+
+from harness import gpt_shapes, step_parser, time_interleaved  # noqa: E402
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from bench.optimizer_step import gpt_shapes  # noqa: E402
 from hvdllm.tensorflow import optim as kopt  # noqa: E402
 
 # name -> (hvdllm factory, keras factory): each at its defaults (SGD momentum 0.9 as "Momentum")
@@ -63,16 +59,7 @@ def bench(name: str, size_m: int, rounds: int, modes: List[str]) -> Dict[str, fl
     for mode in modes:
         variants[f"keras {name} {mode}"] = make_step(theirs(), values, grads, mode)
         variants[f"hvdllm {name} {mode}"] = make_step(ours(), values, grads, mode)
-    for step in variants.values():  # warm up: tracing, XLA compilation, first touches
-        step()
-        step()
-    times: Dict[str, List[float]] = {k: [] for k in variants}
-    names = list(variants)
-    for r in range(rounds):
-        for k in names[r % len(names):] + names[:r % len(names)]:
-            t0 = time.perf_counter()
-            variants[k]()
-            times[k].append((time.perf_counter() - t0) * 1e3)
+    times = time_interleaved(variants, rounds)
     med = {k: statistics.median(v) for k, v in times.items()}
     low = {k: min(v) for k, v in times.items()}
     n = sum(int(np.prod(s)) for s in shapes)
@@ -86,11 +73,8 @@ def bench(name: str, size_m: int, rounds: int, modes: List[str]) -> Dict[str, fl
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[25], help="millions of parameters")
-    ap.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
+    ap = step_parser(__doc__.splitlines()[0], list(OPTIMIZERS), 10, "interleaved rounds")
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
-    ap.add_argument("--rounds", type=int, default=10, help="interleaved rounds")
     args = ap.parse_args()
     summary = []
     for size in args.sizes:

@@ -1,6 +1,6 @@
 """Launch real ranks for a test and collect what each rank reports.
 
-A worker script calls :func:`tests.workers.common.report` once; the harness reads one JSON file per
+A worker script calls ``report`` (tests/workers/common.py) once; the harness reads one JSON file per
 rank. On any failure (non-zero exit, timeout, a missing report) the assertion message carries the
 launcher's whole output, where horovodrun/mpirun tag each line with its rank.
 """

@@ -1,15 +1,17 @@
 """horovod.tensorflow / horovod.tensorflow.keras / horovod.keras names of hvdllm on real ranks: SyncBatchNormalization
-against one-process BatchNormalization on the combined uneven batch, PartialDistributedGradientTape and the
-Keras DistributedOptimizer's Horovod arguments against numpy, the Keras value collectives, load_model and the
-learning-rate schedule callback (tests/workers/keras_api_worker.py; one launch runs every case)."""
+against one-process BatchNormalization on the combined uneven batch (and on the kept rows under a mask),
+PartialDistributedGradientTape and the Keras DistributedOptimizer's Horovod arguments against numpy, the Keras
+value collectives, load_model and the learning-rate schedule callback (tests/workers/keras_api_worker.py; one
+launch runs every case)."""
 from __future__ import annotations
 
 import pytest
 
 from tests.multirank import run_ranks
 
-CASES = {"syncbn_eager", "syncbn_function", "syncbn_fused_error", "partial_tape_scale_True",
-         "partial_tape_scale_False", "tape_groups", "tape_groups_local_empty", "tape_groups_2_0", "tape_groups_None_3",
+CASES = {"syncbn_eager", "syncbn_function", "syncbn_fused_error", "syncbn_mask_eager", "syncbn_mask_function",
+         "partial_tape_scale_True", "partial_tape_scale_False", "tape_groups", "tape_groups_local_empty",
+         "tape_groups_2_0", "tape_groups_None_3",
          "optimizer_groups_int", "optimizer_num_groups", "optimizer_sparse_device", "optimizer_predivide",
          "optimizer_partial", "optimizer_register_local", "optimizer_bad_groups", "aggregation_pass1",
          "aggregation_pass2", "allreduce_fp16", "allreduce_average_positional", "allreduce_indexed_slices",

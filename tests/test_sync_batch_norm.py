@@ -40,3 +40,22 @@ def test_combine_moments_matches_numpy_on_the_concatenation() -> None:
     assert bn.average_factor(None, 4) == 0.25 and bn.average_factor(0.1, 4) == 0.1
     with pytest.raises(ValueError, match="more than 1 value"):
         bn.unbiased(var, 1)
+
+
+def test_combine_packets_reads_one_count_or_one_per_channel() -> None:
+    """The gathered packets [count(s), mean, M2] (torch: one count; Keras under a mask: one per channel)."""
+    import numpy as np
+
+    from hvdllm.core import batch_norm as bn
+
+    rng = np.random.default_rng(1)
+    parts = [rng.normal(-3.0, 0.5, size=(k, 2)) for k in (2, 5)]
+    means = [p.mean(0) for p in parts]
+    m2s = [((p - p.mean(0)) ** 2).sum(0) for p in parts]
+    whole = np.concatenate(parts)
+    for per_channel in (False, True):
+        counts = [np.full(2 if per_channel else 1, float(len(p))) for p in parts]
+        every = np.stack([np.concatenate(row) for row in zip(counts, means, m2s)])
+        _, mean, var = bn.combine_packets(every, 2)
+        np.testing.assert_allclose(mean, whole.mean(0), rtol=1e-12)
+        np.testing.assert_allclose(var, whole.var(0), rtol=1e-12)

@@ -4,10 +4,12 @@ arithmetic, ``sum0`` and ``sqrt`` are needed, so torch, TF and numpy arrays all 
 Training statistics are those of the combined batch of every rank, whatever each rank's batch size:
 each rank shares (count, mean, M2) per channel, where M2 is the sum of squared deviations from its
 own mean, and they are combined with Chan et al.'s parallel formula (stable where the sum of squares
-minus the squared sum is not). Running statistics follow torch's BatchNorm on the combined batch
-(unbiased variance, momentum or a cumulative average). The gradient of the normalized input needs two
-per-channel sums over the combined batch, ``sum(dy)`` and ``sum(dy * xhat)``, which the backward pass
-sums over the ranks.
+minus the squared sum is not). Both adapters gather one packet per rank, ``[count, mean, M2]``, and
+read it with :func:`combine_packets`. Running statistics follow torch's BatchNorm on the combined batch
+(unbiased variance, momentum or a cumulative average; Keras's layer keeps Keras's moving averages). The
+gradient of the normalized input needs two per-channel sums over the combined batch, ``sum(dy)`` and
+``sum(dy * xhat)``, which torch's backward pass sums over the ranks (Keras differentiates through the
+gather instead).
 """
 from __future__ import annotations
 
@@ -25,6 +27,14 @@ def combine_moments(counts: Any, means: Any, m2s: Any, sum0: Callable[[Any], Any
     mean = sum0(counts * means) / total
     m2 = sum0(m2s + counts * (means - mean) ** 2)
     return total, mean, m2 / total
+
+
+def combine_packets(every: Any, channels: int, sum0: Callable[[Any], Any] = _sum0) -> tuple[Any, Any, Any]:
+    """:func:`combine_moments` on every rank's packet ``[count(s), mean (C), M2 (C)]`` gathered as rows
+    (ranks, k + 2C), where the count is one value (k = 1) or one per channel (k = C, masked inputs).
+    The adapters build the packet, gather it in one collective and read the moments back here."""
+    k = int(every.shape[1]) - 2 * channels
+    return combine_moments(every[:, :k], every[:, k:k + channels], every[:, k + channels:], sum0)
 
 
 def running_update(running: Any, batch: Any, factor: float) -> Any:

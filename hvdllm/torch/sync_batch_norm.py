@@ -68,8 +68,7 @@ class _SyncBatchNorm(torch.autograd.Function):
         m2 = ((xs - _channel_view(mean, x.dim())) ** 2).sum(dims)
         packet = torch.cat([xs.new_tensor([float(count)]), mean, m2]).unsqueeze(0)
         every = allgather(packet, name="sync_batch_norm.stats")           # (ranks, 1 + 2C)
-        c = x.size(1)
-        total, mean, var = bn.combine_moments(every[:, :1], every[:, 1:1 + c], every[:, 1 + c:])
+        total, mean, var = bn.combine_packets(every, x.size(1))
         total = float(total.item())
         if running is not None:
             with torch.no_grad():

@@ -1,11 +1,9 @@
 """Every basic collective on one framework; run as `<launcher> python collectives_worker.py torch|tensorflow`."""
 from __future__ import annotations
 
-import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from tests.workers.common import report  # noqa: E402
+from common import report, start
 
 framework = sys.argv[1]
 out: dict = {}
@@ -15,9 +13,7 @@ if framework == "torch":
 
     import hvdllm.torch as hvd
 
-    hvd.init(process_sets=[[0]])
-    torch.set_num_threads(hvd.threads_per_rank())
-    r, n = hvd.rank(), hvd.size()
+    r, n = start(hvd, [[0]], threads=None)
     x = torch.arange(4, dtype=torch.float32) + 10 * r
     out["avg"] = hvd.allreduce(x).tolist()
     out["avg_default_op"] = hvd.allreduce(x, op=hvd.Average).tolist()
@@ -56,9 +52,7 @@ else:
 
     import hvdllm.tensorflow as hvd
 
-    hvd.init()
-    tf.config.threading.set_intra_op_parallelism_threads(hvd.threads_per_rank())
-    r, n = hvd.rank(), hvd.size()
+    r, n = start(hvd, threads=None)
     x = tf.range(4, dtype=tf.float32) + 10.0 * r
     out["avg"] = hvd.allreduce(x).numpy().tolist()
     out["avg_default_op"] = hvd.allreduce(x, op=hvd.Average).numpy().tolist()

@@ -7,17 +7,15 @@ trajectory. ``--kill-at N MARKER``: rank 1 of the first attempt SIGKILLs itself 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
+from common import elastic_checkpoint, report, start
 
-import hvdllm.tensorflow as hvd  # noqa: E402
-from tests.workers.common import elastic_checkpoint, report  # noqa: E402
+import keras
+import tensorflow as tf
+
+import hvdllm.tensorflow as hvd
 
 GLOBAL, N, EPOCHS, COMMIT_EVERY = 16, 192, 2, 3
 
@@ -26,8 +24,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--kill-at", nargs=2, metavar=("STEP", "MARKER"))
     a = p.parse_args()
-    hvd.init()
-    tf.config.threading.set_intra_op_parallelism_threads(1)
+    start(hvd)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((N, 8)).astype(np.float32)
     y = (x @ rng.standard_normal((8, 1)) + 0.1 * rng.standard_normal((N, 1))).astype(np.float32)

@@ -9,15 +9,13 @@ commit until a worker has joined.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
+
+from common import elastic_checkpoint, report, start
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-import hvdllm.torch as hvd  # noqa: E402
-from tests.workers.common import elastic_checkpoint, report  # noqa: E402
+import hvdllm.torch as hvd
 
 GLOBAL, N, EPOCHS, COMMIT_EVERY = 16, 192, 3, 3
 
@@ -28,7 +26,7 @@ def main() -> None:
     p.add_argument("--grow", metavar="ALONE")
     p.add_argument("--expect-refusal", action="store_true", help="mpi backend, several ranks: report run's error")
     a = p.parse_args()
-    hvd.init()
+    start(hvd)
     if a.expect_refusal:
         try:
             hvd.elastic.run(lambda state: None)(hvd.elastic.ObjectState(epoch=0))
@@ -38,7 +36,6 @@ def main() -> None:
         hvd.barrier()
         report(hvd.rank(), {"error": error})
         return
-    torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(N, 8, generator=g)
     y = x @ torch.randn(8, 1, generator=g) + 0.1 * torch.randn(N, 1, generator=g)

@@ -9,19 +9,14 @@ backward is one pass; the tied embedding's gradient is complete inside the last 
 """
 from __future__ import annotations
 
-import copy
-import os
-import sys
+from common import leave_together, start
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from tests.workers.common import leave_together  # noqa: E402
+import torch
 
-import torch  # noqa: E402
-
-import hvdllm.torch as hvd  # noqa: E402
-from hvdllm.core.grid import ProcessGrid  # noqa: E402
-from hvdllm.models.gpt import GPT, GPTConfig  # noqa: E402
-from hvdllm.torch.parallel import GPTStage, PipelineExecutor, parallelize_gpt  # noqa: E402
+import hvdllm.torch as hvd
+from hvdllm.core.grid import ProcessGrid
+from hvdllm.models.gpt import GPT, GPTConfig
+from hvdllm.torch.parallel import GPTStage, PipelineExecutor, parallelize_gpt
 
 WORLD = 4
 LAYOUTS = [("dp2_tp2", ProcessGrid(2, 2, 1, WORLD), 10, None, 1),
@@ -30,9 +25,7 @@ LAYOUTS = [("dp2_tp2", ProcessGrid(2, 2, 1, WORLD), 10, None, 1),
 sets = []
 for _, g, *_ in LAYOUTS:
     sets += [ps for ps in g.process_sets() if ps not in sets]
-hvd.init(process_sets=sets)
-torch.set_num_threads(hvd.threads_per_rank())
-rank = hvd.rank()
+rank, _ = start(hvd, sets, threads=None)
 assert hvd.size() == WORLD
 CFG = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=32)
 BATCH, LR = 8, 1e-2

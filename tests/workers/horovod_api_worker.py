@@ -12,10 +12,9 @@ import traceback
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from tests.workers.common import leave_together  # noqa: E402
+from common import launched_size, leave_together, start
 
-from hvdllm.core.collectives import split_rows  # noqa: E402
+from hvdllm.core.collectives import split_rows
 
 TORCH = sys.argv[1:] != ["tensorflow"]
 if TORCH:
@@ -27,12 +26,8 @@ else:
 
     import hvdllm.tensorflow as hvd
 
-size = int(next((os.environ[v] for v in ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE") if v in os.environ), "1"))
-SUBSET = list(range(max(1, size - 1)))          # ranks [0..n-2]: a proper subset from 2 ranks on
-hvd.init(process_sets=[SUBSET])
-if TORCH:
-    torch.set_num_threads(1)
-r, n = hvd.rank(), hvd.size()
+SUBSET = list(range(max(1, launched_size() - 1)))  # ranks [0..n-2]: a proper subset from 2 ranks on
+r, n = start(hvd, [SUBSET])
 PS = hvd.ProcessSet(SUBSET)
 checked: list[str] = []
 failures: list[str] = []

@@ -3,21 +3,16 @@ hvd.sparse_allreduce_async against one-process references. Every rank rebuilds e
 seeds, trains a reference on the combined batch in one process, and reports mismatches."""
 from __future__ import annotations
 
-import os
-import sys
 import traceback
 import warnings
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from tests.workers.common import leave_together  # noqa: E402
+from common import leave_together, start
 
-import torch  # noqa: E402
+import torch
 
-import hvdllm.torch as hvd  # noqa: E402
+import hvdllm.torch as hvd
 
-torch.set_num_threads(1)
-hvd.init()
-r, n = hvd.rank(), hvd.size()
+r, n = start(hvd)
 checked: list[str] = []
 failures: list[str] = []
 B, VOCAB, DIM = 4, 12, 3

@@ -2,19 +2,15 @@
 hosts every rank runs on (an allgather of their names), a sum, an allgather and a broadcast."""
 from __future__ import annotations
 
-import os
 import socket
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from tests.workers.common import report  # noqa: E402
+from common import report, start
 
-import torch  # noqa: E402
+import torch
 
-import hvdllm.torch as hvd  # noqa: E402
+import hvdllm.torch as hvd
 
-hvd.init()
-r = hvd.rank()
+r, _ = start(hvd)
 name = list(socket.gethostname().encode()[:32].ljust(32, b"\0"))
 names = hvd.allgather(torch.tensor([name], dtype=torch.int32)).tolist()
 out = {

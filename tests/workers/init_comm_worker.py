@@ -2,16 +2,13 @@
 one-line ValueError that leaves hvdllm uninitialised (then a plain init works)."""
 from __future__ import annotations
 
-import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from tests.workers.common import leave_together  # noqa: E402
+from common import leave_together
 
-import torch  # noqa: E402
-from mpi4py import MPI  # noqa: E402
+import torch
+from mpi4py import MPI
 
-import hvdllm.torch as hvd  # noqa: E402
+import hvdllm.torch as hvd
 
 torch.set_num_threads(1)
 world = MPI.COMM_WORLD

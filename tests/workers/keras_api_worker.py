@@ -6,26 +6,21 @@ Run as `<launcher> python keras_api_worker.py`. Reports the cases it checked and
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 import traceback
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from tests.workers.common import leave_together  # noqa: E402
+from common import leave_together, start
 
-import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import keras
+import tensorflow as tf
 
-import hvdllm.keras as hk  # noqa: E402
-import hvdllm.tensorflow as hvd  # noqa: E402
-import hvdllm.tensorflow.keras as htk  # noqa: E402
+import hvdllm.keras as hk
+import hvdllm.tensorflow as hvd
+import hvdllm.tensorflow.keras as htk
 
-hvd.init()
-tf.config.threading.set_intra_op_parallelism_threads(1)
-tf.config.threading.set_inter_op_parallelism_threads(1)
-r, n = hvd.rank(), hvd.size()
+r, n = start(hvd, inter_op=1)
 OUT = os.environ.get("HVDLLM_TEST_OUT") or tempfile.gettempdir()
 checked: list[str] = []
 failures: list[str] = []
@@ -63,39 +58,52 @@ def data(q: int, seed: int, cols: int) -> np.ndarray:
 
 
 # --- SyncBatchNormalization: one-process BatchNormalization on the combined (uneven) batch ---------
-def syncbn_cases() -> None:
-    xs = [data(q, 1, 3) for q in range(n)]
-    ws = [data(q, 2, 3) for q in range(n)]                  # the loss weights each output
-    lo = sum(rows_of(q) for q in range(r))
+GAMMA = np.array([1.0, 0.5, 2.0])
+
+
+def syncbn_reference(xs: list[np.ndarray], ws: list[np.ndarray]) -> list[np.ndarray]:
+    """One-process BatchNormalization on the concatenated batch, loss ``sum(y * w)``: outputs, input,
+    gamma and beta gradients, moving mean and variance after the step."""
     ref = keras.layers.BatchNormalization(momentum=0.9, dtype="float64")
     ref.build((None, 3))
-    ref.gamma.assign(np.array([1.0, 0.5, 2.0]))
+    ref.gamma.assign(GAMMA)
     xall = tf.constant(np.concatenate(xs))
     with tf.GradientTape() as tape:
         tape.watch(xall)
         y = ref(xall, training=True)
         loss = tf.reduce_sum(y * np.concatenate(ws))
     gx, gg, gb = tape.gradient(loss, [xall, ref.gamma, ref.beta])
-    want = [y.numpy()[lo:lo + rows_of(r)], gx.numpy()[lo:lo + rows_of(r)], gg.numpy(), gb.numpy(),
-            ref.moving_mean.numpy(), ref.moving_variance.numpy()]
+    return [y.numpy(), gx.numpy(), gg.numpy(), gb.numpy(), ref.moving_mean.numpy(), ref.moving_variance.numpy()]
+
+
+def syncbn_step(x: np.ndarray, w: np.ndarray, mask: np.ndarray | None, mode: str) -> list[np.ndarray]:
+    """One training step of a fresh SyncBatchNormalization on this rank's rows: outputs, input gradients,
+    gamma and beta gradients summed over the ranks, moving mean and variance."""
+    layer = hvd.SyncBatchNormalization(momentum=0.9, dtype="float64")
+    layer.build((None, 3))
+    layer.gamma.assign(GAMMA)
+
+    def step(x: tf.Tensor) -> tuple:
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            out = layer(x, training=True) if mask is None else layer(x, training=True, mask=tf.constant(mask))
+            local = tf.reduce_sum(out * w)
+        gx, gg, gb = tape.gradient(local, [x, layer.gamma, layer.beta])
+        return out, gx, gg, gb
+
+    out, gx, gg, gb = step(tf.constant(x)) if mode == "eager" else tf.function(step)(tf.constant(x))
+    return [out.numpy(), gx.numpy(), hvd.allreduce(gg, op=hvd.Sum), hvd.allreduce(gb, op=hvd.Sum),
+            layer.moving_mean.numpy(), layer.moving_variance.numpy()]
+
+
+def syncbn_cases() -> None:
+    xs = [data(q, 1, 3) for q in range(n)]
+    ws = [data(q, 2, 3) for q in range(n)]                  # the loss weights each output
+    lo = sum(rows_of(q) for q in range(r))
+    want = syncbn_reference(xs, ws)
+    want[:2] = [a[lo:lo + rows_of(r)] for a in want[:2]]
     for mode in ("eager", "function"):
-        layer = hvd.SyncBatchNormalization(momentum=0.9, dtype="float64")
-        layer.build((None, 3))
-        layer.gamma.assign(np.array([1.0, 0.5, 2.0]))
-        x = tf.constant(xs[r])
-
-        def step(x: tf.Tensor) -> tuple:
-            with tf.GradientTape() as tape:
-                tape.watch(x)
-                out = layer(x, training=True)
-                local = tf.reduce_sum(out * ws[r])
-            gx, gg, gb = tape.gradient(local, [x, layer.gamma, layer.beta])
-            return out, gx, gg, gb
-
-        out, gx, gg, gb = step(x) if mode == "eager" else tf.function(step)(x)
-        got = [out, gx, hvd.allreduce(gg, op=hvd.Sum), hvd.allreduce(gb, op=hvd.Sum), layer.moving_mean.numpy(),
-               layer.moving_variance.numpy()]
-        check(f"syncbn_{mode}", got, want, tol=1e-9)
+        check(f"syncbn_{mode}", syncbn_step(xs[r], ws[r], None, mode), want, tol=1e-9)
     checked.append("syncbn_fused_error")
     try:
         hvd.SyncBatchNormalization(fused=True)
@@ -103,6 +111,25 @@ def syncbn_cases() -> None:
     except ValueError as e:
         if "fused" not in str(e):
             failures.append(f"syncbn_fused_error: {e}")
+
+
+def syncbn_mask_cases() -> None:
+    """A Keras mask (every rank's first row masked out, per-channel counts on the wire): the statistics and
+    gradients of one-process BatchNormalization on every rank's kept rows; masked rows get no gradient."""
+    xs = [np.random.default_rng([3, q]).normal(1.0, 2.0, size=(q + 4, 3)) for q in range(n)]
+    keep = [np.arange(q + 4) > 0 for q in range(n)]
+    ws = [np.random.default_rng([4, q]).normal(1.0, 2.0, size=(q + 4, 3)) * keep[q][:, None] for q in range(n)]
+    want = syncbn_reference([x[k] for x, k in zip(xs, keep)], [w[k] for w, k in zip(ws, keep)])
+    lo = sum(q + 3 for q in range(r))
+    gx = np.zeros_like(xs[r])
+    gx[keep[r]] = want[1][lo:lo + r + 3]
+    want[:2] = [want[0][lo:lo + r + 3], gx]
+    # one rank: Keras's own masked moments, which divide by count + 1e-7 (relative ~3e-8 here)
+    tol = 1e-9 if n > 1 else 1e-6
+    for mode in ("eager", "function"):
+        got = syncbn_step(xs[r], ws[r], keep[r], mode)
+        got[0] = got[0][keep[r]]
+        check(f"syncbn_mask_{mode}", got, want, tol=tol)
 
 
 # --- PartialDistributedGradientTape / DistributedOptimizer arguments ---------------------------
@@ -320,7 +347,7 @@ def lr_schedule_cases() -> None:
             failures.append(f"lr_schedule_momentum_restored_{staircase}: {model.optimizer.momentum!r}")
 
 
-for case in (syncbn_cases, partial_cases, optimizer_cases, aggregation_cases, function_cases, keras_value_cases,
-             load_model_cases, lr_schedule_cases):
+for case in (syncbn_cases, syncbn_mask_cases, partial_cases, optimizer_cases, aggregation_cases, function_cases,
+             keras_value_cases, load_model_cases, lr_schedule_cases):
     run(case.__name__, case)
 leave_together(hvd, r, {"rank": r, "size": n, "backend": hvd.backend(), "checked": checked, "failures": failures})

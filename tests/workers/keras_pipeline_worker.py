@@ -5,10 +5,9 @@ from __future__ import annotations
 import os
 import sys
 
-ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
-sys.path.insert(0, ROOT)
+from common import ROOT, leave_together
+
 sys.path.insert(0, os.path.join(ROOT, "examples"))
-from tests.workers.common import leave_together  # noqa: E402
 
 from keras_pipeline import main  # noqa: E402
 

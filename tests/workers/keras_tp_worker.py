@@ -1,23 +1,17 @@
 """Keras tensor-parallel Dense layers on real ranks against unsplit keras.layers.Dense (computed here)."""
 from __future__ import annotations
 
-import os
-import sys
+from common import leave_together, start
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from tests.workers.common import leave_together  # noqa: E402
+import keras
+import numpy as np
+import tensorflow as tf
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import hvdllm.tensorflow as hvd
+from hvdllm.core.grid import ProcessGrid
+from hvdllm.tensorflow.parallel import ColumnParallelDense, RowParallelDense
 
-import hvdllm.tensorflow as hvd  # noqa: E402
-from hvdllm.core.grid import ProcessGrid  # noqa: E402
-from hvdllm.tensorflow.parallel import ColumnParallelDense, RowParallelDense  # noqa: E402
-
-hvd.init()
-tf.config.threading.set_intra_op_parallelism_threads(hvd.threads_per_rank())
-rank, size = hvd.rank(), hvd.size()
+rank, size = start(hvd, threads=None)
 group = ProcessGrid(1, size, 1, world_size=size).group("tp", rank)
 out: dict = {"rank": rank, "backend": hvd.backend()}
 

@@ -10,25 +10,20 @@ fresh ZeRO optimizer and train both on, and round-trip ``model.save`` / ``keras.
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 import tempfile
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from tests.workers.common import leave_together  # noqa: E402
+from common import leave_together, start
 
-import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import keras
+import tensorflow as tf
 
-import hvdllm.keras as hk  # noqa: E402
-import hvdllm.tensorflow as hvd  # noqa: E402
+import hvdllm.keras as hk
+import hvdllm.tensorflow as hvd
 
-hvd.init()
-tf.config.threading.set_intra_op_parallelism_threads(1)
-tf.config.threading.set_inter_op_parallelism_threads(1)
-r, n = hvd.rank(), hvd.size()
+r, n = start(hvd, inter_op=1)
 STEPS = 20
 CAP_MB = 120 / 2**20    # 120-byte buckets: several per model, sizes no rank count divides
 

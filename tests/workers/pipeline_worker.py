@@ -5,24 +5,19 @@ Run as `<launcher> python pipeline_worker.py`; the world is one pipeline (pp = w
 from __future__ import annotations
 
 import copy
-import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from tests.workers.common import leave_together  # noqa: E402
+from common import launched_size, leave_together, start
 
-import torch  # noqa: E402
+import torch
 
-import hvdllm.torch as hvd  # noqa: E402
-from hvdllm.core.grid import ProcessGrid  # noqa: E402
-from hvdllm.models.gpt import GPT, GPTConfig  # noqa: E402
-from hvdllm.torch.parallel import GPTStage, PipelineExecutor  # noqa: E402
+import hvdllm.torch as hvd
+from hvdllm.core.grid import ProcessGrid
+from hvdllm.models.gpt import GPT, GPTConfig
+from hvdllm.torch.parallel import GPTStage, PipelineExecutor
 
-world = int(os.environ.get("HOROVOD_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE") or 1)
+world = launched_size()
 grid = ProcessGrid(1, 1, world, world_size=world)
-hvd.init(process_sets=grid.process_sets())
-torch.set_num_threads(hvd.threads_per_rank())
-rank = hvd.rank()
+rank, _ = start(hvd, grid.process_sets(), threads=None)
 out: dict = {"rank": rank, "backend": hvd.backend(), "stage": grid.coords(rank).pp}
 
 CASES = {

@@ -2,24 +2,18 @@
 in a parameter, then in an Adam moment -- stops with the step and rank 1 named. Reports per case."""
 from __future__ import annotations
 
-import os
-import sys
+from common import leave_together, start
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from tests.workers.common import leave_together  # noqa: E402
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import hvdllm.torch as hvd
+from hvdllm.models.config import GPTConfig
+from hvdllm.models.gpt import GPT
+from hvdllm.train import replicas
+from hvdllm.train.trainer_torch import state_checksums
 
-import hvdllm.torch as hvd  # noqa: E402
-from hvdllm.models.config import GPTConfig  # noqa: E402
-from hvdllm.models.gpt import GPT  # noqa: E402
-from hvdllm.train import replicas  # noqa: E402
-from hvdllm.train.trainer_torch import state_checksums  # noqa: E402
-
-hvd.init()
-torch.set_num_threads(1)
-rank = hvd.rank()
+rank, _ = start(hvd)
 torch.manual_seed(0)
 model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16))
 opt = torch.optim.AdamW(model.parameters(), lr=1e-3)

@@ -4,20 +4,15 @@ concatenated batch: outputs, input gradients, rank-summed weight/bias gradients,
 checks its own slice; it reports the cases checked and any mismatch."""
 from __future__ import annotations
 
-import os
-import sys
 import traceback
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from tests.workers.common import leave_together  # noqa: E402
+from common import leave_together, start
 
-import torch  # noqa: E402
+import torch
 
-import hvdllm.torch as hvd  # noqa: E402
+import hvdllm.torch as hvd
 
-torch.set_num_threads(1)
-hvd.init()
-r, n = hvd.rank(), hvd.size()
+r, n = start(hvd)
 checked: list[str] = []
 failures: list[str] = []
 TOL = 1e-5

@@ -5,25 +5,20 @@ Run as `<launcher> python tensor_parallel_worker.py`; every rank of the world is
 from __future__ import annotations
 
 import copy
-import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from tests.workers.common import leave_together  # noqa: E402
+from common import leave_together, start
 
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-from torch.nn import functional as F  # noqa: E402
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
 
-import hvdllm.torch as hvd  # noqa: E402
-from hvdllm.core.grid import ProcessGrid  # noqa: E402
-from hvdllm.models.gpt import GPT, GPTConfig  # noqa: E402
-from hvdllm.torch.parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,  # noqa: E402
+import hvdllm.torch as hvd
+from hvdllm.core.grid import ProcessGrid
+from hvdllm.models.gpt import GPT, GPTConfig
+from hvdllm.torch.parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                    parallelize_gpt, vocab_parallel_cross_entropy)
 
-hvd.init()
-torch.set_num_threads(hvd.threads_per_rank())
-rank, size = hvd.rank(), hvd.size()
+rank, size = start(hvd, threads=None)
 grid = ProcessGrid(1, size, 1, world_size=size)
 group = grid.group("tp", rank)
 out: dict = {"rank": rank, "backend": hvd.backend()}

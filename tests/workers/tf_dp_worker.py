@@ -14,8 +14,7 @@ import sys
 if os.environ.get("HVDLLM_DUMP_AFTER"):  # debugging hangs: every thread's stack after N seconds
     faulthandler.dump_traceback_later(float(os.environ["HVDLLM_DUMP_AFTER"]), exit=True)
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from tests.workers.common import report  # noqa: E402
+from common import report, start  # noqa: E402
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -23,10 +22,7 @@ import tensorflow as tf  # noqa: E402
 
 import hvdllm.tensorflow as hvd  # noqa: E402
 
-hvd.init()
-tf.config.threading.set_intra_op_parallelism_threads(hvd.threads_per_rank())
-tf.config.threading.set_inter_op_parallelism_threads(2)
-r, n = hvd.rank(), hvd.size()
+r, n = start(hvd, threads=None, inter_op=2)
 B, STEPS = 4, 4  # per-rank batch, optimizer steps per epoch at k=1
 
 

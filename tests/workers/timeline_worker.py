@@ -6,11 +6,9 @@ The test (tests/test_timeline.py) parses FILE after the job ended.
 """
 from __future__ import annotations
 
-import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from tests.workers.common import report  # noqa: E402
+from common import report, start
 
 mode, path = sys.argv[1], sys.argv[2]
 TORCH = sys.argv[3:] != ["tensorflow"]
@@ -18,20 +16,16 @@ if TORCH:
     import torch as fw
 
     import hvdllm.torch as hvd
-
-    fw.set_num_threads(1)
-    ones = fw.ones
 else:
     import tensorflow as fw
 
     import hvdllm.tensorflow as hvd
 
-    ones = fw.ones
+ones = fw.ones
 
 NAMES = ["tl_allreduce", "tl_allgather", "tl_broadcast", "tl_reducescatter", "tl_grouped"]
 
-hvd.init()
-r, n = hvd.rank(), hvd.size()
+r, n = start(hvd)
 if mode == "api":
     hvd.start_timeline(path)
 hvd.allreduce(ones((1000,)), name="tl_allreduce", op=hvd.Sum)

@@ -8,21 +8,17 @@ parameters after every step (the test checks the hashes are equal on all ranks).
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 import warnings
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from tests.workers.common import report  # noqa: E402
+from common import report, start
 
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
+import torch
+import torch.nn as nn
 
-import hvdllm.torch as hvd  # noqa: E402
+import hvdllm.torch as hvd
 
-hvd.init()
-torch.set_num_threads(hvd.threads_per_rank())
-R, N = hvd.rank(), hvd.size()
+R, N = start(hvd, threads=None)
 B = 4  # per-rank batch
 
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from tests.workers.common import report  # noqa: E402
+from common import report
 
-from hvdllm.cli import main  # noqa: E402
+from hvdllm.cli import main
 
 argv = sys.argv[1:]
 status = main(["train", "--framework", "tensorflow", *argv])

@@ -7,13 +7,11 @@ import contextlib
 import importlib
 import io
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from tests.workers.common import report  # noqa: E402
+from common import report
 
-from hvdllm.cli import main  # noqa: E402
+from hvdllm.cli import main
 
 codes, errors = [], []
 runs = json.loads(sys.argv[1])

@@ -1,13 +1,11 @@
 """Run `hvdllm train ARGS...` on this rank (as `horovodrun ... hvdllm train` would) and report the exit status."""
 from __future__ import annotations
 
-import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from tests.workers.common import report  # noqa: E402
+from common import report
 
-from hvdllm.cli import main  # noqa: E402
+from hvdllm.cli import main
 
 code = main(sys.argv[1:])
 import hvdllm.torch as hvd  # noqa: E402

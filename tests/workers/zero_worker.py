@@ -16,20 +16,16 @@ calls only) and the peak gradient bytes per rank against the replicated buckets'
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from tests.workers.common import leave_together  # noqa: E402
+from common import leave_together, start
 
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
+import torch
+import torch.nn as nn
 
-import hvdllm.torch as hvd  # noqa: E402
+import hvdllm.torch as hvd
 
-hvd.init()
-torch.set_num_threads(1)
-R, N = hvd.rank(), hvd.size()
+R, N = start(hvd)
 STEPS = 50
 
 
