@@ -122,6 +122,12 @@ def test_step_time_by_hand() -> None:
     assert ins.kappa(2) == 0.005 and ins.kappa(4) == 0.009 and ins.kappa(3) == 0.009 and ins.kappa(8) == 0.009
     t = CM.step_time(SMALL, lay(tp=2, micro=4, gb=8), ins)
     assert t.tp_comm == pytest.approx(2 * (2 * 4 * (0.005 + act / 1e9) + 6 * 0.005))
+    # ... and an in-situ bandwidth the back-to-back one, for activations and pipeline hand-offs alike
+    ins = dataclasses.replace(ins, insitu_bw={2: 1e6})
+    t = CM.step_time(SMALL, lay(tp=2, micro=4, gb=8), ins)
+    assert t.tp_comm == pytest.approx(2 * (2 * 4 * (0.005 + act / 1e6) + 6 * 0.005))
+    t = CM.step_time(SMALL, lay(pp=2, micro=1, gb=8), ins)
+    assert t.pp_comm == pytest.approx(9 * 2 * (0.005 + 4 * 4 * 8 / 1e6) + 3 * 0.005)
 
 
 def test_rounds_per_step_by_hand() -> None:

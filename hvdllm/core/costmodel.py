@@ -27,16 +27,16 @@ Step time (seconds; the slowest stage sets the pace):
   computing at once, as in training);
 - pipeline: (m + p - 1) slots of c; the bubble is the (p - 1) idle slots, the fraction
   (p - 1) / (m + p - 1) of the pipelined time (GPipe and 1F1B alike);
-- a collective inside a model-parallel step costs kappa(g), measured *in situ* on groups of g ranks
-  (a small all-reduce between two short matmuls, minus the matmuls): the wait for the background
-  thread's next cycle and the peer's arrival, which on shared cores is several times the back-to-back
-  latency;
+- a collective of S bytes inside a model-parallel step costs kappa(g) + S / beta(g), both measured *in
+  situ* on groups of g ranks (all-reduces of two sizes between two short matmuls, minus the matmuls):
+  the wait for the background thread's next cycle and the peer's arrival, and copies on cores the
+  ranks compute on - several times the back-to-back figures on shared cores (without in-situ figures:
+  the ring's 2 (g - 1) alpha and the back-to-back bandwidth);
 - tensor parallelism, per slot: 4 collectives per block (2 forward, 2 backward) of b T d values,
   TP_FIRST_EXTRA on the first stage (vocabulary-parallel embedding) and TP_LAST_EXTRA on the last
-  (vocabulary-parallel cross-entropy), each kappa(t), plus the block ones' ring data time
-  2 (t - 1) / t * 4 b T d / beta;
-- pipeline transfers, per slot: an activation and a gradient of b T d values, each kappa(2) + bytes /
-  beta_p2p; per step PP_STEP_EXCHANGES more (tied head refresh and gradient, the loss);
+  (vocabulary-parallel cross-entropy), each kappa(t), the block ones with b T d fp32 values each;
+- pipeline transfers, per slot: an activation and a gradient of b T d values, each a two-rank
+  collective (as above); per step PP_STEP_EXCHANGES more (tied head refresh and gradient, the loss);
 - data parallelism: the ring all-reduce's data time 2 (n - 1) / n * G / beta (ZeRO-1/2: reduce-scatter
   + all-gather, the same volume) and 2 (n - 1) alpha per bucket after the first; a share ``overlap`` of it hides behind the backward of the last
   micro-batch (2/3 of c);
@@ -138,6 +138,7 @@ class Machine:
     overlap: float = 0.0                  # share of the data-parallel all-reduce hidden by backward
     dp_cycle_s: float = 0.0               # collective cycle of a data-parallel job (Horovod's cycle time)
     insitu_s: Mapping[int, float] = dataclasses.field(default_factory=dict)   # group size -> kappa(g)
+    insitu_bw: Mapping[int, float] = dataclasses.field(default_factory=dict)  # group size -> beta(g), bytes/s
 
     def rate(self, micro_batch: int) -> float:
         """R(b): the measured rate at b, else at the nearest measured micro-batch (log distance)."""
@@ -155,6 +156,15 @@ class Machine:
             near = min(self.insitu_s, key=lambda k: (abs(k - group), -k))
             return float(self.insitu_s[near])
         return 2 * (group - 1) * self.allreduce_latency_s
+
+    def insitu_s_of(self, group: int, nbytes: float, bw: float) -> float:
+        """One collective of ``nbytes`` on ``group`` ranks inside a model-parallel step: kappa(g) plus the
+        bytes at the in-situ bandwidth beta(g) (nearest measured size), else at ``bw``."""
+        if group <= 1:
+            return 0.0
+        if self.insitu_bw:
+            bw = float(self.insitu_bw[min(self.insitu_bw, key=lambda k: (abs(k - group), -k))])
+        return self.kappa(group) + nbytes / bw
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,11 +294,11 @@ def step_time(shape: ModelShape, layout: Layout, machine: Machine, bucket_cap_by
     act_bytes = BYTES * tokens * shape.n_embd
     tp_slot = 0.0
     if t > 1:
-        per_block = TP_BLOCK_COLLECTIVES * (machine.kappa(t) + 2 * (t - 1) / t * act_bytes / machine.allreduce_bw)
+        per_block = TP_BLOCK_COLLECTIVES * machine.insitu_s_of(t, act_bytes, machine.allreduce_bw / (2 * (t - 1) / t))
         tp_slot = max(layers[s] * per_block + machine.kappa(t) * ((TP_FIRST_EXTRA if s == 0 else 0)
                                                                    + (TP_LAST_EXTRA if s == p - 1 else 0))
                       for s in range(p))
-    exchange = machine.kappa(2) + act_bytes / machine.p2p_bw
+    exchange = machine.insitu_s_of(2, act_bytes, machine.p2p_bw)
     pp_comm = ((m + p - 1) * 2 * exchange + PP_STEP_EXCHANGES * machine.kappa(2)) if p > 1 else 0.0
     grads = BYTES * max(stage_params(shape, p)) / t
     buckets = max(1, math.ceil(grads / bucket_cap_bytes))      # the first bucket's latency is in its round

@@ -159,30 +159,38 @@ def collective_fit(hvd: Any, kind: str, cap_bw: float, reps: int = 5) -> tuple[f
     return t_small, min(cap_bw, (LARGE - SMALL) / dt)
 
 
-def insitu_collective_s(hvd: Any, sets: dict[int, Any], reps: int = 15) -> dict[int, float]:
-    """kappa(g): seconds a small all-reduce adds between two short matmuls, on a set of g ranks, every
-    rank doing the same at once (the cost a tensor- or pipeline-parallel collective has inside a step:
-    the background thread's cycle, the peer's arrival, the cores shared). ``sets``: group size -> this
-    rank's process set of that size (None: the world)."""
+INSITU_LARGE = 2**20      # bytes of the larger in-situ all-reduce (a tensor-parallel activation's order)
+
+
+def insitu_collective_s(hvd: Any, sets: dict[int, Any], cap_bw: float, reps: int = 15) -> dict[int, tuple[float, float]]:
+    """(kappa(g), beta(g)): what an all-reduce adds between two short matmuls on a set of g ranks, every
+    rank doing the same at once - the cost a tensor- or pipeline-parallel collective has inside a step
+    (the background thread's cycle, the peer's arrival, copies on shared cores) - fitted as a latency
+    (SMALL bytes) and a bandwidth (INSITU_LARGE bytes, at most ``cap_bw``: noise can make the difference
+    of the two vanish). ``sets``: group size -> this rank's process set of that size (None: the world)."""
     import torch
 
-    a = torch.randn(192, 192)
-    x = torch.ones(1024)
+    a = torch.randn(320, 320)
 
-    def compute() -> None:
-        a @ a
-        a @ a
+    def compute() -> None:          # ~5 ms: a tensor-parallel block's share of compute between collectives
+        for _ in range(4):
+            a @ a
 
     base = group_time(compute, reps, hvd)
     out = {}
     for size, ps in sorted(sets.items()):
         kw = {} if ps is None else {"process_set": ps}
+        cost = {}
+        for nbytes in (SMALL, INSITU_LARGE):
+            x = torch.ones(nbytes // 4)
 
-        def step() -> None:
-            compute()
-            hvd.allreduce(x, op=hvd.Sum, **kw)
+            def step() -> None:
+                compute()
+                hvd.allreduce(x, op=hvd.Sum, **kw)
 
-        out[size] = max(0.0, group_time(step, reps, hvd) - base)
+            cost[nbytes] = max(0.0, group_time(step, reps, hvd) - base)
+        dt = max(cost[INSITU_LARGE] - cost[SMALL], 1e-9)
+        out[size] = (cost[SMALL], min(cap_bw, (INSITU_LARGE - SMALL) / dt))
     return out
 
 
@@ -235,7 +243,7 @@ def measure(gpt: GPTConfig, seq_len: int, micro_batches: list[int], ranks: int, 
         ar_lat, ar_bw = collective_fit(hvd, "allreduce", bw)
         p2p_lat, p2p_bw = collective_fit(hvd, "broadcast", bw)
         sets = {hvd.size(): None, **({2: pair_set} if pair_set is not None else {})}
-        insitu = insitu_collective_s(hvd, sets)
+        insitu = insitu_collective_s(hvd, sets, cap_bw=ar_bw)
         backend = hvd.backend()
     else:
         ar_lat = p2p_lat = ASSUMED_LATENCY_S
@@ -253,7 +261,8 @@ def measure(gpt: GPTConfig, seq_len: int, micro_batches: list[int], ranks: int, 
             "flops_per_s": {str(b): r for b, r in rates.items()}, "optimizer_s_per_param": s_param,
             "allreduce_latency_s": ar_lat, "allreduce_bw": ar_bw, "p2p_latency_s": p2p_lat, "p2p_bw": p2p_bw,
             "memory_bytes": mem, "overlap": 0.5 if accel else 0.0, "dp_cycle_s": dp_cycle_s(accel),
-            "insitu_s": {str(g): v for g, v in insitu.items()},
+            "insitu_s": {str(g): v[0] for g, v in insitu.items()},
+            "insitu_bw": {str(g): v[1] for g, v in insitu.items()},
             "assumed": assumed}
 
 
@@ -265,7 +274,8 @@ def machine(profile: dict[str, Any]) -> Machine:
                    optimizer_s_per_param=float(profile["optimizer_s_per_param"]),
                    memory_bytes=float(profile["memory_bytes"]), overlap=float(profile.get("overlap", 0.0)),
                    dp_cycle_s=float(profile.get("dp_cycle_s", 0.0)),
-                   insitu_s={int(k): float(v) for k, v in profile.get("insitu_s", {}).items()})
+                   insitu_s={int(k): float(v) for k, v in profile.get("insitu_s", {}).items()},
+                   insitu_bw={int(k): float(v) for k, v in profile.get("insitu_bw", {}).items()})
 
 
 REQUIRED = ("flops_per_s", "allreduce_latency_s", "allreduce_bw", "p2p_latency_s", "p2p_bw",
