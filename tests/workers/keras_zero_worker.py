@@ -10,6 +10,7 @@ fresh ZeRO optimizer and train both on, and round-trip ``model.save`` / ``keras.
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 import tempfile
 
