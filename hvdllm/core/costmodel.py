@@ -28,7 +28,7 @@ Step time (seconds; the slowest stage sets the pace):
 - pipeline: (m + p - 1) slots of c; the bubble is the (p - 1) idle slots, the fraction
   (p - 1) / (m + p - 1) of the pipelined time (GPipe and 1F1B alike);
 - a collective of S bytes inside a model-parallel step costs kappa(g) + S / beta(g), both measured *in
-  situ* on groups of g ranks (all-reduces of two sizes between two short matmuls, minus the matmuls):
+  situ* on groups of g ranks (all-reduces of two sizes after ~5 ms of matmuls, minus the matmuls):
   the wait for the background thread's next cycle and the peer's arrival, and copies on cores the
   ranks compute on - several times the back-to-back figures on shared cores (without in-situ figures:
   the ring's 2 (g - 1) alpha and the back-to-back bandwidth);
@@ -124,6 +124,11 @@ class Layout:
         return self.global_batch // (self.dp * self.micro_batch)
 
 
+def _nearest_group(by_size: Mapping[int, float], group: int) -> float:
+    """The figure measured on ``group`` ranks, else on the nearest measured group size (the larger on a tie)."""
+    return float(by_size[min(by_size, key=lambda k: (abs(k - group), -k))])
+
+
 @dataclasses.dataclass(frozen=True)
 class Machine:
     """Measured (or assumed) figures of one rank of the machine; see hvdllm.plan.measure."""
@@ -153,8 +158,7 @@ class Machine:
         if group <= 1:
             return 0.0
         if self.insitu_s:
-            near = min(self.insitu_s, key=lambda k: (abs(k - group), -k))
-            return float(self.insitu_s[near])
+            return _nearest_group(self.insitu_s, group)
         return 2 * (group - 1) * self.allreduce_latency_s
 
     def insitu_s_of(self, group: int, nbytes: float, bw: float) -> float:
@@ -163,7 +167,7 @@ class Machine:
         if group <= 1:
             return 0.0
         if self.insitu_bw:
-            bw = float(self.insitu_bw[min(self.insitu_bw, key=lambda k: (abs(k - group), -k))])
+            bw = _nearest_group(self.insitu_bw, group)
         return self.kappa(group) + nbytes / bw
 
 

@@ -163,7 +163,7 @@ INSITU_LARGE = 2**20      # bytes of the larger in-situ all-reduce (a tensor-par
 
 
 def insitu_collective_s(hvd: Any, sets: dict[int, Any], cap_bw: float, reps: int = 15) -> dict[int, tuple[float, float]]:
-    """(kappa(g), beta(g)): what an all-reduce adds between two short matmuls on a set of g ranks, every
+    """(kappa(g), beta(g)): what an all-reduce adds after ~5 ms of matmuls on a set of g ranks, every
     rank doing the same at once - the cost a tensor- or pipeline-parallel collective has inside a step
     (the background thread's cycle, the peer's arrival, copies on shared cores) - fitted as a latency
     (SMALL bytes) and a bandwidth (INSITU_LARGE bytes, at most ``cap_bw``: noise can make the difference
