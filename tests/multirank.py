@@ -20,7 +20,11 @@ LAUNCHERS = ("gloo", "horovod-mpi", "mpirun")
 
 
 class RankFailure(AssertionError):
-    pass
+    """A launch that failed; ``reports`` holds the reports the ranks wrote before it ended."""
+
+    def __init__(self, message: str, reports: dict[int, dict] | None = None) -> None:
+        super().__init__(message)
+        self.reports = reports or {}
 
 
 def base_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -86,7 +90,7 @@ def run_ranks(worker: str, np: int = 2, launcher: str = "gloo", args: list[str] 
         if returncode != 0 or sorted(reports) != list(range(np)):
             raise RankFailure(
                 f"{launcher} np={np} {worker} {' '.join(args or [])}: exit {returncode}, "
-                f"reports from ranks {sorted(reports)} of {np}; output:\n{output}")
+                f"reports from ranks {sorted(reports)} of {np}; output:\n{output}", reports)
         return [reports[r] for r in range(np)]
 
 
