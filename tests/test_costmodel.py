@@ -131,7 +131,7 @@ def test_step_time_by_hand() -> None:
 
 
 def test_rounds_per_step_by_hand() -> None:
-    k = CM.RunKnobs(log_interval=4, stop_check_interval=2, clipping=True)
+    k = CM.RunKnobs(log_interval=4, stop_check_interval=2, stop_overlapped=False, clipping=True)
     assert CM.rounds_per_step(lay(), k) == 0                                   # one process: none
     assert CM.rounds_per_step(lay(dp=2), k) == pytest.approx(0.5 + 0.25 + 1)
     assert CM.rounds_per_step(lay(dp=2, zero=1), k) == pytest.approx(0.75 + 1 + 1)   # + all-gather (local norm)
@@ -140,6 +140,8 @@ def test_rounds_per_step_by_hand() -> None:
     assert CM.rounds_per_step(lay(tp=2), k) == pytest.approx(0.75 + 1)        # the shards' norm
     assert CM.rounds_per_step(lay(pp=2), dataclasses.replace(k, clipping=False)) == pytest.approx(0.75)
     assert CM.rounds_per_step(lay(dp=2, pp=2, gb=8), k) == pytest.approx(0.75 + 1 + 1)
+    # torch starts the stop agreement before the step and finishes it after: no round of its own
+    assert CM.rounds_per_step(lay(dp=2), dataclasses.replace(k, stop_overlapped=True)) == pytest.approx(0.25 + 1)
 
 
 def test_machine_rate_uses_the_nearest_measured_micro_batch() -> None:

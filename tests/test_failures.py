@@ -150,6 +150,16 @@ def test_stop_request_signal_budget_and_agreement() -> None:
 
     assert preemption.agreed_stop(0, 0, 2, lambda v: v) is None
     assert preemption.agreed_stop(15, 0, 2, two_ranks) == "SIGTERM on rank 0, run.max_minutes on rank 1"
+    # started now (the codes as they are), finished later: the loop's overlap with the step
+    calls: list[str] = []
+
+    def start(v: np.ndarray):
+        calls.append("start")
+        return lambda: (calls.append("finish"), two_ranks(v))[1]
+
+    finish = preemption.start_agreement(10, 0, 2, start)
+    assert calls == ["start"]
+    assert finish() == "SIGUSR1 on rank 0, run.max_minutes on rank 1" and calls == ["start", "finish"]
 
 
 # -- a failed rank ends the job ------------------------------------------------------------------------

@@ -83,6 +83,23 @@ def test_verify_adds_measured_step_time(tmp_path: Path, capsys: pytest.CaptureFi
     assert all("measured_step_s" not in r for r in rows[1:])
 
 
+def test_verify_choice_spans_the_shapes_and_skips_near_ties() -> None:
+    from hvdllm.plan.cli import verify_choice
+
+    def row(dp: int, tp: int, pp: int, t: float, fits: bool = True) -> dict:
+        return {"dp": dp, "tp": tp, "pp": pp, "predicted_step_s": t, "fits": fits}
+
+    rows = [row(2, 1, 1, 1.00), row(2, 1, 1, 1.05), row(2, 1, 1, 1.08), row(2, 1, 1, 1.30, fits=False),
+            row(2, 1, 1, 1.40), row(1, 1, 2, 2.00), row(1, 2, 1, 2.10), row(2, 1, 1, 3.0)]
+    pick = lambda k: [rows.index(r) for r in verify_choice(rows, k)]  # noqa: E731
+    # the shape bests (0, 5; 6 is within 10% of 5), then the next best more than 10% from all chosen
+    assert pick(3) == [0, 4, 5]
+    assert pick(4) == [0, 4, 5, 7]
+    # near-ties fill in, best first, once nothing farther apart is left; layouts that do not fit never
+    assert pick(6) == [0, 1, 4, 5, 6, 7]
+    assert pick(20) == [0, 1, 2, 4, 5, 6, 7]
+
+
 def test_bad_input_exits_2_one_line_nothing_written(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")

@@ -41,7 +41,9 @@ Step time (seconds; the slowest stage sets the pace):
   + all-gather, the same volume) and 2 (n - 1) alpha per bucket after the first; a share ``overlap`` of it hides behind the backward of the last
   micro-batch (2/3 of c);
 - rounds: the step's sequential collectives outside the slots (:func:`rounds_per_step`: the gradient
-  reduction, the stop agreement every ``stop_check_interval`` steps, the loss every ``log_interval``,
+  reduction, the stop agreement every ``stop_check_interval`` steps unless it overlaps the step (torch
+  starts it before the step and finishes it after; Keras' collectives complete at once), the loss every
+  ``log_interval``,
   ZeRO's all-gather and (stage 2) shard norm, the pipeline's and tensor-parallel's norm) each cost one
   data-parallel cycle in a plain data-parallel job (hvdllm gives Horovod 20 ms on CPU hosts; the
   collective waits for the next cycle) and kappa(ranks) in a model-parallel job (1 ms cycle);
@@ -69,6 +71,7 @@ class RunKnobs:
 
     log_interval: int = 10          # the loss all-reduce every N steps
     stop_check_interval: int = 1    # the stop agreement every N steps
+    stop_overlapped: bool = True    # the agreement travels with the step's collectives (torch): no round
     clipping: bool = True           # optim.max_grad_norm > 0: sharded or split norms need an all-reduce
 
 
@@ -276,7 +279,7 @@ def rounds_per_step(layout: Layout, knobs: RunKnobs = RunKnobs()) -> float:
     """Sequential collectives per step outside the pipelined slots (see the module docstring)."""
     if layout.ranks == 1:
         return 0.0
-    r = 1 / knobs.stop_check_interval + 1 / knobs.log_interval
+    r = (0 if knobs.stop_overlapped else 1 / knobs.stop_check_interval) + 1 / knobs.log_interval
     if layout.dp > 1:
         r += 1                                           # the gradient reduction (its last bucket)
         if layout.zero >= 1:                             # the parameters' grouped all-gather, and at

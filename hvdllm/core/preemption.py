@@ -4,7 +4,7 @@ Schedulers warn a job before they kill it: Slurm's ``--signal`` (SIGUSR1 by defa
 Kubernetes' SIGTERM on pod deletion, ``mpirun`` forwarding SIGUSR1. The signal may reach only some
 ranks. :class:`StopRequest` notes it (the handler only sets a field: safe at any point of the step),
 or notes that the wall-clock budget is spent; the training loop then combines every rank's
-:meth:`StopRequest.code` with one small sum-allreduce (:func:`agreed_stop`) so all ranks stop after the
+:meth:`StopRequest.code` with one small sum-allreduce (:func:`start_agreement`) so all ranks stop after the
 same step, write one checkpoint and exit with :data:`EXIT_PREEMPTED`.
 """
 from __future__ import annotations
@@ -69,15 +69,26 @@ def describe(code: int) -> str:
     return "run.max_minutes" if code == TIME_BUDGET else signal.Signals(code).name
 
 
-def agreed_stop(code: int, rank: int, size: int, sum_over_ranks: Callable[[np.ndarray], np.ndarray]) -> str | None:
-    """Every rank's stop code through one sum-allreduce of a ``size``-vector (rank r fills slot r).
+def start_agreement(code: int, rank: int, size: int,
+                    start_sum: Callable[[np.ndarray], Callable[[], np.ndarray]]) -> Callable[[], str | None]:
+    """Start the agreement on every rank's stop code: one sum-allreduce of a ``size``-vector (rank r
+    fills slot r), begun by ``start_sum`` (which returns the function that waits for the sum).
 
-    Returns None when no rank wants to stop, else the same text on every rank naming which ranks
-    asked and why (e.g. ``SIGTERM on rank 1``)."""
+    Returns the function that finishes it: None when no rank wants to stop, else the same text on every
+    rank naming which ranks asked and why (e.g. ``SIGTERM on rank 1``). Started before a step and
+    finished after it, the agreement travels with the step's own collectives instead of waiting for a
+    round of its own (on Horovod a whole cycle)."""
     mine = np.zeros(size, dtype=np.float64)
     mine[rank] = code
-    codes = np.asarray(sum_over_ranks(mine)) if size > 1 else mine
-    asked = [(r, int(c)) for r, c in enumerate(codes) if c]
-    if not asked:
-        return None
-    return ", ".join(f"{describe(c)} on rank {r}" for r, c in asked)
+    finish = start_sum(mine) if size > 1 else (lambda: mine)
+
+    def result() -> str | None:
+        asked = [(r, int(c)) for r, c in enumerate(np.asarray(finish())) if c]
+        return ", ".join(f"{describe(c)} on rank {r}" for r, c in asked) if asked else None
+
+    return result
+
+
+def agreed_stop(code: int, rank: int, size: int, sum_over_ranks: Callable[[np.ndarray], np.ndarray]) -> str | None:
+    """:func:`start_agreement` finished at once, with a blocking ``sum_over_ranks``."""
+    return start_agreement(code, rank, size, lambda v: (lambda: sum_over_ranks(v)))()

@@ -23,8 +23,9 @@ from hvdllm.plan import measure as M
 from hvdllm.train import config as C
 from hvdllm.train.config import ConfigError
 
-VERIFY_STEPS = 12         # steps per verification run, logged every VERIFY_LOG_INTERVAL: steps 4-12 are timed
+VERIFY_STEPS = 20         # steps per verification run, logged every VERIFY_LOG_INTERVAL: steps 4-20 are timed
 VERIFY_LOG_INTERVAL = 4
+VERIFY_APART = 0.10       # layouts predicted closer than this are verified only when no other is left
 VERIFY_TIMEOUT_S = 900    # a verification run still going after this is stopped (measured: none)
 
 
@@ -105,17 +106,31 @@ def measured_step_s(run_dir: Path) -> float | None:
     return (e1 - e0) / (s1 - s0) if s1 > s0 else None
 
 
-def verify(args: argparse.Namespace, cfg: C.TrainConfig, rows: list[dict[str, Any]], ranks: int,
-           say: Callable[[str], None]) -> None:
-    """Run ``args.verify`` fitting layouts; set ``measured_step_s`` on their rows.
+def verify_choice(rows: list[dict[str, Any]], k: int, apart: float = VERIFY_APART) -> list[dict[str, Any]]:
+    """The ``k`` fitting layouts to verify, in ranked order.
 
-    The best layout of each dp x tp x pp shape comes first (best first), then the next best overall,
-    so that the check of the prediction spans the kinds of parallelism.
+    The best layout of each dp x tp x pp shape comes first, then the next best overall, so that the
+    check spans the kinds of parallelism; a layout whose prediction is within ``apart`` (relative) of
+    one already chosen is taken only when no other is left, since two runs that close cannot be ranked
+    by a measurement of a few steps (run-to-run noise on shared CPU cores is ~10%).
     """
     fitting = [r for r in rows if r["fits"]]
-    firsts = list({(r["dp"], r["tp"], r["pp"]): id(r) for r in reversed(fitting)}.values())
-    chosen = [r for r in fitting if id(r) in firsts]
-    chosen = (chosen + [r for r in fitting if id(r) not in firsts])[: args.verify]
+    firsts = {id(r) for r in {(r["dp"], r["tp"], r["pp"]): r for r in reversed(fitting)}.values()}
+    order = [r for r in fitting if id(r) in firsts] + [r for r in fitting if id(r) not in firsts]
+    chosen: list[dict[str, Any]] = []
+    for r in order:
+        t = r["predicted_step_s"]
+        if len(chosen) < k and all(abs(t - c["predicted_step_s"]) > apart * min(t, c["predicted_step_s"])
+                                   for c in chosen):
+            chosen.append(r)
+    chosen += [r for r in order if all(r is not c for c in chosen)][: k - len(chosen)]
+    return sorted(chosen, key=lambda r: fitting.index(r))
+
+
+def verify(args: argparse.Namespace, cfg: C.TrainConfig, rows: list[dict[str, Any]], ranks: int,
+           say: Callable[[str], None]) -> None:
+    """Run the :func:`verify_choice` of ``args.verify`` layouts; set ``measured_step_s`` on their rows."""
+    chosen = verify_choice(rows, args.verify)
     with tempfile.TemporaryDirectory(prefix="hvdllm-plan-") as tmp:
         for i, row in enumerate(chosen):
             out = Path(tmp) / f"{i:03d}"
@@ -265,7 +280,7 @@ def run(args: argparse.Namespace, check_train: Callable[[list[str]], None]) -> i
     for a in profile.get("assumed", []):
         say(f"assumed: {a}")
     knobs = CM.RunKnobs(log_interval=cfg.run.log_interval, stop_check_interval=cfg.run.stop_check_interval,
-                        clipping=cfg.optim.max_grad_norm > 0)
+                        stop_overlapped=cfg.run.framework == "torch", clipping=cfg.optim.max_grad_norm > 0)
     rows = predict(shape, layouts, M.machine(profile), cfg.run.bucket_cap_mb * 2**20, knobs)
     if args.verify:
         verify(args, cfg, rows, ranks, say)

@@ -11,7 +11,9 @@ Failures and preemption: an exception leaving the loop carries the step it inter
 (hvdllm.core.failure.mark_step: the failing rank's last line names it). Every
 ``run.stop_check_interval`` steps the ranks agree, with one tiny allreduce, whether any of them got
 SIGTERM/SIGUSR1 or spent ``run.max_minutes`` (hvdllm.core.preemption); if so all checkpoint that step
-and the run ends :attr:`RunEnd.stopped` (the trainers exit with EXIT_PREEMPTED).
+and the run ends :attr:`RunEnd.stopped` (the trainers exit with EXIT_PREEMPTED). The allreduce starts
+before the step with the codes as they are then and finishes after it, so it never waits for a round of
+its own: a stop asked during step k ends the run after step k + 1.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from typing import Callable
 import numpy as np
 
 from hvdllm.core.failure import mark_step
-from hvdllm.core.preemption import StopRequest, agreed_stop
+from hvdllm.core.preemption import StopRequest, start_agreement
 from hvdllm.core.schedules import LRSchedule
 from hvdllm.train import replicas
 from hvdllm.train.config import TrainConfig
@@ -75,7 +77,8 @@ class StepHooks:
     ``sample(prompt, tokens, temperature, top_k, seed)``: called on every rank at the end; rank 0 returns
     the generated text (model-parallel runs gather the model collectively first).
     ``check_replicas(step)``: raise when the data-parallel replicas differ (hvdllm.train.replicas).
-    ``sum_over_ranks(vector)``: the element-wise sum of a small float64 vector over all ranks (a collective).
+    ``start_sum_over_ranks(vector)``: start the element-wise sum of a small float64 vector over all ranks
+    (a collective) and return the function that waits for it and returns the sum.
     """
 
     step: Callable[[int, float], float]
@@ -83,7 +86,7 @@ class StepHooks:
     save: Callable[[int, LossLog], Path | None]
     grad_norm: Callable[[], float | None]
     sample: Callable[[str, int, float, int, int], str | None]
-    sum_over_ranks: Callable[[np.ndarray], np.ndarray]
+    start_sum_over_ranks: Callable[[np.ndarray], Callable[[], np.ndarray]]
     check_replicas: Callable[[int], None] | None = None   # compare data-parallel replicas (a collective)
     # --elastic: keep the state of this step in host memory (a collective; may raise Horovod's
     # HostsUpdatedInterrupt, which hvd.elastic.run handles). Called every run.elastic_commit_every steps
@@ -129,6 +132,9 @@ def run_training(s: RunSetup, hooks: StepHooks, losses: LossLog, flops_per_token
         while step < cfg.run.max_steps:
             lr = float(schedule(step))
             at.step = step + 1
+            agreement = None
+            if step + 1 < cfg.run.max_steps and (step + 1) % cfg.run.stop_check_interval == 0:
+                agreement = start_agreement(stop.code(), s.rank, s.size, hooks.start_sum_over_ranks)
             try:
                 losses.add(hooks.step(step, lr))
             except BaseException as e:
@@ -157,9 +163,7 @@ def run_training(s: RunSetup, hooks: StepHooks, losses: LossLog, flops_per_token
                 hooks.check_replicas(step)               # before a checkpoint: never save diverged replicas
             if saved:
                 _save(hooks, step, losses, progress)
-            stopped = None
-            if step < cfg.run.max_steps and step % cfg.run.stop_check_interval == 0:
-                stopped = agreed_stop(stop.code(), s.rank, s.size, hooks.sum_over_ranks)
+            stopped = agreement() if agreement is not None else None
             if stopped is not None and not saved:
                 _save(hooks, step, losses, progress)
             if stopped is not None or (cfg.run.exit_at_step is not None and step == cfg.run.exit_at_step

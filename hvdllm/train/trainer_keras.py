@@ -24,7 +24,7 @@ fp16 loss scaling is left to the torch trainer.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import tensorflow as tf
@@ -339,12 +339,13 @@ def train(cfg: TrainConfig) -> int:
     def sample(prompt: str, tokens: int, temperature: float, top_k: int, seed: int) -> str | None:
         return sample_text(model, s.tokenizer, prompt, tokens, temperature, top_k, seed) if s.is_root else None
 
-    def sum_over_ranks(vec: np.ndarray) -> np.ndarray:
-        return np.asarray(hvd.allreduce(tf.constant(vec), op=hvd.Sum))
+    def start_sum_over_ranks(vec: np.ndarray) -> Callable[[], np.ndarray]:
+        h = hvd.collectives().start("allreduce", tf.constant(vec), hvd.Sum)   # (TF's handles complete at once)
+        return lambda: np.asarray(h.wait())
 
     hooks = StepHooks(step=step, evaluate=lambda: evaluate(s, steps),
                       save=lambda i, ls: save(s, model, optimizer, i, ls), grad_norm=grad_norm, sample=sample,
-                      sum_over_ranks=sum_over_ranks,
+                      start_sum_over_ranks=start_sum_over_ranks,
                       check_replicas=lambda i: check_replicas(s, model, optimizer, i))
     end = run_training(s, hooks, losses, s.gpt.flops_per_token(), peak, size, note)
     if size > 1:
@@ -383,11 +384,12 @@ def train_model_parallel(s: RunSetup, peak: float, note: str) -> int:
         load_weights(model, weights, "the gathered model")
         return sample_text(model, s.tokenizer, prompt, tokens, temperature, top_k, seed)
 
-    def sum_over_ranks(vec: np.ndarray) -> np.ndarray:
-        return np.asarray(run.collectives.allreduce(tf.constant(vec), hvd.Sum, hvd.WORLD, name=run.op_name("stop")))
+    def start_sum_over_ranks(vec: np.ndarray) -> Callable[[], np.ndarray]:
+        h = run.collectives.start("allreduce", tf.constant(vec), hvd.Sum, hvd.WORLD, name=run.op_name("stop"))
+        return lambda: np.asarray(h.wait())
 
     hooks = StepHooks(step=step, evaluate=run.evaluate, save=save_mp, grad_norm=lambda: run.grad_norm,
-                      sample=sample, sum_over_ranks=sum_over_ranks)
+                      sample=sample, start_sum_over_ranks=start_sum_over_ranks)
     end = run_training(s, hooks, losses, s.gpt.flops_per_token(), peak, s.size, note)
     hvd.barrier()
     return EXIT_PREEMPTED if end.stopped else 0

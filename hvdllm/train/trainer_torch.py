@@ -344,8 +344,9 @@ def train(cfg: TrainConfig) -> int:
 
     runner.model.train()
 
-    def sum_over_ranks(vec: np.ndarray) -> np.ndarray:
-        return hvd.allreduce(torch.from_numpy(vec), op=hvd.Sum, name=runner.op_name("stop")).numpy()
+    def start_sum_over_ranks(vec: np.ndarray) -> Callable[[], np.ndarray]:
+        h = hvd.collectives().start("allreduce", torch.from_numpy(vec), hvd.Sum, name=runner.op_name("stop"))
+        return lambda: h.wait().numpy()
 
     def rebind(new: RunSetup) -> None:                  # --elastic: the hooks above see the re-planned run
         nonlocal s
@@ -353,7 +354,7 @@ def train(cfg: TrainConfig) -> int:
 
     hooks = StepHooks(step=step, evaluate=lambda: evaluate(s, runner, device),
                       save=lambda i, ls: save(s, runner, optimizer, i, device, precision, ls),
-                      grad_norm=grad_norm, sample=sample, sum_over_ranks=sum_over_ranks,
+                      grad_norm=grad_norm, sample=sample, start_sum_over_ranks=start_sum_over_ranks,
                       check_replicas=lambda i: check_replicas(s, runner, optimizer, i))
     if cfg.run.elastic:
         end = train_elastic(s, runner, optimizer, losses, hooks, peak, note, rebind)
