@@ -267,7 +267,9 @@ def test_a_failed_rank_ends_the_job(launcher: str, tmp_path: Path) -> None:
                                                "run.checkpoint_interval=40"], tmp_path / f"train-raise-{fw}-job",
                                     r"hvdllm: rank 0 failed at step 40: \w+Error", f"{launcher} {fw} train, "
                                     "rank 0 cannot write its checkpoint", before=block_checkpoints,
-                                    survivor=_survivor_named(1, "40")))
+                                    # rank 1 fails in the checkpoint's collective (step 40) or, when it has
+                                    # none to wait for, in step 41's gradient reduction
+                                    survivor=_survivor_named(1, "4[01]")))
     print(f"{launcher}: {len(seconds)} trials ended in {min(seconds):.1f}-{max(seconds):.1f} s", file=sys.stderr)
 
 
