@@ -86,13 +86,13 @@ def test_step_time_by_hand() -> None:
     # no in-situ figures: kappa(2) falls back to the ring's 2 (n-1) alpha = 2e-4
     k2 = 2e-4
     assert MACHINE.kappa(2) == pytest.approx(k2) and MACHINE.kappa(1) == 0
-    # default knobs: a stop check every step overlapping the step (torch: no round), the loss every 10, clipping
+    # default knobs: a stop check every step, the loss every 10, clipping
     # dp=2, tp=1, pp=1, micro 4, B=8 -> m=1; flops/token = 6*(2*872) + 12*2*8*4 + 6*16*8 = 12000
     t = CM.step_time(SMALL, lay(dp=2, micro=4, gb=8), MACHINE, bucket_cap_bytes=1e9)
     slot = 12000 * 4 * 4 / 2e9
     assert t.compute == pytest.approx(slot) and t.bubble == 0 and t.tp_comm == 0 and t.pp_comm == 0
     assert t.dp_comm == pytest.approx(2 * 1 / 2 * 4 * 1920 / 1e9)         # one bucket: its latency is a round
-    assert t.sync == pytest.approx((0.1 + 1) * k2)                       # loss / 10, gradients
+    assert t.sync == pytest.approx((1 + 0.1 + 1) * k2)                   # stop, loss / 10, gradients
     assert t.optimizer == pytest.approx(1920 * 1e-8)
     # four buckets: 3 more ring latencies 2 (n-1) alpha
     t4 = CM.step_time(SMALL, lay(dp=2, micro=4, gb=8), MACHINE, bucket_cap_bytes=4 * 1920 / 4)
@@ -102,7 +102,7 @@ def test_step_time_by_hand() -> None:
     slot = (6 * 872 + 12 * 8 * 4 + 6 * 16 * 8) * 4 / 1e9
     assert t.compute == pytest.approx(8 * slot) and t.bubble == pytest.approx(slot)
     assert t.pp_comm == pytest.approx(9 * 2 * (k2 + 4 * 4 * 8 / 2e9) + 3 * k2)
-    assert t.sync == pytest.approx((0.1 + 1) * k2)                       # loss / 10, the stages' norm
+    assert t.sync == pytest.approx((1 + 0.1 + 1) * k2)                   # stop, loss / 10, the stages' norm
     assert t.bubble / (t.compute + t.bubble) == pytest.approx(CM.bubble_fraction(lay(pp=2, micro=1, gb=8)))
     # tp=2, m=2: per slot 4 collectives per block of b*T*d*4 bytes over 2 ranks + 2 + 4 at the edges
     t = CM.step_time(SMALL, lay(tp=2, micro=4, gb=8), MACHINE)
@@ -113,10 +113,10 @@ def test_step_time_by_hand() -> None:
     # a plain data-parallel job's rounds each wait for the data-parallel cycle (20 ms)
     cyc = dataclasses.replace(MACHINE, dp_cycle_s=0.02)
     t = CM.step_time(SMALL, lay(dp=2, micro=4, gb=8), cyc, bucket_cap_bytes=1e9)
-    assert t.dp_comm == pytest.approx(4 * 1920 / 1e9) and t.sync == pytest.approx(1.1 * 0.02)
+    assert t.dp_comm == pytest.approx(4 * 1920 / 1e9) and t.sync == pytest.approx(2.1 * 0.02)
     assert t.bottleneck == "sync"
     t = CM.step_time(SMALL, lay(dp=1, tp=2, micro=4, gb=8), cyc)
-    assert t.dp_comm == 0 and t.sync == pytest.approx(1.1 * k2)      # a model-parallel job: kappa per round
+    assert t.dp_comm == 0 and t.sync == pytest.approx(2.1 * k2)      # a model-parallel job: kappa per round
     # measured in-situ figures replace the fallback, the nearest size standing in for a missing one
     ins = dataclasses.replace(MACHINE, insitu_s={2: 0.005, 4: 0.009})
     assert ins.kappa(2) == 0.005 and ins.kappa(4) == 0.009 and ins.kappa(3) == 0.009 and ins.kappa(8) == 0.009
@@ -140,7 +140,7 @@ def test_rounds_per_step_by_hand() -> None:
     assert CM.rounds_per_step(lay(tp=2), k) == pytest.approx(0.75 + 1)        # the shards' norm
     assert CM.rounds_per_step(lay(pp=2), dataclasses.replace(k, clipping=False)) == pytest.approx(0.75)
     assert CM.rounds_per_step(lay(dp=2, pp=2, gb=8), k) == pytest.approx(0.75 + 1 + 1)
-    # torch starts the stop agreement before the step and finishes it after: no round of its own
+    # run.stop_check_overlap (torch): the agreement starts before the step and finishes after, no round
     assert CM.rounds_per_step(lay(dp=2), dataclasses.replace(k, stop_overlapped=True)) == pytest.approx(0.25 + 1)
 
 

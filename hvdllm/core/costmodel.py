@@ -41,8 +41,9 @@ Step time (seconds; the slowest stage sets the pace):
   + all-gather, the same volume) and 2 (n - 1) alpha per bucket after the first; a share ``overlap`` of it hides behind the backward of the last
   micro-batch (2/3 of c);
 - rounds: the step's sequential collectives outside the slots (:func:`rounds_per_step`: the gradient
-  reduction, the stop agreement every ``stop_check_interval`` steps unless it overlaps the step (torch
-  starts it before the step and finishes it after; Keras' collectives complete at once), the loss every
+  reduction, the stop agreement every ``stop_check_interval`` steps unless it overlaps the step
+  (``run.stop_check_overlap``: torch starts it before the step and finishes it after; Keras'
+  collectives complete at once), the loss every
   ``log_interval``,
   ZeRO's all-gather and (stage 2) shard norm, the pipeline's and tensor-parallel's norm) each cost one
   data-parallel cycle in a plain data-parallel job (hvdllm gives Horovod 20 ms on CPU hosts; the
@@ -71,7 +72,7 @@ class RunKnobs:
 
     log_interval: int = 10          # the loss all-reduce every N steps
     stop_check_interval: int = 1    # the stop agreement every N steps
-    stop_overlapped: bool = True    # the agreement travels with the step's collectives (torch): no round
+    stop_overlapped: bool = False   # run.stop_check_overlap (torch): the agreement rides with the step, no round
     clipping: bool = True           # optim.max_grad_norm > 0: sharded or split norms need an all-reduce
 
 

@@ -11,9 +11,10 @@ Failures and preemption: an exception leaving the loop carries the step it inter
 (hvdllm.core.failure.mark_step: the failing rank's last line names it). Every
 ``run.stop_check_interval`` steps the ranks agree, with one tiny allreduce, whether any of them got
 SIGTERM/SIGUSR1 or spent ``run.max_minutes`` (hvdllm.core.preemption); if so all checkpoint that step
-and the run ends :attr:`RunEnd.stopped` (the trainers exit with EXIT_PREEMPTED). The allreduce starts
-before the step with the codes as they are then and finishes after it, so it never waits for a round of
-its own: a stop asked during step k ends the run after step k + 1.
+and the run ends :attr:`RunEnd.stopped` (the trainers exit with EXIT_PREEMPTED). With
+``run.stop_check_overlap`` the allreduce starts before the step, with the codes as they are then, and
+finishes after it, so it waits for no round of its own: a stop asked during step k then ends the run
+after step k + 1.
 """
 from __future__ import annotations
 
@@ -131,10 +132,10 @@ def run_training(s: RunSetup, hooks: StepHooks, losses: LossLog, flops_per_token
         tokens_per_step = cfg.batch.global_batch * s.windows.seq_len
         while step < cfg.run.max_steps:
             lr = float(schedule(step))
-            at.step = step + 1
             agreement = None
-            if step + 1 < cfg.run.max_steps and (step + 1) % cfg.run.stop_check_interval == 0:
+            if cfg.run.stop_check_overlap and _stop_check_due(step + 1, cfg):
                 agreement = start_agreement(stop.code(), s.rank, s.size, hooks.start_sum_over_ranks)
+            at.step = step + 1             # (after the codes are read: a stop announced at step k is in k's)
             try:
                 losses.add(hooks.step(step, lr))
             except BaseException as e:
@@ -163,6 +164,9 @@ def run_training(s: RunSetup, hooks: StepHooks, losses: LossLog, flops_per_token
                 hooks.check_replicas(step)               # before a checkpoint: never save diverged replicas
             if saved:
                 _save(hooks, step, losses, progress)
+            if not cfg.run.stop_check_overlap and _stop_check_due(step, cfg):
+                agreement = start_agreement(stop.code(), s.rank, s.size, hooks.start_sum_over_ranks)
+                at.step = step + 1         # a signal from here on is announced at (and seen after) the next step
             stopped = agreement() if agreement is not None else None
             if stopped is not None and not saved:
                 _save(hooks, step, losses, progress)
@@ -192,6 +196,11 @@ def run_training(s: RunSetup, hooks: StepHooks, losses: LossLog, flops_per_token
         write_sample(s.run_dir, sp.prompt, text or "")
         say(f"done: {step} steps in {tput.elapsed():.0f} s; run directory {s.run_dir}")
     return RunEnd(step)
+
+
+def _stop_check_due(step: int, cfg: TrainConfig) -> bool:
+    """Whether the ranks agree on stopping after ``step`` (never after the last: the run ends anyway)."""
+    return step < cfg.run.max_steps and step % cfg.run.stop_check_interval == 0
 
 
 @dataclasses.dataclass

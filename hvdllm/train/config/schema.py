@@ -108,6 +108,9 @@ class RunSection:
                                            "checkpoint)", gt=0, none="no budget")
     stop_check_interval: int = knob(1, "steps between the ranks' agreement on stopping (SIGTERM/SIGUSR1 on "
                                        "any rank, run.max_minutes): one tiny allreduce", ge=1)
+    stop_check_overlap: bool = knob(False, "start the stop agreement before the step and finish it after, so it "
+                                           "waits for no round of its own (torch; on CPU hosts a Horovod cycle); "
+                                           "a stop asked during step k then ends the run after step k + 1, not k")
     resume: bool = knob(False, "continue from the newest checkpoint in run.out that verifies (an error when "
                                "run.out holds none)")
     init_from: str | None = knob(None, "start from the weights (and tokenizer) of a run directory or checkpoint "
