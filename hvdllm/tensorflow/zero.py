@@ -293,7 +293,8 @@ class ZeroMixin:
         sq = _after(self._hvdllm_squares(shard_grads), shard_grads[-1])
         if size > 1:
             sq = rt.allreduce(sq, Sum, state.config.process_set, name=_op_name("zero_norm"))
-        total = tf.cast(tf.convert_to_tensor(state.grad_norm_fn(squares=sq)), tf.float64)
+        norm = state.grad_norm_fn(squares=sq)       # (a Python float would become float32 by default)
+        total = tf.cast(norm, tf.float64) if tf.is_tensor(norm) else tf.constant(float(norm), tf.float64)
         state.grad_norm.assign(tf.cast(total, tf.float32))
         if state.config.max_grad_norm is None:
             return shard_grads
