@@ -3,7 +3,8 @@
 The worker (tests/workers/keras_zero_worker.py) trains a replicated and a ZeRO copy of one tiny model for
 20 updates on each rank's own data (eager apply_gradients and model.fit, Adam/AdamW/SGD, clipping,
 accumulation, 120-byte buckets that no rank count divides). Asserted per case: the ZeRO weights are
-bitwise equal on every rank and within 1e-6 relative (||a-b||/||b||) of the replicated run (clipping
+bitwise equal on every rank and within 1e-6 relative (||a-b||/||b||) of the replicated run (clipping, also
+through a ``grad_norm_fn`` hook returning the norm of the per-variable squares,
 sums the norm from the shards in float64, the replicated path in float32 per tensor: ~5e-8 seen); the
 update count is the same; each rank holds about 1/N of the replicated optimizer-state bytes (padding
 adds < N elements per bucket and slot). ``exclude_from_weight_decay`` (biases) trains as the replicated run.
@@ -77,6 +78,8 @@ def test_keras_zero_bad_input_one_line() -> None:
         (lambda: keras.optimizers.Adam(global_clipnorm=1.0), {"zero_stage": 1}, "global_clipnorm=1.0"),
         (lambda: keras.optimizers.Adam(use_ema=True), {"zero_stage": 1}, "use_ema"),
         (lambda: keras.optimizers.Adam(), {"zero_stage": 1, "groups": 2}, "groups=2"),
+        (lambda: keras.optimizers.Adam(), {"grad_norm_fn": lambda squares: 1.0}, "grad_norm_fn= needs zero_stage"),
+        (lambda: keras.optimizers.Adam(), {"zero_stage": 1, "grad_norm_fn": 3.0}, "grad_norm_fn=3.0"),
     ]
     for make, kwargs, needle in cases:
         with pytest.raises(ValueError) as e:
@@ -86,3 +89,41 @@ def test_keras_zero_bad_input_one_line() -> None:
     built.build([keras.Variable([1.0, 2.0])])
     with pytest.raises(ValueError, match="already built"):
         hvd.DistributedOptimizer(built, zero_stage=1)
+
+
+def test_keras_zero_grad_norm_fn_gets_each_variables_square() -> None:
+    """One process: ``grad_norm_fn`` receives, per variable in build order, its gradient's squared norm (the
+    shards' pieces attributed back to their variables; 100-byte buckets: three buckets, one holding two
+    variables), its result is the norm ``grad_norm`` reports and ``max_grad_norm`` clips by (SGD at lr 1: the
+    update is the clipped gradient). Across ranks (pieces of one variable in two shards) the worker's hook
+    cases and the 4-rank tp/pp trainer test check the summed norms."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import hvdllm.tensorflow as hvd
+
+    hvd.init()
+    keras.utils.set_random_seed(0)
+    m = keras.Sequential([keras.Input((5,)), keras.layers.Dense(7), keras.layers.Dense(3)])
+    variables = m.trainable_variables
+    rng = np.random.default_rng(0)
+    grads = [rng.normal(size=tuple(v.shape)).astype("float32") for v in variables]
+    seen = []
+
+    def hook(squares: tf.Tensor) -> tf.Tensor:
+        seen.append(np.asarray(squares))
+        return 2.0 * tf.sqrt(tf.reduce_sum(squares))
+
+    opt = hvd.DistributedOptimizer(keras.optimizers.SGD(1.0), zero_stage=1, bucket_cap_mb=100 / 2**20,
+                                   max_grad_norm=0.5, grad_norm_fn=hook)
+    before = [v.numpy() for v in variables]
+    opt.apply([tf.constant(g) for g in grads], variables)
+    want = [float(np.sum(np.square(g.astype(np.float64)))) for g in grads]
+    assert len(seen) == 1 and seen[0].dtype == np.float64
+    np.testing.assert_allclose(seen[0], want, rtol=1e-12)
+    norm = 2.0 * np.sqrt(sum(want))
+    assert float(opt.grad_norm.numpy()) == pytest.approx(norm, rel=1e-6)
+    coef = 0.5 / (norm + 1e-6)
+    for v, b, g in zip(variables, before, grads):
+        np.testing.assert_allclose(v.numpy(), b - coef * g, rtol=1e-6, atol=1e-7)

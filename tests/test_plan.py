@@ -148,13 +148,13 @@ def test_two_ranks_are_measured_under_horovodrun(tmp_path: Path) -> None:
     assert len(rows) == 2 * 3 + 3 + 6 and all(x["dp"] * x["tp"] * x["pp"] == 2 for x in rows)
 
 
-def test_keras_plans_zero_for_data_parallel_layouts_only(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """`hvdllm train --framework tensorflow` shards with --zero 1|2 on data-parallel layouts and refuses it
-    with --tp/--pp: plan offers exactly those."""
+def test_keras_plans_zero_with_tensor_and_pipeline_parallelism(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`hvdllm train --framework tensorflow` shards with --zero 1|2 on every layout with dp > 1, --tp/--pp
+    included (as torch): plan offers those, and --zero 0 only where dp = 1."""
     cfg = tmp_path / "keras.toml"
     cfg.write_text('[run]\nframework = "tensorflow"\n')
     assert main(["plan", "--config", str(cfg), "--ranks", "4", "--profile", _profile(tmp_path), "--json"]) == 0
     rows = _json_rows(capsys.readouterr().out)
     assert {r["zero"] for r in rows if r["tp"] * r["pp"] == 1} == {0, 1, 2}
-    assert any(r["dp"] > 1 and r["tp"] * r["pp"] > 1 for r in rows)
-    assert {r["zero"] for r in rows if r["tp"] * r["pp"] > 1} == {0}
+    assert {r["zero"] for r in rows if r["dp"] > 1 and r["tp"] * r["pp"] > 1} == {0, 1, 2}
+    assert {r["zero"] for r in rows if r["dp"] == 1} == {0}

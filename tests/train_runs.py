@@ -59,6 +59,22 @@ def assert_same_run(a: Path, b: Path, tol: float) -> None:
             assert np.linalg.norm(x - y) <= tol * np.linalg.norm(y) + ATOL * np.sqrt(y.size), (b.name, kind, k)
 
 
+def assert_identical_run(a: Path, b: Path, norm_rtol: float) -> None:
+    """Run ``b`` logged exactly ``a``'s losses and validation losses, its gradient norms within ``norm_rtol``
+    (float64 sums taken in another order), and its last checkpoint holds bitwise the same weights and
+    optimizer state."""
+    for col in ("loss", "val_loss"):
+        assert column(b, col) == column(a, col), (b.name, col)
+    ga, gb = column(a, "grad_norm"), column(b, "grad_norm")
+    assert [s for s, _ in ga] == [s for s, _ in gb]
+    np.testing.assert_allclose([v for _, v in gb], [v for _, v in ga], rtol=norm_rtol, err_msg=f"{b.name} grad_norm")
+    (fa, _), (fb, _) = (ckpt.read_checkpoint(ckpt.latest_checkpoint(d)) for d in (a, b))
+    for kind in ("model", "optimizer"):
+        assert fa[kind].keys() == fb[kind].keys(), kind
+        for k in fa[kind]:
+            assert np.array_equal(fb[kind][k], fa[kind][k]), (b.name, kind, k)
+
+
 def assert_bad_input(args: list[str], words: str, out: Path, timeout: float = 120) -> None:
     """`hvdllm ARGS --out OUT` (one process) exits 2 with one line naming ``words`` (the only line starting
     with "hvdllm"; TensorFlow logs its start-up) and no traceback, and writes nothing."""

@@ -246,10 +246,6 @@ def run(args: argparse.Namespace, check_train: Callable[[list[str]], None]) -> i
     except ConfigError:
         zero_stages = (0,)                       # no sharded optimizer in this hvdllm train (or framework)
     layouts = list(CM.layouts(ranks, shape, cfg.batch.global_batch, zero_stages))
-    try:
-        check_train(["--zero", "1", "--pp", "2", "--framework", cfg.run.framework])
-    except ConfigError:                          # ZeRO for data-parallel layouts only (Keras, today)
-        layouts = [lay for lay in layouts if lay.zero == 0 or lay.tp * lay.pp == 1]
     if not layouts:
         raise ConfigError(f"no layout of {ranks} ranks fits --global-batch {cfg.batch.global_batch} and "
                           f"model.n_head={shape.n_head}, n_layer={shape.n_layer}")

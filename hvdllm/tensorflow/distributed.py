@@ -12,7 +12,7 @@ Keras's ``jit_compile="auto"`` resolves to False; on GPUs pass ``jit_compile=Fal
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import tensorflow as tf
 
@@ -231,6 +231,7 @@ class _State:
         self.passes: tf.Variable | None = None
         self.grad_norm: tf.Variable | None = None
         self.zero_stage = 0
+        self.grad_norm_fn: Callable[..., Any] | None = None   # ZeRO: the global norm from per-variable squares
         self.shards: list[Any] = []           # ZeRO (hvdllm.tensorflow.zero): this rank's shards
         self.shard_optimizer: Any = None      # ... and the optimizer that steps them
         self.shard_slots: list[dict[str, Any]] = []   # per shard: slot name -> the shard optimizer's slot variable
@@ -270,8 +271,8 @@ class _DistributedMixin:
 
     @property
     def grad_norm(self) -> tf.Variable | None:
-        """With ``max_grad_norm``: the global gradient norm of the last update (after the reduction,
-        before clipping), as the torch DistributedOptimizer's ``grad_norm``; else None."""
+        """With ``max_grad_norm`` (or ``grad_norm_fn``): the global gradient norm of the last update (after
+        the reduction, before clipping), as the torch DistributedOptimizer's ``grad_norm``; else None."""
         return self._hvdllm.grad_norm
 
     def build(self, variables: Sequence[Any]) -> None:
@@ -280,7 +281,8 @@ class _DistributedMixin:
 
     def _hvdllm_accumulators(self, variables: list[Any]) -> None:
         state = self._hvdllm
-        if state.config.max_grad_norm is not None and state.grad_norm is None:
+        wants_norm = state.config.max_grad_norm is not None or state.grad_norm_fn is not None
+        if wants_norm and state.grad_norm is None:
             with tf.init_scope():
                 state.grad_norm = tf.Variable(tf.constant(0.0, tf.float32), trainable=False, name="hvdllm_grad_norm")
         if state.config.backward_passes_per_step == 1 or state.accumulators:
@@ -377,7 +379,8 @@ def DistributedOptimizer(optimizer: Any, name: str | None = None, device_dense: 
                          backward_passes_per_step: int = 1, average_aggregated_gradients: bool = False,
                          num_groups: int = 0, groups: Any = None, process_set: ProcessSet = WORLD,
                          scale_local_gradients: bool = True, *, max_grad_norm: float | None = None,
-                         bucket_cap_mb: float = 25.0, zero_stage: int = 0) -> Any:
+                         bucket_cap_mb: float = 25.0, zero_stage: int = 0,
+                         grad_norm_fn: Callable[..., Any] | None = None) -> Any:
     """Make a Keras 3 optimizer data-parallel; use it in ``model.compile`` / ``model.fit`` or ``apply_gradients``.
 
     Horovod's signature and meaning (horovod.tensorflow.keras.DistributedOptimizer). Gradients are reduced
@@ -393,11 +396,20 @@ def DistributedOptimizer(optimizer: Any, name: str | None = None, device_dense: 
     optimizer. Not usable under XLA: compile with ``jit_compile=False`` (the default on CPU).
     ``zero_stage``: 0 (the optimizer state replicated on every rank), 1 (sharded over the ranks) or 2
     (gradients reduce-scattered too): see :mod:`hvdllm.tensorflow.zero` (elementwise rules only, the
-    optimizer not yet built).
+    optimizer not yet built). ``grad_norm_fn`` (ZeRO stages only): the hook through which tensor/pipeline
+    parallelism supplies the unsplit model's norm, as in the torch wrapper: called each update as
+    ``grad_norm_fn(squares=...)`` with a float64 vector, per variable (the order of ``build``) its reduced
+    gradient's squared L2 norm summed over ``process_set``, it returns the global norm (a float, or a
+    scalar tensor inside a ``tf.function``), which ``max_grad_norm`` clips by and ``grad_norm`` reports.
     """
     import keras
 
     stage = parse_stage(zero_stage)
+    if grad_norm_fn is not None and not callable(grad_norm_fn):
+        raise ValueError(f"grad_norm_fn={grad_norm_fn!r} must be a callable returning the global gradient norm")
+    if grad_norm_fn is not None and not stage:
+        raise ValueError("grad_norm_fn= needs zero_stage=1 or 2 with Keras (zero_stage=0 clips on the data-parallel "
+                         "norm); allowed with zero_stage=0: grad_norm_fn=None")
     if not isinstance(optimizer, keras.optimizers.Optimizer):
         raise ValueError(f"DistributedOptimizer needs a keras.optimizers.Optimizer, got {type(optimizer).__name__}")
     if is_distributed(optimizer):
@@ -414,6 +426,7 @@ def DistributedOptimizer(optimizer: Any, name: str | None = None, device_dense: 
     if stage:
         check_zero_optimizer(optimizer, stage, groups)
         state.zero_stage = stage
+        state.grad_norm_fn = grad_norm_fn
         state.shard_optimizer = type(optimizer).from_config(optimizer.get_config())
     cls = _distributed_class(type(optimizer), stage > 0)
     object.__setattr__(optimizer, "_hvdllm", state)

@@ -12,6 +12,9 @@ stays the replicated wrapper's):
 1. each bucket's gradients, packed flat (zeros for None): stage 1 allreduces it and keeps this rank's
    slice; stage 2 reduce-scatters it (zero-padded), so only the shard arrives;
 2. with ``max_grad_norm``: clip by the global norm, one allreduce of the shards' squared norms (float64);
+   with ``grad_norm_fn`` (tensor/pipeline parallelism: the unsplit model's norm) the squares are kept per
+   variable (the shards' pieces say which elements are whose), allreduced as one vector, and the hook
+   combines them over its own groups;
 3. copy the model variables' current values into the shards (weights changed outside are respected),
    apply the shard optimizer, allgather the updated shards and assign them back into the variables.
 
@@ -28,7 +31,9 @@ same class over the same variables would write (Keras's index keys, full-size sl
 gathered: a collective, every rank calls it), and ``load_own_variables`` takes that format from any
 world size or stage, each rank keeping its shards (no communication). ``optimizer.variables`` holds the
 replicated part only (step count, learning rate): the shards differ per rank, so broadcasting them
-would be wrong; they are ``optimizer.shard_optimizer.variables``.
+would be wrong; they are ``optimizer.shard_optimizer.variables``. ``unsplit_slots`` /
+``load_unsplit_slots`` give and take the full-size slots by (variable, slot name), for checkpoints keyed
+otherwise (the Keras model-parallel runner's, by parameter name).
 """
 from __future__ import annotations
 
@@ -45,7 +50,7 @@ from hvdllm.core.zero import Piece, ShardPlan, pieces
 from hvdllm.tensorflow.basics import collectives
 from hvdllm.tensorflow.reduction import _dense, _in_xla_context, _op_name, _set_size, reduce_flat
 
-__all__ = ["ZeroMixin", "check_zero_optimizer"]
+__all__ = ["ZeroMixin", "check_zero_optimizer", "slot_bytes"]
 
 _PER_TENSOR_RULES = ("Lamb", "LAMB", "Adafactor", "Muon", "LossScaleOptimizer")
 
@@ -224,7 +229,8 @@ class ZeroMixin:
         for shard in self._hvdllm.shards:
             shard_grads.append(self._hvdllm_shard_gradient(shard, grads, rt, size,
                                                            shard_grads[-1] if shard_grads else None))
-        if self._hvdllm.config.max_grad_norm is not None:
+        state = self._hvdllm
+        if state.config.max_grad_norm is not None or state.grad_norm_fn is not None:
             shard_grads = self._hvdllm_clip(shard_grads, rt, size)
         return shard_grads
 
@@ -254,14 +260,44 @@ class ZeroMixin:
         return shard.padded(reduce_flat(flat, config, rt, size)[shard.lo:shard.hi])
 
     def _hvdllm_clip(self, shard_grads: list[tf.Tensor], rt: Any, size: int) -> list[tf.Tensor]:
-        """Scale the shard gradients by the core's clip coefficient of the global norm (one allreduce)."""
+        """Scale the shard gradients by the core's clip coefficient of the global norm (one allreduce):
+        the shards' squares summed (float32 coefficient), or with ``grad_norm_fn`` its norm of the
+        per-variable squares (float64 coefficient, as a model-parallel runner's unsplit clipping)."""
         state = self._hvdllm
+        if state.grad_norm_fn is not None:
+            return self._hvdllm_clip_by_hook(shard_grads, rt, size)
         sq = _after(tf.add_n([tf.reduce_sum(tf.square(tf.cast(g, tf.float64))) for g in shard_grads]),
                     shard_grads[-1])
         if size > 1:
             sq = rt.allreduce(tf.reshape(sq, [1]), Sum, state.config.process_set, name=_op_name("zero_norm"))[0]
         total = tf.cast(tf.sqrt(sq), tf.float32)
         state.grad_norm.assign(total)
+        coef = clip_coefficient_of(total, state.config.max_grad_norm, tf.maximum)
+        return [g * tf.cast(coef, g.dtype) for g in shard_grads]
+
+    def _hvdllm_squares(self, shard_grads: list[tf.Tensor]) -> tf.Tensor:
+        """Per variable (build order), the squared L2 norm of this rank's part of its reduced gradient
+        (float64): the shards' pieces attribute each element to its variable."""
+        parts: list[list[tf.Tensor]] = [[] for _ in self._trainable_variables]
+        for shard, g in zip(self._hvdllm.shards, shard_grads):
+            g64 = tf.cast(g, tf.float64)
+            for pc in shard.pieces:
+                parts[pc.index].append(tf.reduce_sum(tf.square(g64[pc.shard_offset:pc.shard_offset + pc.length])))
+        zero = tf.constant(0.0, tf.float64)
+        return tf.stack([tf.add_n(p) if p else zero for p in parts])
+
+    def _hvdllm_clip_by_hook(self, shard_grads: list[tf.Tensor], rt: Any, size: int) -> list[tf.Tensor]:
+        """``grad_norm_fn``'s global norm of the per-variable squares (summed over the data-parallel ranks);
+        with ``max_grad_norm`` the shard gradients are scaled by its clip coefficient."""
+        state = self._hvdllm
+        sq = _after(self._hvdllm_squares(shard_grads), shard_grads[-1])
+        if size > 1:
+            sq = rt.allreduce(sq, Sum, state.config.process_set, name=_op_name("zero_norm"))
+        norm = state.grad_norm_fn(squares=sq)       # (a Python float would become float32 by default)
+        total = tf.cast(norm, tf.float64) if tf.is_tensor(norm) else tf.constant(float(norm), tf.float64)
+        state.grad_norm.assign(tf.cast(total, tf.float32))
+        if state.config.max_grad_norm is None:
+            return shard_grads
         coef = clip_coefficient_of(total, state.config.max_grad_norm, tf.maximum)
         return [g * tf.cast(coef, g.dtype) for g in shard_grads]
 
@@ -291,30 +327,44 @@ class ZeroMixin:
             state.unsplit = layout
         return state.unsplit
 
-    def save_own_variables(self, store: Any) -> None:
-        """Write the state a replicated optimizer would write (``store[str(k)]``, full-size slots): the
-        shards' slots are gathered over the data-parallel ranks, so every rank must call it (e.g.
-        ``model.save`` on every rank)."""
+    def unsplit_slots(self) -> dict[tuple[int, str], np.ndarray]:
+        """Every slot of every variable at full size, ``(variable index, slot name) -> array`` (build
+        order; e.g. Adam's ``"momentum"``, ``"velocity"``): the shards' slots gathered over the
+        data-parallel ranks, so every rank must call it."""
         state, rt = self._hvdllm, collectives()
         size = _set_size(rt, state.config.process_set)
-        where = {i: (b, off) for b, sh in enumerate(state.shards) for i, off in zip(sh.indices, sh.offsets)}
-        gathered: dict[tuple[int, str], np.ndarray] = {}
-        for b, slots in enumerate(state.shard_slots):
+        out: dict[tuple[int, str], np.ndarray] = {}
+        for shard, slots in zip(state.shards, state.shard_slots):
             for name in sorted(slots):
                 flat = tf.convert_to_tensor(slots[name])
                 if size > 1:
                     flat = rt.allgather(flat, state.config.process_set, name=_op_name("zero_state"))
-                gathered[(b, name)] = np.asarray(flat)
+                flat = np.asarray(flat)
+                for i, off in zip(shard.indices, shard.offsets):
+                    shape = tuple(self._trainable_variables[i].shape)
+                    out[(i, name)] = flat[off:off + int(np.prod(shape, dtype=np.int64))].reshape(shape)
+        return out
+
+    def load_unsplit_slots(self, arrays: Any) -> None:
+        """:meth:`unsplit_slots`' format (full-size slots by ``(variable index, slot name)``, from any world
+        size or stage): this rank keeps its shards' part (no communication). The caller checks shapes."""
+        state = self._hvdllm
+        for shard, slots in zip(state.shards, state.shard_slots):
+            for name, var in slots.items():
+                flat = np.zeros(shard.plan.shard_numel, tf.as_dtype(var.dtype).as_numpy_dtype)
+                for pc in shard.pieces:
+                    part = np.asarray(arrays[(pc.index, name)]).reshape(-1)[pc.start:pc.start + pc.length]
+                    flat[pc.shard_offset:pc.shard_offset + pc.length] = part
+                var.assign(flat)
+
+    def save_own_variables(self, store: Any) -> None:
+        """Write the state a replicated optimizer would write (``store[str(k)]``, full-size slots): the
+        shards' slots are gathered over the data-parallel ranks, so every rank must call it (e.g.
+        ``model.save`` on every rank)."""
+        slots = self.unsplit_slots()
         own = self.variables
         for k, entry in enumerate(self._hvdllm_unsplit()):
-            if isinstance(entry, int):
-                store[str(k)] = np.asarray(tf.convert_to_tensor(own[entry]))
-                continue
-            i, name = entry
-            b, off = where[i]
-            v = self._trainable_variables[i]
-            n = int(np.prod(v.shape, dtype=np.int64))
-            store[str(k)] = gathered[(b, name)][off:off + n].reshape(tuple(v.shape))
+            store[str(k)] = np.asarray(tf.convert_to_tensor(own[entry])) if isinstance(entry, int) else slots[entry]
 
     def load_own_variables(self, store: Any) -> None:
         """Take the state a replicated optimizer of this class writes (any world size, any stage); this
@@ -324,34 +374,28 @@ class ZeroMixin:
             raise ValueError(f"the optimizer state holds {len(store.keys())} variables; {type(self).__name__} "
                              f"over these {len(self._trainable_variables)} variables holds {len(layout)}")
         values = [np.asarray(store[str(k)]) for k in range(len(layout))]
-        slot_of: dict[tuple[int, str], int] = {}
         for k, (entry, value) in enumerate(zip(layout, values)):
             want = self.variables[entry] if isinstance(entry, int) else self._trainable_variables[entry[0]]
             if tuple(value.shape) != tuple(want.shape):
                 raise ValueError(f"optimizer variable {k} has shape {list(value.shape)}, this optimizer needs "
                                  f"{list(want.shape)}")
-            if not isinstance(entry, int):
-                slot_of[entry] = k
         for entry, value in zip(layout, values):       # (all checked: nothing is half loaded)
             if isinstance(entry, int):
                 self.variables[entry].assign(value)
-        for shard, slots in zip(state.shards, state.shard_slots):
-            for name, var in slots.items():
-                flat = np.zeros(shard.plan.shard_numel, tf.as_dtype(var.dtype).as_numpy_dtype)
-                for pc in shard.pieces:
-                    part = values[slot_of[(pc.index, name)]].reshape(-1)[pc.start:pc.start + pc.length]
-                    flat[pc.shard_offset:pc.shard_offset + pc.length] = part
-                var.assign(flat)
+        self.load_unsplit_slots({entry: value for entry, value in zip(layout, values) if not isinstance(entry, int)})
         inner = state.shard_optimizer
         inner.iterations.assign(self.iterations)
         if isinstance(self._learning_rate, keras.Variable) and isinstance(inner._learning_rate, keras.Variable):
             inner._learning_rate.assign(self._learning_rate)
 
     def state_bytes(self) -> int:
-        """Bytes of optimizer state this rank holds: the shard optimizer's variables but its step count
-        and learning rate."""
-        inner = self._hvdllm.shard_optimizer
-        skip = {id(inner.iterations), id(inner._learning_rate)}
-        return sum(int(np.prod(v.shape, dtype=np.int64)) * tf.as_dtype(v.dtype).size
-                   for v in inner.variables if id(v) not in skip)
+        """Bytes of optimizer state this rank holds: the shard optimizer's :func:`slot_bytes`."""
+        return slot_bytes(self._hvdllm.shard_optimizer)
+
+
+def slot_bytes(optimizer: Any) -> int:
+    """Bytes of a (built) Keras optimizer's variables but its step count and learning rate: its state."""
+    skip = {id(optimizer.iterations), id(optimizer._learning_rate)}
+    return sum(int(np.prod(v.shape, dtype=np.int64)) * tf.as_dtype(v.dtype).size
+               for v in optimizer.variables if id(v) not in skip)
 

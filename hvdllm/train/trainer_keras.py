@@ -13,8 +13,9 @@ optimizer's format (the shards gathered), so a run resumes on another world size
 
 Model parallelism (``--tp``/``--pp``): :class:`hvdllm.train.model_parallel_keras.ModelParallelKeras` runs
 this rank's tensor-parallel pipeline stage through the core's schedules, averages over the data-parallel
-group, clips on the unsplit model's norm and steps; its checkpoints hold the unsplit weights and Adam
-moments keyed by parameter name (``optimizer_format`` "unsplit"), which any tp x pp layout resumes.
+group, clips on the unsplit model's norm and steps (``--zero 1|2``: AdamW's moments sharded over the
+data-parallel group); its checkpoints hold the unsplit weights and Adam moments keyed by parameter name
+(``optimizer_format`` "unsplit"), which any tp x pp layout and ``--zero`` stage resumes.
 
 Checkpoints use the shared format (hvdllm.train.checkpoint) with the weights under PyTorch's parameter
 names and layouts (hvdllm.models.gpt_keras.torch_state_dict), so a Keras checkpoint also loads into the
@@ -372,9 +373,13 @@ def train_model_parallel(s: RunSetup, peak: float, note: str) -> int:
     def save_mp(i: int, ls: LossLog) -> Path | None:
         pending = ls.pending()
         files = {"model": run.layout.full_weights(), "optimizer": run.layout.optimizer_state(run.optimizer)}
+        state_bytes = run.collectives.allgather(tf.constant([run.state_bytes()], tf.int64), hvd.WORLD,
+                                                name=run.op_name("state_bytes"))
         if not s.is_root:
             return None
-        return s.write_checkpoint(i, files, checkpoint_meta(s, i, pending, optimizer_format=OPTIMIZER_FORMATS[True]))
+        meta = checkpoint_meta(s, i, pending, optimizer_format=OPTIMIZER_FORMATS[True],
+                               optimizer_state_bytes=[int(b) for b in np.asarray(state_bytes)])   # per rank
+        return s.write_checkpoint(i, files, meta)
 
     def sample(prompt: str, tokens: int, temperature: float, top_k: int, seed: int) -> str | None:
         weights = run.layout.full_weights()             # (a collective)

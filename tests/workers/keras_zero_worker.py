@@ -72,6 +72,14 @@ CASES = {
     "fit_hk_adamw_s2": (lambda: keras.optimizers.AdamW(0.01), {"backward_passes_per_step": 2}, 2, train_fit, 2),
     # weight decay off for the biases (exclude_from_weight_decay by name): their own buckets and shards
     "adamw_exclude_s2": (lambda: keras.optimizers.AdamW(0.02, weight_decay=0.1), {}, 2, train_eager, 1),
+    # grad_norm_fn (ZeRO only; the replicated copy clips on max_grad_norm alone): the norm of the per-variable
+    # squares allreduced over the ranks; eager, and in model.fit's graph (mpirun: inside the one-op update)
+    "adamw_hook_clip_s2": (lambda: keras.optimizers.AdamW(0.02, weight_decay=0.1),
+                           {"max_grad_norm": 0.5, "grad_norm_fn": lambda squares: tf.sqrt(tf.reduce_sum(squares))},
+                           2, train_eager, 1),
+    "fit_adam_hook_clip_s1": (lambda: keras.optimizers.Adam(0.01),
+                              {"max_grad_norm": 0.3, "grad_norm_fn": lambda squares: tf.sqrt(tf.reduce_sum(squares))},
+                              1, train_fit, 1),
 }
 
 
@@ -143,7 +151,8 @@ def run(name: str) -> dict:
     weights = {}
     for z in (0, stage):
         m = model()
-        opt = wrap(make_inner(make, name), bucket_cap_mb=CAP_MB, zero_stage=z, **options)
+        opts = {k: v for k, v in options.items() if z or k != "grad_norm_fn"}
+        opt = wrap(make_inner(make, name), bucket_cap_mb=CAP_MB, zero_stage=z, **opts)
         loop(m, opt, passes)
         weights[z] = flat(m)
         out[f"iterations_{z}"] = int(opt.iterations.numpy())

@@ -24,7 +24,8 @@ from hvdllm.core.shards import join_shards, merge_stages, shard_array
 
 __all__ = ["ShardLayout"]
 
-MOMENTS = {"exp_avg": "_momentums", "exp_avg_sq": "_velocities"}   # PyTorch's names -> Keras Adam's slots
+# PyTorch's moment names -> Keras Adam's slot names (a ZeRO optimizer's ``unsplit_slots`` keys) and attributes
+MOMENTS = {"exp_avg": ("momentum", "_momentums"), "exp_avg_sq": ("velocity", "_velocities")}
 
 
 class ShardLayout:
@@ -80,9 +81,11 @@ class ShardLayout:
         """The unsplit GPT's weights under PyTorch's names and layout (``torch_state_dict``'s keys)."""
         return self.full(self._torch_layout([v.numpy() for _, v, _ in self.named]))
 
-    def _assign_local(self, variables: Sequence[Any], arrays: Mapping[str, np.ndarray], key: Callable[[str], str],
-                      where: str) -> None:
-        for (n, _, transposed), var in zip(self.named, variables):
+    def _cut(self, arrays: Mapping[str, np.ndarray], key: Callable[[str], str], where: str) -> list[np.ndarray]:
+        """Per named variable, this rank's piece of ``arrays[key(name)]`` in Keras layout, checked against
+        the variable's shape (ValueError naming the array and both shapes)."""
+        out = []
+        for n, var, transposed in self.named:
             if key(n) not in arrays:
                 raise ValueError(f"{where}: the checkpoint has no {key(n)}")
             piece = self.local(n, arrays[key(n)])
@@ -90,21 +93,28 @@ class ShardLayout:
             if tuple(piece.shape) != tuple(var.shape):
                 raise ValueError(f"{where}: {key(n)} cuts to shape {list(piece.shape)}, this rank holds "
                                  f"{list(var.shape)}")
-            var.assign(piece.astype(np.float32))
+            out.append(piece.astype(np.float32))
+        return out
 
     def load_full_weights(self, arrays: Mapping[str, np.ndarray], where: str) -> None:
         """Copy this rank's shards of the unsplit weights into its variables (no communication)."""
-        self._assign_local([v for _, v, _ in self.named], arrays, lambda n: n, where)
+        for (_, var, _), piece in zip(self.named, self._cut(arrays, lambda n: n, where)):
+            var.assign(piece)
 
     # -- gradient norm ------------------------------------------------------------------------------------
     def grad_norm(self, grads: Sequence[tf.Tensor], variables: Sequence[Any]) -> float:
-        """L2 norm of the unsplit model's gradient: sharded squares summed over tp, replicated ones counted
-        once per stage, then summed over the stages. ``grads`` align with ``variables``."""
+        """L2 norm of the unsplit model's gradient (:meth:`norm_of_squares`); ``grads`` align with ``variables``."""
+        return self.norm_of_squares([float(tf.reduce_sum(tf.square(tf.cast(g, tf.float64)))) for g in grads],
+                                    variables)
+
+    def norm_of_squares(self, squares: Sequence[float], variables: Sequence[Any]) -> float:
+        """L2 norm of the unsplit model's gradient from this rank's per-variable squared norms (aligned with
+        ``variables``; a ZeRO optimizer's are already summed over the data-parallel ranks): sharded squares
+        summed over tp, replicated ones counted once per stage, then summed over the stages."""
         names = {id(v): n for n, v, _ in self.named}
         sq = np.zeros(2)                                    # [sharded, replicated]
-        for g, v in zip(grads, variables):
-            sq[0 if self.is_sharded(names.get(id(v), "")) else 1] += float(tf.reduce_sum(tf.square(
-                tf.cast(g, tf.float64))))
+        for s, v in zip(squares, variables):
+            sq[0 if self.is_sharded(names.get(id(v), "")) else 1] += float(s)
         sharded, replicated = sq
         if self.tp_group.size > 1:
             sharded = float(self.collectives.allreduce(tf.constant([sharded], tf.float64), Sum,
@@ -116,23 +126,38 @@ class ShardLayout:
         return math.sqrt(total)
 
     # -- optimizer state (Keras Adam/AdamW: iterations, momentums, velocities) ---------------------------
-    def _slots(self, optimizer: Any, attr: str) -> list[Any]:
-        slots = getattr(optimizer, attr)
-        return [slots[optimizer._get_variable_index(v)] for _, v, _ in self.named]
+    def _moments(self, optimizer: Any) -> dict[str, list[np.ndarray]]:
+        """Per PyTorch moment name, the optimizer's slot of each named variable (Keras layout, this rank's
+        tp shard): a ZeRO optimizer's gathered over its data-parallel group (a collective)."""
+        if getattr(optimizer, "zero_stage", 0):
+            slots = optimizer.unsplit_slots()
+            return {m: [slots[(optimizer._get_variable_index(v), slot)] for _, v, _ in self.named]
+                    for m, (slot, _) in MOMENTS.items()}
+        return {m: [getattr(optimizer, attr)[optimizer._get_variable_index(v)].numpy() for _, v, _ in self.named]
+                for m, (_, attr) in MOMENTS.items()}
 
     def optimizer_state(self, optimizer: Any) -> dict[str, np.ndarray]:
         """``state.<name>.exp_avg`` / ``.exp_avg_sq`` (unsplit, PyTorch layout) and ``iterations``, on every
         rank (a collective)."""
         out = {"iterations": np.asarray(optimizer.iterations.numpy())}
-        for moment, attr in MOMENTS.items():
-            arrays = self.full(self._torch_layout([s.numpy() for s in self._slots(optimizer, attr)]))
+        for moment, values in self._moments(optimizer).items():
+            arrays = self.full(self._torch_layout(values))
             out.update({f"state.{n}.{moment}": a for n, a in arrays.items()})
         return out
 
     def load_optimizer_state(self, optimizer: Any, arrays: Mapping[str, np.ndarray], where: str) -> None:
-        """Load :meth:`optimizer_state`'s output (from any tp x pp layout): each rank takes its shards."""
+        """Load :meth:`optimizer_state`'s output (from any tp x pp layout and ``--zero`` stage): each rank
+        takes its shards (a ZeRO optimizer: its data-parallel shard of those)."""
         if "iterations" not in arrays:
             raise ValueError(f"{where}: the checkpoint's optimizer state has no iterations")
-        for moment, attr in MOMENTS.items():
-            self._assign_local(self._slots(optimizer, attr), arrays, lambda n: f"state.{n}.{moment}", where)
+        pieces = {m: self._cut(arrays, lambda n, m=m: f"state.{n}.{m}", where) for m in MOMENTS}
+        if getattr(optimizer, "zero_stage", 0):
+            optimizer.load_unsplit_slots({(optimizer._get_variable_index(v), slot): a
+                                          for m, (slot, _) in MOMENTS.items()
+                                          for (_, v, _), a in zip(self.named, pieces[m])})
+        else:
+            for m, (_, attr) in MOMENTS.items():
+                slots = getattr(optimizer, attr)
+                for (_, v, _), a in zip(self.named, pieces[m]):
+                    slots[optimizer._get_variable_index(v)].assign(a)
         optimizer.iterations.assign(int(arrays["iterations"]))

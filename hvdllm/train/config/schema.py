@@ -241,9 +241,6 @@ def validate(cfg: TrainConfig) -> None:
           f"allowed with --elastic: --framework torch")
     _need(not r.elastic or (p.tp == 1 and p.pp == 1),
           f"--elastic is data parallel only (--tp {p.tp} --pp {p.pp}); allowed with --elastic: --tp 1 --pp 1")
-    _need(p.zero == 0 or r.framework == "torch" or p.tp * p.pp == 1,
-          f"--zero {p.zero} with --tp {p.tp} --pp {p.pp} needs --framework torch (Keras ZeRO shards data-parallel "
-          "runs only); allowed with --framework tensorflow: --zero 0, or --tp 1 --pp 1")
     _need(not r.elastic or p.zero == 0,
           f"--elastic with --zero {p.zero}: elastic training replicates the optimizer state; allowed with --elastic: --zero 0")
     _need(p.pp <= gpt.n_layer, f"--pp {p.pp} is more pipeline stages than model.n_layer={gpt.n_layer} layers; "
