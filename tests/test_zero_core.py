@@ -30,6 +30,29 @@ def test_pieces_cut_a_bucket_across_tensor_boundaries() -> None:
     assert covered == sorted((i, j) for i, n in enumerate(sizes) for j in range(n))
 
 
+def test_piece_slices_copy_a_shard_out_of_its_tensors_and_back() -> None:
+    """The copy arithmetic every adapter uses (in_tensor, in_shard): shards filled from flat tensors hold
+    the bucket's range, and copied back they rebuild every tensor."""
+    import numpy as np
+
+    bucket = Bucket("float32", (2, 1, 0), (0, 4, 7), 13)
+    sizes = [6, 3, 4]
+    tensors = [np.arange(n, dtype=np.float32) + 100 * i for i, n in enumerate(sizes)]
+    flat_bucket = np.concatenate([tensors[2], tensors[1], tensors[0]])
+    plan = ShardPlan(13, 3)
+    rebuilt = [np.full(n, -1.0, dtype=np.float32) for n in sizes]
+    for r in range(3):
+        shard = np.zeros(plan.shard_numel, dtype=np.float32)
+        own = pieces(bucket, sizes, plan, r)
+        for pc in own:
+            shard[pc.in_shard] = tensors[pc.index][pc.in_tensor]
+        lo, hi = plan.range(r)
+        assert (shard[:hi - lo] == flat_bucket[lo:hi]).all() and (shard[hi - lo:] == 0).all()
+        for pc in own:
+            rebuilt[pc.index][pc.in_tensor] = shard[pc.in_shard]
+    assert all((a == b).all() for a, b in zip(rebuilt, tensors))
+
+
 def test_pieces_follow_the_core_bucket_plan() -> None:
     specs = [TensorSpec("a", (2, 3), "float32"), TensorSpec("b", (5,), "float32")]
     (bucket,) = plan_buckets(specs, 0)

@@ -11,8 +11,9 @@ and allgather (both stages: the updated shards back into every replica) need.
 A shard crosses tensor boundaries: :func:`pieces` maps it to ``(tensor, offset in the tensor,
 offset in the shard, length)`` pieces, which the adapters use to copy parameters into the shard,
 to cut unsplit (per-name) optimizer state into shards at load, and to attribute a shard's gradient
-to its tensors (per-tensor squared norms for tensor/pipeline-parallel clipping). Buckets never mix
-param groups, so a shard's pieces share one group's hyperparameters.
+to its tensors (per-tensor squared norms for tensor/pipeline-parallel clipping); a piece's
+:attr:`Piece.in_tensor` and :attr:`Piece.in_shard` slices are that copy arithmetic, written once for
+every adapter. Buckets never mix param groups, so a shard's pieces share one group's hyperparameters.
 """
 from __future__ import annotations
 
@@ -41,6 +42,16 @@ class Piece:
     start: int
     shard_offset: int
     length: int
+
+    @property
+    def in_tensor(self) -> slice:
+        """Where the piece lies in its flattened tensor."""
+        return slice(self.start, self.start + self.length)
+
+    @property
+    def in_shard(self) -> slice:
+        """Where the piece lies in the flat shard."""
+        return slice(self.shard_offset, self.shard_offset + self.length)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,4 +94,3 @@ def pieces(bucket: Bucket, sizes: Sequence[int], plan: ShardPlan, rank: int) -> 
         if a < b:
             out.append(Piece(i, a - off, a - lo, b - a))
     return tuple(out)
-

@@ -172,8 +172,7 @@ class ZeroMixin:
     def _hvdllm_fill(self, variables: Sequence[Any]) -> None:
         """Copy the variables' current values into the shard variables."""
         for shard in self._hvdllm.shards:
-            parts = [tf.reshape(tf.convert_to_tensor(variables[pc.index]), [-1])[pc.start:pc.start + pc.length]
-                     for pc in shard.pieces]
+            parts = [tf.reshape(tf.convert_to_tensor(variables[pc.index]), [-1])[pc.in_tensor] for pc in shard.pieces]
             flat = tf.concat(parts, 0) if parts else tf.zeros([0], tf.as_dtype(shard.variable.dtype))
             shard.variable.assign(shard.padded(flat))
 
@@ -339,8 +338,7 @@ class ZeroMixin:
             for name, var in slots.items():
                 flat = np.zeros(shard.plan.shard_numel, tf.as_dtype(var.dtype).as_numpy_dtype)
                 for pc in shard.pieces:
-                    part = values[slot_of[(pc.index, name)]].reshape(-1)[pc.start:pc.start + pc.length]
-                    flat[pc.shard_offset:pc.shard_offset + pc.length] = part
+                    flat[pc.in_shard] = values[slot_of[(pc.index, name)]].reshape(-1)[pc.in_tensor]
                 var.assign(flat)
         inner = state.shard_optimizer
         inner.iterations.assign(self.iterations)

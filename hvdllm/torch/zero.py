@@ -147,8 +147,7 @@ class ZeroOptimizer:
             for shard in self._shards:
                 flat = shard.param.data
                 for pc in shard.pieces:
-                    src = self._params[pc.index].detach().reshape(-1)[pc.start:pc.start + pc.length]
-                    flat[pc.shard_offset:pc.shard_offset + pc.length].copy_(src)
+                    flat[pc.in_shard].copy_(self._params[pc.index].detach().reshape(-1)[pc.in_tensor])
 
     # --- during backward -----------------------------------------------------------------------
     def _materialize(self, b: int) -> None:
@@ -282,7 +281,7 @@ class ZeroOptimizer:
             for shard in self._shards:
                 g = shard.param.grad.detach()
                 for pc in shard.pieces:
-                    sq[pc.index] += g[pc.shard_offset:pc.shard_offset + pc.length].double().pow(2).sum()
+                    sq[pc.index] += g[pc.in_shard].double().pow(2).sum()
         if self._rt.name != "local":
             sq = self._rt.allreduce(sq, Sum, self._config.process_set, name=f"hvdllm.zero{self._id}.norm")
         if self._grad_norm_fn is None:
@@ -434,8 +433,7 @@ class ZeroOptimizer:
                     for pc in shard.pieces:
                         v = parts[pc.index].get(k)
                         if v is not None:
-                            src = v.detach().reshape(-1)[pc.start:pc.start + pc.length]
-                            flat[pc.shard_offset:pc.shard_offset + pc.length].copy_(src)
+                            flat[pc.in_shard].copy_(v.detach().reshape(-1)[pc.in_tensor])
                     entry[k] = flat
                 else:
                     entry[k] = v0.clone() if torch.is_tensor(v0) else v0
