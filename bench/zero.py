@@ -9,6 +9,7 @@ The benches' GPT (bench/harness.py: ~3.2M parameters), data and torch AdamW, tra
   z0          hvd.DistributedOptimizer (replicated optimizer state)
   z1, z2      the same with zero_stage=1 / 2 (z2: ``zero_inflight_mb`` from --inflight-mb, default None:
               two of the largest bucket)
+  z2u         (optional) zero_stage=2 with no in-flight bound (``zero_inflight_mb=math.inf``)
   torch_zero  torchrun (gloo), DistributedDataParallel(gradient_as_bucket_view=True) +
               torch.distributed.optim.ZeroRedundancyOptimizer (Gloo, no accumulation only)
 each hvdllm mode under ``horovodrun --gloo`` (Horovod) and ``mpirun`` (hvdllm's mpi4py backend), with
@@ -41,7 +42,8 @@ from typing import Any
 
 from harness import bench_gpt, comma_list, interleaved, launch, launch_parser, report, start_ranks, worker_argv
 
-MODES = ("z0", "z1", "z2", "torch_zero")
+MODES = ("z0", "z1", "z2", "z2u", "torch_zero")
+DEFAULT_MODES = ("z0", "z1", "z2", "torch_zero")
 
 
 def _state_bytes(state: dict) -> int:
@@ -101,7 +103,8 @@ def worker(mode: str, args: Any) -> None:
         peak = grads   # DDP keeps every bucket from backward to the next zero_grad: read after backward
         synchronize, update = (lambda: None), opt.step
     else:
-        extra = {} if args.inflight_mb is None or mode != "z2" else {"zero_inflight_mb": args.inflight_mb}
+        extra = {"zero_inflight_mb": float("inf")} if mode == "z2u" else \
+            {} if args.inflight_mb is None or mode != "z2" else {"zero_inflight_mb": args.inflight_mb}
         opt = hvd.DistributedOptimizer(torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1),
                                        named_parameters=model.named_parameters(), zero_stage=int(mode[1]),
                                        bucket_cap_mb=args.bucket_mb, backward_passes_per_step=k, **extra)
@@ -163,7 +166,7 @@ def worker(mode: str, args: Any) -> None:
 
 def main() -> None:
     ap = launch_parser("ZeRO memory and speed: hvdllm --zero 0/1/2 (Gloo, mpi4py; accumulation) vs torch ZeRO + DDP",
-                       MODES, MODES, rounds=1, steps=6, warmup=2, timeout=900)
+                       MODES, DEFAULT_MODES, rounds=1, steps=6, warmup=2, timeout=900)
     ap.add_argument("--nps", default="2,4", help="comma list of rank counts")
     ap.add_argument("--launchers", default="gloo,mpirun", help="comma list of gloo (horovodrun), mpirun (mpi4py)")
     ap.add_argument("--accums", default="1,2", help="comma list of backward_passes_per_step")

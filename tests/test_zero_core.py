@@ -127,10 +127,12 @@ def test_pass_tracker_sends_every_launch_exactly_once_whatever_the_gradients() -
 
 def test_inflight_mb_parsing() -> None:
     assert parse_inflight_mb(None, 1) is None and parse_inflight_mb(None, 2) is None
-    assert parse_inflight_mb(0, 2) == 0.0 and parse_inflight_mb(2.5, 2) == 2.5 and parse_inflight_mb(math.inf, 2) == math.inf
+    assert parse_inflight_mb(0, 2) == 0.0 and parse_inflight_mb(2.5, 2) == 2.5
+    assert parse_inflight_mb(math.inf, 2) == math.inf
     for bad in (-1, math.nan, "1", True):
         with pytest.raises(ValueError, match=r"zero_inflight_mb=.* must be a number >= 0") as e:
             parse_inflight_mb(bad, 2)
         assert "\n" not in str(e.value)
-    with pytest.raises(ValueError, match=r"zero_inflight_mb=4 applies to zero_stage=2 only; allowed with zero_stage=1: None"):
+    with pytest.raises(ValueError, match=r"zero_inflight_mb=4 applies to zero_stage=2 only; allowed with "
+                                         r"zero_stage=1: None"):
         parse_inflight_mb(4, 1)

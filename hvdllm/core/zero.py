@@ -153,15 +153,19 @@ class PassTracker:
     def reset(self) -> None:
         """Start a new step: nothing counted, nothing launched."""
         self.counts = [0] * len(self.bucket_of)
+        # per bucket and pass m: how many of its tensors have m + 1 accumulations or more
+        self.reached = [[0] * self.passes for _ in self.members]
         self.sent = [0] * len(self.members)   # per bucket: passes launched
         self.next = 0                          # ordered: the next launch, as pass * buckets + bucket
 
     def _ready(self, b: int, m: int) -> bool:
-        return min(self.counts[i] for i in self.members[b]) > m
+        return self.reached[b][m] == len(self.members[b])
 
     def mark(self, i: int) -> list[tuple[int, int]]:
         """Count one accumulation of tensor ``i``; the (bucket, pass) launches that may start now."""
         self.counts[i] += 1
+        if self.counts[i] <= self.passes:
+            self.reached[self.bucket_of[i]][self.counts[i] - 1] += 1
         out: list[tuple[int, int]] = []
         if self.ordered:
             total = len(self.members) * self.passes

@@ -18,9 +18,10 @@ keeps 1/N of the optimizer state. A step:
    for the oldest reduce-scatter in flight (only buckets still accumulating can make the bound be
    exceeded). That wait runs inside backward: ranks that send their buckets in different orders
    (rank-dependent branches) could wait for each other, so it is given up after
-   ``hvdllm.core.zero.INFLIGHT_WAIT_S`` and the bound switched off, with a warning. With accumulation (``backward_passes_per_step`` k > 1) each bucket is reduce-scattered
-   once per backward pass (:class:`hvdllm.core.zero.PassTracker`) and the shards are summed in an fp32
-   accumulator (as DeepSpeed's stage 2), so no full buffer persists between passes; the k local
+   ``hvdllm.core.zero.INFLIGHT_WAIT_S`` and the bound switched off, with a warning. With accumulation
+   (``backward_passes_per_step`` k > 1) each bucket is reduce-scattered once per backward pass
+   (:class:`hvdllm.core.zero.PassTracker`) and the shards are summed in an fp32 accumulator (as
+   DeepSpeed's stage 2), so no full buffer persists between passes; the k local
    gradients are then summed after the reduction instead of before (another rounding order than
    ``zero_stage=0``, within 1e-6 relative over 50 steps in the tests). One process (the local
    backend) has nothing to scatter: its buckets are the shards and stay until the step;

@@ -195,7 +195,8 @@ def memory() -> dict:
     out: dict = {}
     for key, (stage, k, inflight) in MEMORY_RUNS.items():
         m = deep_model()
-        opt = hvd.DistributedOptimizer(torch.optim.AdamW(m.parameters(), lr=0.01), named_parameters=m.named_parameters(),
+        opt = hvd.DistributedOptimizer(torch.optim.AdamW(m.parameters(), lr=0.01),
+                                       named_parameters=m.named_parameters(),
                                        zero_stage=stage, backward_passes_per_step=k, bucket_cap_mb=0.0023,
                                        max_grad_norm=1.0, zero_inflight_mb=inflight)
         train_deep(m, opt, k, range(2))
@@ -230,7 +231,8 @@ def held_back() -> dict:
     final = []
     for stage in (0, 2):
         m = Branchy()
-        opt = hvd.DistributedOptimizer(torch.optim.AdamW(m.parameters(), lr=0.01), named_parameters=m.named_parameters(),
+        opt = hvd.DistributedOptimizer(torch.optim.AdamW(m.parameters(), lr=0.01),
+                                       named_parameters=m.named_parameters(),
                                        zero_stage=stage, backward_passes_per_step=2, bucket_cap_mb=0.0001)
         for step in range(STEPS):
             for micro in range(2):
