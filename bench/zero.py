@@ -30,7 +30,11 @@ shared with other work the speeds are noisy and ranks oversubscribe the cores at
 one run only. To compare with an older tree, copy this file and harness.py into its bench/ (it falls
 back to gradient_bytes() where peak_gradient_bytes() is missing, and leaves out --inflight-mb there).
 
-Measured: see README "Memory and precision".
+Measured: see README "Memory and precision". 2026-12-02, 2-core machine under other test runs
+(--steps 3 --warmup 1, one round: tokens/s noisy), ZeRO-2 peak gradient bytes per rank vs z0
+(12.43 MiB): np=2 Gloo 0.58x (k=2: 0.64x), mpi4py 0.56x (k=2: 0.58x); np=4 Gloo 0.34x (k=2: 0.39x),
+mpi4py 0.32x (k=2: 0.33x); before the bound 0.94x (np=2) and >= 1x with accumulation. The bound's
+waits cost tokens/s on Horovod at np=4: z2 0.43x of z0, z2u (no bound: peak 1.02x) 0.67x, same run.
 """
 from __future__ import annotations
 
