@@ -1,47 +1,53 @@
-"""ZeRO: optimizer-state and gradient bytes per rank, step time, collectives per step and tokens/s,
-hvdllm --zero 0/1/2 vs torch ZeroRedundancyOptimizer + DDP.
+"""ZeRO: optimizer-state and gradient bytes per rank, step phases, collectives per step and tokens/s,
+hvdllm --zero 0/1/2 (Horovod Gloo and mpi4py, with and without accumulation) vs torch
+ZeroRedundancyOptimizer + DDP.
 
-    python bench/zero.py [--nps 2,4] [--rounds 2] [--steps 10] [--bucket-mb 1] [--modes z0,z1,z2,torch_zero]
+    python bench/zero.py [--nps 2,4] [--launchers gloo,mpirun] [--accums 1,2] [--rounds 1] [--steps 6]
+                         [--bucket-mb 1] [--inflight-mb MB] [--modes z0,z1,z2,torch_zero]
 
-The same GPT (hvdllm.models.gpt, ~3.2M parameters), data and torch AdamW, trained by:
-  z0          horovodrun --gloo, hvd.DistributedOptimizer (replicated optimizer state)
-  z1, z2      the same with zero_stage=1 / 2
+The benches' GPT (bench/harness.py: ~3.2M parameters), data and torch AdamW, trained by:
+  z0          hvd.DistributedOptimizer (replicated optimizer state)
+  z1, z2      the same with zero_stage=1 / 2 (z2: ``zero_inflight_mb`` from --inflight-mb, default None:
+              two of the largest bucket)
+  z2u         (optional) zero_stage=2 with no in-flight bound (``zero_inflight_mb=math.inf``)
   torch_zero  torchrun (gloo), DistributedDataParallel(gradient_as_bucket_view=True) +
-              torch.distributed.optim.ZeroRedundancyOptimizer
-All use gradient buckets of ``--bucket-mb`` (default 1 MB, ~13 buckets: ZeRO-2's peak is the buckets
-alive at once plus the shards, so one bucket holding everything would show nothing). Each rank reports:
+              torch.distributed.optim.ZeroRedundancyOptimizer (Gloo, no accumulation only)
+each hvdllm mode under ``horovodrun --gloo`` (Horovod) and ``mpirun`` (hvdllm's mpi4py backend), with
+``backward_passes_per_step`` k from --accums (k micro-batches of --batch sequences per step). All use
+gradient buckets of ``--bucket-mb`` (default 1 MB, ~13 buckets: ZeRO-2's peak is the buckets alive at
+once plus the shards, so one bucket holding everything would show nothing). Each rank reports:
 - the bytes of the optimizer-state tensors it holds after the last step (Adam's state keeps its size);
 - the peak gradient bytes during the timed steps (hvdllm: ``peak_gradient_bytes()``, its buckets, wire
-  buffers and shard gradients; DDP: the parameters' .grad, views into its buckets, after backward) and
-  the gradient bytes held between steps;
+  buffers, shard gradients and accumulators; DDP: the parameters' .grad, views into its buckets, after
+  backward) and the gradient bytes held between steps;
 - the step time split into forward+backward (with the reductions started in the backward hooks),
   ``synchronize()`` (waiting for them; the clipping norm) and the update (``step()``: ZeRO's shard step
-  and allgather), and per step the collectives the optimizer started (by kind, on Horovod every one goes
-  through the backend's ``start``) and the time spent waiting for each kind.
-The largest value over the ranks is shown. Runs are interleaved over rounds (medians of global tokens/s).
-On a 2-core machine shared with other work the speeds are noisy and ranks oversubscribe the cores at
-np=4: compare within one run only. To compare with an older tree, copy this file into its bench/
-(it falls back to gradient_bytes() where peak_gradient_bytes() is missing).
+  and allgather), and per step the collectives the optimizer started (by kind: every hvdllm collective
+  goes through the backend's ``start``) and the time spent waiting for each kind.
+The largest value over the ranks is shown. Runs are interleaved over rounds (bench/harness.py; medians
+of global tokens/s); ratios are against z0 of the same launcher, ranks and k. On a 2-core machine
+shared with other work the speeds are noisy and ranks oversubscribe the cores at np=4: compare within
+one run only. To compare with an older tree, copy this file and harness.py into its bench/ (it falls
+back to gradient_bytes() where peak_gradient_bytes() is missing, and leaves out --inflight-mb there).
 
-Measured: see README "Memory and precision" (figures and the before/after of the collectives).
+Measured: see README "Memory and precision". 2026-12-02, 2-core machine under other test runs
+(--steps 3 --warmup 1, one round: tokens/s noisy), ZeRO-2 peak gradient bytes per rank vs z0
+(12.43 MiB): np=2 Gloo 0.58x (k=2: 0.64x), mpi4py 0.56x (k=2: 0.58x); np=4 Gloo 0.34x (k=2: 0.39x),
+mpi4py 0.32x (k=2: 0.33x); before the bound 0.94x (np=2) and >= 1x with accumulation. The bound's
+waits cost tokens/s on Horovod at np=4: z2 0.43x of z0, z2u (no bound: peak 1.02x) 0.67x, same run.
 """
 from __future__ import annotations
 
 import argparse
 import collections
-import json
-import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-MODES = ("z0", "z1", "z2", "torch_zero")
+from harness import bench_gpt, comma_list, interleaved, launch, launch_parser, report, start_ranks, worker_argv
+
+MODES = ("z0", "z1", "z2", "z2u", "torch_zero")
+DEFAULT_MODES = ("z0", "z1", "z2", "torch_zero")
 
 
 def _state_bytes(state: dict) -> int:
@@ -49,8 +55,8 @@ def _state_bytes(state: dict) -> int:
 
 
 class CollectiveLog:
-    """Counts the collectives an optimizer starts (every hvdllm collective on Horovod goes through the
-    backend's ``start``) and the time spent waiting for each kind."""
+    """Counts the collectives an optimizer starts (every hvdllm collective goes through the backend's
+    ``start``) and the time spent waiting for each kind."""
 
     def __init__(self, rt: Any) -> None:
         self.counts: collections.Counter = collections.Counter()
@@ -78,32 +84,21 @@ class CollectiveLog:
         rt.start = start
 
 
-def worker(mode: str, steps: int, warmup: int, batch: int, bucket_mb: float) -> None:
+def worker(mode: str, args: Any) -> None:
     import torch
 
-    sys.path.insert(0, str(ROOT))
-    from hvdllm.core.world import available_cores
-    from hvdllm.models.gpt import GPT, GPTConfig
+    from harness import GPT_DIMS
 
-    cfg = GPTConfig(vocab_size=256, block_size=128, n_layer=4, n_head=4, n_embd=256)
-    if mode == "torch_zero":
-        import torch.distributed as dist
-        from torch.distributed.optim import ZeroRedundancyOptimizer
-
-        dist.init_process_group("gloo")
-        rank, size, local = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_WORLD_SIZE"])
-    else:
-        import hvdllm.torch as hvd
-
-        hvd.init()
-        rank, size, local = hvd.rank(), hvd.size(), hvd.local_size()
-    torch.set_num_threads(max(1, available_cores() // local))
-    torch.manual_seed(0)
-    model = GPT(cfg)
+    k = args.accum
+    hvd, rank, size = start_ranks("ddp" if mode == "torch_zero" else "hvdllm")
+    model = bench_gpt()
     log = None
     if mode == "torch_zero":
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
         # gradient_as_bucket_view: the parameters' .grad are views into DDP's buckets (one copy, as hvdllm's)
-        model = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=bucket_mb, gradient_as_bucket_view=True)
+        model = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=args.bucket_mb,
+                                                          gradient_as_bucket_view=True)
         opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW, lr=3e-4,
                                       weight_decay=0.1)
         state = lambda: _state_bytes(opt.optim.state)  # noqa: E731  (this rank's partition)
@@ -112,9 +107,11 @@ def worker(mode: str, steps: int, warmup: int, batch: int, bucket_mb: float) -> 
         peak = grads   # DDP keeps every bucket from backward to the next zero_grad: read after backward
         synchronize, update = (lambda: None), opt.step
     else:
+        extra = {"zero_inflight_mb": float("inf")} if mode == "z2u" else \
+            {} if args.inflight_mb is None or mode != "z2" else {"zero_inflight_mb": args.inflight_mb}
         opt = hvd.DistributedOptimizer(torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1),
                                        named_parameters=model.named_parameters(), zero_stage=int(mode[1]),
-                                       bucket_cap_mb=bucket_mb)
+                                       bucket_cap_mb=args.bucket_mb, backward_passes_per_step=k, **extra)
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
         state = lambda: opt.state_bytes() if opt.zero_stage else _state_bytes(opt.state)  # noqa: E731
         grads = lambda: opt.gradient_bytes()  # noqa: E731
@@ -126,18 +123,19 @@ def worker(mode: str, steps: int, warmup: int, batch: int, bucket_mb: float) -> 
         def update() -> None:
             with opt.skip_synchronize():
                 opt.step()
-    g = torch.Generator().manual_seed(1 + rank)
-    data = torch.randint(0, cfg.vocab_size, (8, batch, cfg.block_size + 1), generator=g)
+    vocab, block = GPT_DIMS["vocab_size"], GPT_DIMS["block_size"]
+    data = torch.randint(0, vocab, (8, args.batch, block + 1), generator=torch.Generator().manual_seed(1 + rank))
     phases = {"fwd_bwd": 0.0, "synchronize": 0.0, "update": 0.0}
     peak_seen = 0
 
     def step(i: int, timed: bool) -> float:
         nonlocal peak_seen
-        xy = data[i % len(data)]
         opt.zero_grad()
         t0 = time.perf_counter()
-        _, loss = model(xy[:, :-1], xy[:, 1:])
-        loss.backward()
+        for micro in range(k):
+            xy = data[(i * k + micro) % len(data)]
+            _, loss = model(xy[:, :-1], xy[:, 1:])
+            (loss / k).backward()
         t1 = time.perf_counter()
         synchronize()
         t2 = time.perf_counter()
@@ -145,11 +143,11 @@ def worker(mode: str, steps: int, warmup: int, batch: int, bucket_mb: float) -> 
         update()
         t3 = time.perf_counter()
         if timed:
-            for k, v in zip(phases, (t1 - t0, t2 - t1, t3 - t2)):
-                phases[k] += v
+            for key, v in zip(phases, (t1 - t0, t2 - t1, t3 - t2)):
+                phases[key] += v
         return loss.item()
 
-    for i in range(warmup):
+    for i in range(args.warmup):
         step(i, False)
     if log is not None:
         log.on = True
@@ -157,94 +155,76 @@ def worker(mode: str, steps: int, warmup: int, batch: int, bucket_mb: float) -> 
             opt.peak_gradient_bytes(reset=True)
     peak_seen = 0
     t0 = time.perf_counter()
-    for i in range(steps):
-        loss = step(warmup + i, True)
+    for i in range(args.steps):
+        loss = step(args.warmup + i, True)
     elapsed = time.perf_counter() - t0
-    tokens = steps * batch * cfg.block_size * size
-    result = {"mode": mode, "rank": rank, "size": size, "tokens_per_s": tokens / elapsed, "loss": loss,
-              "step_ms": 1e3 * elapsed / steps, "phases_ms": {k: 1e3 * v / steps for k, v in phases.items()},
-              "collectives": {k: v / steps for k, v in sorted(log.counts.items())} if log else None,
-              "wait_ms": {k: 1e3 * v / steps for k, v in sorted(log.waited.items())} if log else None,
-              "state_bytes": state(), "grad_bytes": grads(), "peak_grad_bytes": max(peak_seen, peak()),
-              "params": sum(p.numel() for p in model.parameters())}
-    # one file per rank: the launchers interleave the ranks' stdout
-    Path(os.environ["ZERO_BENCH_OUT"], f"rank{rank}.json").write_text(json.dumps(result))
-
-
-def launch(mode: str, np_: int, args: argparse.Namespace) -> dict | None:
-    """Run ``mode`` on ``np_`` ranks; rank 0's result with the largest per-rank state bytes."""
-    me = [sys.executable, str(Path(__file__).resolve()), "--worker", mode, "--steps", str(args.steps),
-          "--warmup", str(args.warmup), "--batch", str(args.batch), "--bucket-mb", str(args.bucket_mb)]
-    with tempfile.TemporaryDirectory(prefix="zero-bench-") as out:
-        env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", ZERO_BENCH_OUT=out)
-        env.pop("HVDLLM_BACKEND", None)
-        if mode == "torch_zero":
-            cmd = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", str(np_), *me[1:]]
-        else:
-            cmd = [str(BIN / "horovodrun"), "-np", str(np_), "--gloo", *me]
-        proc = subprocess.run(cmd, env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=args.timeout)
-        results = [json.loads(f.read_text()) for f in sorted(Path(out).glob("rank*.json"))]
-    if len(results) != np_:
-        print(f"{mode} np={np_} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}",
-              file=sys.stderr)
-        return None
-    first = next(r for r in results if r["rank"] == 0)
-    return {**first, **{k: max(r[k] for r in results) for k in ("state_bytes", "grad_bytes", "peak_grad_bytes")}}
+    tokens = args.steps * k * args.batch * block * size
+    steps = args.steps
+    report({"mode": mode, "rank": rank, "size": size, "tokens_per_s": tokens / elapsed, "loss": loss,
+            "step_ms": 1e3 * elapsed / steps, "phases_ms": {key: 1e3 * v / steps for key, v in phases.items()},
+            "collectives": {key: v / steps for key, v in sorted(log.counts.items())} if log else None,
+            "wait_ms": {key: 1e3 * v / steps for key, v in sorted(log.waited.items())} if log else None,
+            "state_bytes": state(), "grad_bytes": grads(), "peak_grad_bytes": max(peak_seen, peak()),
+            "params": sum(p.numel() for p in model.parameters())})
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description="ZeRO memory and speed: hvdllm --zero 0/1/2 vs torch ZeRO + DDP")
-    ap.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
+    ap = launch_parser("ZeRO memory and speed: hvdllm --zero 0/1/2 (Gloo, mpi4py; accumulation) vs torch ZeRO + DDP",
+                       MODES, DEFAULT_MODES, rounds=1, steps=6, warmup=2, timeout=900)
     ap.add_argument("--nps", default="2,4", help="comma list of rank counts")
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=8, help="sequences of 128 tokens per rank and step")
+    ap.add_argument("--launchers", default="gloo,mpirun", help="comma list of gloo (horovodrun), mpirun (mpi4py)")
+    ap.add_argument("--accums", default="1,2", help="comma list of backward_passes_per_step")
+    ap.add_argument("--accum", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--bucket-mb", type=float, default=1.0,
                     help="gradient bucket cap in MB (hvdllm and DDP alike); ZeRO-2's peak is about the buckets in "
                          "flight at once plus the shards, so it needs more than one bucket to show")
-    ap.add_argument("--modes", default=",".join(MODES), help="comma list of " + ",".join(MODES))
-    ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--inflight-mb", type=float, default=None, help="z2's zero_inflight_mb (default: None)")
     args = ap.parse_args()
     if args.worker:
-        worker(args.worker, args.steps, args.warmup, args.batch, args.bucket_mb)
+        worker(args.worker, args)
         return
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    bad = [m for m in modes if m not in MODES]
-    if bad:
-        ap.error(f"--modes has {bad}; allowed: {', '.join(MODES)}")
-    nps = [int(v) for v in args.nps.split(",")]
-    runs: dict[tuple[str, int], list[dict]] = {}
+    modes = comma_list(ap, args.modes, MODES, "--modes")
+    launchers = comma_list(ap, args.launchers, ("gloo", "mpirun"), "--launchers")
+    nps, accums = [int(v) for v in args.nps.split(",")], [int(v) for v in args.accums.split(",")]
+    # one variant per (launcher, k, mode); torch_zero only once (Gloo, no accumulation)
+    variants = [(lc, k, m) for lc in launchers for k in accums for m in modes
+                if m != "torch_zero" or (lc == launchers[0] and k == accums[0])]
+    runs: dict[tuple[int, str, int, str], list[dict]] = {}
     for np_ in nps:
-        for r in range(args.rounds):
-            for m in (modes if r % 2 == 0 else modes[::-1]):
-                res = launch(m, np_, args)
-                if res:
-                    runs.setdefault((m, np_), []).append(res)
-                    ph = " ".join(f"{k} {v:5.0f}" for k, v in res["phases_ms"].items())
-                    coll = ", ".join(f"{k} {v:g}" for k, v in (res["collectives"] or {}).items()) or "-"
-                    wait = ", ".join(f"{k} {v:.0f}" for k, v in (res["wait_ms"] or {}).items()) or "-"
-                    print(f"np={np_} round {r} {m:10s} {res['tokens_per_s']:8.0f} tokens/s  step {res['step_ms']:5.0f} ms "
-                          f"({ph} ms)  loss {res['loss']:.4f}  collectives/step: {coll}  waited ms/step: {wait}  "
-                          f"state {res['state_bytes'] / 2**20:.2f} MiB  grads peak {res['peak_grad_bytes'] / 2**20:.2f} "
-                          f"held {res['grad_bytes'] / 2**20:.2f} MiB  ({res['params'] / 1e6:.2f}M params)", flush=True)
-    print("\nnp  mode        tokens/s  vs z0   step ms  collectives/step  state MiB/rank  vs z0   "
-          "grad peak MiB/rank  vs z0   grads held MiB")
-    for np_ in nps:
-        base = runs.get(("z0", np_))
-        base_s = statistics.median(r["tokens_per_s"] for r in base) if base else None
-        for m in modes:
-            if (m, np_) not in runs:
+        for r, (lc, k, m) in interleaved(variants, args.rounds):
+            extra = ["--bucket-mb", str(args.bucket_mb), "--accum", str(k)]
+            if args.inflight_mb is not None:
+                extra += ["--inflight-mb", str(args.inflight_mb)]
+            ranks = launch("torchrun" if m == "torch_zero" else lc, np_, worker_argv(__file__, m, args, *extra),
+                           args.timeout)
+            if not ranks:
                 continue
-            rs = runs[(m, np_)]
-            s = statistics.median(r["tokens_per_s"] for r in rs)
-            ms = statistics.median(r["step_ms"] for r in rs)
-            last = rs[-1]
-            coll = sum((last["collectives"] or {}).values()) if last["collectives"] is not None else None
-            ratio = lambda k: f"{last[k] / base[-1][k]:5.3f}x" if base and base[-1][k] else "   -  "  # noqa: E731
-            print(f"{np_:<3d} {m:10s}  {s:8.0f}  {s / base_s if base_s else float('nan'):5.2f}x  {ms:7.0f}  "
-                  f"{'-' if coll is None else f'{coll:g}':>16s}  {last['state_bytes'] / 2**20:14.2f}  {ratio('state_bytes')}  "
-                  f"{last['peak_grad_bytes'] / 2**20:18.2f}  {ratio('peak_grad_bytes')}  {last['grad_bytes'] / 2**20:14.2f}")
+            res = {**ranks[0], **{key: max(x[key] for x in ranks) for key in ("state_bytes", "grad_bytes",
+                                                                                "peak_grad_bytes")}}
+            runs.setdefault((np_, lc, k, m), []).append(res)
+            ph = " ".join(f"{key} {v:5.0f}" for key, v in res["phases_ms"].items())
+            coll = ", ".join(f"{key} {v:g}" for key, v in (res["collectives"] or {}).items()) or "-"
+            wait = ", ".join(f"{key} {v:.0f}" for key, v in (res["wait_ms"] or {}).items()) or "-"
+            print(f"np={np_} round {r} {lc:6s} k={k} {m:10s} {res['tokens_per_s']:8.0f} tokens/s  step "
+                  f"{res['step_ms']:5.0f} ms ({ph} ms)  loss {res['loss']:.4f}  collectives/step: {coll}  waited "
+                  f"ms/step: {wait}  state {res['state_bytes'] / 2**20:.2f} MiB  grads peak "
+                  f"{res['peak_grad_bytes'] / 2**20:.2f} held {res['grad_bytes'] / 2**20:.2f} MiB  "
+                  f"({res['params'] / 1e6:.2f}M params)", flush=True)
+    print("\nnp  launcher  k  mode        tokens/s  vs z0   step ms  collectives/step  state MiB/rank  vs z0   "
+          "grad peak MiB/rank  vs z0   grads held MiB")
+    for (np_, lc, k, m), rs in runs.items():
+        base = runs.get((np_, lc, k, "z0"))
+        base_s = statistics.median(r["tokens_per_s"] for r in base) if base else None
+        s = statistics.median(r["tokens_per_s"] for r in rs)
+        ms = statistics.median(r["step_ms"] for r in rs)
+        last = rs[-1]
+        coll = sum((last["collectives"] or {}).values()) if last["collectives"] is not None else None
+        ratio = lambda key: f"{last[key] / base[-1][key]:5.3f}x" if base and base[-1][key] else "   -  "  # noqa: E731
+        shown_lc = "torchrun" if m == "torch_zero" else lc
+        print(f"{np_:<3d} {shown_lc:8s} {k:2d}  {m:10s}  {s:8.0f}  {s / base_s if base_s else float('nan'):5.2f}x  "
+              f"{ms:7.0f}  {'-' if coll is None else f'{coll:g}':>16s}  {last['state_bytes'] / 2**20:14.2f}  "
+              f"{ratio('state_bytes')}  {last['peak_grad_bytes'] / 2**20:18.2f}  {ratio('peak_grad_bytes')}  "
+              f"{last['grad_bytes'] / 2**20:14.2f}")
 
 
 if __name__ == "__main__":

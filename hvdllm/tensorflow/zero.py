@@ -177,8 +177,7 @@ class ZeroMixin:
     def _hvdllm_fill(self, variables: Sequence[Any]) -> None:
         """Copy the variables' current values into the shard variables."""
         for shard in self._hvdllm.shards:
-            parts = [tf.reshape(tf.convert_to_tensor(variables[pc.index]), [-1])[pc.start:pc.start + pc.length]
-                     for pc in shard.pieces]
+            parts = [tf.reshape(tf.convert_to_tensor(variables[pc.index]), [-1])[pc.in_tensor] for pc in shard.pieces]
             flat = tf.concat(parts, 0) if parts else tf.zeros([0], tf.as_dtype(shard.variable.dtype))
             shard.variable.assign(shard.padded(flat))
 
@@ -282,7 +281,7 @@ class ZeroMixin:
         for shard, g in zip(self._hvdllm.shards, shard_grads):
             g64 = tf.cast(g, tf.float64)
             for pc in shard.pieces:
-                parts[pc.index].append(tf.reduce_sum(tf.square(g64[pc.shard_offset:pc.shard_offset + pc.length])))
+                parts[pc.index].append(tf.reduce_sum(tf.square(g64[pc.in_shard])))
         zero = tf.constant(0.0, tf.float64)
         return tf.stack([tf.add_n(p) if p else zero for p in parts])
 
@@ -353,8 +352,7 @@ class ZeroMixin:
             for name, var in slots.items():
                 flat = np.zeros(shard.plan.shard_numel, tf.as_dtype(var.dtype).as_numpy_dtype)
                 for pc in shard.pieces:
-                    part = np.asarray(arrays[(pc.index, name)]).reshape(-1)[pc.start:pc.start + pc.length]
-                    flat[pc.shard_offset:pc.shard_offset + pc.length] = part
+                    flat[pc.in_shard] = np.asarray(arrays[(pc.index, name)]).reshape(-1)[pc.in_tensor]
                 var.assign(flat)
 
     def save_own_variables(self, store: Any) -> None:

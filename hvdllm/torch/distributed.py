@@ -42,7 +42,7 @@ from hvdllm.core.compression import Compression
 from hvdllm.core.gradients import ReductionConfig, backend_wire_dtype, clip_coefficient_of
 from hvdllm.core.ops import Average, Sum
 from hvdllm.core.process_sets import WORLD, ProcessSet
-from hvdllm.core.zero import parse_stage
+from hvdllm.core.zero import parse_inflight_mb, parse_stage
 from hvdllm.torch import buckets
 from hvdllm.torch.basics import collectives
 from hvdllm.torch.sparse import sparse_allreduce_async
@@ -549,7 +549,8 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Ite
                          process_set: ProcessSet = WORLD, average_aggregated_gradients: bool = False,
                          gradient_predivide_factor: float = 1.0, grad_norm_fn: Callable[..., float] | None = None,
                          num_groups: int = 0, groups: int | list[list[torch.Tensor]] | None = None,
-                         sparse_as_dense: bool = False, zero_stage: int = 0) -> torch.optim.Optimizer:
+                         sparse_as_dense: bool = False, zero_stage: int = 0,
+                         zero_inflight_mb: float | None = None) -> torch.optim.Optimizer:
     """Wrap ``optimizer`` so that step() uses gradients reduced (averaged by default) over the ranks.
 
     The result is an instance of the wrapped optimizer's class (isinstance checks and LR schedulers
@@ -568,8 +569,12 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Ite
     dense and turned back into sparse tensors for the update, as in Horovod.
     ``zero_stage`` (ZeRO, :mod:`hvdllm.torch.zero`): 0 replicates the optimizer state on every rank;
     1 shards it over the ranks of ``process_set``; 2 also reduce-scatters the gradients to the shards.
+    ``zero_inflight_mb`` (stage 2 only): the most MiB of full-size gradient buffers alive at once (buckets
+    accumulating, reduce-scatters in flight); a bucket that would exceed it first waits for the oldest
+    reduce-scatter. None (default): twice the largest bucket; ``math.inf``: no bound; 0: one at a time.
     """
     stage = parse_stage(zero_stage)
+    inflight_mb = parse_inflight_mb(zero_inflight_mb, stage)
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     if isinstance(optimizer, _DistributedOptimizer):
@@ -584,7 +589,8 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Ite
     grouping = _groups_arg(num_groups, groups)
     if stage:
         cls = type(base.__name__, (ZeroOptimizer, _DistributedOptimizer, base), {"__module__": __name__})
-        return cls(optimizer, named_parameters, config, grad_norm_fn, stage, grouping, bool(sparse_as_dense))
+        return cls(optimizer, named_parameters, config, grad_norm_fn, stage, grouping, bool(sparse_as_dense),
+                   inflight_mb)
     cls = type(base.__name__, (_DistributedOptimizer, base), {"__module__": __name__})
     return cls(optimizer, named_parameters, config, grad_norm_fn, grouping, bool(sparse_as_dense))
 
