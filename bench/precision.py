@@ -39,6 +39,7 @@ from pathlib import Path
 from harness import ROOT
 
 from hvdllm.core.cpu import bf16_units, cpu_flags, read_cpuinfo
+from hvdllm.train.config import TRAIN_PRESETS
 
 DEFAULT_STEPS = {"tiny": 500, "small": 300}
 BOUND = 0.02            # the issue's: bf16 validation loss within 2% of fp32's
@@ -55,11 +56,13 @@ class Result:
     minutes: float
 
 
-def run(preset: str, framework: str, precision: str, steps: int, out: Path, args: argparse.Namespace) -> Result:
-    """One ``hvdllm train`` run in its own process; its metrics.csv read back."""
+def start(preset: str, framework: str, precision: str, steps: int, out: Path,
+          args: argparse.Namespace) -> subprocess.Popen:
+    """One ``hvdllm train`` run in its own process (stderr to ``out``.log)."""
+    warmup = min(TRAIN_PRESETS[preset]["schedule.warmup_steps"], max(1, steps // 10))
     sets = {"run.log_interval": args.log_interval, "run.eval_interval": steps, "run.eval_sequences": args.eval_sequences,
             "run.checkpoint_interval": 0, "sample.tokens": 0, "run.progress": "false", "run.tensorboard": "false",
-            "run.precision": precision}
+            "run.precision": precision, "schedule.warmup_steps": warmup}
     if args.threads:
         sets["run.threads"] = args.threads
     argv = [sys.executable, "-m", "hvdllm.cli", "train", "--framework", framework, "--preset", preset,
@@ -67,9 +70,14 @@ def run(preset: str, framework: str, precision: str, steps: int, out: Path, args
     for k, v in sets.items():
         argv += ["--set", f"{k}={v}"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    p = subprocess.run(argv, cwd=str(ROOT), env=env, capture_output=True, text=True)
-    if p.returncode != 0:
-        raise SystemExit(f"{preset} {framework} {precision} failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
+    log = open(f"{out}.log", "w")
+    return subprocess.Popen(argv, cwd=str(ROOT), env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(p: subprocess.Popen, steps: int, out: Path) -> Result:
+    """Wait for a run; its metrics.csv read back."""
+    if p.wait() != 0:
+        raise SystemExit(f"{out.name} failed (exit {p.returncode}):\n{Path(f'{out}.log').read_text()[-3000:]}")
     with open(out / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     vals = [(int(r["step"]), float(r["val_loss"])) for r in rows if r["val_loss"]]
@@ -103,6 +111,9 @@ def main() -> int:
     ap.add_argument("--eval-sequences", type=int, default=128, help="validation windows of 128 tokens (default 128)")
     ap.add_argument("--log-interval", type=int, default=10, help="steps per tokens/s sample (default 10)")
     ap.add_argument("--threads", type=int, default=0, help="threads per run (default: hvdllm's, all cores)")
+    ap.add_argument("--concurrent", action="store_true",
+                    help="run each framework's fp32 and bf16 runs at the same time (give each --threads of half "
+                         "the cores): both meet the same machine load, and the pair takes half the wall time")
     ap.add_argument("--keep", type=Path, default=None, help="write the run directories here (default: a temp dir)")
     args = ap.parse_args()
     steps = parse_steps(args.steps, args.presets)
@@ -112,13 +123,20 @@ def main() -> int:
     results: dict[tuple[str, str, str], Result] = {}
     with tempfile.TemporaryDirectory(prefix="hvdllm-precision-") as tmp:
         root = args.keep or Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
         for preset in args.presets:
             for i, fw in enumerate(args.frameworks):    # fp32 then bf16, the next framework bf16 then fp32
-                for prec in ("fp32", "bf16") if i % 2 == 0 else ("bf16", "fp32"):
-                    r = run(preset, fw, prec, steps[preset], root / f"{preset}-{fw}-{prec}", args)
+                precs = ("fp32", "bf16") if i % 2 == 0 else ("bf16", "fp32")
+                n, outs = steps[preset], {prec: root / f"{preset}-{fw}-{prec}" for prec in precs}
+                if args.concurrent:
+                    procs = {prec: start(preset, fw, prec, n, outs[prec], args) for prec in precs}
+                    done = {prec: finish(procs[prec], n, outs[prec]) for prec in precs}
+                else:
+                    done = {prec: finish(start(preset, fw, prec, n, outs[prec], args), n, outs[prec]) for prec in precs}
+                for prec, r in done.items():
                     results[(preset, fw, prec)] = r
                     print(f"  {preset:<5} {fw:<10} {prec}  {r.tokens_per_s:8.0f} tokens/s  val loss {r.val0:.4f} -> "
-                          f"{r.val:.4f} @{steps[preset]}  train loss {r.loss:.4f}  {r.minutes:.1f} min", flush=True)
+                          f"{r.val:.4f} @{n}  train loss {r.loss:.4f}  {r.minutes:.1f} min", flush=True)
     print(f"\nbf16 vs fp32, one process, validation loss at the last step ({args.eval_sequences} x 128 tokens), "
           f"median tokens/s (load average {os.getloadavg()[0]:.2f} at the end)")
     print(f"  {'preset':<6} {'steps':>5} {'framework':<10} {'fp32 tok/s':>10} {'bf16 tok/s':>10} {'bf16/fp32':>9}   "
