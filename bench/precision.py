@@ -2,25 +2,31 @@
 loss at the last step (the issue's bound: bf16 within 2% of fp32), tokens/s and the bf16/fp32 ratios.
 
     python bench/precision.py                                   # tiny 500 and small 300 steps, torch and Keras
-    python bench/precision.py --presets tiny --frameworks torch --steps tiny=100
+    python bench/precision.py --threads 1 --concurrent          # on a loaded machine (see below)
+    python bench/precision.py --presets small --frameworks torch --steps small=100
 
-Each run is a plain ``hvdllm train --preset P --max-steps N`` (one process, the preset's global batch,
-learning rate and warm-up, the default fast optimizer path) in its own directory, a whole run: the
-cosine schedule decays over the N steps. The validation loss is the trainer's own evaluation (the same
-``--set run.eval_sequences`` windows of the held-out split in every run, evaluated in the run's precision)
-at step 0 and at step N, read from the run's ``metrics.csv``; the fp32 and bf16 runs see the same data in
+Each run is a plain ``hvdllm train --preset P --max-steps N`` (one process, the preset's global batch and
+learning rate, the default fast optimizer path) in its own directory, a whole run: the cosine schedule
+decays over the N steps; the warm-up is the preset's, capped at 10% of N (the `small` preset warms up
+over 100 steps, a whole short run). The validation loss is the trainer's own evaluation (the same
+``--eval-sequences`` windows of the held-out split in every run, evaluated in the run's precision) at
+step 0 and at step N, read from the run's ``metrics.csv``; the fp32 and bf16 runs see the same data in
 the same order, so their difference is the precision's, not sampling noise. The training is seeded and
 deterministic: only the speeds vary between reruns. Tokens/s: the median over the logged intervals after
 the first (which holds the step-0 evaluation and tracing/compilation). The runs of one preset go in an
-ABBA order (one framework fp32 then bf16, the next bf16 then fp32) so drifting machine load hits both alike.
+ABBA order (one framework fp32 then bf16, the next bf16 then fp32) so drifting machine load hits both
+alike; ``--concurrent`` runs each framework's fp32 and bf16 runs at the same time instead (the same load
+for both, half the wall time), with ``--threads 1`` on 2 cores. On a machine shared with other jobs use
+``--threads 1``: PyTorch's OpenMP threads wait for each other, and with more runnable threads than cores
+a 2-thread torch run here fell to ~300 tokens/s where a 1-thread one kept ~2000.
 
 Why these step counts (default ``tiny=500 small=300``): the comparison must be made where the model has
-learned, not at the start where every run sits near log(256) = 5.5. 500 steps of `tiny` (16 x 128 tokens
-each, 1M tokens, about one pass over the embedded corpus) take its validation loss from 5.5 to about 2.1,
-half-way down to the 1000-step README run's ~1.8; 300 steps of `small` (32 x 128 tokens, 1.2M tokens) take
-its own from 5.5 to about 2. These take roughly 1-2 (tiny) and 3-7 (small) minutes per run on 2 shared
-CPU cores, which keeps all eight runs within about half an hour. On a CPU, bf16 pays off where it has bf16
-units (AVX512_BF16 / AMX-BF16; :mod:`hvdllm.core.cpu`), else bf16 is emulated and slower.
+learned, not at the start where every run sits near log(256) = 5.5 nats. 500 steps of `tiny` (16 x 128
+tokens each, 1M tokens) take its validation loss from 5.49 to 2.31, most of the way to the 1000-step
+README run's ~1.8, on the flat part of the curve where a precision effect is not hidden by the slope;
+`small` (32 x 128 tokens per step, ~4x tiny's compute per token) gets as many steps as fit in a few
+minutes per run on 2 quiet cores. On a CPU, bf16 pays off where it has bf16 units (AVX512_BF16 /
+AMX-BF16; :mod:`hvdllm.core.cpu`), else bf16 is emulated and slower.
 
 Exit status 1 when a bf16 run misses the bound (PASS/FAIL per row), else 0.
 """
