@@ -135,8 +135,11 @@ def test_rounds_per_step_by_hand() -> None:
     assert CM.rounds_per_step(lay(), k) == 0                                   # one process: none
     assert CM.rounds_per_step(lay(dp=2), k) == pytest.approx(0.5 + 0.25 + 1)
     assert CM.rounds_per_step(lay(dp=2, zero=1), k) == pytest.approx(0.75 + 1 + 1)   # + all-gather (local norm)
-    assert CM.rounds_per_step(lay(dp=2, zero=2), k) == pytest.approx(0.75 + 1 + 2)   # + all-gather, shard norm
-    assert CM.rounds_per_step(lay(dp=2, zero=2), dataclasses.replace(k, clipping=False)) == pytest.approx(0.75 + 2)
+    # + all-gather, shard norm, and (torch) the reduce-scatters of the 3 passes before the last of m = 4
+    assert CM.rounds_per_step(lay(dp=2, zero=2), k) == pytest.approx(0.75 + 1 + 2 + 3)
+    assert CM.rounds_per_step(lay(dp=2, zero=2), dataclasses.replace(k, clipping=False)) == pytest.approx(0.75 + 2 + 3)
+    assert CM.rounds_per_step(lay(dp=2, zero=2), dataclasses.replace(k, zero2_per_pass=False)) == pytest.approx(0.75 + 3)
+    assert CM.rounds_per_step(lay(dp=2, zero=2, micro=4), k) == pytest.approx(0.75 + 1 + 2)  # m = 1
     assert CM.rounds_per_step(lay(tp=2), k) == pytest.approx(0.75 + 1)        # the shards' norm
     assert CM.rounds_per_step(lay(pp=2), dataclasses.replace(k, clipping=False)) == pytest.approx(0.75)
     assert CM.rounds_per_step(lay(dp=2, pp=2, gb=8), k) == pytest.approx(0.75 + 1 + 1)

@@ -45,7 +45,8 @@ Step time (seconds; the slowest stage sets the pace):
   (``run.stop_check_overlap``: torch starts it before the step and finishes it after; Keras'
   collectives complete at once), the loss every
   ``log_interval``,
-  ZeRO's all-gather and (stage 2) shard norm, the pipeline's and tensor-parallel's norm) each cost one
+  ZeRO's all-gather and (stage 2) shard norm, torch ZeRO-2's reduce-scatter of each accumulation pass
+  but the last, the pipeline's and tensor-parallel's norm) each cost one
   data-parallel cycle in a plain data-parallel job (hvdllm gives Horovod 20 ms on CPU hosts; the
   collective waits for the next cycle) and kappa(ranks) in a model-parallel job (1 ms cycle);
 - optimizer: P_rank * s_param (ZeRO-1/2: P_rank / n), s_param the measured seconds per parameter.
@@ -73,6 +74,7 @@ class RunKnobs:
     log_interval: int = 10          # the loss all-reduce every N steps
     stop_check_interval: int = 1    # the stop agreement every N steps
     stop_overlapped: bool = False   # run.stop_check_overlap (torch): the agreement rides with the step, no round
+    zero2_per_pass: bool = True     # torch ZeRO-2 reduce-scatters every accumulation pass (Keras: once a step)
     clipping: bool = True           # optim.max_grad_norm > 0: sharded or split norms need an all-reduce
 
 
@@ -285,6 +287,8 @@ def rounds_per_step(layout: Layout, knobs: RunKnobs = RunKnobs()) -> float:
         r += 1                                           # the gradient reduction (its last bucket)
         if layout.zero >= 1:                             # the parameters' grouped all-gather, and at
             r += 1 + (1 if knobs.clipping and layout.zero >= 2 else 0)   # stage 2 the shards' norm
+        if layout.zero >= 2 and knobs.zero2_per_pass:    # each earlier pass's reduce-scatter, waited for
+            r += layout.microbatches - 1                 # before the next pass's buffers (the in-flight bound)
     if knobs.clipping and (layout.pp > 1 or layout.tp > 1):
         r += 1                                           # the norm over stages / tensor shards
     return r

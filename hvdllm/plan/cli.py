@@ -276,7 +276,9 @@ def run(args: argparse.Namespace, check_train: Callable[[list[str]], None]) -> i
     for a in profile.get("assumed", []):
         say(f"assumed: {a}")
     knobs = CM.RunKnobs(log_interval=cfg.run.log_interval, stop_check_interval=cfg.run.stop_check_interval,
-                        stop_overlapped=cfg.run.stop_check_overlap and cfg.run.framework == "torch", clipping=cfg.optim.max_grad_norm > 0)
+                        stop_overlapped=cfg.run.stop_check_overlap and cfg.run.framework == "torch",
+                        zero2_per_pass=cfg.run.framework == "torch",
+                        clipping=cfg.optim.max_grad_norm > 0)
     rows = predict(shape, layouts, M.machine(profile), cfg.run.bucket_cap_mb * 2**20, knobs)
     if args.verify:
         verify(args, cfg, rows, ranks, say)
