@@ -267,7 +267,10 @@ def test_a_failed_rank_ends_the_job(launcher: str, tmp_path: Path) -> None:
                                                "run.checkpoint_interval=40"], tmp_path / f"train-raise-{fw}-job",
                                     r"hvdllm: rank 0 failed at step 40: \w+Error", f"{launcher} {fw} train, "
                                     "rank 0 cannot write its checkpoint", before=block_checkpoints,
-                                    survivor=_survivor_named(1, "40")))
+                                    # rank 1 waits in step 40's collectives: its collective fails at
+                                    # step 40, or the launcher's SIGTERM comes after it read its stop
+                                    # code for step 40, so it is announced for step 41
+                                    survivor=_survivor_named(1, "4[01]")))
     print(f"{launcher}: {len(seconds)} trials ended in {min(seconds):.1f}-{max(seconds):.1f} s", file=sys.stderr)
 
 
