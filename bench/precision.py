@@ -76,8 +76,8 @@ def start(preset: str, framework: str, precision: str, steps: int, out: Path,
     for k, v in sets.items():
         argv += ["--set", f"{k}={v}"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    log = open(f"{out}.log", "w")
-    return subprocess.Popen(argv, cwd=str(ROOT), env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    with open(f"{out}.log", "w") as log:     # (the child keeps its own copy of the descriptor)
+        return subprocess.Popen(argv, cwd=str(ROOT), env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
 
 
 def finish(p: subprocess.Popen, steps: int, out: Path) -> Result:

@@ -289,6 +289,15 @@ def sample_text(model: GPT, tokenizer: Any, prompt: str, tokens: int, temperatur
     return tokenizer.decode(out[0].tolist())
 
 
+def sum_starter(collectives: Any, name: Callable[[], str | None]) -> Callable[[np.ndarray], Callable[[], np.ndarray]]:
+    """StepHooks.start_sum_over_ranks over ``collectives``, each allreduce named by ``name()`` (the
+    model-parallel runner names its collectives; TF's handles complete at once)."""
+    def start(vec: np.ndarray) -> Callable[[], np.ndarray]:
+        h = collectives.start("allreduce", tf.constant(vec), hvd.Sum, hvd.WORLD, name=name())
+        return lambda: np.asarray(h.wait())
+    return start
+
+
 def train(cfg: TrainConfig) -> int:
     """Run (or resume) training as configured; returns the exit status (0, or EXIT_PREEMPTED after an
     agreed early stop). ConfigError -> the CLI's 2."""
@@ -340,13 +349,9 @@ def train(cfg: TrainConfig) -> int:
     def sample(prompt: str, tokens: int, temperature: float, top_k: int, seed: int) -> str | None:
         return sample_text(model, s.tokenizer, prompt, tokens, temperature, top_k, seed) if s.is_root else None
 
-    def start_sum_over_ranks(vec: np.ndarray) -> Callable[[], np.ndarray]:
-        h = hvd.collectives().start("allreduce", tf.constant(vec), hvd.Sum)   # (TF's handles complete at once)
-        return lambda: np.asarray(h.wait())
-
     hooks = StepHooks(step=step, evaluate=lambda: evaluate(s, steps),
                       save=lambda i, ls: save(s, model, optimizer, i, ls), grad_norm=grad_norm, sample=sample,
-                      start_sum_over_ranks=start_sum_over_ranks,
+                      start_sum_over_ranks=sum_starter(hvd.collectives(), lambda: None),
                       check_replicas=lambda i: check_replicas(s, model, optimizer, i))
     end = run_training(s, hooks, losses, s.gpt.flops_per_token(), peak, size, note)
     if size > 1:
@@ -389,12 +394,9 @@ def train_model_parallel(s: RunSetup, peak: float, note: str) -> int:
         load_weights(model, weights, "the gathered model")
         return sample_text(model, s.tokenizer, prompt, tokens, temperature, top_k, seed)
 
-    def start_sum_over_ranks(vec: np.ndarray) -> Callable[[], np.ndarray]:
-        h = run.collectives.start("allreduce", tf.constant(vec), hvd.Sum, hvd.WORLD, name=run.op_name("stop"))
-        return lambda: np.asarray(h.wait())
-
     hooks = StepHooks(step=step, evaluate=run.evaluate, save=save_mp, grad_norm=lambda: run.grad_norm,
-                      sample=sample, start_sum_over_ranks=start_sum_over_ranks)
+                      sample=sample,
+                      start_sum_over_ranks=sum_starter(run.collectives, lambda: run.op_name("stop")))
     end = run_training(s, hooks, losses, s.gpt.flops_per_token(), peak, s.size, note)
     hvd.barrier()
     return EXIT_PREEMPTED if end.stopped else 0
