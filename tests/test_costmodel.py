@@ -147,9 +147,48 @@ def test_rounds_per_step_by_hand() -> None:
     assert CM.rounds_per_step(lay(dp=2), dataclasses.replace(k, stop_overlapped=True)) == pytest.approx(0.25 + 1)
 
 
-def test_machine_rate_uses_the_nearest_measured_micro_batch() -> None:
-    assert MACHINE.rate(4) == 2e9 and MACHINE.rate(1) == 1e9
-    assert MACHINE.rate(8) == 2e9 and MACHINE.rate(2) == 1e9      # log-distance tie -> the smaller
+def test_machine_rate_fits_a_cost_per_call_and_per_sequence() -> None:
+    # two measured points are fitted exactly: b / R(b) = A + C b with 1e-9 = A + C, 2e-9 = A + 4 C
+    assert MACHINE.rate(4) == pytest.approx(2e9) and MACHINE.rate(1) == pytest.approx(1e9)
+    assert MACHINE.rate(2) == pytest.approx(2 / (2 / 3 + 2 / 3) * 1e9) and MACHINE.rate(8) == pytest.approx(2.4e9)
+    # one point 20% off among four: the fit stays within 10% of the true rate there
+    true = {b: b / (1e-9 + 2e-9 * b) for b in (1, 2, 4, 8)}
+    noisy = dataclasses.replace(MACHINE, flops_per_s={**true, 4: 0.8 * true[4]})
+    assert abs(noisy.rate(4) / true[4] - 1) < 0.1 and abs(noisy.rate(16) / (16 / 33e-9) - 1) < 0.1
+    # a fit that would need a negative per-sequence cost keeps a cost per call only; one point is its rate
+    a, c = CM.fit_call_cost({1: 1e9, 2: 4e9})
+    assert a > 0 and c == 0
+    assert dataclasses.replace(MACHINE, flops_per_s={4: 3e9}).rate(1) == 3e9
+
+
+def test_ranks_sharing_cores_compute_faster_in_the_pipeline_fill_and_drain() -> None:
+    shared = dataclasses.replace(MACHINE, cores=2, threads_per_rank=1, measured_ranks=4)
+    assert shared.speedup(4) == 1 and shared.speedup(2) == 2 and shared.speedup(1) == 2
+    assert shared.speedup(3) == pytest.approx((2 / 3) / 0.5)
+    assert dataclasses.replace(shared, measured_ranks=2).speedup(1) == 1      # the cores suffice: no gain
+    assert MACHINE.speedup(1) == 1                                             # cores unknown
+    # p = 4, m = 4, a rank per stage: a_j = 1, 2, 3, 4, 3, 2, 1 stages computing
+    assert CM.pipelined_slots(4, 4, 1, MACHINE) == 7
+    assert CM.pipelined_slots(4, 4, 1, shared) == pytest.approx(0.5 + 0.5 + 0.75 + 1 + 0.75 + 0.5 + 0.5)
+    assert CM.pipelined_slots(1, 2, 1, shared) == pytest.approx(1.0)          # 2 slots at twice the speed
+    # dp 2 x pp 2, m = 8: the first and last of 9 slots have one stage (2 ranks) computing -> 8 slots, no bubble
+    t = CM.step_time(SMALL, lay(dp=2, pp=2, micro=1, gb=16), shared)
+    slot = (6 * 872 + 12 * 8 * 4 + 6 * 16 * 8) * 4 / 1e9
+    assert t.compute == pytest.approx(8 * slot) and t.bubble == 0
+    assert t.pp_comm == CM.step_time(SMALL, lay(dp=2, pp=2, micro=1, gb=16), MACHINE).pp_comm
+
+
+def test_a_measured_tensor_parallel_shard_sets_the_cost_per_collective() -> None:
+    assert MACHINE.tp_collective_s(SMALL, 2, 4) is None
+    # the probe (SMALL's 2 blocks) on 2 ranks at b = 4: split compute 6000 flops/token * 16 tokens / 2e9,
+    # plus 14 collectives (4 per block, 2 embedding, 4 loss) of 1 ms each
+    split = 6000 * 16 / 2e9
+    m = dataclasses.replace(MACHINE, tp_probe_s={2: {4: split + 14e-3}}, probe_layers=2)
+    assert m.tp_collective_s(SMALL, 2, 4) == pytest.approx(1e-3)
+    assert m.tp_collective_s(SMALL, 4, 2) == pytest.approx(1e-3)     # the nearest group and micro-batch
+    t = CM.step_time(SMALL, lay(tp=2, micro=4, gb=8), m)              # m = 2 slots of 14 collectives
+    assert t.tp_comm == pytest.approx(2 * 14e-3)
+    assert t.compute == pytest.approx(2 * split)
 
 
 def test_layout_counts() -> None:

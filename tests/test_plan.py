@@ -143,6 +143,9 @@ def test_two_ranks_are_measured_under_horovodrun(tmp_path: Path) -> None:
     assert data["allreduce_latency_s"] > 0 and data["p2p_latency_s"] > 0 and data["allreduce_bw"] > 0
     assert list(data["insitu_s"]) == ["2"] and data["insitu_s"]["2"] > 0      # kappa on the 2-rank world
     assert list(data["insitu_bw"]) == ["2"] and data["insitu_bw"]["2"] > 0
+    # the tensor-parallel shard on the 2-rank world, at the micro-batches of the tp=2 layouts (1, 2, 4)
+    assert list(data["tp_probe_s"]) == ["2"] and sorted(map(int, data["tp_probe_s"]["2"])) == [1, 2, 4]
+    assert all(v > 0 for v in data["tp_probe_s"]["2"].values()) and data["probe_layers"] == 4
     rows = _json_rows(r.stdout)
     # dp=2 with --zero 0, 1 and 2 (2 micro-batches each), tp=2, pp=2
     assert len(rows) == 2 * 3 + 3 + 6 and all(x["dp"] * x["tp"] * x["pp"] == 2 for x in rows)

@@ -23,10 +23,17 @@ Step time (seconds; the slowest stage sets the pace):
 
 - compute per micro-batch and stage c = F_stage * b * T / R(b), with F_stage the training FLOPs per
   token of the stage on one rank (6 x its parameters / t + 12 L_s d T / t attention, 6 V d / t for the
-  head on the last stage) and R(b) the measured FLOP/s of one rank at micro-batch b (all ranks
-  computing at once, as in training);
+  head on the last stage) and R(b) the FLOP/s of one rank at micro-batch b (all ranks computing at
+  once, as in training), b / (A + C b) fitted to the measured rates (a fixed cost per call, and one
+  per sequence);
 - pipeline: (m + p - 1) slots of c; the bubble is the (p - 1) idle slots, the fraction
-  (p - 1) / (m + p - 1) of the pipelined time (GPipe and 1F1B alike);
+  (p - 1) / (m + p - 1) of the pipelined time (GPipe and 1F1B alike). Ranks that share cores (more
+  ranks than cores, as on a 2-core host running 4) compute faster while their peers idle: R(b) was
+  measured with every rank computing, each rank getting min(threads, cores / ranks) cores; in slot j
+  only a_j = min(j + 1, p, m, m + p - 1 - j) stages compute, so each active rank runs
+  g = min(threads, cores / (a_j n t)) / min(threads, cores / ranks) times as fast
+  (:meth:`Machine.speedup`; 1 when the cores suffice), and the pipelined time is
+  sum_j c / g_j (:func:`pipelined_slots`);
 - a collective of S bytes inside a model-parallel step costs kappa(g) + S / beta(g), both measured *in
   situ* on groups of g ranks (all-reduces of two sizes after ~5 ms of matmuls, minus the matmuls):
   the wait for the background thread's next cycle and the peer's arrival, and copies on cores the
@@ -34,7 +41,12 @@ Step time (seconds; the slowest stage sets the pace):
   the ring's 2 (g - 1) alpha and the back-to-back bandwidth);
 - tensor parallelism, per slot: 4 collectives per block (2 forward, 2 backward) of b T d values,
   TP_FIRST_EXTRA on the first stage (vocabulary-parallel embedding) and TP_LAST_EXTRA on the last
-  (vocabulary-parallel cross-entropy), each kappa(t), the block ones with b T d fp32 values each;
+  (vocabulary-parallel cross-entropy), each kappa(t), the block ones with b T d fp32 values each. When
+  the profile ran the model's tensor-parallel shard on groups of t ranks (``tp_probe_s``: forward and
+  backward of the probe model, every rank at once), each collective instead costs what that run took
+  beyond its split compute, over its collectives (:meth:`Machine.tp_collective_s`): it stands for the
+  collectives and the work every tensor-parallel rank repeats (norms, residuals, the loss), which the
+  kappa figures missed by 15-45% at 4 ranks on 2 cores;
 - pipeline transfers, per slot: an activation and a gradient of b T d values, each a two-rank
   collective (as above); per step PP_STEP_EXCHANGES more (tied head refresh and gradient, the loss);
 - data parallelism: the ring all-reduce's data time 2 (n - 1) / n * G / beta (ZeRO-1/2: reduce-scatter
@@ -48,7 +60,9 @@ Step time (seconds; the slowest stage sets the pace):
   ZeRO's all-gather and (stage 2) shard norm, torch ZeRO-2's reduce-scatter of each accumulation pass
   but the last, the pipeline's and tensor-parallel's norm) each cost one
   data-parallel cycle in a plain data-parallel job (hvdllm gives Horovod 20 ms on CPU hosts; the
-  collective waits for the next cycle) and kappa(ranks) in a model-parallel job (1 ms cycle);
+  collective waits for the next cycle, which also absorbs the ranks' skew: measured at 4 ranks on 2
+  cores, rounds of kappa(4) ~ 30 ms overpredicted ZeRO's extra rounds, which cost no measurable time)
+  and kappa(ranks) in a model-parallel job (1 ms cycle);
 - optimizer: P_rank * s_param (ZeRO-1/2: P_rank / n), s_param the measured seconds per parameter.
 """
 from __future__ import annotations
@@ -130,6 +144,24 @@ class Layout:
         return self.global_batch // (self.dp * self.micro_batch)
 
 
+def fit_call_cost(rates: Mapping[int, float]) -> tuple[float, float]:
+    """(A, C) >= 0 of the seconds per FLOP-per-sequence of a call, u(b) = b / R(b) = A + C b, fitted to
+    the measured rates by least squares of the relative error (every micro-batch weighs alike)."""
+    pts = [(float(b), b / float(r)) for b, r in rates.items()]
+    s11 = sum(1 / u ** 2 for _, u in pts)
+    s12 = sum(b / u ** 2 for b, u in pts)
+    s22 = sum(b * b / u ** 2 for b, u in pts)
+    y1, y2 = sum(1 / u for _, u in pts), sum(b / u for b, u in pts)
+    det = s11 * s22 - s12 * s12
+    if det > 0:
+        a, c = (y1 * s22 - y2 * s12) / det, (y2 * s11 - y1 * s12) / det
+        if a >= 0 and c >= 0:
+            return a, c
+        if a < 0:
+            return 0.0, y2 / s22
+    return y1 / s11, 0.0
+
+
 def _nearest_group(by_size: Mapping[int, float], group: int) -> float:
     """The figure measured on ``group`` ranks, else on the nearest measured group size (the larger on a tie)."""
     return float(by_size[min(by_size, key=lambda k: (abs(k - group), -k))])
@@ -150,13 +182,28 @@ class Machine:
     dp_cycle_s: float = 0.0               # collective cycle of a data-parallel job (Horovod's cycle time)
     insitu_s: Mapping[int, float] = dataclasses.field(default_factory=dict)   # group size -> kappa(g)
     insitu_bw: Mapping[int, float] = dataclasses.field(default_factory=dict)  # group size -> beta(g), bytes/s
+    cores: int = 0                        # the host's cores (0: unknown, no core sharing modelled)
+    threads_per_rank: int = 1
+    measured_ranks: int = 0               # ranks computing at once when flops_per_s was measured
+    tp_probe_s: Mapping[int, Mapping[int, float]] = dataclasses.field(default_factory=dict)  # t -> b -> s
+    probe_layers: int = 0                 # blocks of the model tp_probe_s ran (the first and last stage too)
+
+    def speedup(self, active: int) -> float:
+        """How much faster each of ``active`` computing ranks runs than in the measurement (all
+        ``measured_ranks`` computing): the ratio of their core shares, min(threads, cores / ranks)."""
+        if not self.cores or not self.measured_ranks or active < 1:
+            return 1.0
+        share = lambda k: min(self.threads_per_rank, self.cores / k)  # noqa: E731
+        return share(active) / share(self.measured_ranks)
 
     def rate(self, micro_batch: int) -> float:
-        """R(b): the measured rate at b, else at the nearest measured micro-batch (log distance)."""
-        if micro_batch in self.flops_per_s:
-            return float(self.flops_per_s[micro_batch])
-        near = min(self.flops_per_s, key=lambda k: (abs(math.log(k / micro_batch)), k))
-        return float(self.flops_per_s[near])
+        """R(b) = b / (A + C b): a forward+backward costs a fixed A per call (Python, kernel launches,
+        per-call work) plus C per sequence, fitted to the measured rates (:func:`fit_call_cost`), so one
+        noisy micro-batch does not decide its layouts alone; the measured rate when only one was measured."""
+        if len(self.flops_per_s) == 1:
+            return float(next(iter(self.flops_per_s.values())))
+        a, c = fit_call_cost(self.flops_per_s)
+        return micro_batch / (a + c * micro_batch)
 
     def kappa(self, group: int) -> float:
         """Seconds one small collective of a ``group``-rank set costs inside a model-parallel step: the
@@ -166,6 +213,22 @@ class Machine:
         if self.insitu_s:
             return _nearest_group(self.insitu_s, group)
         return 2 * (group - 1) * self.allreduce_latency_s
+
+    def tp_collective_s(self, shape: "ModelShape", group: int, micro_batch: int) -> float | None:
+        """The measured cost of one tensor-parallel collective on ``group`` ranks at micro-batch b: what the
+        probe's forward+backward on a tp group took beyond its split compute (F_probe / t * b T / R(b)),
+        over the probe's TP_BLOCK_COLLECTIVES L + TP_FIRST_EXTRA + TP_LAST_EXTRA collectives (it stands
+        for the replicated work around them too); the nearest measured group and micro-batch (log
+        distance). None without such a measurement."""
+        if not self.tp_probe_s or not self.probe_layers:
+            return None
+        t = min(self.tp_probe_s, key=lambda k: (abs(k - group), -k))
+        by_b = self.tp_probe_s[t]
+        b = min(by_b, key=lambda k: (abs(math.log(k / micro_batch)), k))
+        probe = dataclasses.replace(shape, n_layer=self.probe_layers)
+        split = stage_flops_per_token(probe, self.probe_layers, t, True, True) * b * shape.seq_len / self.rate(b)
+        count = TP_BLOCK_COLLECTIVES * self.probe_layers + TP_FIRST_EXTRA + TP_LAST_EXTRA
+        return max(0.0, float(by_b[b]) - split) / count
 
     def insitu_s_of(self, group: int, nbytes: float, bw: float) -> float:
         """One collective of ``nbytes`` on ``group`` ranks inside a model-parallel step: kappa(g) plus the
@@ -306,9 +369,12 @@ def step_time(shape: ModelShape, layout: Layout, machine: Machine, bucket_cap_by
     act_bytes = BYTES * tokens * shape.n_embd
     tp_slot = 0.0
     if t > 1:
-        per_block = TP_BLOCK_COLLECTIVES * machine.insitu_s_of(t, act_bytes, machine.allreduce_bw / (2 * (t - 1) / t))
-        tp_slot = max(layers[s] * per_block + machine.kappa(t) * ((TP_FIRST_EXTRA if s == 0 else 0)
-                                                                   + (TP_LAST_EXTRA if s == p - 1 else 0))
+        each = machine.tp_collective_s(shape, t, b)
+        per_block = TP_BLOCK_COLLECTIVES * (each if each is not None else machine.insitu_s_of(
+            t, act_bytes, machine.allreduce_bw / (2 * (t - 1) / t)))
+        extra = each if each is not None else machine.kappa(t)
+        tp_slot = max(layers[s] * per_block + extra * ((TP_FIRST_EXTRA if s == 0 else 0)
+                                                       + (TP_LAST_EXTRA if s == p - 1 else 0))
                       for s in range(p))
     exchange = machine.insitu_s_of(2, act_bytes, machine.p2p_bw)
     pp_comm = ((m + p - 1) * 2 * exchange + PP_STEP_EXCHANGES * machine.kappa(2)) if p > 1 else 0.0
@@ -318,11 +384,21 @@ def step_time(shape: ModelShape, layout: Layout, machine: Machine, bucket_cap_by
                if n > 1 else 0.0)
     dp_exposed = dp_data - min(dp_data, machine.overlap * 2 / 3 * slot)
     plain_dp = t == 1 and p == 1
-    round_s = max(machine.dp_cycle_s, machine.kappa(layout.ranks)) if plain_dp else machine.kappa(layout.ranks)
+    round_s = (machine.dp_cycle_s or machine.kappa(layout.ranks)) if plain_dp else machine.kappa(layout.ranks)
     opt_params = max(stage_params(shape, p)) / t / (n if layout.zero >= 1 else 1)
-    return StepTime(compute=m * slot, bubble=(p - 1) * slot, tp_comm=(m + p - 1) * tp_slot,
+    slots = pipelined_slots(m, p, n * t, machine) if p > 1 else m
+    bubble = max(0.0, (slots - m) * slot)
+    return StepTime(compute=slots * slot - bubble, bubble=bubble, tp_comm=(m + p - 1) * tp_slot,
                     pp_comm=pp_comm, dp_comm=dp_exposed, optimizer=opt_params * machine.optimizer_s_per_param,
                     sync=rounds_per_step(layout, knobs) * round_s)
+
+
+def pipelined_slots(microbatches: int, pp: int, stage_ranks: int, machine: Machine) -> float:
+    """The pipelined phase in slots of full-load compute: sum over the m + p - 1 slots of 1 / g(a_j
+    stage_ranks), a_j the stages computing in slot j (see the module docstring); m + p - 1 when the
+    cores suffice."""
+    m, p = microbatches, pp
+    return sum(1.0 / machine.speedup(min(j + 1, p, m, m + p - 1 - j) * stage_ranks) for j in range(m + p - 1))
 
 
 def bubble_fraction(layout: Layout) -> float:

@@ -95,15 +95,17 @@ def launcher(ranks: int) -> list[str]:
 
 
 def measured_step_s(run_dir: Path) -> float | None:
-    """Seconds per step from metrics.csv's elapsed_s, from its first row at step 2 or later (the steps
-    before it, with the warm-up, are not timed) to its last."""
+    """Seconds per step from metrics.csv's elapsed_s: the median over the logged intervals after its
+    first row at step 2 or later (the steps before it, with the warm-up, are not timed), so one interval
+    that another process on the host slowed down does not decide the figure."""
+    import statistics
+
     from hvdllm.sweep.records import read_column
 
     rows = read_column(run_dir, "elapsed_s")
-    if len(rows) < 2:
-        return None
-    (s0, e0), (s1, e1) = next((r for r in rows if r[0] >= 2), rows[0]), rows[-1]
-    return (e1 - e0) / (s1 - s0) if s1 > s0 else None
+    start = next((i for i, r in enumerate(rows) if r[0] >= 2), 0)
+    per_step = [(e1 - e0) / (s1 - s0) for (s0, e0), (s1, e1) in zip(rows[start:], rows[start + 1:]) if s1 > s0]
+    return statistics.median(per_step) if per_step else None
 
 
 def verify_choice(rows: list[dict[str, Any]], k: int, apart: float = VERIFY_APART) -> list[dict[str, Any]]:
@@ -267,7 +269,9 @@ def run(args: argparse.Namespace, check_train: Callable[[list[str]], None]) -> i
         pair = None
         if hvd is not None and pairs:
             pair = next(ps for ps in pairs if hvd.rank() in ps.ranks)
-        profile = M.measure(cfg.gpt_config(), cfg.seq_len, micro, ranks, hvd, note=say, pair_set=pair)
+        tp_micro = sorted({lay.micro_batch for lay in layouts if lay.tp > 1})
+        profile = M.measure(cfg.gpt_config(), cfg.seq_len, micro, ranks, hvd, note=say, pair_set=pair,
+                            tp_micro_batches=tp_micro)
         if args.profile and root:
             M.save_profile(profile, args.profile)
             say(f"profile written to {args.profile}")

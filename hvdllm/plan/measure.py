@@ -111,6 +111,41 @@ def compute_rates(gpt: GPTConfig, seq_len: int, micro_batches: list[int], hvd: A
     return out
 
 
+def tp_probe_s(gpt: GPTConfig, seq_len: int, micro_batches: list[int], hvd: Any, sets: dict[int, Any],
+               reps: int = 2) -> dict[int, dict[int, float]]:
+    """t -> micro-batch -> wall seconds of one forward+backward of the probe model's tensor-parallel shard
+    (hvdllm.torch.parallel.parallelize_gpt) on a t-rank group, every rank of the job doing the same at
+    once: the split compute, the replicated work and the tensor-parallel collectives as training runs
+    them (the cost model attributes what exceeds the split compute to the collectives). ``sets``: group
+    size -> this rank's process set of that size (None: the world); sizes that do not divide the heads
+    and the vocabulary are skipped."""
+    import torch
+
+    from hvdllm.core.grid import Group
+    from hvdllm.models.gpt import GPT
+    from hvdllm.torch.parallel import parallelize_gpt
+
+    cfg = _probe_model(gpt)
+    out: dict[int, dict[int, float]] = {}
+    for t, ps in sorted(sets.items()):
+        if t < 2 or cfg.n_head % t or cfg.vocab_size % t:
+            continue
+        members = list(range(hvd.size())) if ps is None else list(ps.ranks)
+        torch.manual_seed(0)
+        model = parallelize_gpt(GPT(cfg), Group.of(members, hvd.rank(), hvd.size()))
+        out[t] = {}
+        for b in sorted(set(micro_batches)):
+            idx = torch.randint(0, cfg.vocab_size, (b, seq_len))
+
+            def step() -> None:
+                model.zero_grad(set_to_none=True)
+                _, loss = model(idx, idx, gather_logits=False)
+                loss.backward()
+
+            out[t][b] = group_time(step, reps, hvd)
+    return out
+
+
 def optimizer_s_per_param(gpt: GPTConfig, reps: int = 3) -> float:
     """Seconds per parameter of one AdamW step (hvdllm.torch.optim, as the trainer uses it)."""
     import torch
@@ -218,7 +253,8 @@ def available_memory() -> float:
 
 
 def measure(gpt: GPTConfig, seq_len: int, micro_batches: list[int], ranks: int, hvd: Any | None,
-            note: Callable[[str], None] = lambda s: None, pair_set: Any | None = None) -> dict[str, Any]:
+            note: Callable[[str], None] = lambda s: None, pair_set: Any | None = None,
+            tp_micro_batches: list[int] | None = None) -> dict[str, Any]:
     """The profile (a JSON-able dict) of this machine for ``ranks`` ranks; ``hvd`` an initialised
     hvdllm.torch module when running under a multi-rank launch, else None (assumed collectives);
     ``pair_set`` this rank's two-rank process set (:func:`pair_members`) when the world has 4+ ranks."""
@@ -244,11 +280,13 @@ def measure(gpt: GPTConfig, seq_len: int, micro_batches: list[int], ranks: int, 
         p2p_lat, p2p_bw = collective_fit(hvd, "broadcast", bw)
         sets = {hvd.size(): None, **({2: pair_set} if pair_set is not None else {})}
         insitu = insitu_collective_s(hvd, sets, cap_bw=ar_bw)
+        note(f"measuring tensor-parallel shards on groups of {sorted(t for t in sets if t > 1)} ranks")
+        tp = tp_probe_s(gpt, seq_len, micro_batches if tp_micro_batches is None else tp_micro_batches, hvd, sets)
         backend = hvd.backend()
     else:
         ar_lat = p2p_lat = ASSUMED_LATENCY_S
         ar_bw = p2p_bw = bw
-        insitu = {}
+        insitu, tp = {}, {}
         backend = "assumed"
         if ranks > 1:
             assumed.append(f"collectives not measured (one process): latency {ASSUMED_LATENCY_S} s, bandwidth = "
@@ -263,6 +301,8 @@ def measure(gpt: GPTConfig, seq_len: int, micro_batches: list[int], ranks: int, 
             "memory_bytes": mem, "overlap": 0.5 if accel else 0.0, "dp_cycle_s": dp_cycle_s(accel),
             "insitu_s": {str(g): v[0] for g, v in insitu.items()},
             "insitu_bw": {str(g): v[1] for g, v in insitu.items()},
+            "tp_probe_s": {str(t): {str(b): v for b, v in by_b.items()} for t, by_b in tp.items()},
+            "probe_layers": _probe_model(gpt).n_layer,
             "assumed": assumed}
 
 
@@ -275,7 +315,12 @@ def machine(profile: dict[str, Any]) -> Machine:
                    memory_bytes=float(profile["memory_bytes"]), overlap=float(profile.get("overlap", 0.0)),
                    dp_cycle_s=float(profile.get("dp_cycle_s", 0.0)),
                    insitu_s={int(k): float(v) for k, v in profile.get("insitu_s", {}).items()},
-                   insitu_bw={int(k): float(v) for k, v in profile.get("insitu_bw", {}).items()})
+                   insitu_bw={int(k): float(v) for k, v in profile.get("insitu_bw", {}).items()},
+                   cores=int(profile.get("cpu_count", 0)), threads_per_rank=int(profile.get("threads_per_rank", 1)),
+                   measured_ranks=int(profile.get("ranks", 0)),
+                   tp_probe_s={int(t): {int(b): float(v) for b, v in by_b.items()}
+                               for t, by_b in profile.get("tp_probe_s", {}).items()},
+                   probe_layers=int(profile.get("probe_layers", 0)))
 
 
 REQUIRED = ("flops_per_s", "allreduce_latency_s", "allreduce_bw", "p2p_latency_s", "p2p_bw",
