@@ -159,6 +159,13 @@ def test_machine_rate_fits_a_cost_per_call_and_per_sequence() -> None:
     a, c = CM.fit_call_cost({1: 1e9, 2: 4e9})
     assert a > 0 and c == 0
     assert dataclasses.replace(MACHINE, flops_per_s={4: 3e9}).rate(1) == 3e9
+    # rates measured in a plain data-parallel job price the plain data-parallel layouts only
+    dp = dataclasses.replace(MACHINE, dp_flops_per_s={1: 2e9, 4: 4e9})
+    assert dp.rate(4, plain_dp=True) == pytest.approx(4e9) and dp.rate(4) == pytest.approx(2e9)
+    assert MACHINE.rate(4, plain_dp=True) == pytest.approx(2e9)       # none measured: the one set of rates
+    t_dp = CM.step_time(SMALL, lay(dp=2, micro=4, gb=8), dp)
+    assert t_dp.compute == pytest.approx(12000 * 16 / 4e9)
+    assert CM.step_time(SMALL, lay(tp=2, micro=4, gb=8), dp).compute == pytest.approx(2 * 12000 / 2 * 16 / 2e9)
 
 
 def test_ranks_sharing_cores_compute_faster_in_the_pipeline_fill_and_drain() -> None:

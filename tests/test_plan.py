@@ -146,6 +146,8 @@ def test_two_ranks_are_measured_under_horovodrun(tmp_path: Path) -> None:
     # the tensor-parallel shard on the 2-rank world, at the micro-batches of the tp=2 layouts (1, 2, 4)
     assert list(data["tp_probe_s"]) == ["2"] and sorted(map(int, data["tp_probe_s"]["2"])) == [1, 2, 4]
     assert all(v > 0 for v in data["tp_probe_s"]["2"].values()) and data["probe_layers"] == 4
+    # and, from a first launch as a plain data-parallel job, the rates at the dp=2 layouts' micro-batches
+    assert sorted(map(int, data["dp_flops_per_s"])) == [1, 2] and min(data["dp_flops_per_s"].values()) > 0
     rows = _json_rows(r.stdout)
     # dp=2 with --zero 0, 1 and 2 (2 micro-batches each), tp=2, pp=2
     assert len(rows) == 2 * 3 + 3 + 6 and all(x["dp"] * x["tp"] * x["pp"] == 2 for x in rows)

@@ -25,7 +25,9 @@ Step time (seconds; the slowest stage sets the pace):
   token of the stage on one rank (6 x its parameters / t + 12 L_s d T / t attention, 6 V d / t for the
   head on the last stage) and R(b) the FLOP/s of one rank at micro-batch b (all ranks computing at
   once, as in training), b / (A + C b) fitted to the measured rates (a fixed cost per call, and one
-  per sequence);
+  per sequence); plain data-parallel layouts use the rates measured in a plain data-parallel job
+  (``dp_flops_per_s``) when the profile has them: a model-parallel job's Horovod threads cycle every
+  1 ms and take ~20% of 2 cores shared by 4 ranks, a data-parallel job's every 20 ms;
 - pipeline: (m + p - 1) slots of c; the bubble is the (p - 1) idle slots, the fraction
   (p - 1) / (m + p - 1) of the pipelined time (GPipe and 1F1B alike). Ranks that share cores (more
   ranks than cores, as on a 2-core host running 4) compute faster while their peers idle: R(b) was
@@ -187,6 +189,7 @@ class Machine:
     measured_ranks: int = 0               # ranks computing at once when flops_per_s was measured
     tp_probe_s: Mapping[int, Mapping[int, float]] = dataclasses.field(default_factory=dict)  # t -> b -> s
     probe_layers: int = 0                 # blocks of the model tp_probe_s ran (the first and last stage too)
+    dp_flops_per_s: Mapping[int, float] = dataclasses.field(default_factory=dict)  # in a plain dp job
 
     def speedup(self, active: int) -> float:
         """How much faster each of ``active`` computing ranks runs than in the measurement (all
@@ -196,13 +199,17 @@ class Machine:
         share = lambda k: min(self.threads_per_rank, self.cores / k)  # noqa: E731
         return share(active) / share(self.measured_ranks)
 
-    def rate(self, micro_batch: int) -> float:
+    def rate(self, micro_batch: int, plain_dp: bool = False) -> float:
         """R(b) = b / (A + C b): a forward+backward costs a fixed A per call (Python, kernel launches,
         per-call work) plus C per sequence, fitted to the measured rates (:func:`fit_call_cost`), so one
-        noisy micro-batch does not decide its layouts alone; the measured rate when only one was measured."""
-        if len(self.flops_per_s) == 1:
-            return float(next(iter(self.flops_per_s.values())))
-        a, c = fit_call_cost(self.flops_per_s)
+        noisy micro-batch does not decide its layouts alone; the measured rate when only one was measured.
+        ``plain_dp``: the rates measured in a plain data-parallel job (``dp_flops_per_s``) when there are
+        any: its Horovod threads cycle every 20 ms on CPU hosts, not every 1 ms, and leave the ranks more
+        of shared cores (measured: 4 ranks on 2 cores compute ~20% faster)."""
+        rates = self.dp_flops_per_s if plain_dp and self.dp_flops_per_s else self.flops_per_s
+        if len(rates) == 1:
+            return float(next(iter(rates.values())))
+        a, c = fit_call_cost(rates)
         return micro_batch / (a + c * micro_batch)
 
     def kappa(self, group: int) -> float:
@@ -364,8 +371,9 @@ def step_time(shape: ModelShape, layout: Layout, machine: Machine, bucket_cap_by
     m = layout.microbatches
     layers = stage_layers(shape, p)
     tokens = b * shape.seq_len
+    plain_dp = t == 1 and p == 1
     slot = max(stage_flops_per_token(shape, layers[s], t, s == 0, s == p - 1) for s in range(p)) * tokens \
-        / machine.rate(b)
+        / machine.rate(b, plain_dp)
     act_bytes = BYTES * tokens * shape.n_embd
     tp_slot = 0.0
     if t > 1:
@@ -383,7 +391,6 @@ def step_time(shape: ModelShape, layout: Layout, machine: Machine, bucket_cap_by
     dp_data = (2 * (n - 1) / n * grads / machine.allreduce_bw + (buckets - 1) * 2 * (n - 1) * machine.allreduce_latency_s
                if n > 1 else 0.0)
     dp_exposed = dp_data - min(dp_data, machine.overlap * 2 / 3 * slot)
-    plain_dp = t == 1 and p == 1
     round_s = (machine.dp_cycle_s or machine.kappa(layout.ranks)) if plain_dp else machine.kappa(layout.ranks)
     opt_params = max(stage_params(shape, p)) / t / (n if layout.zero >= 1 else 1)
     slots = pipelined_slots(m, p, n * t, machine) if p > 1 else m

@@ -26,6 +26,7 @@ from hvdllm.train.config import ConfigError
 VERIFY_STEPS = 20         # steps per verification run, logged every VERIFY_LOG_INTERVAL: steps 4-20 are timed
 VERIFY_LOG_INTERVAL = 4
 VERIFY_APART = 0.10       # layouts predicted closer than this are verified only when no other is left
+DP_RATES_ENV = "HVDLLM_PLAN_DP_RATES"   # set by plan on its first measuring launch (see measure_dp_rates)
 VERIFY_TIMEOUT_S = 900    # a verification run still going after this is stopped (measured: none)
 
 
@@ -178,14 +179,44 @@ def measure_under_horovodrun(args: argparse.Namespace, ranks: int, say: Callable
                                ("--global-batch", args.global_batch)) if v is not None for a in (flag, str(v))]
     with tempfile.TemporaryDirectory(prefix="hvdllm-plan-") as tmp:
         target = args.profile or str(Path(tmp) / "profile.json")
-        say(f"measuring on {ranks} ranks: {' '.join(launcher(ranks)[:4])} hvdllm plan ...")
+        dp_target = Path(tmp) / "dp_rates.json"
+        say(f"measuring on {ranks} ranks: {' '.join(launcher(ranks)[:4])} hvdllm plan ... (a data-parallel job, "
+            "then a model-parallel one)")
+        dp = subprocess.run([*launcher(ranks), "plan", *model, "--profile", str(dp_target), "--json"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, DP_RATES_ENV: "1"})
         r = subprocess.run([*launcher(ranks), "plan", *model, "--profile", target, "--json"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if r.returncode != 0 or not Path(target).is_file():
             tail = r.stderr.strip().splitlines()[-1:] if r.stderr else []
             say(f"measuring on {ranks} ranks failed (exit {r.returncode}: {tail}); measuring one process instead")
             return None
-        return M.load_profile(target)
+        profile = M.load_profile(target)
+        if dp.returncode == 0 and dp_target.is_file():
+            profile["dp_flops_per_s"] = json.loads(dp_target.read_text(encoding="utf-8"))["dp_flops_per_s"]
+            if args.profile:
+                M.save_profile(profile, args.profile)
+        else:
+            say(f"measuring compute in a data-parallel job failed (exit {dp.returncode}); its layouts use the "
+                "model-parallel job's rates")
+        return profile
+
+
+def measure_dp_rates(args: argparse.Namespace, cfg: C.TrainConfig, layouts: list[CM.Layout]) -> int:
+    """The first of the two measuring launches (``DP_RATES_ENV`` set): the compute rates at the plain
+    data-parallel layouts' micro-batches in a plain data-parallel job (Horovod's data-parallel cycle, as
+    such a training job runs), written to ``--profile`` as ``dp_flops_per_s``."""
+    import torch
+
+    import hvdllm.torch as hvd
+
+    hvd.init()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // hvd.local_size()))
+    micro = sorted({lay.micro_batch for lay in layouts if lay.tp == 1 and lay.pp == 1})
+    rates = M.compute_rates(cfg.gpt_config(), cfg.seq_len, micro, hvd)
+    if hvd.rank() == 0 and args.profile:
+        M.save_profile({"dp_flops_per_s": {str(b): r for b, r in rates.items()}}, args.profile)
+    return 0
 
 
 def _mib(b: float) -> str:
@@ -252,6 +283,8 @@ def run(args: argparse.Namespace, check_train: Callable[[list[str]], None]) -> i
         raise ConfigError(f"no layout of {ranks} ranks fits --global-batch {cfg.batch.global_batch} and "
                           f"model.n_head={shape.n_head}, n_layer={shape.n_layer}")
 
+    if launched > 1 and os.environ.get(DP_RATES_ENV):
+        return measure_dp_rates(args, cfg, layouts)
     hvd = None
     if launched > 1:
         import hvdllm.torch as hvd

@@ -1,6 +1,8 @@
 """Measure the machine for the cost model: FLOP/s at the model's shapes, optimizer speed, collectives, memory.
 
-Run by ``hvdllm plan`` on every rank of its job. Under ``horovodrun -np N hvdllm plan`` every rank
+Run by ``hvdllm plan`` on every rank of its job (from one process planning for N ranks: two jobs, a plain
+data-parallel one that measures only the compute rates of the plain data-parallel layouts, at
+Horovod's data-parallel cycle, then the model-parallel one below). Under ``horovodrun -np N hvdllm plan`` every rank
 measures at once (so the ranks share the cores as in training) and the collectives run over the real
 backend (hvdllm.torch: Horovod, mpi4py), initialised as a model-parallel job (Horovod's 1 ms cycle, the
 latency tensor- and pipeline-parallel collectives see). On one process planning for ``--ranks N``, each rank's
@@ -320,7 +322,8 @@ def machine(profile: dict[str, Any]) -> Machine:
                    measured_ranks=int(profile.get("ranks", 0)),
                    tp_probe_s={int(t): {int(b): float(v) for b, v in by_b.items()}
                                for t, by_b in profile.get("tp_probe_s", {}).items()},
-                   probe_layers=int(profile.get("probe_layers", 0)))
+                   probe_layers=int(profile.get("probe_layers", 0)),
+                   dp_flops_per_s={int(k): float(v) for k, v in profile.get("dp_flops_per_s", {}).items()})
 
 
 REQUIRED = ("flops_per_s", "allreduce_latency_s", "allreduce_bw", "p2p_latency_s", "p2p_bw",
