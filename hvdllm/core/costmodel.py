@@ -141,6 +141,11 @@ class Layout:
         return self.dp * self.tp * self.pp
 
     @property
+    def plain_dp(self) -> bool:
+        """Data parallelism only (no tensor or pipeline split): a plain data-parallel job."""
+        return self.tp == 1 and self.pp == 1
+
+    @property
     def microbatches(self) -> int:
         """m: micro-batches per rank per optimizer step (the gradient accumulation)."""
         return self.global_batch // (self.dp * self.micro_batch)
@@ -371,7 +376,7 @@ def step_time(shape: ModelShape, layout: Layout, machine: Machine, bucket_cap_by
     m = layout.microbatches
     layers = stage_layers(shape, p)
     tokens = b * shape.seq_len
-    plain_dp = t == 1 and p == 1
+    plain_dp = layout.plain_dp
     slot = max(stage_flops_per_token(shape, layers[s], t, s == 0, s == p - 1) for s in range(p)) * tokens \
         / machine.rate(b, plain_dp)
     act_bytes = BYTES * tokens * shape.n_embd

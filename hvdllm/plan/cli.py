@@ -212,7 +212,7 @@ def measure_dp_rates(args: argparse.Namespace, cfg: C.TrainConfig, layouts: list
 
     hvd.init()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // hvd.local_size()))
-    micro = sorted({lay.micro_batch for lay in layouts if lay.tp == 1 and lay.pp == 1})
+    micro = sorted({lay.micro_batch for lay in layouts if lay.plain_dp})
     rates = M.compute_rates(cfg.gpt_config(), cfg.seq_len, micro, hvd)
     if hvd.rank() == 0 and args.profile:
         M.save_profile({"dp_flops_per_s": {str(b): r for b, r in rates.items()}}, args.profile)
