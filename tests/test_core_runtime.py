@@ -1,6 +1,7 @@
 """Single-process tests of the core: imports, backend choice, ops, process sets, local comm."""
 from __future__ import annotations
 
+import os
 import pkgutil
 import subprocess
 import sys
@@ -161,3 +162,49 @@ def test_horovod_cycle_time_default(monkeypatch: pytest.MonkeyPatch, user: str |
     # init(process_sets=[]) (a pipeline of 2 stages on 2 ranks needs none) is a grid job, init() is not
     HorovodBase(fake, sets or [], has_accelerator=accel, model_parallel=sets is not None)
     assert fake.env_at_init["HOROVOD_CYCLE_TIME"] == want
+
+
+def test_core_share_gives_each_local_rank_its_run_of_cores() -> None:
+    from hvdllm.core.world import World
+
+    share = lambda local_rank, local_size, cores: World(rank=local_rank, size=local_size, local_rank=local_rank,  # noqa: E731
+                                                        local_size=local_size).core_share(cores)
+    assert [share(r, 2, [0, 1, 2, 3]) for r in range(2)] == [[0, 1], [2, 3]]
+    assert [share(r, 4, [0, 1]) for r in range(4)] == [[0], [1], [0], [1]]        # more ranks than cores
+    assert [share(r, 3, [8, 2, 5, 9, 4, 7, 3, 6]) for r in range(3)] == [[2, 3], [4, 5], [6, 7]]  # sorted; 8, 9 idle
+    assert share(0, 1, [0, 1]) == [0, 1]
+
+
+def test_bind_to_cores_pins_threads_started_before_and_after() -> None:
+    import threading
+
+    import hvdllm.torch as hvd
+    from hvdllm.core.world import bind_to_cores
+
+    before = sorted(os.sched_getaffinity(0))
+    seen: dict[str, set[int]] = {}
+    started = threading.Event()
+    release = threading.Event()
+
+    def early() -> None:
+        started.set()
+        release.wait(10)
+        seen["early"] = os.sched_getaffinity(0)
+
+    t = threading.Thread(target=early)
+    t.start()
+    started.wait(10)
+    try:
+        hvd.init()
+        assert hvd.bind_to_cores() == before                       # one rank: all of its cores, a no-op
+        bind_to_cores(before[:1])
+        release.set()
+        t.join(10)
+        late = threading.Thread(target=lambda: seen.setdefault("late", os.sched_getaffinity(0)))
+        late.start()
+        late.join(10)
+        assert seen == {"early": set(before[:1]), "late": set(before[:1])}
+    finally:
+        release.set()
+        bind_to_cores(before)
+    assert sorted(os.sched_getaffinity(0)) == before

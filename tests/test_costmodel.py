@@ -174,6 +174,11 @@ def test_ranks_sharing_cores_compute_faster_in_the_pipeline_fill_and_drain() -> 
     assert shared.speedup(3) == pytest.approx((2 / 3) / 0.5)
     assert dataclasses.replace(shared, measured_ranks=2).speedup(1) == 1      # the cores suffice: no gain
     assert MACHINE.speedup(1) == 1                                             # cores unknown
+    # pinned round robin (rank r on core r % 2): 3 consecutive active ranks put 2 on one core -> no gain
+    pinned = dataclasses.replace(shared, bound=True)
+    assert pinned.speedup(3) == 1 and pinned.speedup(2) == 2 and pinned.speedup(1) == 2 and pinned.speedup(4) == 1
+    wide = dataclasses.replace(MACHINE, cores=16, threads_per_rank=4, measured_ranks=8, bound=True)
+    assert wide.speedup(4) == 2 and wide.speedup(5) == 1          # 4 runs of 4 cores; 8 ranks: 2 per run
     # p = 4, m = 4, a rank per stage: a_j = 1, 2, 3, 4, 3, 2, 1 stages computing
     assert CM.pipelined_slots(4, 4, 1, MACHINE) == 7
     assert CM.pipelined_slots(4, 4, 1, shared) == pytest.approx(0.5 + 0.5 + 0.75 + 1 + 0.75 + 0.5 + 0.5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -140,6 +141,11 @@ def test_two_ranks_are_measured_under_horovodrun(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     data = load_profile(str(prof))
     assert data["backend"] == "horovod" and data["ranks"] == 2 and data["assumed"] == []
+    # each rank pinned to its own share of the host's cores (round robin when the cores are fewer)
+    cores = sorted(os.sched_getaffinity(0))
+    t = max(1, len(cores) // 2)
+    assert data["bind_cores"] is True and data["threads_per_rank"] == t
+    assert data["cores_by_rank"] == [cores[(r * t) % len(cores):][:t] for r in range(2)]
     assert data["allreduce_latency_s"] > 0 and data["p2p_latency_s"] > 0 and data["allreduce_bw"] > 0
     assert list(data["insitu_s"]) == ["2"] and data["insitu_s"]["2"] > 0      # kappa on the 2-rank world
     assert list(data["insitu_bw"]) == ["2"] and data["insitu_bw"]["2"] > 0

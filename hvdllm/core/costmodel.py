@@ -195,13 +195,23 @@ class Machine:
     tp_probe_s: Mapping[int, Mapping[int, float]] = dataclasses.field(default_factory=dict)  # t -> b -> s
     probe_layers: int = 0                 # blocks of the model tp_probe_s ran (the first and last stage too)
     dp_flops_per_s: Mapping[int, float] = dataclasses.field(default_factory=dict)  # in a plain dp job
+    bound: bool = False                   # each rank pinned to its share of the cores (run.bind_cores)
 
     def speedup(self, active: int) -> float:
         """How much faster each of ``active`` computing ranks runs than in the measurement (all
-        ``measured_ranks`` computing): the ratio of their core shares, min(threads, cores / ranks)."""
+        ``measured_ranks`` computing): the ratio of their core shares. Unpinned, the scheduler spreads k
+        ranks evenly: share(k) = min(t, cores / k) for t threads per rank. Pinned (``bound``: rank r on
+        the r-th of the s = cores // t runs of t cores, round robin), the active ranks are consecutive
+        (pipeline stages are blocks of ranks), so the busiest run holds ceil(k / s) of them and the
+        slot waits for its ranks: share(k) = t / ceil(k / s)."""
         if not self.cores or not self.measured_ranks or active < 1:
             return 1.0
-        share = lambda k: min(self.threads_per_rank, self.cores / k)  # noqa: E731
+        t = self.threads_per_rank
+        if self.bound:
+            runs = max(1, self.cores // t)
+            share = lambda k: t / math.ceil(k / runs)  # noqa: E731
+        else:
+            share = lambda k: min(t, self.cores / k)  # noqa: E731
         return share(active) / share(self.measured_ranks)
 
     def rate(self, micro_batch: int, plain_dp: bool = False) -> float:

@@ -7,12 +7,14 @@ backend through ``basics`` without importing its package.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Sequence
 
 from hvdllm.core.collectives import Collectives, Handle
 from hvdllm.core.horovod_api import HorovodApi, _ps
 from hvdllm.core.ops import resolve_op
 from hvdllm.core.process_sets import WORLD, ProcessSet
+from hvdllm.core.world import bind_to_cores
 
 
 class Frontend(HorovodApi):
@@ -91,6 +93,15 @@ class Frontend(HorovodApi):
     def threads_per_rank(self) -> int:
         """CPU threads each rank should use so that the ranks on a host share its cores."""
         return self.collectives().world.threads_per_rank()
+
+    def bind_to_cores(self) -> list[int]:
+        """Pin this rank to its share of the host's cores (:meth:`World.core_share`; call once, after
+        init) and return the cores; the caller runs ``len(cores)`` compute threads."""
+        world = self.collectives().world
+        cores = world.core_share(sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                 else list(range(os.cpu_count() or 1)))
+        bind_to_cores(cores)
+        return cores
 
     # ``name``: Horovod matches ops across ranks by name (unnamed ones are numbered per process, so ranks
     # that issue different numbers of ops must name the ones they share); mpi/local match by call order.

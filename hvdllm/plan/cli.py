@@ -22,6 +22,7 @@ from hvdllm.core.backend import launched_size
 from hvdllm.plan import measure as M
 from hvdllm.train import config as C
 from hvdllm.train.config import ConfigError
+from hvdllm.train.run_setup import rank_threads
 
 VERIFY_STEPS = 20         # steps per verification run, logged every VERIFY_LOG_INTERVAL: steps 4-20 are timed
 VERIFY_LOG_INTERVAL = 4
@@ -40,6 +41,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verify", type=int, default=0, metavar="K", help="run the top K layouts a few steps and "
                                                                      "add the measured step time")
     p.add_argument("--json", action="store_true", help="one JSON object per layout and line")
+    p.add_argument("--bind-cores", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure, verify and advise training with each rank pinned to its share of the cores "
+                        "(hvdllm train --set run.bind_cores=true; default), which makes ranks sharing cores "
+                        "steadier and faster")
 
 
 def _config(args: argparse.Namespace) -> C.TrainConfig:
@@ -85,6 +90,8 @@ def train_flags(args: argparse.Namespace, cfg: C.TrainConfig, row: dict[str, Any
         flags += ["--set", f"parallel.schedule={row['schedule']}"]
     if row["zero"]:
         flags += ["--zero", str(row["zero"])]
+    if args.bind_cores:
+        flags += ["--set", "run.bind_cores=true"]
     return flags
 
 
@@ -177,6 +184,7 @@ def measure_under_horovodrun(args: argparse.Namespace, ranks: int, say: Callable
     backend, ranks sharing the cores as in training); None if that launch fails."""
     model = [a for flag, v in (("--preset", args.preset), ("--config", args.config),
                                ("--global-batch", args.global_batch)) if v is not None for a in (flag, str(v))]
+    model.append("--bind-cores" if args.bind_cores else "--no-bind-cores")
     with tempfile.TemporaryDirectory(prefix="hvdllm-plan-") as tmp:
         target = args.profile or str(Path(tmp) / "profile.json")
         dp_target = Path(tmp) / "dp_rates.json"
@@ -211,7 +219,7 @@ def measure_dp_rates(args: argparse.Namespace, cfg: C.TrainConfig, layouts: list
     import hvdllm.torch as hvd
 
     hvd.init()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // hvd.local_size()))
+    torch.set_num_threads(rank_threads(hvd, args.bind_cores))
     micro = sorted({lay.micro_batch for lay in layouts if lay.plain_dp})
     rates = M.compute_rates(cfg.gpt_config(), cfg.seq_len, micro, hvd)
     if hvd.rank() == 0 and args.profile:
@@ -285,7 +293,7 @@ def run(args: argparse.Namespace, check_train: Callable[[list[str]], None]) -> i
 
     if launched > 1 and os.environ.get(DP_RATES_ENV):
         return measure_dp_rates(args, cfg, layouts)
-    hvd = None
+    hvd, threads = None, None
     if launched > 1:
         import hvdllm.torch as hvd
 
@@ -293,6 +301,7 @@ def run(args: argparse.Namespace, check_train: Callable[[list[str]], None]) -> i
 
         pairs = [ProcessSet(list(m)) for m in M.pair_members(launched)]
         hvd.init(process_sets=pairs)          # a model-parallel job: the collectives' own latency
+        threads = rank_threads(hvd, args.bind_cores)
     root = hvd is None or hvd.rank() == 0
     say = (lambda s: print(f"hvdllm plan: {s}", file=sys.stderr, flush=True)) if root else (lambda s: None)
     if profile is None and launched == 1 and ranks > 1:
@@ -304,7 +313,8 @@ def run(args: argparse.Namespace, check_train: Callable[[list[str]], None]) -> i
             pair = next(ps for ps in pairs if hvd.rank() in ps.ranks)
         tp_micro = sorted({lay.micro_batch for lay in layouts if lay.tp > 1})
         profile = M.measure(cfg.gpt_config(), cfg.seq_len, micro, ranks, hvd, note=say, pair_set=pair,
-                            tp_micro_batches=tp_micro)
+                            tp_micro_batches=tp_micro, threads=threads,
+                            bound=hvd is not None and args.bind_cores)
         if args.profile and root:
             M.save_profile(profile, args.profile)
             say(f"profile written to {args.profile}")

@@ -254,17 +254,26 @@ def available_memory() -> float:
         return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
+def _cores_by_rank(hvd: Any | None) -> list[list[int]]:
+    """The cores each rank may run on (its affinity), by rank: what ``bind_cores`` pinned."""
+    mine = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    return hvd.allgather_object(mine) if hvd is not None and hvd.size() > 1 else [mine]
+
+
 def measure(gpt: GPTConfig, seq_len: int, micro_batches: list[int], ranks: int, hvd: Any | None,
             note: Callable[[str], None] = lambda s: None, pair_set: Any | None = None,
-            tp_micro_batches: list[int] | None = None) -> dict[str, Any]:
+            tp_micro_batches: list[int] | None = None, threads: int | None = None,
+            bound: bool = False) -> dict[str, Any]:
     """The profile (a JSON-able dict) of this machine for ``ranks`` ranks; ``hvd`` an initialised
     hvdllm.torch module when running under a multi-rank launch, else None (assumed collectives);
-    ``pair_set`` this rank's two-rank process set (:func:`pair_members`) when the world has 4+ ranks."""
+    ``pair_set`` this rank's two-rank process set (:func:`pair_members`) when the world has 4+ ranks;
+    ``threads`` per rank (default: the cores over the ranks on this host), ``bound`` when each rank is
+    pinned to its share of the cores (``run.bind_cores``)."""
     import torch
 
     cores = os.cpu_count() or 1
     local = hvd.local_size() if hvd is not None else min(ranks, cores)
-    threads = max(1, cores // max(1, local))
+    threads = threads or max(1, cores // max(1, local))
     torch.set_num_threads(threads)
     assumed = []
     note(f"measuring FLOP/s at micro-batches {sorted(set(micro_batches))} ({threads} thread(s) per rank)")
@@ -296,7 +305,7 @@ def measure(gpt: GPTConfig, seq_len: int, micro_batches: list[int], ranks: int, 
     mem = available_memory() / max(1, local if hvd is not None else ranks)
     accel = torch.cuda.device_count() > 0
     return {"version": PROFILE_VERSION, "host": platform.node(), "cpu_count": cores, "ranks": ranks,
-            "backend": backend, "threads_per_rank": threads, "seq_len": seq_len,
+            "backend": backend, "threads_per_rank": threads, "bind_cores": bound, "seq_len": seq_len,
             "model": dataclasses.asdict(gpt),
             "flops_per_s": {str(b): r for b, r in rates.items()}, "optimizer_s_per_param": s_param,
             "allreduce_latency_s": ar_lat, "allreduce_bw": ar_bw, "p2p_latency_s": p2p_lat, "p2p_bw": p2p_bw,
@@ -305,6 +314,7 @@ def measure(gpt: GPTConfig, seq_len: int, micro_batches: list[int], ranks: int, 
             "insitu_bw": {str(g): v[1] for g, v in insitu.items()},
             "tp_probe_s": {str(t): {str(b): v for b, v in by_b.items()} for t, by_b in tp.items()},
             "probe_layers": _probe_model(gpt).n_layer,
+            "cores_by_rank": _cores_by_rank(hvd),
             "assumed": assumed}
 
 
@@ -320,6 +330,7 @@ def machine(profile: dict[str, Any]) -> Machine:
                    insitu_bw={int(k): float(v) for k, v in profile.get("insitu_bw", {}).items()},
                    cores=int(profile.get("cpu_count", 0)), threads_per_rank=int(profile.get("threads_per_rank", 1)),
                    measured_ranks=int(profile.get("ranks", 0)),
+                   bound=bool(profile.get("bind_cores", False)),
                    tp_probe_s={int(t): {int(b): float(v) for b, v in by_b.items()}
                                for t, by_b in profile.get("tp_probe_s", {}).items()},
                    probe_layers=int(profile.get("probe_layers", 0)),

@@ -23,7 +23,7 @@ from hvdllm.tensorflow.basics import (
     add_process_set, backend, barrier, ccl_built, collectives, cross_rank, cross_size, cuda_built, ddl_built,
     gloo_built, gloo_enabled, global_process_set, init, is_homogeneous, is_initialized, join, local_rank, local_size,
     mpi_built, mpi_enabled, mpi_threads_supported, nccl_built, rank, remove_process_set, rocm_built, shutdown, size,
-    start_timeline, stop_timeline, threads_per_rank)
+    start_timeline, stop_timeline, threads_per_rank, bind_to_cores)
 from hvdllm.tensorflow.distributed import DistributedGradientTape, PartialDistributedGradientTape
 from hvdllm.tensorflow.functions import (broadcast_, broadcast_global_variables, broadcast_object_fn, local_rank_op,
                                          local_size_op, process_set_included_op, rank_op, size_op)
@@ -40,7 +40,7 @@ __dir__ = lazy_module_dir(globals())
 
 __all__ = [
     "init", "is_initialized", "shutdown", "rank", "size", "local_rank", "local_size", "cross_rank", "cross_size",
-    "is_homogeneous", "backend", "threads_per_rank", "add_process_set", "remove_process_set", "global_process_set",
+    "is_homogeneous", "backend", "threads_per_rank", "bind_to_cores", "add_process_set", "remove_process_set", "global_process_set",
     "collectives", "allreduce", "grouped_allreduce", "broadcast", "broadcast_", "allgather", "grouped_allgather",
     "alltoall", "reducescatter", "grouped_reducescatter", "join", "barrier", "broadcast_object", "allgather_object",
     "broadcast_object_fn", "broadcast_variables", "broadcast_global_variables",

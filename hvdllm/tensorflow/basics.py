@@ -15,6 +15,7 @@ _front = Frontend("tensorflow", backends.create)
 init, is_initialized, shutdown, collectives = _front.init, _front.is_initialized, _front.shutdown, _front.collectives
 rank, size, local_rank, local_size = _front.rank, _front.size, _front.local_rank, _front.local_size
 backend, threads_per_rank, add_process_set = _front.backend, _front.threads_per_rank, _front.add_process_set
+bind_to_cores = _front.bind_to_cores
 allreduce, allreduce_async_, grouped_allreduce = _front.allreduce, _front.allreduce_async_, _front.grouped_allreduce
 broadcast, allgather, broadcast_object = _front.broadcast, _front.allgather, _front.broadcast_object
 barrier, reinit = _front.barrier, _front.reinit

@@ -24,7 +24,8 @@ from hvdllm.torch.basics import (
     grouped_allreduce_, grouped_allreduce_async, grouped_allreduce_async_, grouped_reducescatter,
     grouped_reducescatter_async, init, is_homogeneous, is_initialized, join, local_rank, local_size, mpi_built,
     mpi_enabled, mpi_threads_supported, nccl_built, poll, rank, reducescatter, reducescatter_async,
-    remove_process_set, rocm_built, shutdown, size, start_timeline, stop_timeline, synchronize, threads_per_rank)
+    remove_process_set, rocm_built, shutdown, size, start_timeline, stop_timeline, synchronize, threads_per_rank,
+    bind_to_cores)
 from hvdllm.torch.distributed import DistributedOptimizer
 from hvdllm.torch.sparse import sparse_allreduce_async
 from hvdllm.torch.sync_batch_norm import SyncBatchNorm
@@ -42,7 +43,7 @@ __dir__ = lazy_module_dir(globals())
 
 __all__ = [
     "init", "is_initialized", "shutdown", "rank", "size", "local_rank", "local_size", "cross_rank", "cross_size",
-    "is_homogeneous", "backend", "threads_per_rank", "add_process_set", "remove_process_set", "global_process_set",
+    "is_homogeneous", "backend", "threads_per_rank", "bind_to_cores", "add_process_set", "remove_process_set", "global_process_set",
     "collectives", "allreduce", "allreduce_", "allreduce_async", "allreduce_async_", "grouped_allreduce",
     "grouped_allreduce_", "grouped_allreduce_async", "grouped_allreduce_async_", "allgather", "allgather_async",
     "grouped_allgather", "grouped_allgather_async", "broadcast", "broadcast_", "broadcast_async", "broadcast_async_",

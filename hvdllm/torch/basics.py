@@ -17,7 +17,7 @@ _front = Frontend("torch", backends.create, is_tensor=torch.is_tensor)
 init, is_initialized, shutdown, collectives = _front.init, _front.is_initialized, _front.shutdown, _front.collectives
 rank, size, local_rank, local_size = _front.rank, _front.size, _front.local_rank, _front.local_size
 cross_rank, cross_size, is_homogeneous = _front.cross_rank, _front.cross_size, _front.is_homogeneous
-backend, threads_per_rank = _front.backend, _front.threads_per_rank
+backend, threads_per_rank, bind_to_cores = _front.backend, _front.threads_per_rank, _front.bind_to_cores
 add_process_set, remove_process_set = _front.add_process_set, _front.remove_process_set
 global_process_set = WORLD
 allreduce, allreduce_async_, grouped_allreduce = _front.allreduce, _front.allreduce_async_, _front.grouped_allreduce

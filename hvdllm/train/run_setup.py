@@ -26,6 +26,13 @@ from hvdllm.train.config import SAVED_CONFIG, ConfigError, Plan, TrainConfig, pl
 from hvdllm.train.progress import say, warn
 
 
+def rank_threads(hvd: Any, bind: bool, threads: int = 0) -> int:
+    """Compute threads of this rank (``threads``, else its share of the host's cores), after pinning it to
+    that share when ``bind`` (``run.bind_cores``); ``hvd`` an initialised hvdllm.torch/tensorflow."""
+    share = hvd.bind_to_cores() if bind else None
+    return threads or (len(share) if share else hvd.threads_per_rank())
+
+
 @dataclasses.dataclass
 class RunSetup:
     """A validated run, before anything is written."""

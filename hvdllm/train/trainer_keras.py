@@ -44,7 +44,7 @@ from hvdllm.train.model_parallel import grid_process_sets
 from hvdllm.train.resume import OPTIMIZER_FORMATS
 from hvdllm.train.model_parallel_keras import ModelParallelKeras
 from hvdllm.train.progress import peak_flops
-from hvdllm.train.run_setup import RunSetup, create_run_dir, setup_run
+from hvdllm.train.run_setup import RunSetup, create_run_dir, rank_threads, setup_run
 from hvdllm.train.loop import StepHooks, run_training
 from hvdllm.train.config import ConfigError, TrainConfig
 
@@ -303,7 +303,7 @@ def train(cfg: TrainConfig) -> int:
     agreed early stop). ConfigError -> the CLI's 2."""
     hvd.init(process_sets=grid_process_sets(cfg.parallel.tp, cfg.parallel.pp))
     rank, size = hvd.rank(), hvd.size()
-    threads = cfg.run.threads or hvd.threads_per_rank()
+    threads = rank_threads(hvd, cfg.run.bind_cores, cfg.run.threads)
     if cfg.run.precision == "fp16":
         raise ConfigError("run.precision=fp16 is not supported with --framework tensorflow; allowed: fp32, bf16")
     gpu_name = configure_tensorflow(cfg, threads)

@@ -29,7 +29,7 @@ from hvdllm.train import elastic, replicas
 from hvdllm.train.resume import OPTIMIZER_FORMATS
 from hvdllm.train.metrics import LossLog
 from hvdllm.train.progress import peak_flops
-from hvdllm.train.run_setup import RunSetup, create_run_dir, setup_run
+from hvdllm.train.run_setup import RunSetup, create_run_dir, rank_threads, setup_run
 from hvdllm.train.config import ConfigError, TrainConfig
 from hvdllm.train.loop import RunEnd, StepHooks, run_training
 from hvdllm.train.model_parallel import grid_process_sets
@@ -274,7 +274,7 @@ def train(cfg: TrainConfig) -> int:
     rank, size = hvd.rank(), hvd.size()
     if cfg.run.elastic:
         elastic.check_backend(hvd.backend(), size)
-    threads = cfg.run.threads or hvd.threads_per_rank()
+    threads = rank_threads(hvd, cfg.run.bind_cores, cfg.run.threads)
     torch.set_num_threads(threads)
     device = pick_device(cfg)
     if cfg.run.precision == "fp16" and device.type != "cuda":
