@@ -1,7 +1,9 @@
 """`hvdllm train --zero 1|2` on real ranks: the same run as --zero 0 under tensor and pipeline parallelism
 (4 ranks: dp=2 x tp=2, dp=2 x pp=2), and a --zero 2 run on 4 ranks stopped at step 2 and resumed on 2
 ranks with --zero 1 continues as the uninterrupted 4-rank run (checkpoints hold the unsplit state by
-name, so world size and stage may change). Bad --zero values exit 2 with one line.
+name, so world size and stage may change); the tensor-parallel --zero 2 run bounds its gradient buffers
+to one bucket at a time (parallel.zero_inflight_mb=0) and still matches. Bad --zero values exit 2 with
+one line.
 
 ZeRO and replicated runs reduce the same gradients; they differ only where the clipping norm is summed
 (shards in float64 vs buckets in float32) and, across world sizes, in the accumulation order: 1e-5."""
@@ -29,7 +31,7 @@ def _same_run(a: Path, b: Path) -> None:
 def test_zero_with_tp_pp_and_resume_on_another_world_size_and_stage(tmp_path: Path) -> None:
     d = {n: tmp_path / n for n in ("tp_z0", "tp_z2", "pp_z0", "pp_z1", "dp_z0", "halves")}
     runs = [[*ARGS, "--tp", "2", "--zero", "0", "--out", str(d["tp_z0"])],
-            [*ARGS, "--tp", "2", "--zero", "2", "--out", str(d["tp_z2"])],
+            [*ARGS, "--tp", "2", "--zero", "2", "--set", "parallel.zero_inflight_mb=0", "--out", str(d["tp_z2"])],
             [*ARGS, "--pp", "2", "--zero", "0", "--out", str(d["pp_z0"])],
             [*ARGS, "--pp", "2", "--zero", "1", "--out", str(d["pp_z1"])],
             [*ARGS, "--zero", "0", "--out", str(d["dp_z0"])],
@@ -50,4 +52,12 @@ def test_zero_with_tp_pp_and_resume_on_another_world_size_and_stage(tmp_path: Pa
                                          ("x", "parallel.zero='x'")])
 def test_bad_zero_values_exit_2(tmp_path: Path, value: str, words: str) -> None:
     assert_bad_input(["train", "--zero", value], words, tmp_path / "out")
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--zero", "1", "--set", "parallel.zero_inflight_mb=4"], "parallel.zero_inflight_mb=4.0 bounds torch ZeRO-2"),
+    (["--zero", "2", "--framework", "tensorflow", "--set", "parallel.zero_inflight_mb=4"], "--framework tensorflow"),
+    (["--zero", "2", "--set", "parallel.zero_inflight_mb=-1"], "parallel.zero_inflight_mb=-1")])
+def test_bad_zero_inflight_values_exit_2(tmp_path: Path, args: list[str], words: str) -> None:
+    assert_bad_input(["train", *args], words, tmp_path / "out")
 

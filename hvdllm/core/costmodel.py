@@ -35,7 +35,9 @@ Step time (seconds; the slowest stage sets the pace):
   only a_j = min(j + 1, p, m, m + p - 1 - j) stages compute, so each active rank runs
   g = min(threads, cores / (a_j n t)) / min(threads, cores / ranks) times as fast
   (:meth:`Machine.speedup`; 1 when the cores suffice), and the pipelined time is
-  sum_j c / g_j (:func:`pipelined_slots`);
+  sum_j c / g_j (:func:`pipelined_slots`). With the ranks pinned round robin (``run.bind_cores``;
+  plan's default) a core's share is not spread: the a_j n t active ranks are consecutive, the busiest
+  of the cores // threads runs of cores holds ceil(a_j n t / runs) of them, and the slot waits for it;
 - a collective of S bytes inside a model-parallel step costs kappa(g) + S / beta(g), both measured *in
   situ* on groups of g ranks (all-reduces of two sizes after ~5 ms of matmuls, minus the matmuls):
   the wait for the background thread's next cycle and the peer's arrival, and copies on cores the

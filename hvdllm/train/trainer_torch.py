@@ -69,7 +69,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, accum: int, runner:
                                     backward_passes_per_step=accum, op=hvd.Average,
                                     bucket_cap_mb=cfg.run.bucket_cap_mb, max_grad_norm=clip, process_set=dp_group,
                                     grad_norm_fn=runner.grad_norm if runner is not None else None,
-                                    zero_stage=cfg.parallel.zero)
+                                    zero_stage=cfg.parallel.zero, zero_inflight_mb=cfg.parallel.zero_inflight_mb)
 
 
 def apply_update(optimizer: Any, scaler: Any, max_grad_norm: float | None) -> None:

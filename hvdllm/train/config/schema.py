@@ -91,6 +91,10 @@ class ParallelSection:
     schedule: str = knob("1f1b", "pipeline schedule over the micro-batches (parallel.pp > 1)", choices=("1f1b", "gpipe"))
     zero: int = knob(0, "ZeRO stage: 0 replicated optimizer state, 1 optimizer state sharded over the "
                         "data-parallel ranks, 2 gradients sharded too (torch)", ge=0, le=2)
+    zero_inflight_mb: float | None = knob(None, "ZeRO-2 (torch): the most MiB of full-size gradient buffers alive "
+                                                "at once (buckets filling and reduce-scatters in flight); a "
+                                                "bucket past it first waits for the oldest (0: one at a time)",
+                                          ge=0, none="twice the largest gradient bucket")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,6 +250,9 @@ def validate(cfg: TrainConfig) -> None:
           f"--elastic is data parallel only (--tp {p.tp} --pp {p.pp}); allowed with --elastic: --tp 1 --pp 1")
     _need(not r.elastic or p.zero == 0,
           f"--elastic with --zero {p.zero}: elastic training replicates the optimizer state; allowed with --elastic: --zero 0")
+    _need(p.zero_inflight_mb is None or (p.zero == 2 and r.framework == "torch"),
+          f"parallel.zero_inflight_mb={p.zero_inflight_mb} bounds torch ZeRO-2's gradient buffers (here --zero "
+          f"{p.zero}, --framework {r.framework}); allowed: with --zero 2 --framework torch, else unset")
     _need(p.pp <= gpt.n_layer, f"--pp {p.pp} is more pipeline stages than model.n_layer={gpt.n_layer} layers; "
                                f"allowed: 1..{gpt.n_layer}")
 
