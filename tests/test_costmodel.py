@@ -128,6 +128,10 @@ def test_step_time_by_hand() -> None:
     assert t.tp_comm == pytest.approx(2 * (2 * 4 * (0.005 + act / 1e6) + 6 * 0.005))
     t = CM.step_time(SMALL, lay(pp=2, micro=1, gb=8), ins)
     assert t.pp_comm == pytest.approx(9 * 2 * (0.005 + 4 * 4 * 8 / 1e6) + 3 * 0.005)
+    # a measured ping-pong (the receiver already waiting) prices the per-slot hand-offs; the step's 3 more stay kappa
+    pong = dataclasses.replace(ins, pp_exchange_latency_s=0.002, pp_exchange_bw=5e5)
+    t = CM.step_time(SMALL, lay(pp=2, micro=1, gb=8), pong)
+    assert t.pp_comm == pytest.approx(9 * 2 * (0.002 + 4 * 4 * 8 / 5e5) + 3 * 0.005)
 
 
 def test_rounds_per_step_by_hand() -> None:
@@ -179,6 +183,14 @@ def test_ranks_sharing_cores_compute_faster_in_the_pipeline_fill_and_drain() -> 
     assert pinned.speedup(3) == 1 and pinned.speedup(2) == 2 and pinned.speedup(1) == 2 and pinned.speedup(4) == 1
     wide = dataclasses.replace(MACHINE, cores=16, threads_per_rank=4, measured_ranks=8, bound=True)
     assert wide.speedup(4) == 2 and wide.speedup(5) == 1          # 4 runs of 4 cores; 8 ranks: 2 per run
+    # measured gains (k ranks computing while the others wait) replace both formulas; k >= all: none
+    meas = dataclasses.replace(pinned, idle_speedup={1: 1.5, 2: 1.4, 3: 1.1})
+    assert meas.speedup(2) == 1.4 and meas.speedup(3) == 1.1 and meas.speedup(4) == 1 and meas.speedup(8) == 1
+    assert CM.pipelined_slots(1, 2, 2, meas) == pytest.approx(2 / 1.4)       # dp 2 x pp 2, m = 1: 2 slots, 2 active
+    # tp 2 x pp 2, m = 1: the tensor-parallel work of a slot runs at the slot's pace too (2 ranks active)
+    alone = CM.step_time(SMALL, lay(tp=2, pp=2, micro=4, gb=4), meas)
+    plain = CM.step_time(SMALL, lay(tp=2, pp=2, micro=4, gb=4), dataclasses.replace(meas, idle_speedup={}, cores=0))
+    assert plain.tp_comm > 0 and alone.tp_comm == pytest.approx(plain.tp_comm / 1.4)
     # p = 4, m = 4, a rank per stage: a_j = 1, 2, 3, 4, 3, 2, 1 stages computing
     assert CM.pipelined_slots(4, 4, 1, MACHINE) == 7
     assert CM.pipelined_slots(4, 4, 1, shared) == pytest.approx(0.5 + 0.5 + 0.75 + 1 + 0.75 + 0.5 + 0.5)

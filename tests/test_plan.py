@@ -153,6 +153,9 @@ def test_two_ranks_are_measured_under_horovodrun(tmp_path: Path) -> None:
     # the tensor-parallel shard on the 2-rank world, at the micro-batches of the tp=2 layouts (1, 2, 4)
     assert list(data["tp_probe_s"]) == ["2"] and sorted(map(int, data["tp_probe_s"]["2"])) == [1, 2, 4]
     assert all(v > 0 for v in data["tp_probe_s"]["2"].values()) and data["probe_layers"] == 4
+    # rank 0 computing while rank 1 waits (a pipeline's idle stage), and a ping-pong to a waiting peer
+    assert list(data["idle_speedup"]) == ["1"] and data["idle_speedup"]["1"] > 0
+    assert data["pp_exchange_latency_s"] > 0 and data["pp_exchange_bw"] > 0
     # and, from a first launch as a plain data-parallel job, the rates at the dp=2 layouts' micro-batches
     assert sorted(map(int, data["dp_flops_per_s"])) == [1, 2] and min(data["dp_flops_per_s"].values()) > 0
     rows = _json_rows(r.stdout)

@@ -37,13 +37,18 @@ Step time (seconds; the slowest stage sets the pace):
   (:meth:`Machine.speedup`; 1 when the cores suffice), and the pipelined time is
   sum_j c / g_j (:func:`pipelined_slots`). With the ranks pinned round robin (``run.bind_cores``;
   plan's default) a core's share is not spread: the a_j n t active ranks are consecutive, the busiest
-  of the cores // threads runs of cores holds ceil(a_j n t / runs) of them, and the slot waits for it;
+  of the cores // threads runs of cores holds ceil(a_j n t / runs) of them, and the slot waits for it.
+  Both are upper bounds (the waiting ranks poll and their Horovod threads cycle on the cores they
+  leave): when the profile measured g(k), k ranks computing while the others wait in a collective
+  (``idle_speedup``), that is used instead;
 - a collective of S bytes inside a model-parallel step costs kappa(g) + S / beta(g), both measured *in
   situ* on groups of g ranks (all-reduces of two sizes after ~5 ms of matmuls, minus the matmuls):
   the wait for the background thread's next cycle and the peer's arrival, and copies on cores the
   ranks compute on - several times the back-to-back figures on shared cores (without in-situ figures:
   the ring's 2 (g - 1) alpha and the back-to-back bandwidth);
-- tensor parallelism, per slot: 4 collectives per block (2 forward, 2 backward) of b T d values,
+- tensor parallelism, per slot (at the slot's pace: the collectives' copies and the work every
+  tensor-parallel rank repeats run on the cores too, faster while other stages idle, so they count
+  sum_j 1 / g_j slots like the compute): 4 collectives per block (2 forward, 2 backward) of b T d values,
   TP_FIRST_EXTRA on the first stage (vocabulary-parallel embedding) and TP_LAST_EXTRA on the last
   (vocabulary-parallel cross-entropy), each kappa(t), the block ones with b T d fp32 values each. When
   the profile ran the model's tensor-parallel shard on groups of t ranks (``tp_probe_s``: forward and
@@ -51,8 +56,10 @@ Step time (seconds; the slowest stage sets the pace):
   beyond its split compute, over its collectives (:meth:`Machine.tp_collective_s`): it stands for the
   collectives and the work every tensor-parallel rank repeats (norms, residuals, the loss), which the
   kappa figures missed by 15-45% at 4 ranks on 2 cores;
-- pipeline transfers, per slot: an activation and a gradient of b T d values, each a two-rank
-  collective (as above); per step PP_STEP_EXCHANGES more (tied head refresh and gradient, the loss);
+- pipeline transfers, per slot: an activation and a gradient of b T d values, each a broadcast to a
+  peer that already waits, priced from a measured ping-pong (latency + bytes / bandwidth; without it,
+  a two-rank in-situ collective as above, which also holds the ranks' skew); per step
+  PP_STEP_EXCHANGES more (tied head refresh and gradient, the loss), each kappa(2);
 - data parallelism: the ring all-reduce's data time 2 (n - 1) / n * G / beta (ZeRO-1/2: reduce-scatter
   + all-gather, the same volume) and 2 (n - 1) alpha per bucket after the first; a share ``overlap`` of it hides behind the backward of the last
   micro-batch (2/3 of c);
@@ -198,6 +205,9 @@ class Machine:
     probe_layers: int = 0                 # blocks of the model tp_probe_s ran (the first and last stage too)
     dp_flops_per_s: Mapping[int, float] = dataclasses.field(default_factory=dict)  # in a plain dp job
     bound: bool = False                   # each rank pinned to its share of the cores (run.bind_cores)
+    idle_speedup: Mapping[int, float] = dataclasses.field(default_factory=dict)  # k computing, the rest waiting
+    pp_exchange_latency_s: float = 0.0    # a pipeline exchange (broadcast to a waiting peer): latency ...
+    pp_exchange_bw: float = 0.0           # ... and bandwidth (0: priced as an in-situ collective)
 
     def speedup(self, active: int) -> float:
         """How much faster each of ``active`` computing ranks runs than in the measurement (all
@@ -205,7 +215,11 @@ class Machine:
         ranks evenly: share(k) = min(t, cores / k) for t threads per rank. Pinned (``bound``: rank r on
         the r-th of the s = cores // t runs of t cores, round robin), the active ranks are consecutive
         (pipeline stages are blocks of ranks), so the busiest run holds ceil(k / s) of them and the
-        slot waits for its ranks: share(k) = t / ceil(k / s)."""
+        slot waits for its ranks: share(k) = t / ceil(k / s). Both are upper bounds: the waiting ranks
+        poll and their Horovod threads cycle, taking part of the core back, so a measured
+        ``idle_speedup`` (k ranks computing while the rest wait) replaces them."""
+        if self.idle_speedup and self.measured_ranks:
+            return 1.0 if active >= self.measured_ranks else _nearest_group(self.idle_speedup, active)
         if not self.cores or not self.measured_ranks or active < 1:
             return 1.0
         t = self.threads_per_rank
@@ -401,7 +415,8 @@ def step_time(shape: ModelShape, layout: Layout, machine: Machine, bucket_cap_by
         tp_slot = max(layers[s] * per_block + extra * ((TP_FIRST_EXTRA if s == 0 else 0)
                                                        + (TP_LAST_EXTRA if s == p - 1 else 0))
                       for s in range(p))
-    exchange = machine.insitu_s_of(2, act_bytes, machine.p2p_bw)
+    exchange = (machine.pp_exchange_latency_s + act_bytes / machine.pp_exchange_bw if machine.pp_exchange_bw
+                else machine.insitu_s_of(2, act_bytes, machine.p2p_bw))
     pp_comm = ((m + p - 1) * 2 * exchange + PP_STEP_EXCHANGES * machine.kappa(2)) if p > 1 else 0.0
     grads = BYTES * max(stage_params(shape, p)) / t
     buckets = max(1, math.ceil(grads / bucket_cap_bytes))      # the first bucket's latency is in its round
@@ -412,7 +427,7 @@ def step_time(shape: ModelShape, layout: Layout, machine: Machine, bucket_cap_by
     opt_params = max(stage_params(shape, p)) / t / (n if layout.zero >= 1 else 1)
     slots = pipelined_slots(m, p, n * t, machine) if p > 1 else m
     bubble = max(0.0, (slots - m) * slot)
-    return StepTime(compute=slots * slot - bubble, bubble=bubble, tp_comm=(m + p - 1) * tp_slot,
+    return StepTime(compute=slots * slot - bubble, bubble=bubble, tp_comm=slots * tp_slot,
                     pp_comm=pp_comm, dp_comm=dp_exposed, optimizer=opt_params * machine.optimizer_s_per_param,
                     sync=rounds_per_step(layout, knobs) * round_s)
 

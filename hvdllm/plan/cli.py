@@ -323,8 +323,9 @@ def run(args: argparse.Namespace, check_train: Callable[[list[str]], None]) -> i
         if hvd is not None and pairs:
             pair = next(ps for ps in pairs if hvd.rank() in ps.ranks)
         tp_micro = sorted({lay.micro_batch for lay in layouts if lay.tp > 1})
+        pp_micro = sorted({lay.micro_batch for lay in layouts if lay.pp > 1})
         profile = M.measure(cfg.gpt_config(), cfg.seq_len, micro, ranks, hvd, note=say, pair_set=pair,
-                            tp_micro_batches=tp_micro, threads=threads,
+                            tp_micro_batches=tp_micro, pp_micro_batches=pp_micro, threads=threads,
                             bound=hvd is not None and args.bind_cores)
         if args.profile and root:
             M.save_profile(profile, args.profile)

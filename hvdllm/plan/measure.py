@@ -231,9 +231,61 @@ def insitu_collective_s(hvd: Any, sets: dict[int, Any], cap_bw: float, reps: int
     return out
 
 
+def idle_speedup(gpt: GPTConfig, seq_len: int, micro_batch: int, hvd: Any, reps: int = 3) -> dict[int, float]:
+    """k -> how many times faster ranks 0..k-1 run a forward+backward of the probe model while the other
+    ranks wait in a collective for them (as a pipeline's idle stages wait for an activation: polling, their
+    Horovod threads cycling) than with every rank computing, for k = 1 .. size - 1. Ranks that share a
+    core gain at most the core they leave; measured, the waiting ranks take part of it back (4 ranks
+    pinned to 2 cores, small preset: 1.3-1.4x, 1.7x with the waiting ranks asleep)."""
+    import torch
+
+    from hvdllm.models.gpt import GPT
+
+    cfg = _probe_model(gpt)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (micro_batch, seq_len))
+    flag = torch.zeros(1)
+
+    def phase(k: int) -> Callable[[], None]:
+        def run() -> None:
+            if hvd.rank() < k:
+                model.zero_grad(set_to_none=True)
+                _, loss = model(idx, idx)
+                loss.backward()
+            hvd.allreduce(flag, op=hvd.Sum, name=f"plan.idle.{k}")
+        return run
+
+    busy = group_time(phase(hvd.size()), reps, hvd)
+    return {k: busy / group_time(phase(k), reps, hvd) for k in range(1, hvd.size())}
+
+
+def pp_exchange_fit(hvd: Any, pair: Any | None, reps: int = 10) -> tuple[float, float]:
+    """(latency s, bandwidth B/s) of one pipeline exchange: a broadcast in a two-rank set whose receiver
+    is already waiting (a ping-pong of SMALL and INSITU_LARGE bytes, every pair of the job at once).
+    The in-situ kappa, where both ranks compute before the collective, also holds the ranks' skew,
+    which a pipeline's slots already count (it priced 2-rank pipelines' exchanges ~2x high)."""
+    import torch
+
+    members = sorted(pair.ranks) if pair is not None else [0, 1]
+    kw = {} if pair is None else {"process_set": pair}
+
+    def run(nbytes: int) -> float:
+        x = torch.ones(nbytes // 4)
+
+        def pingpong() -> None:
+            for root in members:
+                hvd.broadcast(x, root, name=f"plan.pingpong.{nbytes}.{root % 2}", **kw)
+        return group_time(pingpong, reps, hvd) / 2
+
+    t_small, t_large = run(SMALL), run(INSITU_LARGE)
+    return t_small, (INSITU_LARGE - SMALL) / max(t_large - t_small, 1e-9)
+
+
 def pair_members(ranks: int) -> list[tuple[int, ...]]:
-    """The two-rank sets (0, 1), (2, 3), ... registered to measure kappa(2) when the world is larger."""
-    return [(r, r + 1) for r in range(0, ranks - 1, 2)] if ranks >= 4 else []
+    """The two-rank sets (0, 1), (2, 3), ... registered to measure kappa(2) when the world is larger (and
+    even: every rank then has one, so all run the same collectives)."""
+    return [(r, r + 1) for r in range(0, ranks, 2)] if ranks >= 4 and ranks % 2 == 0 else []
 
 
 def dp_cycle_s(has_accelerator: bool) -> float:
@@ -262,7 +314,8 @@ def _cores_by_rank(hvd: Any | None) -> list[list[int]]:
 
 def measure(gpt: GPTConfig, seq_len: int, micro_batches: list[int], ranks: int, hvd: Any | None,
             note: Callable[[str], None] = lambda s: None, pair_set: Any | None = None,
-            tp_micro_batches: list[int] | None = None, threads: int | None = None,
+            tp_micro_batches: list[int] | None = None, pp_micro_batches: list[int] | None = None,
+            threads: int | None = None,
             bound: bool = False) -> dict[str, Any]:
     """The profile (a JSON-able dict) of this machine for ``ranks`` ranks; ``hvd`` an initialised
     hvdllm.torch module when running under a multi-rank launch, else None (assumed collectives);
@@ -293,11 +346,17 @@ def measure(gpt: GPTConfig, seq_len: int, micro_batches: list[int], ranks: int, 
         insitu = insitu_collective_s(hvd, sets, cap_bw=ar_bw)
         note(f"measuring tensor-parallel shards on groups of {sorted(t for t in sets if t > 1)} ranks")
         tp = tp_probe_s(gpt, seq_len, micro_batches if tp_micro_batches is None else tp_micro_batches, hvd, sets)
+        exchange = pp_exchange_fit(hvd, pair_set) if hvd.size() == 2 or pair_set is not None else None
+        idle = {}
+        if pp_micro_batches:
+            b_idle = sorted(pp_micro_batches)[len(pp_micro_batches) // 2]
+            note(f"measuring the compute of ranks whose core-mates wait (micro-batch {b_idle})")
+            idle = idle_speedup(gpt, seq_len, b_idle, hvd)
         backend = hvd.backend()
     else:
         ar_lat = p2p_lat = ASSUMED_LATENCY_S
         ar_bw = p2p_bw = bw
-        insitu, tp = {}, {}
+        insitu, tp, idle, exchange = {}, {}, {}, None
         backend = "assumed"
         if ranks > 1:
             assumed.append(f"collectives not measured (one process): latency {ASSUMED_LATENCY_S} s, bandwidth = "
@@ -315,6 +374,8 @@ def measure(gpt: GPTConfig, seq_len: int, micro_batches: list[int], ranks: int, 
             "tp_probe_s": {str(t): {str(b): v for b, v in by_b.items()} for t, by_b in tp.items()},
             "probe_layers": _probe_model(gpt).n_layer,
             "cores_by_rank": _cores_by_rank(hvd),
+            "idle_speedup": {str(k): v for k, v in idle.items()},
+            **({"pp_exchange_latency_s": exchange[0], "pp_exchange_bw": exchange[1]} if exchange else {}),
             "assumed": assumed}
 
 
@@ -334,7 +395,10 @@ def machine(profile: dict[str, Any]) -> Machine:
                    tp_probe_s={int(t): {int(b): float(v) for b, v in by_b.items()}
                                for t, by_b in profile.get("tp_probe_s", {}).items()},
                    probe_layers=int(profile.get("probe_layers", 0)),
-                   dp_flops_per_s={int(k): float(v) for k, v in profile.get("dp_flops_per_s", {}).items()})
+                   dp_flops_per_s={int(k): float(v) for k, v in profile.get("dp_flops_per_s", {}).items()},
+                   idle_speedup={int(k): float(v) for k, v in profile.get("idle_speedup", {}).items()},
+                   pp_exchange_latency_s=float(profile.get("pp_exchange_latency_s", 0.0)),
+                   pp_exchange_bw=float(profile.get("pp_exchange_bw", 0.0)))
 
 
 REQUIRED = ("flops_per_s", "allreduce_latency_s", "allreduce_bw", "p2p_latency_s", "p2p_bw",
