@@ -1,6 +1,7 @@
 """`hvdllm train` with PyTorch, end to end: the loss falls, np=2 == np=1, exact resume, sample."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -76,13 +77,18 @@ def test_exit_and_resume_is_bitwise_identical(tmp_path: Path, capsys: pytest.Cap
 
 @pytest.mark.timeout(300)
 def test_two_ranks_train_like_one(tmp_path: Path) -> None:
-    """np=2 (gloo, accumulation 1) == np=1 (accumulation 2) on the same global batch, step by step."""
+    """np=2 (gloo, accumulation 1, each rank pinned to its cores) == np=1 (accumulation 2) on the same
+    global batch, step by step."""
     args = ["train", "--max-steps", "6", "--global-batch", "8", "--micro-batch", "4", "--set", "run.log_interval=1",
             "--set", "run.eval_interval=3", "--set", "sample.tokens=5", *SMALLER, *QUIET]
     one, two = tmp_path / "np1", tmp_path / "np2"
     (r1,) = run_ranks("train_worker.py", np=1, launcher="python", args=[*args, "--out", str(one)], timeout=200)
-    reps = run_ranks("train_worker.py", np=2, launcher="gloo", args=[*args, "--out", str(two)], timeout=200)
+    reps = run_ranks("train_worker.py", np=2, launcher="gloo", timeout=200,
+                     args=[*args, "--set", "run.bind_cores=true", "--out", str(two)])
     assert r1["code"] == 0 and [r["code"] for r in reps] == [0, 0]
+    cores = sorted(os.sched_getaffinity(0))                  # pinned: each rank its own half (or core r % n)
+    t = max(1, len(cores) // 2)
+    assert [r["cores"] for r in reps] == [cores[(i * t) % len(cores):][:t] for i in range(2)]
     assert [r["backend"] for r in reps] == ["horovod", "horovod"] and reps[0]["size"] == 2
     l1, l2 = _column(one, "loss"), _column(two, "loss")
     assert [s for s, _ in l1] == [s for s, _ in l2] == list(range(1, 7))

@@ -146,7 +146,8 @@ class RunSection:
     threads: int = knob(0, "CPU threads per rank (0: the host's cores / ranks on the host)", ge=0)
     bind_cores: bool = knob(False, "pin each rank to its share of the host's cores (local rank r: cores r*t .. "
                                    "r*t+t-1, t the threads per rank; more ranks than cores: core r % cores), as "
-                                   "mpirun --bind-to core; steadier and, oversubscribed, faster on CPU hosts")
+                                   "mpirun --bind-to core; steadier and faster on CPU hosts; leave off when the "
+                                   "launcher already binds each rank")
     peak_flops: float = knob(0.0, "peak FLOP/s of one rank's device for MFU (0: known GPUs, CPU estimate)", ge=0)
     compression: str = knob("none", "gradient compression on the wire", choices=("none", "fp16", "bf16"))
     bucket_cap_mb: float = knob(25.0, "gradient bucket size for the fused allreduce (0: one bucket per dtype)",
