@@ -260,11 +260,12 @@ def idle_speedup(gpt: GPTConfig, seq_len: int, micro_batch: int, hvd: Any, reps:
     return {k: busy / group_time(phase(k), reps, hvd) for k in range(1, hvd.size())}
 
 
-def pp_exchange_fit(hvd: Any, pair: Any | None, reps: int = 10) -> tuple[float, float]:
+def pp_exchange_fit(hvd: Any, pair: Any | None, cap_bw: float, reps: int = 10) -> tuple[float, float]:
     """(latency s, bandwidth B/s) of one pipeline exchange: a broadcast in a two-rank set whose receiver
     is already waiting (a ping-pong of SMALL and INSITU_LARGE bytes, every pair of the job at once).
     The in-situ kappa, where both ranks compute before the collective, also holds the ranks' skew,
-    which a pipeline's slots already count (it priced 2-rank pipelines' exchanges ~2x high)."""
+    which a pipeline's slots already count (it priced 2-rank pipelines' exchanges ~2x high). The
+    bandwidth is at most ``cap_bw`` (noise can make the two sizes' difference vanish)."""
     import torch
 
     members = sorted(pair.ranks) if pair is not None else [0, 1]
@@ -279,7 +280,7 @@ def pp_exchange_fit(hvd: Any, pair: Any | None, reps: int = 10) -> tuple[float, 
         return group_time(pingpong, reps, hvd) / 2
 
     t_small, t_large = run(SMALL), run(INSITU_LARGE)
-    return t_small, (INSITU_LARGE - SMALL) / max(t_large - t_small, 1e-9)
+    return t_small, min(cap_bw, (INSITU_LARGE - SMALL) / max(t_large - t_small, 1e-9))
 
 
 def pair_members(ranks: int) -> list[tuple[int, ...]]:
@@ -346,7 +347,7 @@ def measure(gpt: GPTConfig, seq_len: int, micro_batches: list[int], ranks: int, 
         insitu = insitu_collective_s(hvd, sets, cap_bw=ar_bw)
         note(f"measuring tensor-parallel shards on groups of {sorted(t for t in sets if t > 1)} ranks")
         tp = tp_probe_s(gpt, seq_len, micro_batches if tp_micro_batches is None else tp_micro_batches, hvd, sets)
-        exchange = pp_exchange_fit(hvd, pair_set) if hvd.size() == 2 or pair_set is not None else None
+        exchange = pp_exchange_fit(hvd, pair_set, cap_bw=bw) if hvd.size() == 2 or pair_set is not None else None
         idle = {}
         if pp_micro_batches:
             b_idle = sorted(pp_micro_batches)[len(pp_micro_batches) // 2]
