@@ -7,14 +7,13 @@ backend through ``basics`` without importing its package.
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, Sequence
 
 from hvdllm.core.collectives import Collectives, Handle
 from hvdllm.core.horovod_api import HorovodApi, _ps
 from hvdllm.core.ops import resolve_op
 from hvdllm.core.process_sets import WORLD, ProcessSet
-from hvdllm.core.world import bind_to_cores
+from hvdllm.core.world import allowed_cores, bind_to_cores
 
 
 class Frontend(HorovodApi):
@@ -97,9 +96,7 @@ class Frontend(HorovodApi):
     def bind_to_cores(self) -> list[int]:
         """Pin this rank to its share of the host's cores (:meth:`World.core_share`; call once, after
         init) and return the cores; the caller runs ``len(cores)`` compute threads."""
-        world = self.collectives().world
-        cores = world.core_share(sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                 else list(range(os.cpu_count() or 1)))
+        cores = self.collectives().world.core_share(allowed_cores())
         bind_to_cores(cores)
         return cores
 

@@ -45,16 +45,20 @@ def bind_to_cores(cores: list[int]) -> None:
     if not hasattr(os, "sched_setaffinity"):
         return
     tids = [int(t) for t in os.listdir("/proc/self/task")] if os.path.isdir("/proc/self/task") else [0]
-    for tid in tids:
+    for tid in tids:                                        # the calling thread is one of them
         try:
             os.sched_setaffinity(tid, cores)
         except (ProcessLookupError, PermissionError):     # a thread that just ended
             continue
-    os.sched_setaffinity(0, cores)
+
+
+def allowed_cores() -> list[int]:
+    """The cores this process may run on, sorted (its affinity where the OS tells, else all)."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
 
 
 def available_cores() -> int:
-    """Cores this process may run on (affinity-aware where the OS tells)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    """How many cores this process may run on (affinity-aware where the OS tells)."""
+    return len(allowed_cores())

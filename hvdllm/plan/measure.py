@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from hvdllm.core.costmodel import Machine
+from hvdllm.core.world import allowed_cores
 from hvdllm.models.config import GPTConfig
 
 ASSUMED_LATENCY_S = 1e-4
@@ -88,6 +89,16 @@ def _probe_model(gpt: GPTConfig) -> GPTConfig:
     return dataclasses.replace(gpt, n_layer=min(gpt.n_layer, PROBE_LAYERS), dropout=0.0)
 
 
+def _train_call(model: Any, idx: Any, **forward: Any) -> Callable[[], None]:
+    """One forward+backward of ``model`` on the token ids ``idx`` (their own targets), as a training step;
+    ``forward``: more arguments of the model's forward."""
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        _, loss = model(idx, idx, **forward)
+        loss.backward()
+    return step
+
+
 def compute_rates(gpt: GPTConfig, seq_len: int, micro_batches: list[int], hvd: Any | None = None,
                   reps: int = 3) -> dict[int, float]:
     """Training FLOP/s (6N + attention per token, as MFU counts them) of a forward+backward per micro-batch,
@@ -102,13 +113,7 @@ def compute_rates(gpt: GPTConfig, seq_len: int, micro_batches: list[int], hvd: A
     flops_per_token = 6 * cfg.num_params(False) + 12 * cfg.n_layer * cfg.n_embd * seq_len
     out = {}
     for b in sorted(set(micro_batches)):
-        idx = torch.randint(0, cfg.vocab_size, (b, seq_len))
-
-        def step() -> None:
-            model.zero_grad(set_to_none=True)
-            _, loss = model(idx, idx)
-            loss.backward()
-
+        step = _train_call(model, torch.randint(0, cfg.vocab_size, (b, seq_len)))
         out[b] = flops_per_token * b * seq_len / group_time(step, reps, hvd)
     return out
 
@@ -137,13 +142,7 @@ def tp_probe_s(gpt: GPTConfig, seq_len: int, micro_batches: list[int], hvd: Any,
         model = parallelize_gpt(GPT(cfg), Group.of(members, hvd.rank(), hvd.size()))
         out[t] = {}
         for b in sorted(set(micro_batches)):
-            idx = torch.randint(0, cfg.vocab_size, (b, seq_len))
-
-            def step() -> None:
-                model.zero_grad(set_to_none=True)
-                _, loss = model(idx, idx, gather_logits=False)
-                loss.backward()
-
+            step = _train_call(model, torch.randint(0, cfg.vocab_size, (b, seq_len)), gather_logits=False)
             out[t][b] = group_time(step, reps, hvd)
     return out
 
@@ -244,15 +243,13 @@ def idle_speedup(gpt: GPTConfig, seq_len: int, micro_batch: int, hvd: Any, reps:
     cfg = _probe_model(gpt)
     torch.manual_seed(0)
     model = GPT(cfg)
-    idx = torch.randint(0, cfg.vocab_size, (micro_batch, seq_len))
+    step = _train_call(model, torch.randint(0, cfg.vocab_size, (micro_batch, seq_len)))
     flag = torch.zeros(1)
 
     def phase(k: int) -> Callable[[], None]:
         def run() -> None:
             if hvd.rank() < k:
-                model.zero_grad(set_to_none=True)
-                _, loss = model(idx, idx)
-                loss.backward()
+                step()
             hvd.allreduce(flag, op=hvd.Sum, name=f"plan.idle.{k}")
         return run
 
@@ -309,7 +306,7 @@ def available_memory() -> float:
 
 def _cores_by_rank(hvd: Any | None) -> list[list[int]]:
     """The cores each rank may run on (its affinity), by rank: what ``bind_cores`` pinned."""
-    mine = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    mine = allowed_cores()
     return hvd.allgather_object(mine) if hvd is not None and hvd.size() > 1 else [mine]
 
 
